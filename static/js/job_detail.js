@@ -1,0 +1,27 @@
+// Polls the job's status endpoint and swaps in the server-rendered partials until the job ends.
+(function () {
+  "use strict";
+  var script = document.getElementById("job-detail-script");
+  var url = script.getAttribute("data-status-url");
+  var finished = JSON.parse(document.getElementById("job-finished").textContent);
+  var delayMs = 1500;
+
+  function poll() {
+    fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}})
+      .then(function (response) {
+        if (!response.ok) { throw new Error("status " + response.status); }
+        return response.json();
+      })
+      .then(function (data) {
+        document.getElementById("progress").innerHTML = data.progress_html;
+        document.getElementById("results").innerHTML = data.results_html;
+        document.dispatchEvent(new CustomEvent("job:update", {detail: data}));
+        if (!data.finished) { setTimeout(poll, delayMs); }
+        else { document.body.setAttribute("data-job-finished", "true"); }
+      })
+      .catch(function () { setTimeout(poll, delayMs * 4); });
+  }
+
+  if (!finished) { setTimeout(poll, delayMs); }
+  else { document.body.setAttribute("data-job-finished", "true"); }
+})();
