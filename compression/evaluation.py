@@ -47,6 +47,9 @@ from compression import lm_eval_tasks
 log = logging.getLogger(__name__)
 
 DATA_SOURCES = ("auto", "local", "hub")
+# Bootstrap resamples for the stderr of non-mean metrics (perplexity); accuracy stderrs are
+# analytic. lm-eval's default of 100000 takes minutes on large tasks for no score change.
+BOOTSTRAP_ITERS = 100
 ProgressFn = Callable[[dict], None]
 
 
@@ -254,7 +257,7 @@ def _run_lm_eval(model: Any, tokenizer: Any, lm_tasks: list[str], settings: Eval
         model=lm, tasks=lm_tasks, num_fewshot=settings.num_fewshot, limit=settings.limit,
         batch_size=settings.batch_size, apply_chat_template=settings.apply_chat_template,
         task_manager=manager, log_samples=False, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=100,
+        torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=BOOTSTRAP_ITERS,
     )
     if raw is None:  # only returned on non-zero ranks in multi-process runs
         raise EvalError("lm-eval returned no results")
@@ -311,6 +314,7 @@ def evaluate(model: Any, tokenizer: Any, settings: EvalSettings, *, data_dir: st
             "data_files": {n: lm_eval_tasks.data_file_identity(data_dir, n)  # type: ignore[arg-type]
                            for n, (s, _) in sources.items() if s == "local"},
             "model_identity": model_key,
+            "bootstrap_iters": BOOTSTRAP_ITERS,
         },
         "lm_eval_version": version,
         "cache_hit": not todo,

@@ -12,6 +12,7 @@ normal module when no file of that name sits next to the YAML.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {t.name: t for t in [
                 {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
                 {"function": "take_first"}]},
         ],
-    }, note="no train split offline: few-shot examples are drawn from the test split"),
+    }, note="0-shot: no train split offline, so a num_fewshot setting draws examples from the test split"),
     LocalTask("wikitext", "local_wikitext2", "wikitext2/wikitext2_test_pages.jsonl", "test", {
         "output_type": "loglikelihood_rolling",
         "doc_to_text": "",
@@ -139,9 +140,16 @@ def data_file_identity(data_dir: str | Path, name: str) -> dict[str, Any]:
     Hashing (a few MB at most) is used rather than mtime so that copying the data directory
     to another machine keeps cached baselines valid.
     """
-    path = Path(data_dir) / LOCAL_TASKS[name].relpath
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"file": LOCAL_TASKS[name].relpath, "bytes": path.stat().st_size, "sha256": digest}
+    path = (Path(data_dir) / LOCAL_TASKS[name].relpath).resolve()
+    stat = path.stat()
+    return {"file": LOCAL_TASKS[name].relpath, "bytes": stat.st_size,
+            "sha256": _sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file; size and mtime are part of the memo key so an edited file is re-read."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def task_yaml(name: str, data_dir: str | Path) -> str:
