@@ -32,3 +32,4 @@ fi
 
 echo "==> migrating the database"
 "$VENV/bin/python" manage.py migrate --noinput -v 0
+"$VENV/bin/python" manage.py collectstatic --noinput -v 0

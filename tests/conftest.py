@@ -1,0 +1,161 @@
+"""Shared fixtures: three personas, a real Redis server and a real Celery worker process."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PASSWORD = "correct-horse-battery"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def owner(django_user_model):
+    return django_user_model.objects.create_user("alice", password=PASSWORD)
+
+
+@pytest.fixture
+def outsider(django_user_model):
+    return django_user_model.objects.create_user("mallory", password=PASSWORD)
+
+
+class RedisServer:
+    """A private redis-server on a free port (never the system one), restartable by fault tests."""
+
+    def __init__(self, workdir: Path):
+        self.exe = shutil.which("redis-server")
+        if not self.exe:
+            raise RuntimeError("redis-server is not installed; `make test` installs it (scripts/setup.sh)")
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        def ping() -> bool:
+            try:
+                return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        wait_for(ping, 10, "redis-server to accept connections")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    from compressor_ui.celery import app
+
+    app.conf.broker_url = server.url
+    yield server
+    server.stop()
+
+
+def database_url_for_worker() -> str:
+    """The URL of the test database pytest-django created, for the worker subprocess."""
+    from django.db import connection
+
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{s['NAME']}"
+    if "postgresql" in s["ENGINE"]:
+        auth = s["USER"] + (f":{s['PASSWORD']}" if s.get("PASSWORD") else "") + "@" if s.get("USER") else ""
+        return f"postgres://{auth}{s.get('HOST') or 'localhost'}:{s.get('PORT') or 5432}/{s['NAME']}"
+    raise RuntimeError(f"no worker URL for database engine {s['ENGINE']}")
+
+
+class CeleryWorker:
+    """A real `celery worker` process consuming the gpu queue, as `make run` starts it."""
+
+    def __init__(self, env: dict, log_path: Path):
+        self.env, self.log_path = env, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.write_text("")
+        self.log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "compressor_ui", "worker", "-Q", "gpu", "--concurrency", "1",
+             "--max-tasks-per-child", "1", "--pool", "prefork", "--loglevel", "INFO", "--without-gossip",
+             "--without-mingle", "-n", f"test-{os.getpid()}@%h"],
+            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: "ready." in self.log_path.read_text() or self.proc.poll() is not None, 120,
+                 "the Celery worker to start")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"celery worker exited:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def job_env(tmp_path, settings, redis_server):
+    """Artifact root, allowed model root and cache for one test, shared with the worker."""
+    paths = {name: tmp_path / name for name in ("artifacts", "models", "cache")}
+    for path in paths.values():
+        path.mkdir()
+    settings.ARTIFACT_ROOT = paths["artifacts"]
+    settings.COMPRESSOR_MODEL_ROOTS = [str(paths["models"])]
+    settings.CACHE_ROOT = paths["cache"]
+    settings.REDIS_URL = redis_server.url
+    return paths
+
+
+@pytest.fixture
+def celery_worker(job_env, redis_server, transactional_db, tmp_path, settings):
+    env = dict(os.environ,
+               DATABASE_URL=database_url_for_worker(), REDIS_URL=redis_server.url,
+               ARTIFACT_ROOT=str(job_env["artifacts"]), COMPRESSOR_MODEL_ROOTS=str(job_env["models"]),
+               COMPRESSOR_CACHE_DIR=str(job_env["cache"]), COMPRESSOR_DATA_DIR=settings.COMPRESSOR_DATA_DIR,
+               COMPRESSOR_DEVICE="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    worker = CeleryWorker(env, tmp_path / "worker.log")
+    worker.start()
+    yield worker
+    worker.stop()

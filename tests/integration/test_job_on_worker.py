@@ -1,0 +1,89 @@
+"""End to end on real parts: HTTP form → Redis → a real Celery worker process → results + files."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from django.urls import reverse
+
+from jobs.models import Job, Status
+from jobs.tasks import enqueue
+from tests.tiny import save_tiny_llama
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
+
+
+def wait_until_finished(job: Job, worker, timeout: float = 300) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if job.is_finished:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job still {job.status} after {timeout}s; worker log:\n{worker.tail()}")
+
+
+def submit(client, **fields) -> Job:
+    data = {"preset": "FP8_DYNAMIC", "group_size": "", "recipe_yaml": "", "calibration_samples": 4,
+            "calibration_seqlen": 64, "eval_windows": 2, **fields}
+    response = client.post(reverse("job-new"), data)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    return Job.objects.get(pk=response["Location"].rstrip("/").split("/")[-1])
+
+
+def test_a_job_submitted_through_the_form_runs_on_the_worker(client, owner, job_env, celery_worker):
+    model_dir = save_tiny_llama(job_env["models"] / "tiny-llama")
+    assert client.login(username="alice", password="correct-horse-battery")
+    job = submit(client, model=str(model_dir))
+    job = wait_until_finished(job, celery_worker)
+    assert job.status == Status.SUCCEEDED, f"{job.error_type}: {job.error_message}\n{celery_worker.tail()}"
+
+    # stored results: perplexity before and after, sizes, one compressed module per Linear
+    rows = job.results["evaluation"]["metrics"]
+    assert [(r["task"], r["metric"]) for r in rows] == [("wikitext2_ppl", "perplexity")]
+    assert rows[0]["baseline"] > 1 and rows[0]["compressed"] > 1
+    size = job.results["size"]
+    assert 0 < size["compressed_weight_bytes"] < size["dense_bf16_bytes"] * 2
+    assert job.started_at <= job.finished_at
+    assert job.events.filter(stage="compress").exists()
+
+    # files on disk: the checkpoint, renamed into place, nothing temporary left behind
+    artifact = job_env["artifacts"] / str(job.id)
+    assert sorted(p.name for p in job_env["artifacts"].iterdir()) == [str(job.id)]
+    config = json.loads((artifact / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["format"] == "float-quantized"
+    assert (artifact / "recipe.yaml").is_file()
+    assert list(artifact.glob("*.safetensors"))
+    assert job.artifact_bytes == sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
+
+    # the page shows the numbers and the download
+    page = client.get(reverse("job-detail", args=[job.id])).content.decode()
+    assert "wikitext2_ppl" in page and f'{rows[0]["compressed"]:.3f}' in page
+    assert reverse("job-artifact", args=[job.id]) in page
+
+
+def test_a_job_naming_a_missing_model_fails_clearly_and_leaves_nothing(owner, job_env, celery_worker):
+    from tests.jobs.factories import make_job
+
+    job = make_job(owner, model_source="nonexistent-org/no-such-model")
+    enqueue(job)
+    job = wait_until_finished(job, celery_worker, timeout=120)
+    assert job.status == Status.FAILED
+    assert job.error_type == "ModelSourceError"
+    assert "nonexistent-org/no-such-model" in job.error_message
+    assert "Hugging Face Hub" in job.error_message
+    assert list(job_env["artifacts"].iterdir()) == []
+
+
+def test_a_redelivered_message_does_not_run_a_job_twice(owner, job_env, celery_worker):
+    from tests.jobs.factories import make_job
+
+    job = make_job(owner, model_source="nonexistent-org/no-such-model")
+    Job.claim(job.id, "another-worker:1")  # someone else already runs it
+    enqueue(job)
+    time.sleep(3)
+    job.refresh_from_db()
+    assert job.status == Status.RUNNING and job.worker == "another-worker:1"
+    assert "was not queued" in celery_worker.tail()

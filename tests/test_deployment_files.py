@@ -1,0 +1,35 @@
+"""docker-compose.yml, .env.example and the settings agree with each other."""
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def setting_variables() -> set[str]:
+    text = (REPO / "compressor_ui" / "settings.py").read_text()
+    return set(re.findall(r'env_(?:str|bool|int|list)\("([A-Z_]+)"', text))
+
+
+def test_env_example_lists_every_setting():
+    listed = {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines()
+              if line and not line.startswith("#")}
+    assert setting_variables() - listed == set()
+
+
+def test_compose_parses_and_wires_web_worker_redis_postgres():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"web", "worker", "redis", "postgres"}
+    worker = services["worker"]
+    assert "-Q gpu" in worker["command"] and "--max-tasks-per-child 1" in worker["command"]
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    known = setting_variables() | {"HF_TOKEN"}
+    for name in ("web", "worker"):
+        env = services[name]["environment"]
+        assert set(env) <= known, set(env) - known
+        assert env["REDIS_URL"].startswith("redis://redis:")
+        assert env["DATABASE_URL"].startswith("postgres://") and "@postgres:" in env["DATABASE_URL"]
+        assert any(v.startswith("artifacts:") for v in services[name]["volumes"])
+    assert services["web"]["environment"]["ARTIFACT_ROOT"] == services["worker"]["environment"]["ARTIFACT_ROOT"]
