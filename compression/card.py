@@ -1,0 +1,470 @@
+"""Model cards for compressed checkpoints, written from a finished job's recorded facts.
+
+`build_model_card(facts)` returns README.md text: YAML front matter the Hugging Face Hub
+accepts, then Model Overview, Model Optimizations, Deployment, Creation, Evaluation and
+Accuracy sections. Every number comes from `facts`; a missing fact is printed as
+"not recorded" (or "unknown" for the license), never guessed.
+
+The card does not import the recipe schema: the recipe arrives as a plain dict / YAML text,
+and the few properties the prose needs are passed explicitly in ``facts["scheme"]``.
+
+`facts` shape (only ``model_name`` and ``base_model`` are required)::
+
+    {
+      "model_name": "SmolLM2-135M-Instruct-W4A16",   # title of the card
+      "model_id": "org/SmolLM2-135M-Instruct-W4A16",  # where it will be published; used in
+                                                      # the vLLM / lm_eval snippets (default: artifact_dir)
+      "artifact_dir": "/data/artifacts/job-12",       # the exported checkpoint directory
+      "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",  # Hub id, local path or "demo"
+      "base_model_revision": "main" | None,
+      "architecture": "LlamaForCausalLM",
+      "license": "apache-2.0" | None,  "license_link": url | None,
+      "language": ["en"] | None,
+      "developers": "Compressor user alice" | None,
+      "version": "1.0" | None,
+      "created": "2026-11-23",                         # release date (ISO date string)
+      "intended_use": str | None,
+      "recipe": {...},                                 # the recipe as a plain dict
+      "recipe_yaml": "...",                            # the same recipe as YAML text
+      "scheme": {                                      # summary of the recipe for the prose
+        "preset": "W4A16" | None,
+        "weight_bits": 4 | None, "weight_type": "int" | "float",
+        "activation_bits": 8 | None (None = activations stay 16-bit), "activation_type": "int" | "float",
+        "granularity": "group" | "channel" | "tensor", "group_size": 128 | None,
+        "symmetric": True | False | None,
+        "activation_dynamic": True | False | None,   # dynamic per-token vs static scales
+        "activation_granularity": "token" | "tensor" | None,
+        "sparsity": "2:4" | None,
+        "algorithm": "GPTQ" | "SparseGPT" | "round-to-nearest" | ...,
+        "damping": 0.01 | None,                       # fraction of the Hessian diagonal mean
+        "targets": ["Linear"], "ignore": ["lm_head"],
+      },
+      "calibration": {"dataset": "Self-Instruct seed tasks", "hub_id": None,
+                      "samples": 128, "seq_len": 512} | None,
+      "size": {"dense_bytes": int, "compressed_bytes": int} | None,   # measured on disk
+      "bits_per_param": {"dense": 16.0, "compressed": 4.25} | None,  # of the quantized Linears
+      "eval": {"baseline": evaluate() result, "compressed": evaluate() result} | None,
+      "eval_data_dir": "/work/shared/data" | None,    # for reproducing local tasks
+      "speed": {"device": "NVIDIA H100", "rows": [{"name": "dense", "prefill_tok_s": ...,
+                "decode_tok_s": ..., "peak_mem_gb": ...}, ...]} | None,
+      "command": "python -m compression run --model M --recipe recipe.yaml --out DIR",
+    }
+
+`validate_card(text)` runs the offline part of the Hub's checks; `card_to_html(text)` renders
+a card for the dashboard with front matter removed and the HTML sanitised.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import yaml
+
+from compression.recovery import AVERAGE, recovery_table
+
+log = logging.getLogger(__name__)
+
+NOT_RECORDED = "not recorded"
+DEMO_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the "demo" source loads
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,63}$")  # shape of the Hub's license identifiers
+LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")
+TASK_TITLES = {
+    "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "hellaswag": "HellaSwag", "piqa": "PIQA",
+    "winogrande": "WinoGrande", "boolq": "BoolQ", "lambada_openai": "LAMBADA (OpenAI)", "gsm8k": "GSM-8K",
+    "wikitext": "WikiText-2", "mmlu": "MMLU", "truthfulqa_mc2": "TruthfulQA (mc2)",
+}
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _get(d: dict | None, *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if not isinstance(d, dict) or d.get(key) is None:
+            return default
+        d = d[key]
+    return d
+
+
+def _or_missing(value: Any, missing: str = NOT_RECORDED) -> str:
+    return missing if value in (None, "", []) else str(value)
+
+
+def _base_hub_id(facts: dict) -> str | None:
+    base = facts.get("base_model")
+    if base == "demo":
+        return DEMO_BASE
+    return base if isinstance(base, str) and HUB_ID.match(base) else None
+
+
+def _base_link(facts: dict) -> str:
+    hub = _base_hub_id(facts)
+    if hub:
+        return f"[{hub}](https://huggingface.co/{hub})"
+    return f"`{_or_missing(facts.get('base_model'))}`"
+
+
+def _fmt_bytes(n: int | float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _fmt_bits(x: float) -> str:
+    return f"{x:g}" if float(x).is_integer() else f"{x:.2f}"
+
+
+def _dtype_name(bits: Any, kind: str | None) -> str | None:
+    if not bits:
+        return None
+    return f"{'FP' if kind == 'float' else 'INT'}{bits}"
+
+
+def _task_title(task: str) -> str:
+    return TASK_TITLES.get(task, task)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}%"
+
+
+def _score(x: float | None, higher_is_better: bool) -> str:
+    if x is None:
+        return "n/a"
+    # accuracies as percentages like the reference cards, perplexities as they are
+    return f"{x * 100:.2f}" if higher_is_better and 0.0 <= x <= 1.0 else f"{x:.3f}"
+
+
+# ----------------------------------------------------------------------------- front matter
+
+def front_matter(facts: dict) -> dict:
+    """The card's YAML metadata: only fields that hold real values in the Hub's formats."""
+    scheme = facts.get("scheme") or {}
+    tags = ["compressed-tensors", "vllm"]
+    wt = _dtype_name(scheme.get("weight_bits"), scheme.get("weight_type"))
+    at = _dtype_name(scheme.get("activation_bits"), scheme.get("activation_type"))
+    for dtype in (wt, at):
+        if dtype and dtype.lower() not in tags:
+            tags.append(dtype.lower())
+    if wt:
+        tags.append(f"w{scheme['weight_bits']}a{scheme.get('activation_bits') or 16}")
+    if scheme.get("sparsity"):
+        tags += ["sparsity", f"{str(scheme['sparsity']).replace(':', 'of')}-sparse"]
+    if scheme.get("algorithm"):
+        tags.append(re.sub(r"[^a-z0-9-]+", "-", str(scheme["algorithm"]).lower()).strip("-"))
+    meta: dict[str, Any] = {"tags": tags, "pipeline_tag": "text-generation", "library_name": "transformers"}
+    lic = facts.get("license")
+    if lic and LICENSE_ID.match(str(lic)):
+        meta["license"] = str(lic)
+        if facts.get("license_link"):
+            meta["license_link"] = facts["license_link"]
+    elif lic:  # a licence that is not a Hub identifier: the Hub's "other" convention
+        meta["license"] = "other"
+        meta["license_name"] = re.sub(r"[^a-z0-9-]+", "-", str(lic).lower()).strip("-") or "other"
+        if facts.get("license_link"):
+            meta["license_link"] = facts["license_link"]
+    # unknown licence: no `license` key at all (the body says "unknown")
+    langs = [lang for lang in (facts.get("language") or []) if isinstance(lang, str) and LANGUAGE.match(lang)]
+    if langs:
+        meta["language"] = langs
+    hub = _base_hub_id(facts)
+    if hub:
+        meta["base_model"] = hub
+        meta["base_model_relation"] = "quantized"
+    cal_hub = _get(facts, "calibration", "hub_id")
+    if isinstance(cal_hub, str) and HUB_ID.match(cal_hub):
+        meta["datasets"] = [cal_hub]
+    return meta
+
+
+def validate_card(text: str) -> Any:
+    """Parse `text` with huggingface_hub's ModelCard and check the metadata offline.
+
+    `ModelCard.validate()` posts the card to the Hub's /api/validate-yaml endpoint, so it
+    needs the network; this runs the offline part: the front matter parses as a mapping
+    (ModelCard raises otherwise) and its fields have the Hub's types and formats.
+    Returns the ModelCard; raises ValueError naming the bad field.
+    """
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    if not data:
+        raise ValueError("card: no YAML front matter")
+    checks = {
+        "tags": lambda v: isinstance(v, list) and all(isinstance(t, str) and t for t in v),
+        "license": lambda v: isinstance(v, str) and bool(LICENSE_ID.match(v)),
+        "language": lambda v: isinstance(v, list) and all(isinstance(x, str) and LANGUAGE.match(x) for x in v),
+        "base_model": lambda v: isinstance(v, str) and bool(HUB_ID.match(v)),
+        "datasets": lambda v: isinstance(v, list) and all(isinstance(x, str) and HUB_ID.match(x) for x in v),
+        "pipeline_tag": lambda v: isinstance(v, str) and bool(re.fullmatch(r"[a-z0-9-]+", v)),
+    }
+    for key, ok in checks.items():
+        if key in data and not ok(data[key]):
+            raise ValueError(f"card metadata {key}: {data[key]!r} is not in the Hub's format")
+    if data.get("license") == "other" and not data.get("license_name"):
+        raise ValueError("card metadata license_name: required when license is 'other'")
+    return card
+
+
+# ----------------------------------------------------------------------------- sections
+
+def _overview(facts: dict, rows: list[dict]) -> str:
+    scheme = facts.get("scheme") or {}
+    wt = _dtype_name(scheme.get("weight_bits"), scheme.get("weight_type"))
+    at = _dtype_name(scheme.get("activation_bits"), scheme.get("activation_type"))
+    opts = []
+    if scheme.get("sparsity"):
+        opts.append(f"    - **Sparsity:** {scheme['sparsity']}")
+    if wt:
+        opts.append(f"    - **Weight quantization:** {wt}")
+    if at:
+        opts.append(f"    - **Activation quantization:** {at}")
+    if not opts:
+        opts.append(f"    - {NOT_RECORDED}")
+    lic = facts.get("license")
+    lic_text = "unknown (not recorded)" if not lic else (
+        f"[{lic}]({facts['license_link']})" if facts.get("license_link") else str(lic))
+    lines = [
+        "## Model Overview", "",
+        f"- **Model Architecture:** {_or_missing(facts.get('architecture'))}",
+        "- **Input:** Text", "- **Output:** Text", "- **Model Optimizations:**", *opts,
+    ]
+    if facts.get("intended_use"):
+        lines.append(f"- **Intended Use Cases:** {facts['intended_use']}")
+    lines += [
+        f"- **Release Date:** {_or_missing(facts.get('created'))}",
+        f"- **Version:** {_or_missing(facts.get('version'))}",
+        f"- **License(s):** {lic_text}",
+        f"- **Model Developers:** {_or_missing(facts.get('developers'))}",
+        "", _summary_sentence(facts, rows),
+    ]
+    return "\n".join(lines)
+
+
+def _summary_sentence(facts: dict, rows: list[dict]) -> str:
+    base = f"Compressed version of {_base_link(facts)} made with Compressor."
+    avg = next((r for r in rows if r["task"] == AVERAGE), None)
+    if not avg or avg["recovery_pct"] is None:
+        return base + " Its accuracy was not compared with the base model."
+    per_task = [f"{_task_title(r['task'])} {_pct(r['recovery_pct'])}" for r in rows
+                if r["task"] != AVERAGE and r.get("primary") and r["recovery_pct"] is not None]
+    return (f"{base} Across the {avg['rows']} evaluated task(s) it keeps {_pct(avg['recovery_pct'])} "
+            f"of the base model's score on average ({', '.join(per_task)}).")
+
+
+def _optimizations(facts: dict) -> str:
+    scheme = facts.get("scheme") or {}
+    base = _base_link(facts)
+    wt = _dtype_name(scheme.get("weight_bits"), scheme.get("weight_type"))
+    at = _dtype_name(scheme.get("activation_bits"), scheme.get("activation_type"))
+    parts: list[str] = []
+    what = []
+    if scheme.get("sparsity"):
+        what.append(f"pruning the weights of {base} to {scheme['sparsity']} semi-structured sparsity")
+    if wt:
+        target = "weights and activations" if at else "weights"
+        what.append(f"quantizing the {target} of {base if not what else 'the model'} to {wt}"
+                    + (f" / {at}" if at and at != wt else ""))
+    parts.append("This model was obtained by " + (" and ".join(what) or f"compressing {base}") + ".")
+
+    bits = facts.get("bits_per_param") or {}
+    if bits.get("dense") and bits.get("compressed"):
+        parts.append(f"This lowers the storage of the compressed weights from {_fmt_bits(bits['dense'])} "
+                     f"to {_fmt_bits(bits['compressed'])} bits per parameter (scales and metadata included).")
+    size = facts.get("size") or {}
+    dense, comp = size.get("dense_bytes"), size.get("compressed_bytes")
+    if dense and comp:
+        parts.append(f"The checkpoint measures {_fmt_bytes(comp)} on disk against {_fmt_bytes(dense)} "
+                     f"for the dense model, {(1 - comp / dense) * 100:.1f}% smaller.")
+    else:
+        parts.append(f"Checkpoint size reduction: {NOT_RECORDED}.")
+
+    targets = ", ".join(scheme.get("targets") or []) or NOT_RECORDED
+    ignore = ", ".join(scheme.get("ignore") or [])
+    parts.append(f"\nOnly the {targets} layers within the transformer blocks are compressed"
+                 + (f"; these keep their original precision: {ignore}." if ignore else "."))
+    if wt:
+        sym = {True: "Symmetric", False: "Asymmetric"}.get(scheme.get("symmetric"), "Weight")
+        gran = scheme.get("granularity")
+        how = {"group": f"per-group quantization (one scale per {_or_missing(scheme.get('group_size'))} "
+                        "consecutive input weights of each output row)",
+               "channel": "per-channel quantization (one scale per output dimension)",
+               "tensor": "per-tensor quantization (one scale for the whole matrix)"}.get(
+                   gran, f"quantization with {NOT_RECORDED} granularity")
+        parts.append(f"{sym} {how} maps the {wt} weights to the original floating-point values.")
+    if at:
+        dyn = scheme.get("activation_dynamic")
+        agran = scheme.get("activation_granularity") or ("token" if dyn else "tensor")
+        if dyn is None:
+            parts.append(f"Activations are quantized to {at}; whether their scales are static or "
+                         f"dynamic is {NOT_RECORDED}.")
+        elif dyn:
+            parts.append(f"Activations are quantized to {at} with dynamic per-{agran} scales computed at run time.")
+        else:
+            parts.append(f"Activations are quantized to {at} with static per-{agran} scales fixed "
+                         "during calibration.")
+    algo = scheme.get("algorithm")
+    cal = facts.get("calibration") or {}
+    sentence = f"The {algo} algorithm of Compressor's engine was applied" if algo else \
+        f"Algorithm: {NOT_RECORDED}"
+    if scheme.get("damping") is not None:
+        sentence += f" with a damping factor of {scheme['damping']:g}"
+    if cal.get("samples"):
+        sentence += (f", calibrated on {cal['samples']} sequences"
+                     + (f" of up to {cal['seq_len']} tokens" if cal.get("seq_len") else "")
+                     + f" from {_or_missing(cal.get('dataset'))}")
+    elif cal:
+        sentence += f", calibration data: {_or_missing(cal.get('dataset'))}"
+    else:
+        sentence += " without calibration data"
+    parts.append(sentence + ".")
+    return "### Model Optimizations\n\n" + " ".join(parts).replace(" \n", "\n\n")
+
+
+def _deployment(facts: dict) -> str:
+    model_ref = facts.get("model_id") or facts.get("artifact_dir") or "PATH/TO/THIS/MODEL"
+    snippet = "\n".join([
+        "from vllm import LLM, SamplingParams", "",
+        f'llm = LLM(model="{model_ref}")',
+        "params = SamplingParams(temperature=0.0, max_tokens=128)",
+        'outputs = llm.generate(["The capital of France is"], params)',
+        "print(outputs[0].outputs[0].text)",
+    ])
+    return ("## Deployment\n\nThe checkpoint uses the compressed-tensors format, which vLLM loads "
+            f"directly:\n\n```python\n{snippet}\n```\n\n"
+            f"`vllm serve {model_ref}` starts an OpenAI-compatible server with the same weights.")
+
+
+def _creation(facts: dict) -> str:
+    recipe_yaml = facts.get("recipe_yaml") or (
+        yaml.safe_dump(facts["recipe"], sort_keys=False) if facts.get("recipe") else None)
+    command = facts.get("command") or NOT_RECORDED
+    out = ["## Creation", "", "This model was created with Compressor from the recipe below "
+           "(saved as `recipe.yaml`):", ""]
+    out += [f"```yaml\n{recipe_yaml.rstrip()}\n```" if recipe_yaml else f"Recipe: {NOT_RECORDED}.", "",
+            "Command:", "", f"```bash\n{command}\n```"]
+    return "\n".join(out)
+
+
+def _lm_eval_command(facts: dict, task_source: tuple[str, str], settings: dict) -> str:
+    model_ref = facts.get("model_id") or facts.get("artifact_dir") or "PATH/TO/THIS/MODEL"
+    lm_task, source = task_source
+    args = f"pretrained={model_ref},dtype=auto"
+    if settings.get("add_bos_token"):
+        args += ",add_bos_token=True"
+    lines = ["lm_eval --model hf", f"  --model_args {args}", f"  --tasks {lm_task}"]
+    if source == "local":
+        lines.append("  --include_path eval_tasks/")
+    if settings.get("num_fewshot") is not None:
+        lines.append(f"  --num_fewshot {settings['num_fewshot']}")
+    if settings.get("limit") is not None:
+        lines.append(f"  --limit {settings['limit']}")
+    if settings.get("apply_chat_template"):
+        lines.append("  --apply_chat_template")
+    lines += [f"  --batch_size {settings.get('batch_size', 1)}", f"  --seed {settings.get('seed', 1234)}"]
+    return " \\\n".join(lines)
+
+
+def _evaluation(facts: dict, rows: list[dict]) -> str:
+    ev = facts.get("eval") or {}
+    base, comp = ev.get("baseline"), ev.get("compressed")
+    if not base or not comp:
+        return f"## Evaluation\n\nAccuracy evaluation: {NOT_RECORDED}."
+    s = comp.get("settings") or {}
+    sources = s.get("sources") or {}
+    lm_tasks = s.get("lm_eval_tasks") or {}
+    src_text = ", ".join(f"{_task_title(t)}: {'local files' if v == 'local' else 'Hugging Face Hub'}"
+                         for t, v in sources.items()) or NOT_RECORDED
+    out = [
+        "## Evaluation", "",
+        f"Both models were scored with [lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) "
+        f"{_or_missing(comp.get('lm_eval_version'))} on the model objects in memory (the compressed one "
+        "running through Compressor's kernels).", "",
+        f"- **Tasks and data:** {src_text}",
+        f"- **Few-shot:** {'task default' if s.get('num_fewshot') is None else s['num_fewshot']}",
+        f"- **Limit:** {'full task' if s.get('limit') is None else str(s['limit']) + ' documents per task'}",
+        f"- **Batch size:** {_or_missing(s.get('batch_size'))}; **chat template:** "
+        f"{'yes' if s.get('apply_chat_template') else 'no'}; **BOS token:** "
+        f"{'tokenizer default' if s.get('add_bos_token') is None else s['add_bos_token']}; "
+        f"**seed:** {_or_missing(s.get('seed'))}",
+    ]
+    notes = [f"{_task_title(t)}: {d['note']}" for t, d in comp.get("tasks", {}).items() if d.get("note")]
+    if notes:
+        out += ["", "Local data differs from the Hub versions as follows: " + "; ".join(notes) + "."]
+    out += ["", "### Reproduction", "",
+            "Scores of this model (put the base model's id or directory after `pretrained=` for the "
+            "baseline column):", ""]
+    if "local" in sources.values():
+        data_dir = facts.get("eval_data_dir") or "DATA_DIR"
+        local_names = [t for t, v in sources.items() if v == "local"]
+        out += ["Local tasks need their YAML files first (absolute data paths are written in):", "",
+                "```bash", "python -c \"from compression.lm_eval_tasks import write_task_dir; "
+                f"write_task_dir({local_names!r}, '{data_dir}', 'eval_tasks')\"", "```", ""]
+    for task, source in sources.items():
+        out += [f"#### {_task_title(task)}", "", "```bash",
+                _lm_eval_command(facts, (lm_tasks.get(task, task), source), s), "```", ""]
+    out += ["### Accuracy", "", _accuracy_table(facts, rows)]
+    return "\n".join(out).rstrip()
+
+
+def _accuracy_table(facts: dict, rows: list[dict]) -> str:
+    base_name = _base_hub_id(facts) or _or_missing(facts.get("base_model"))
+    lines = [f"| Benchmark | {base_name} | {facts.get('model_name', 'this model')} (this model) | Recovery |",
+             "| --- | ---: | ---: | ---: |"]
+    for r in rows:
+        if r["task"] == AVERAGE:
+            lines.append(f"| **Average** ({r['rows']} tasks) | {_score(r['baseline'], True)} | "
+                         f"{_score(r['compressed'], True)} | **{_pct(r['recovery_pct'])}** |")
+            continue
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        lines.append(f"| {_task_title(r['task'])} ({r['metric']} {arrow}) | "
+                     f"{_score(r['baseline'], r['higher_is_better'])} | "
+                     f"{_score(r['compressed'], r['higher_is_better'])} | {_pct(r['recovery_pct'])} |")
+    lines += ["", "Accuracies are percentages; perplexities (↓, lower is better) are raw values and their "
+              "recovery is baseline / compressed. The average uses one metric per task."]
+    return "\n".join(lines)
+
+
+def _speed(facts: dict) -> str | None:
+    speed = facts.get("speed") or {}
+    rows = speed.get("rows") or []
+    if not rows:
+        return None
+    lines = ["### Speed", "", f"Measured on {_or_missing(speed.get('device'))}.", "",
+             "| Model | Prefill (tokens/s) | Decode (tokens/s) | Peak memory (GB) |",
+             "| --- | ---: | ---: | ---: |"]
+    for r in rows:
+        cells = [f"{r[k]:.1f}" if isinstance(r.get(k), (int, float)) else "n/a"
+                 for k in ("prefill_tok_s", "decode_tok_s")]
+        mem = f"{r['peak_mem_gb']:.2f}" if isinstance(r.get("peak_mem_gb"), (int, float)) else "n/a"
+        lines.append(f"| {r.get('name', '?')} | {cells[0]} | {cells[1]} | {mem} |")
+    return "\n".join(lines)
+
+
+def build_model_card(facts: dict) -> str:
+    """The model card (README.md text) for one finished job; see the module docstring."""
+    if not facts.get("model_name") or not facts.get("base_model"):
+        raise ValueError("facts: 'model_name' and 'base_model' are required")
+    ev = facts.get("eval") or {}
+    rows = recovery_table(ev["baseline"], ev["compressed"]) if ev.get("baseline") and ev.get("compressed") else []
+    meta = yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True)
+    sections = [f"---\n{meta}---", f"# {facts['model_name']}", _overview(facts, rows), _optimizations(facts),
+                _deployment(facts), _creation(facts), _evaluation(facts, rows)]
+    speed = _speed(facts)
+    if speed:
+        sections.append(speed)
+    return "\n\n".join(sections).rstrip() + "\n"
+
+
+def card_to_html(markdown_text: str) -> str:
+    """Render a card for the dashboard: front matter removed, Markdown to HTML, then sanitised.
+
+    nh3 keeps only harmless tags and attributes, so `<script>`, event handlers and
+    `javascript:` links in the card text cannot reach the page.
+    """
+    import markdown
+    import nh3
+
+    body = re.sub(r"\A\ufeff?---\r?\n.*?\r?\n---[ \t]*(\r?\n|\Z)", "", markdown_text, count=1, flags=re.S)
+    html = markdown.markdown(body, extensions=["fenced_code", "tables", "sane_lists"])
+    return nh3.clean(html, link_rel="noopener noreferrer nofollow")
