@@ -1,0 +1,172 @@
+"""GPTQ (Frantar et al.) as plain functions: Hessian accumulation, robust inverse, the blocked sweep.
+
+Shared with SparseGPT: :class:`HessianAccumulator`, :func:`prepare_hessian` and
+:func:`inverse_hessian_upper`. All math is fp32 with TF32 disabled (reference doc §3.1, §3.4).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from compression.quant import QuantArgs, compute_scale, dequantize, expand_scale, int_range, quantize
+
+log = logging.getLogger(__name__)
+
+DAMPENING_RETRIES = (10.0, 100.0)  # multipliers tried after the configured dampening fails
+
+
+class CholeskyFailed(RuntimeError):
+    """The dampened Hessian stayed non positive-definite after every retry."""
+
+
+def disable_tf32() -> None:
+    """TF32 matmuls lose ~3 decimal digits and turn ill-conditioned Hessians into NaNs."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+class HessianAccumulator:
+    """Running average H = (2/n) Σ XᵀX over calibration samples, in fp32 (n counts sequences)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add one forward call's input ``x`` of shape [batch, ..., columns]."""
+        batch = x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float32)
+        total = self.samples + batch
+        self.hessian.mul_(self.samples / total)
+        x = x * (2.0 / total) ** 0.5
+        self.hessian.addmm_(x.t(), x)
+        self.samples = total
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Handle dead inputs: H_ii = 0 → H_ii = 1 and W[:, i] = 0. Returns copies (H, W, n_dead)."""
+    h = hessian.clone().float()
+    w = weight.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return h, w, int(dead.sum())
+
+
+def inverse_hessian_upper(hessian: torch.Tensor, dampening_frac: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so H⁻¹ = UᵀU), λ = frac · mean(diag H).
+
+    Retries with dampening multiplied by :data:`DAMPENING_RETRIES`; raises :class:`CholeskyFailed`.
+    Returns (U, dampening_frac actually used).
+    """
+    mean_diag = torch.mean(torch.diag(hessian)).item()
+    fracs = [dampening_frac] + [max(dampening_frac, 1e-3) * m for m in DAMPENING_RETRIES]
+    last_error = "non-finite Hessian"
+    for frac in fracs:
+        if not torch.isfinite(hessian).all():
+            break
+        h = hessian + torch.eye(hessian.shape[0], device=hessian.device) * (frac * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                if frac != dampening_frac:
+                    log.warning("Cholesky needed dampening %.4g (configured %.4g)", frac, dampening_frac)
+                return upper, frac
+        last_error = f"not positive-definite with dampening_frac={frac:.4g} (leading minor {int(info)})"
+        log.warning("Cholesky failed: %s", last_error)
+    raise CholeskyFailed(last_error)
+
+
+@dataclass
+class QuantResult:
+    """What compressing one Linear produced; ``weight`` is the dequantized (fake-quant) weight."""
+
+    weight: torch.Tensor
+    codes: torch.Tensor
+    scale: torch.Tensor
+    loss: float
+    dead_columns: int = 0
+    dampening_frac: float | None = None
+    fallback: str | None = None
+
+
+def quadratic_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """½ Σ_rows δ H δᵀ = mean over samples of ‖δX‖² for H = (2/n) Σ XᵀX."""
+    delta = delta.float()
+    return 0.5 * float(torch.sum((delta @ hessian) * delta))
+
+
+def round_to_nearest(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
+                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN baseline: (codes, scale, dequantized weight in weight.dtype); masked entries stay zero."""
+    if mask is not None:
+        weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for int and FP8 alike
+    scale = compute_scale(weight, args, scale_dtype)
+    codes = quantize(weight, scale, args)
+    return codes, scale, dequantize(codes, scale, weight.dtype)
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
+                  dampening_frac: float = 0.01, actorder: str | None = None, mask: torch.Tensor | None = None,
+                  scale_dtype: torch.dtype | None = None) -> QuantResult:
+    """Quantize ``weight`` [out, in] column by column, compensating each error on the later columns.
+
+    Static groups: scales come from the (dead-column-cleaned) original weight before the sweep, so
+    with ``actorder="static"`` the columns are visited by decreasing diag(H) while every group
+    keeps its scale in column order (no g_idx). ``mask`` (True = pruned) keeps those weights at
+    exactly zero. On Cholesky failure (after dampening retries) falls back to round-to-nearest and
+    says so in ``fallback``. The loss is Σ (w - q)² / (2 U_ii²) = ½ Σ δ H_damped δᵀ.
+    """
+    assert weight.dim() == 2 and hessian.shape == (weight.shape[1],) * 2, (weight.shape, hessian.shape)
+    assert args.type == "int" and args.symmetric, "GPTQ implements symmetric integer weights"
+    assert block_size > 0
+    disable_tf32()
+    scale_dtype = scale_dtype or weight.dtype
+    h, w, n_dead = prepare_hessian(hessian, weight)
+    if mask is not None:
+        w = w.masked_fill(mask, 0.0)
+    scale = compute_scale(w, args, scale_dtype)
+    perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
+    try:
+        upper_full, used = inverse_hessian_upper(h[perm][:, perm] if perm is not None else h, dampening_frac)
+    except CholeskyFailed as exc:
+        codes, scale, deq = round_to_nearest(w, args, scale_dtype, mask)
+        reason = f"GPTQ Cholesky failed ({exc}); used round-to-nearest"
+        return QuantResult(deq.to(weight.dtype), codes, scale, quadratic_loss(deq.float() - weight.float(), h),
+                           n_dead, None, reason)
+
+    col_scale = expand_scale(scale, w.shape).float()
+    qmin, qmax = int_range(args.num_bits)
+    m = mask
+    if perm is not None:
+        w, col_scale = w[:, perm], col_scale[:, perm]
+        m = mask[:, perm] if mask is not None else None
+    rows, cols = w.shape
+    q_all = torch.zeros_like(w)
+    losses = torch.zeros(rows, device=w.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = upper_full[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col, d, s = w1[:, i], u1[i, i], col_scale[:, i1 + i]
+            q = torch.clamp(torch.round(col / s), qmin, qmax) * s
+            if m is not None:
+                q = q.masked_fill(m[:, i1 + i], 0.0)
+            err = (col - q) / d
+            losses += (col - q) ** 2 / (2 * d * d)
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            q_all[:, i1 + i] = q
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ upper_full[i1:i2, i2:]
+    if perm is not None:
+        q_all = q_all[:, torch.argsort(perm)]
+    codes = quantize(q_all, scale, args)
+    if mask is not None:
+        codes = codes.masked_fill(mask, 0)
+    deq = dequantize(codes, scale, weight.dtype)
+    return QuantResult(deq, codes, scale, float(losses.sum()), n_dead, used, None)

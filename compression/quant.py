@@ -1,0 +1,250 @@
+"""Quantization arithmetic as pure functions (compressed-tensors conventions, reference doc §2.4).
+
+Every quantizer comes as a pair ``quantize_*`` / ``dequantize_*`` that asserts its own
+preconditions. Weights are ``[out, in]``; a scale is ``[1]`` (tensor), ``[out, 1]`` (channel)
+or ``[out, in // group_size]`` (group). Only symmetric schemes are implemented: zero points are
+always 0 and never stored.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+STRATEGIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """One QuantizationArgs entry (the subset of compressed-tensors fields we implement)."""
+
+    num_bits: int = 8
+    type: str = "int"  # "int" | "float"
+    symmetric: bool = True
+    strategy: str = "channel"
+    group_size: int | None = None
+    dynamic: bool = False
+    actorder: str | None = None
+    observer: str = "minmax"  # "minmax" | "mse"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def checkpoint_dict(self) -> dict:
+        """The minimal QuantizationArgs fields valid for compressed-tensors 0.11 → 0.20 (doc §2.8)."""
+        return {"num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
+                "strategy": self.strategy, "group_size": self.group_size, "dynamic": self.dynamic,
+                "actorder": self.actorder, "observer": self.observer, "observer_kwargs": {}}
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """Signed range of a b-bit integer: int4 → (-8, 7), int8 → (-128, 127)."""
+    assert 2 <= bits <= 8, bits
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _half_range(args: QuantArgs) -> float:
+    if args.type == "float":
+        assert args.num_bits == 8, "only FP8 E4M3 floats are implemented"
+        return FP8_MAX
+    qmin, qmax = int_range(args.num_bits)
+    return (qmax - qmin) / 2  # int4: 7.5, int8: 127.5
+
+
+def _grouped_absmax(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """absmax of w per tensor / row / group, shaped like the scale."""
+    w = w.float().abs()
+    if args.strategy == "tensor":
+        return w.amax().reshape(1)
+    if args.strategy == "channel":
+        return w.amax(dim=1, keepdim=True)
+    if args.strategy == "group":
+        rows, cols = w.shape
+        g = args.group_size
+        assert g and cols % g == 0, f"group_size {g} must divide in-features {cols}"
+        return w.reshape(rows, cols // g, g).amax(dim=2)
+    raise ValueError(f"weight strategy {args.strategy!r} not supported")
+
+
+def expand_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Broadcast a tensor/channel/group scale to a full ``[out, in]`` weight shape."""
+    rows, cols = shape
+    if scale.numel() == 1:
+        return scale.reshape(1, 1).expand(rows, cols)
+    if scale.shape[1] == 1:
+        return scale.expand(rows, cols)
+    group = cols // scale.shape[1]
+    return scale.repeat_interleave(group, dim=1)
+
+
+def _clean_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast to the storage dtype and replace zero scales by that dtype's eps (doc §2.4)."""
+    scale = scale.to(dtype)
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).eps), scale)
+
+
+def minmax_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Symmetric scale from the absolute maximum: absmax / 7.5 (int4), / 127.5 (int8), / 448 (FP8)."""
+    assert args.symmetric, "asymmetric quantization is not implemented"
+    return _clean_scale(_grouped_absmax(w, args) / _half_range(args), dtype or w.dtype)
+
+
+def mse_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None, *,
+              grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> torch.Tensor:
+    """Symmetric scale minimizing |w - fq(w)|^norm per scale entry over shrunk absmax ranges."""
+    dtype = dtype or w.dtype
+    absmax = _grouped_absmax(w, args)
+    wf = w.float()
+    best_err = torch.full_like(absmax, float("inf"))
+    best = _clean_scale(absmax / _half_range(args), dtype)
+    for i in range(int(max_shrink * grid)):
+        candidate = _clean_scale(absmax * (1 - i / grid) / _half_range(args), dtype)
+        err = (fake_quantize(wf, candidate, args) - wf).abs().pow(norm)
+        err = _reduce_like_scale(err, args)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, candidate, best)
+    return best
+
+
+def _reduce_like_scale(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    if args.strategy == "tensor":
+        return x.sum().reshape(1)
+    if args.strategy == "channel":
+        return x.sum(dim=1, keepdim=True)
+    rows, cols = x.shape
+    return x.reshape(rows, cols // args.group_size, args.group_size).sum(dim=2)
+
+
+def compute_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight scale chosen by ``args.observer`` ("minmax" or "mse"), in ``dtype``."""
+    if args.observer == "mse":
+        return mse_scale(w, args, dtype)
+    return minmax_scale(w, args, dtype)
+
+
+def quantize_int(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """q = clamp(round(w / scale), qmin, qmax) as int8; ``scale`` broadcastable or tensor/channel/group."""
+    assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
+    qmin, qmax = int_range(bits)
+    s = expand_scale(scale, w.shape)
+    return torch.clamp(torch.round(w.float() / s.float()), qmin, qmax).to(torch.int8)
+
+
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(q - 0) · scale, computed in the scale's dtype like compressed-tensors does."""
+    assert q.dtype in (torch.int8, torch.int32), q.dtype
+    s = expand_scale(scale, q.shape)
+    return (q.to(s.dtype) * s).to(dtype or s.dtype)
+
+
+def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn(clamp(w / scale, ±448))."""
+    assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
+    s = expand_scale(scale, w.shape)
+    return torch.clamp(w.float() / s.float(), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """q · scale in the scale's dtype."""
+    assert q.dtype == FP8_DTYPE, q.dtype
+    s = expand_scale(scale, q.shape)
+    return (q.to(s.dtype) * s).to(dtype or s.dtype)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Integer (int8 container) or float8 codes of ``w``."""
+    if args.type == "float":
+        return quantize_fp8(w, scale)
+    return quantize_int(w, scale, args.num_bits)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if q.dtype == FP8_DTYPE:
+        return dequantize_fp8(q, scale, dtype)
+    return dequantize_int(q, scale, dtype)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """dequantize(quantize(w)) in ``w``'s dtype."""
+    return dequantize(quantize(w, scale, args), scale, w.dtype)
+
+
+def fake_quantize_activation(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """Quantize-dequantize an activation: dynamic per token / per tensor, or static with ``input_scale``."""
+    half = _half_range(args)
+    if args.dynamic:
+        if args.strategy == "token":
+            absmax = x.abs().amax(dim=-1, keepdim=True)
+        else:
+            absmax = x.abs().amax()
+        scale = absmax / half
+        scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(x.dtype).eps), scale)
+    else:
+        assert input_scale is not None, "static activation quantization needs an input_scale"
+        scale = input_scale.to(device=x.device, dtype=x.dtype)
+    if args.type == "float":
+        q = torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    else:
+        qmin, qmax = int_range(args.num_bits)
+        q = torch.clamp(torch.round(x / scale), qmin, qmax)
+    return q.to(x.dtype) * scale
+
+
+def pack_int(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Pack signed b-bit codes [out, in] (b = 4 or 8) into int32 words [out, ceil(in·b / 32)].
+
+    Layout (compressed-tensors ``pack_to_int32``): u = q + 2^(b-1); column k of a row lands at
+    bit k·b of the row's bit string, so for 4 bits column 8j+i sits in bits [4i, 4i+4) of word j
+    (the least-significant nibble holds the lowest column):
+
+        word j = u[8j] | u[8j+1] << 4 | ... | u[8j+7] << 28   (then reinterpreted as signed int32)
+    """
+    assert bits in (4, 8), bits
+    assert q.dim() == 2 and q.dtype == torch.int8, (q.shape, q.dtype)
+    qmin, qmax = int_range(bits)
+    assert int(q.min()) >= qmin and int(q.max()) <= qmax, f"codes must lie in [{qmin}, {qmax}]"
+    per_word = 32 // bits
+    rows, cols = q.shape
+    u = q.to(torch.int64) - qmin
+    pad = (-cols) % per_word
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.reshape(rows, -1, per_word)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    words = (u << shifts).sum(dim=2)  # disjoint bit ranges, so the sum is a bitwise or; < 2^32
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_int(packed: torch.Tensor, cols: int, bits: int = 4) -> torch.Tensor:
+    """Inverse of :func:`pack_int`: int32 [out, ceil(cols·b/32)] → int8 codes [out, cols]."""
+    assert bits in (4, 8), bits
+    assert packed.dim() == 2 and packed.dtype == torch.int32, (packed.shape, packed.dtype)
+    per_word = 32 // bits
+    assert packed.shape[1] == -(-cols // per_word), (packed.shape, cols)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    u = (words.unsqueeze(2) >> shifts) & (2 ** bits - 1)
+    return (u.reshape(packed.shape[0], -1)[:, :cols] + int_range(bits)[0]).to(torch.int8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_int` for 4-bit codes (8 columns per int32 word)."""
+    return pack_int(q, 4)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """:func:`unpack_int` for 4-bit codes."""
+    return unpack_int(packed, cols, 4)
+
+
+def check_24_pattern(w: torch.Tensor) -> bool:
+    """True when every group of 4 consecutive input columns holds at most 2 non-zeros."""
+    rows, cols = w.shape
+    if cols % 4:
+        return False
+    return bool(((w.reshape(rows, cols // 4, 4) != 0).sum(dim=2) <= 2).all())

@@ -1,0 +1,365 @@
+"""Layer-by-layer compression with forward hooks only (no tracing).
+
+1. Capture the inputs of decoder layer 0 (hidden states + kwargs such as position embeddings
+   and the attention mask) by running the model with a pre-hook that raises once it has them.
+2. For each decoder layer: move it to ``device``; hooks on its targeted Linears accumulate fp32
+   Hessians (and absmax for static FP8 input scales); compress each module, stage by stage; re-run
+   the compressed layer on the same inputs to get the next layer's inputs; move it back.
+
+Only one decoder layer and its activations live on the compute device at a time. The model is
+left holding fake-quantized weights, with activation fake-quant pre-hooks attached for schemes
+that quantize activations, so it can be evaluated directly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
+from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, round_to_nearest
+from compression.quant import FP8_MAX, QuantArgs, check_24_pattern, fake_quantize_activation
+from compression.recipe import Modifier, Recipe, SchemeGroup, matches_any
+from compression.sparsegpt import sparsegpt_prune
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class ModuleRecord:
+    """Everything export needs about one compressed Linear (checkpoint module name ``name``)."""
+
+    name: str
+    shape: tuple[int, int]
+    weights: QuantArgs | None = None
+    input_activations: QuantArgs | None = None
+    codes: torch.Tensor | None = None  # int8 (int schemes) or float8_e4m3fn, [out, in]
+    scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    mask_structure: str | None = None
+    sparsity: float | None = None
+    losses: dict[str, float] = field(default_factory=dict)
+    dead_columns: int = 0
+    fallback: str | None = None
+
+    def summary(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "losses": self.losses,
+                "sparsity": self.sparsity, "mask_structure": self.mask_structure,
+                "dead_columns": self.dead_columns, "fallback": self.fallback}
+
+
+@dataclass
+class CompressionReport:
+    """Result of :func:`compress_model`: per-module records, fallbacks, timing."""
+
+    modules: dict[str, ModuleRecord] = field(default_factory=dict)
+    layers: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    hooks: list = field(default_factory=list, repr=False)
+
+    @property
+    def fallbacks(self) -> list[dict]:
+        return [{"module": r.name, "reason": r.fallback} for r in self.modules.values() if r.fallback]
+
+    def sparsity_stats(self) -> dict | None:
+        sparse = [r for r in self.modules.values() if r.sparsity is not None]
+        if not sparse:
+            return None
+        total = sum(r.shape[0] * r.shape[1] for r in sparse)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in sparse)
+        return {"sparsity_structure": sparse[0].mask_structure, "global_sparsity": zeros / total,
+                "modules": len(sparse)}
+
+    def summary(self) -> dict:
+        """JSON-able digest (no tensors) for job results and model cards."""
+        return {"layers": self.layers, "samples": self.samples, "seconds": round(self.seconds, 3),
+                "fallbacks": self.fallbacks, "sparsity": self.sparsity_stats(),
+                "modules": [r.summary() for r in self.modules.values()]}
+
+    def remove_activation_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+
+
+class _Captured(Exception):
+    """Raised by the layer-0 pre-hook to stop the forward pass once the inputs are recorded."""
+
+
+def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The decoder layer list and its checkpoint prefix (``model.layers`` for Llama/Mistral/Qwen2)."""
+    for prefix in ("model.layers", "layers", "model.decoder.layers", "transformer.h"):
+        obj: Any = model
+        for part in prefix.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+            return prefix, obj
+    raise UnsupportedModelError(
+        f"cannot walk {type(model).__name__}: no decoder layer list at model.layers / layers; "
+        "supported are Llama/Mistral/Qwen2-style causal LMs")
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer0_inputs(model: torch.nn.Module, layer0: torch.nn.Module, calibration: list[dict],
+                          device: torch.device | str) -> list[tuple[torch.Tensor, dict]]:
+    """Run each sample until layer 0 and keep (hidden_states, kwargs), moved to ``device``."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        captured.append((hidden.to(device), _to(kwargs, device)))
+        raise _Captured
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    model_device = next(model.parameters()).device
+    try:
+        for sample in calibration:
+            try:
+                model(input_ids=sample["input_ids"].to(model_device),
+                      attention_mask=sample.get("attention_mask", torch.ones_like(sample["input_ids"])).to(model_device),
+                      use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    if len(captured) != len(calibration):
+        raise UnsupportedModelError("the first decoder layer was not reached for every calibration sample")
+    return captured
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _memory_mb(device: torch.device | str) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2 ** 20
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return 0.0
+
+
+@dataclass
+class _Plan:
+    """Which modifiers (in recipe order) touch one Linear, with the config group that applies."""
+
+    name: str
+    local: str
+    module: torch.nn.Linear
+    steps: list[tuple[str, Modifier, SchemeGroup | None]]
+
+    @property
+    def needs_hessian(self) -> bool:
+        return any(m.kind in ("GPTQModifier", "SparseGPTModifier") for _, m, _ in self.steps)
+
+    @property
+    def needs_absmax(self) -> bool:
+        return any(g is not None and g.input_activations is not None and not g.input_activations.dynamic
+                   for _, _, g in self.steps)
+
+
+def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module) -> list[_Plan]:
+    plans = []
+    for local, module in layer.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        name = f"{prefix}.{local}"
+        cls = type(module).__name__
+        steps = []
+        for i, stage in enumerate(recipe.stages):
+            for j, m in enumerate(stage.modifiers):
+                if not matches_any(m.targets, name, cls) or matches_any(m.ignore, name, cls):
+                    continue
+                group = m.scheme_for(name, cls) if m.quantizes else None
+                if m.quantizes and group is None:
+                    continue
+                steps.append((f"stages[{i}].modifiers[{j}]", m, group))
+        if sum(1 for _, m, _ in steps if m.quantizes) > 1:
+            raise RecipeError(steps[-1][0], f"{name} would be quantized twice; target each module once")
+        if steps:
+            plans.append(_Plan(name, local, module, steps))
+    return plans
+
+
+def _check_outside_layers(model: torch.nn.Module, recipe: Recipe, prefix: str) -> None:
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.startswith(prefix + "."):
+            continue
+        for i, stage in enumerate(recipe.stages):
+            for j, m in enumerate(stage.modifiers):
+                cls = type(module).__name__
+                if matches_any(m.targets, name, cls) and not matches_any(m.ignore, name, cls):
+                    raise RecipeError(f"stages[{i}].modifiers[{j}].ignore",
+                                      f"{name} lies outside the decoder layers and cannot be compressed; "
+                                      f"add {name!r} to ignore")
+
+
+def _attach_activation_quant(module: torch.nn.Linear, args: QuantArgs, input_scale: torch.Tensor | None):
+    def hook(mod, inputs):
+        return (fake_quantize_activation(inputs[0], args, input_scale),) + tuple(inputs[1:])
+
+    return module.register_forward_pre_hook(hook)
+
+
+@torch.no_grad()
+def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dict] | None, *,
+                   device: torch.device | str = "cpu", progress: Progress | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> CompressionReport:
+    """Compress ``model`` in place according to ``recipe``; see the module docstring.
+
+    ``calibration``: list of {"input_ids": LongTensor[1, T], "attention_mask": LongTensor[1, T]}
+    (may be empty/None when ``recipe.needs_calibration`` is false). Raises ``JobCancelled`` when
+    ``should_stop()`` turns true between layers, ``UnsupportedModelError`` for models without a
+    decoder layer list, ``SparsityPatternError`` if a 2:4 weight loses its pattern.
+    """
+    disable_tf32()
+    started = time.perf_counter()
+    prefix, layers = decoder_layers(model)
+    _check_outside_layers(model, recipe, prefix)
+    calibration = list(calibration or [])
+    if recipe.needs_calibration and not calibration:
+        raise CalibrationError("this recipe needs calibration samples (GPTQ/SparseGPT/static activation scales)")
+    report = CompressionReport(layers=len(layers), samples=len(calibration))
+    emit = progress or (lambda event: None)
+    home = next(model.parameters()).device
+    use_model_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    try:
+        inputs = capture_layer0_inputs(model, layers[0], calibration, device) if recipe.needs_calibration else []
+        for index, layer in enumerate(layers):
+            layer_start = time.perf_counter()
+            layer.to(device)
+            plans = _plan_layer(recipe, f"{prefix}.{index}", layer)
+            stats = _collect_statistics(layer, plans, inputs)
+            for plan in plans:
+                _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device)
+            for plan in plans:
+                record = report.modules[plan.name]
+                if record.input_activations is not None:
+                    report.hooks.append(_attach_activation_quant(plan.module, record.input_activations,
+                                                                 record.input_scale))
+            del stats
+            if inputs and index + 1 < len(layers):
+                inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+            layer.to(home)
+            emit({"stage": "compress", "layer": index, "layers": len(layers), "module": None, "loss": None,
+                  "seconds": time.perf_counter() - layer_start, "memory_mb": _memory_mb(device),
+                  "message": f"layer {index + 1}/{len(layers)} done"})
+            if should_stop is not None and should_stop():
+                raise JobCancelled(f"cancelled after layer {index + 1}/{len(layers)}")
+    finally:
+        if use_model_cache is not None:
+            model.config.use_cache = use_model_cache
+    report.seconds = time.perf_counter() - started
+    if report.fallbacks:
+        log.warning("%d modules fell back to round-to-nearest/magnitude: %s", len(report.fallbacks),
+                    [f["module"] for f in report.fallbacks])
+    return report
+
+
+def _collect_statistics(layer: torch.nn.Module, plans: list[_Plan], inputs: list) -> dict[str, dict]:
+    """Run every sample through the (still uncompressed) layer; hooks record H and input absmax."""
+    wanted = [p for p in plans if p.needs_hessian or p.needs_absmax]
+    if not wanted or not inputs:
+        return {}
+    stats: dict[str, dict] = {}
+    handles = []
+    for plan in wanted:
+        entry: dict[str, Any] = {}
+        if plan.needs_hessian:
+            entry["hessian"] = HessianAccumulator(plan.module.in_features, plan.module.weight.device)
+        if plan.needs_absmax:
+            entry["absmax"] = torch.zeros((), device=plan.module.weight.device)
+        stats[plan.name] = entry
+
+        def hook(mod, args, out, entry=entry):
+            x = args[0]
+            if "hessian" in entry:
+                entry["hessian"].add(x)
+            if "absmax" in entry:
+                entry["absmax"] = torch.maximum(entry["absmax"], x.detach().abs().amax().float())
+
+        handles.append(plan.module.register_forward_hook(hook))
+    try:
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: Progress,
+                     index: int, layers: int, device: torch.device | str) -> None:
+    module = plan.module
+    dtype = module.weight.dtype
+    record = report.modules.setdefault(plan.name, ModuleRecord(plan.name, tuple(module.weight.shape)))
+    hessian = stats["hessian"].hessian if "hessian" in stats else None
+    mask = None
+    for path, modifier, group in plan.steps:
+        t0 = time.perf_counter()
+        weight = module.weight.data
+        if modifier.kind == "SparseGPTModifier":
+            result = sparsegpt_prune(weight, hessian, sparsity=modifier.sparsity,
+                                     mask_structure=modifier.mask_structure, block_size=modifier.block_size,
+                                     dampening_frac=modifier.dampening_frac)
+            module.weight.data = result.weight.to(dtype)
+            mask = result.mask
+            record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
+            loss, fallback, record.dead_columns = result.loss, result.fallback, result.dead_columns
+            kind = "sparsegpt"
+        else:
+            args = group.weights
+            record.weights, record.input_activations = args, group.input_activations
+            if modifier.kind == "GPTQModifier":
+                result = gptq_quantize(weight, hessian, args, block_size=modifier.block_size,
+                                       dampening_frac=modifier.dampening_frac,
+                                       actorder=args.actorder or modifier.actorder, mask=mask, scale_dtype=dtype)
+                codes, scale, deq, loss, fallback = result.codes, result.scale, result.weight, result.loss, result.fallback
+                record.dead_columns = max(record.dead_columns, result.dead_columns)
+                kind = "gptq"
+            else:
+                codes, scale, deq = round_to_nearest(weight, args, dtype, mask)
+                loss = quadratic_loss(deq.float() - weight.float(), hessian) if hessian is not None else float(
+                    torch.mean((deq.float() - weight.float()) ** 2))
+                fallback, kind = None, "rtn"
+            module.weight.data = deq.to(dtype)
+            record.codes, record.scale = codes.cpu(), scale.cpu()
+            acts = group.input_activations
+            if acts is not None and not acts.dynamic:
+                if "absmax" not in stats:
+                    raise CalibrationError(f"{plan.name}: static activation scales need calibration samples")
+                absmax = stats["absmax"].float().clamp_min(torch.finfo(torch.float32).tiny)
+                record.input_scale = (absmax / FP8_MAX).reshape(1).to(dtype).cpu()
+        if fallback:
+            record.fallback = fallback if not record.fallback else f"{record.fallback}; {fallback}"
+        record.losses[kind] = loss
+        if mask is not None and record.mask_structure == "2:4" and not check_24_pattern(module.weight.data):
+            raise SparsityPatternError(f"{plan.name} lost its 2:4 pattern after {modifier.kind} ({path})")
+        emit({"stage": "compress", "layer": index, "layers": layers, "module": plan.local, "loss": loss,
+              "seconds": time.perf_counter() - t0, "memory_mb": _memory_mb(device),
+              "message": f"{modifier.kind} {plan.local}" + (f" (fallback: {fallback})" if fallback else "")})

@@ -1,0 +1,105 @@
+"""SparseGPT (Frantar & Alistarh) pruning as a plain function: 2:4 or unstructured, with compensation.
+
+Same Hessian, dampening and Cholesky machinery as GPTQ (:mod:`compression.gptq`); the per-column
+"quantize" step becomes "zero the masked entries" (reference doc §3.3).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from compression.gptq import CholeskyFailed, disable_tf32, inverse_hessian_upper, prepare_hessian, quadratic_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """Pruned + compensated weight, its mask (True = pruned) and the reconstruction loss."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    loss: float
+    dead_columns: int = 0
+    dampening_frac: float | None = None
+    fallback: str | None = None
+
+    @property
+    def sparsity(self) -> float:
+        return float(self.mask.float().mean())
+
+
+def magnitude_mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """2:4 mask by magnitude: in every group of 4 input columns prune the 2 smallest |w|."""
+    rows, cols = weight.shape
+    groups = weight.abs().reshape(rows, cols // 4, 4)
+    idx = torch.topk(groups, 2, dim=2, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+    return mask.reshape(rows, cols)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.5,
+                    mask_structure: str = "2:4", block_size: int = 128,
+                    dampening_frac: float = 0.01) -> PruneResult:
+    """Prune ``weight`` [out, in] to ``mask_structure`` ("2:4" or "0:0" = unstructured at ``sparsity``).
+
+    2:4: when the sweep reaches column i (i % 4 == 0), each row prunes the 2 of columns i..i+3 with
+    the smallest w²/U_jj² (current, already compensated values). Unstructured: at each block start
+    prune the ``sparsity`` fraction with the smallest saliency over the whole block. Pruned
+    weights are exactly +0.0. Falls back to magnitude pruning if the Cholesky inverse fails.
+    """
+    assert weight.dim() == 2 and hessian.shape == (weight.shape[1],) * 2, (weight.shape, hessian.shape)
+    n_of_m = mask_structure == "2:4"
+    rows, cols = weight.shape
+    if n_of_m:
+        assert cols % 4 == 0, f"2:4 needs in-features divisible by 4, got {cols}"
+        assert block_size % 4 == 0, "block_size must be a multiple of 4"
+    disable_tf32()
+    h, w, n_dead = prepare_hessian(hessian, weight)
+    try:
+        upper, used = inverse_hessian_upper(h, dampening_frac)
+    except CholeskyFailed as exc:
+        if n_of_m:
+            mask = magnitude_mask_24(w)
+        else:
+            k = int(w.numel() * sparsity)
+            thresh = torch.kthvalue(w.abs().flatten(), max(k, 1)).values
+            mask = w.abs() <= thresh
+        pruned = w.masked_fill(mask, 0.0).to(weight.dtype)
+        reason = f"SparseGPT Cholesky failed ({exc}); used magnitude pruning without compensation"
+        return PruneResult(pruned, mask, quadratic_loss(pruned.float() - weight.float(), h), n_dead, None, reason)
+
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    losses = torch.zeros(rows, device=w.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        u1 = upper[i1:i2, i1:i2]
+        diag_sq = torch.diag(u1) ** 2
+        err1 = torch.zeros_like(w1)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        if not n_of_m:
+            saliency = w1 ** 2 / diag_sq.unsqueeze(0)
+            k = int(saliency.numel() * sparsity)
+            if k > 0:
+                thresh = torch.sort(saliency.flatten())[0][k - 1]
+                mask1 = saliency <= thresh
+        for i in range(i2 - i1):
+            if n_of_m and i % 4 == 0:
+                saliency = w1[:, i:i + 4] ** 2 / diag_sq[i:i + 4].unsqueeze(0)
+                idx = torch.topk(saliency, 2, dim=1, largest=False).indices
+                mask1[:, i:i + 4].scatter_(1, idx, True)
+            col, d = w1[:, i], u1[i, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            err = (col - q) / d
+            losses += (col - q) ** 2 / (2 * d * d)
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        mask[:, i1:i2] = mask1
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    pruned = w.masked_fill(mask, 0.0).to(weight.dtype)  # +0.0, never -0.0
+    return PruneResult(pruned, mask, float(losses.sum()), n_dead, used, None)
