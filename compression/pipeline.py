@@ -115,7 +115,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         baseline_stage = _Stage(progress, "baseline")
         baseline_stage("evaluating the uncompressed model")
         t0 = time.monotonic()
-        baseline = _evaluate(model, tokenizer, evaluation, data_dir, device)
+        baseline = _evaluate(model, tokenizer, evaluation, data_dir, cache_dir=spec.get("cache_dir"),
+                             model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)})
         timings["baseline_eval_s"] = time.monotonic() - t0
         baseline_stage("baseline evaluated", 1.0)
         check_stop()
@@ -151,7 +152,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         eval_stage = _Stage(progress, "evaluate")
         eval_stage("evaluating the compressed model")
         t0 = time.monotonic()
-        compressed = _evaluate(model, tokenizer, evaluation, data_dir, device)
+        compressed = _evaluate(model, tokenizer, evaluation, data_dir)
         timings["compressed_eval_s"] = time.monotonic() - t0
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
@@ -185,32 +186,53 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         raise
 
 
-def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, device: str) -> dict:
+def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: str | None = None,
+              model_identity: dict | None = None) -> dict:
+    """{task: {metric: {"value", "higher_is_better", ...}}} plus "_lm_eval" with lm-eval's own record.
+
+    `wikitext2_ppl` is our quick token-level WikiText-2 perplexity; every other task runs through
+    lm-eval (compression.evaluation) on the model object in memory. With `cache_dir` and
+    `model_identity` (the baseline), lm-eval results are cached and reused across jobs.
+    """
     from .perplexity import wikitext_perplexity
 
-    results: dict[str, dict] = {}
-    for task in evaluation["tasks"]:
-        if task == "wikitext2_ppl":
-            ppl = wikitext_perplexity(model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]),
-                                      max_windows=int(evaluation["windows"]))
-            results[task] = {"perplexity": {"value": ppl, "higher_is_better": False}}
-        else:
-            raise ValueError(f"evaluation.tasks: unknown task {task!r}; available: wikitext2_ppl")
+    results: dict[str, Any] = {}
+    lm_tasks = [t for t in evaluation["tasks"] if t != "wikitext2_ppl"]
+    if "wikitext2_ppl" in evaluation["tasks"]:
+        ppl = wikitext_perplexity(model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]),
+                                  max_windows=int(evaluation["windows"]))
+        results["wikitext2_ppl"] = {"perplexity": {"value": ppl, "higher_is_better": False}}
+    if lm_tasks:
+        from .evaluation import EvalSettings, evaluate
+
+        settings = EvalSettings(
+            tasks=lm_tasks, num_fewshot=evaluation.get("num_fewshot"), limit=evaluation.get("limit"),
+            batch_size=evaluation.get("batch_size") or 1,
+            apply_chat_template=bool(evaluation.get("apply_chat_template")),
+            data_source=evaluation.get("data_source") or "auto")
+        record = evaluate(model, tokenizer, settings, data_dir=data_dir or None,
+                          cache_dir=cache_dir if model_identity else None, model_identity=model_identity)
+        for task, outcome in record["tasks"].items():
+            results[task] = outcome["metrics"]
+        results["_lm_eval"] = {k: v for k, v in record.items() if k != "tasks"}
+        results["_lm_eval"]["sources"] = {t: o.get("source") for t, o in record["tasks"].items()}
     return results
 
 
 def _compare(baseline: dict, compressed: dict) -> list[dict]:
+    from .recovery import recovery
+
     rows = []
     for task, metrics in baseline.items():
+        if task.startswith("_"):
+            continue
         for metric, b in metrics.items():
             c = compressed.get(task, {}).get(metric)
             if c is None:
                 continue
             hib = b.get("higher_is_better", True)
-            bv, cv = b["value"], c["value"]
-            recovery = (cv / bv if hib else bv / cv) * 100 if bv and cv else None
-            rows.append({"task": task, "metric": metric, "baseline": bv, "compressed": cv,
-                         "higher_is_better": hib, "recovery_pct": recovery})
+            rows.append({"task": task, "metric": metric, "baseline": b["value"], "compressed": c["value"],
+                         "higher_is_better": hib, "recovery_pct": recovery(b["value"], c["value"], hib)})
     return rows
 
 

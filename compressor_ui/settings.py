@@ -61,6 +61,8 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # The web process and the worker write concurrently; wait for the lock instead of failing.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # A file, not :memory:, so the Celery worker process of the integration tests sees the test data.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 ARTIFACT_ROOT = Path(env_str("ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
@@ -70,6 +72,12 @@ COMPRESSOR_DATA_DIR = env_str("COMPRESSOR_DATA_DIR", _default_data_dir())
 COMPRESSOR_DEVICE = env_str("COMPRESSOR_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
 COMPRESSOR_MAX_QUEUED_PER_USER = env_int("COMPRESSOR_MAX_QUEUED_PER_USER", 5)
 COMPRESSOR_EVAL_WINDOWS = env_int("COMPRESSOR_EVAL_WINDOWS", 8)
+# Reliability: a running job beats its heart every HEARTBEAT_S; one silent for WORKER_LOST_AFTER_S is
+# marked failed ("worker lost"); a queued job absent from the broker for REQUEUE_AFTER_S is re-sent.
+COMPRESSOR_HEARTBEAT_S = env_int("COMPRESSOR_HEARTBEAT_S", 10)
+COMPRESSOR_WORKER_LOST_AFTER_S = env_int("COMPRESSOR_WORKER_LOST_AFTER_S", 120)
+COMPRESSOR_REQUEUE_AFTER_S = env_int("COMPRESSOR_REQUEUE_AFTER_S", 30)
+COMPRESSOR_WATCHDOG_INTERVAL_S = env_int("COMPRESSOR_WATCHDOG_INTERVAL_S", 15)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -79,6 +87,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "jobs",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
 ]
 
 MIDDLEWARE = [
@@ -156,4 +168,33 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}
+
+# REST API (jobs/api.py): token auth for scripts, session auth for the browser, JSON only.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "jobs.api_errors.JSONFallbackNegotiation",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "jobs.api_errors.json_exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Compressor API",
+    "DESCRIPTION": "Submit, follow and download LLM compression jobs. Authenticate with "
+                   "`Authorization: Token <key>` (create a key on the API tokens page or with "
+                   "`manage.py create_api_token <username>`) or a browser session.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "SCHEMA_PATH_PREFIX": "/api",
+    "COMPONENT_SPLIT_REQUEST": True,
+    # Swagger UI assets come from the installed drf-spectacular-sidecar package, never a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }

@@ -1,20 +1,36 @@
-"""The new-job form. Recipe validation and the pre-flight check are the engine's; this only maps
-their errors onto the fields the user filled in."""
+"""The new-job form: plain fields mapped onto `jobs.submission`, which validates everything
+(the same path as the REST API) and names the field that is wrong."""
 from __future__ import annotations
 
 from django import forms
 from django.conf import settings
 
-from .models import ACTIVE, Job
+from .submission import PERPLEXITY_TASK, JobRequest, SubmissionError, available_eval_tasks, validate_submission
 
 GROUP_SIZE_CHOICES = [("", "preset default"), ("32", "32"), ("64", "64"), ("128", "128"),
                       ("channel", "per output channel")]
+# submission field path -> form field
+FIELD_MAP = {
+    "model": "model", "name": "name", "recipe.yaml": "recipe_yaml", "recipe.group_size": "group_size",
+    "recipe.preset": "preset", "recipe": "preset", "calibration.samples": "calibration_samples",
+    "calibration.seqlen": "calibration_seqlen", "evaluation.windows": "eval_windows",
+    "evaluation.tasks": "eval_tasks", "evaluation.limit": "eval_limit",
+}
 
 
 def preset_choices() -> list[tuple[str, str]]:
     from compression.recipe import PRESETS
 
     return [(name, f"{name} — {description}") for name, description in PRESETS.items()]
+
+
+def form_field_for(path: str, yaml_given: bool) -> str | None:
+    if path.startswith("recipe.yaml") or (yaml_given and path.startswith("recipe")):
+        return "recipe_yaml"
+    for prefix in sorted(FIELD_MAP, key=len, reverse=True):
+        if path == prefix or path.startswith(prefix + ".") or (prefix == "recipe.group_size" and "group_size" in path):
+            return FIELD_MAP[prefix]
+    return None
 
 
 class JobForm(forms.Form):
@@ -29,80 +45,50 @@ class JobForm(forms.Form):
     group_size = forms.ChoiceField(choices=GROUP_SIZE_CHOICES, required=False,
                                    help_text="INT4 group size (W4A16 presets only).")
     recipe_yaml = forms.CharField(
-        required=False, widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false"}),
-        help_text="Optional llm-compressor-style recipe YAML; when given it replaces the preset.")
+        required=False, label="Recipe YAML", widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false"}),
+        help_text="Optional llm-compressor-style recipe; when given it replaces the preset.")
     calibration_samples = forms.IntegerField(min_value=1, max_value=4096, initial=128)
     calibration_seqlen = forms.IntegerField(min_value=16, max_value=8192, initial=512)
+    eval_tasks = forms.MultipleChoiceField(
+        choices=(), required=False, initial=[PERPLEXITY_TASK], widget=forms.CheckboxSelectMultiple,
+        label="Evaluation tasks",
+        help_text="wikitext2_ppl is our quick WikiText-2 perplexity; the others run through lm-eval "
+                  "(offline copies of the benchmarks when the data directory has them).")
+    eval_limit = forms.IntegerField(min_value=1, max_value=100000, required=False, initial=50,
+                                    label="lm-eval limit", help_text="Documents per lm-eval task (empty: all).")
     eval_windows = forms.IntegerField(
-        min_value=1, max_value=1000, initial=8,
+        min_value=1, max_value=1000, label="Perplexity windows",
         help_text="WikiText-2 test windows of 512 tokens scored for perplexity (baseline and compressed).")
 
     def __init__(self, *args, user=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.user = user
         self.fields["preset"].choices = preset_choices()
-        self.recipe = None
-
-    def clean_model(self) -> str:
-        from compression.loading import ModelSourceError, check_model_source
-
-        value = self.cleaned_data["model"].strip()
-        try:
-            check_model_source(value, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS)
-        except ModelSourceError as exc:
-            raise forms.ValidationError(exc.message) from None
-        return value
+        self.fields["eval_tasks"].choices = [(t, t) for t in available_eval_tasks()]
+        self.fields["eval_windows"].initial = settings.COMPRESSOR_EVAL_WINDOWS
+        self.request: JobRequest | None = None
 
     def clean(self) -> dict:
-        from compression.loading import ModelSourceError, load_config
-        from compression.preflight import preflight
-        from compression.recipe import Recipe, RecipeError
-
         data = super().clean()
-        if self.user is not None:
-            active = Job.objects.filter(owner=self.user, status__in=ACTIVE).count()
-            if active >= settings.COMPRESSOR_MAX_QUEUED_PER_USER:
-                raise forms.ValidationError(
-                    f"you already have {active} queued or running jobs (limit "
-                    f"{settings.COMPRESSOR_MAX_QUEUED_PER_USER}); wait for one to finish or cancel one")
         if self.errors:
             return data
         yaml_text = (data.get("recipe_yaml") or "").strip()
+        options = {}
+        if data.get("group_size") and not yaml_text:
+            if not data["preset"].endswith("W4A16"):
+                self.add_error("group_size", "a group size applies only to the W4A16 presets")
+                return data
+            options["group_size"] = None if data["group_size"] == "channel" else int(data["group_size"])
         try:
-            if yaml_text:
-                recipe = Recipe.from_yaml(yaml_text)
-            else:
-                options = {}
-                if data.get("group_size"):
-                    if not data["preset"].endswith("W4A16"):
-                        self.add_error("group_size", "a group size applies only to the W4A16 presets")
-                        return data
-                    options["group_size"] = None if data["group_size"] == "channel" else int(data["group_size"])
-                recipe = Recipe.from_preset(data["preset"], **options)
-        except RecipeError as exc:
-            self.add_error("recipe_yaml" if yaml_text else "preset", f"{exc.field}: {exc.message}")
-            return data
-        try:
-            config = load_config(data["model"], allowed_roots=settings.COMPRESSOR_MODEL_ROOTS,
-                                 trust_remote_code=bool(data.get("trust_remote_code")))
-            self.preflight = preflight(config, recipe)
-        except ModelSourceError as exc:
-            self.add_error("model", exc.message)
-            return data
-        except RecipeError as exc:
-            target = "recipe_yaml" if yaml_text else ("group_size" if "group" in exc.field else "preset")
-            self.add_error(target, f"{exc.field}: {exc.message}")
-            return data
-        self.recipe = recipe
+            self.request = validate_submission(
+                self.user, model=data["model"], preset=data["preset"], preset_options=options,
+                recipe_yaml=yaml_text or None, trust_remote_code=bool(data.get("trust_remote_code")),
+                name=data.get("name", ""),
+                calibration={"samples": data["calibration_samples"], "seqlen": data["calibration_seqlen"]},
+                evaluation={"tasks": data.get("eval_tasks") or [PERPLEXITY_TASK], "windows": data["eval_windows"],
+                            "limit": data.get("eval_limit")})
+        except SubmissionError as exc:
+            target = form_field_for(exc.field, bool(yaml_text))
+            plain = exc.field in FIELD_MAP or exc.field == "non_field"
+            self.add_error(target, exc.message if plain else f"{exc.field}: {exc.message}")
         return data
-
-    def create_job(self, owner) -> Job:
-        data = self.cleaned_data
-        return Job.objects.create(
-            owner=owner, name=data.get("name", ""), model_source=data["model"],
-            trust_remote_code=bool(data.get("trust_remote_code")),
-            recipe=self.recipe.to_dict(), recipe_name=self.recipe.preset or "custom",
-            calibration={"source": "calibration/self_instruct_seed_tasks.jsonl",
-                         "samples": data["calibration_samples"], "seqlen": data["calibration_seqlen"]},
-            evaluation={"tasks": ["wikitext2_ppl"], "windows": data["eval_windows"], "seqlen": 512},
-        )

@@ -7,10 +7,12 @@ import socket
 import time
 from typing import Any
 
-from celery import shared_task
+from celery import shared_task, signals
+from billiard.exceptions import WorkerLostError
 from django.conf import settings
 
 from .models import Job, JobEvent, Status
+from .reliability import Heartbeat, Watchdog, fail_lost_job
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,9 @@ def run_job(job_id: str) -> None:
     out_dir = settings.ARTIFACT_ROOT / str(job.id)
     recorder = ProgressRecorder(job.id)
     try:
-        results = run_pipeline(job_spec(job), out_dir, progress=recorder,
-                               should_stop=lambda: Job.cancel_is_requested(job_id))
+        with Heartbeat(job.id):
+            results = run_pipeline(job_spec(job), out_dir, progress=recorder,
+                                   should_stop=lambda: Job.cancel_is_requested(job_id))
     except JobCancelled:
         Job.mark_cancelled(job_id, "cancelled by the user; temporary files removed")
         JobEvent.objects.create(job_id=job_id, stage="cancelled", message="job cancelled")
@@ -87,16 +90,31 @@ def run_job(job_id: str) -> None:
     JobEvent.objects.create(job_id=job_id, stage="done", message="job succeeded")
 
 
-def enqueue(job: Job) -> None:
-    """Send the job to the `gpu` queue; if the broker refuses, the job fails visibly."""
+def enqueue(job: Job, *, fail_if_unreachable: bool = True) -> None:
+    """Send the job to the `gpu` queue. If the broker refuses, the job fails visibly (or, for the
+    watchdog's re-sends, stays queued for the next attempt)."""
     try:
-        run_job.apply_async(args=[str(job.id)], queue="gpu")
+        run_job.apply_async(args=[str(job.id)], queue="gpu", retry=True,
+                            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
     except Exception as exc:  # kombu raises several connection error types
-        Job.fail(job.id, "BrokerUnavailable",
-                 f"the job queue (Redis at {settings.REDIS_URL}) is unreachable: {exc}")
         log.exception("could not enqueue job %s", job.id)
+        if fail_if_unreachable:
+            Job.fail(job.id, "BrokerUnavailable",
+                     f"the job queue (Redis at {settings.REDIS_URL}) is unreachable: {exc}")
     else:
         log.info("queued job %s", job.id)
+
+
+@signals.task_failure.connect
+def _fail_job_of_lost_worker(sender=None, task_id=None, exception=None, args=None, **kwargs) -> None:
+    """In the worker's main process: the child running a job died (kill -9, OOM killer)."""
+    if isinstance(exception, WorkerLostError) and getattr(sender, "name", "") == run_job.name and args:
+        fail_lost_job(args[0], str(exception) or "the worker process died")
+
+
+@signals.worker_ready.connect
+def _start_watchdog(**kwargs) -> None:
+    Watchdog().start()
 
 
 __all__ = ["run_job", "enqueue", "job_spec", "Status"]

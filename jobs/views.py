@@ -16,7 +16,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from .archive import stream_tar, tar_size
 from .forms import JobForm
 from .models import Job, Status
-from .tasks import enqueue
+from .submission import create_job
 
 EVENTS_TAIL = 30
 
@@ -57,8 +57,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = JobForm(request.POST, user=request.user)
         if form.is_valid():
-            job = form.create_job(request.user)
-            enqueue(job)
+            job = create_job(form.request)
             messages.success(request, "Job queued.")
             return redirect("job-detail", job_id=job.id)
     else:

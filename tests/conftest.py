@@ -123,6 +123,12 @@ class CeleryWorker:
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-lines:])
 
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children), as a crashed machine would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(10)
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
@@ -148,14 +154,27 @@ def job_env(tmp_path, settings, redis_server):
 
 
 @pytest.fixture
-def celery_worker(job_env, redis_server, transactional_db, tmp_path, settings):
-    env = dict(os.environ,
-               DATABASE_URL=database_url_for_worker(), REDIS_URL=redis_server.url,
-               ARTIFACT_ROOT=str(job_env["artifacts"]), COMPRESSOR_MODEL_ROOTS=str(job_env["models"]),
-               COMPRESSOR_CACHE_DIR=str(job_env["cache"]), COMPRESSOR_DATA_DIR=settings.COMPRESSOR_DATA_DIR,
-               COMPRESSOR_DEVICE="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
-    worker = CeleryWorker(env, tmp_path / "worker.log")
-    worker.start()
-    yield worker
-    worker.stop()
+def worker_factory(job_env, redis_server, transactional_db, tmp_path, settings):
+    """Start real worker processes (with extra environment); all are stopped after the test."""
+    started: list[CeleryWorker] = []
+
+    def start(**extra_env: str) -> CeleryWorker:
+        env = dict(os.environ,
+                   DATABASE_URL=database_url_for_worker(), REDIS_URL=redis_server.url,
+                   ARTIFACT_ROOT=str(job_env["artifacts"]), COMPRESSOR_MODEL_ROOTS=str(job_env["models"]),
+                   COMPRESSOR_CACHE_DIR=str(job_env["cache"]), COMPRESSOR_DATA_DIR=settings.COMPRESSOR_DATA_DIR,
+                   COMPRESSOR_DEVICE="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **extra_env)
+        worker = CeleryWorker(env, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        worker.start()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def celery_worker(worker_factory):
+    return worker_factory()

@@ -9,6 +9,7 @@ from django.urls import reverse
 
 from jobs.models import Job, Status
 from jobs.tasks import enqueue
+from tests.conftest import wait_for
 from tests.tiny import save_tiny_llama
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
@@ -83,7 +84,6 @@ def test_a_redelivered_message_does_not_run_a_job_twice(owner, job_env, celery_w
     job = make_job(owner, model_source="nonexistent-org/no-such-model")
     Job.claim(job.id, "another-worker:1")  # someone else already runs it
     enqueue(job)
-    time.sleep(3)
+    wait_for(lambda: "was not queued" in celery_worker.tail(), 60, "the worker to receive the message")
     job.refresh_from_db()
     assert job.status == Status.RUNNING and job.worker == "another-worker:1"
-    assert "was not queued" in celery_worker.tail()

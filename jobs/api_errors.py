@@ -1,0 +1,82 @@
+"""Every REST API error is JSON of one shape, whatever went wrong and whatever the client accepts:
+
+    {"errors": [{"field": "recipe.group_size", "message": "..."}]}
+
+`field` is a dotted path into the request (`calibration.samples`, `evaluation.tasks[1]`, `status`
+for a query parameter) or null when the error is not about one field (bad JSON, not found,
+not authenticated). Unexpected exceptions become a generic JSON 500 and their traceback goes to
+the log, never to the client.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions
+from rest_framework.negotiation import DefaultContentNegotiation
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = "internal server error; the details are in the server log"
+
+
+def error_body(*errors: tuple[str | None, str]) -> dict[str, list[dict[str, Any]]]:
+    return {"errors": [{"field": field, "message": message} for field, message in errors]}
+
+
+def error_response(status: int, *errors: tuple[str | None, str], headers: dict | None = None) -> JsonResponse:
+    return JsonResponse(error_body(*errors), status=status, headers=headers)
+
+
+def flatten_detail(detail: Any, path: str = "") -> list[tuple[str | None, str]]:
+    """DRF's nested error detail -> [(dotted path or None, message)], in the order given."""
+    if isinstance(detail, dict):
+        errors: list[tuple[str | None, str]] = []
+        for key, value in detail.items():
+            if key in ("non_field_errors", "detail"):
+                errors += flatten_detail(value, path)
+            else:
+                errors += flatten_detail(value, f"{path}.{key}" if path else str(key))
+        return errors
+    if isinstance(detail, list):
+        if all(not isinstance(item, (dict, list)) for item in detail):
+            return [(path or None, str(item)) for item in detail]
+        errors = []
+        for i, item in enumerate(detail):
+            if item:  # DRF puts {} at the indexes of list items that were fine
+                errors += flatten_detail(item, f"{path}[{i}]")
+        return errors
+    return [(path or None, str(detail))]
+
+
+def json_exception_handler(exc: Exception, context: dict) -> JsonResponse:
+    """DRF's EXCEPTION_HANDLER: a JsonResponse (not a DRF Response), so no renderer can turn it into
+    anything but JSON."""
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound(str(exc) if str(exc) else None)
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    if not isinstance(exc, exceptions.APIException):
+        view = context.get("view")
+        log.exception("unexpected error in API view %s", getattr(view, "__name__", type(view).__name__),
+                      exc_info=exc)
+        return error_response(500, (None, INTERNAL_ERROR))
+    headers = {}
+    if auth := getattr(exc, "auth_header", None):
+        headers["WWW-Authenticate"] = auth
+    if wait := getattr(exc, "wait", None):
+        headers["Retry-After"] = str(int(wait))
+    return error_response(exc.status_code, *flatten_detail(exc.detail), headers=headers)
+
+
+class JSONFallbackNegotiation(DefaultContentNegotiation):
+    """Answer in the view's first renderer (JSON) instead of 406 when the Accept header names
+    nothing we speak: a script sending `Accept: text/html` still gets a useful answer."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        try:
+            return super().select_renderer(request, renderers, format_suffix)
+        except exceptions.NotAcceptable:
+            return renderers[0], renderers[0].media_type

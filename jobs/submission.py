@@ -1,0 +1,193 @@
+"""One validation path for a new job, shared by the HTML form and the REST API.
+
+Errors are `SubmissionError(field, message)` with a dotted field path (`model`,
+`recipe.group_size`, `calibration.samples`, `evaluation.tasks` ...) and a message that says what
+is allowed. Nothing is written to the database until everything has been validated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from .models import ACTIVE, Job
+
+DEFAULT_CALIBRATION_SOURCE = "calibration/self_instruct_seed_tasks.jsonl"
+PERPLEXITY_TASK = "wikitext2_ppl"
+LIMITS = {  # field -> (min, max)
+    "calibration.samples": (1, 4096),
+    "calibration.seqlen": (16, 8192),
+    "evaluation.windows": (1, 1000),
+    "evaluation.seqlen": (16, 8192),
+    "evaluation.limit": (1, 100000),
+    "evaluation.num_fewshot": (0, 25),
+    "evaluation.batch_size": (1, 512),
+}
+
+
+class SubmissionError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class JobRequest:
+    owner: Any
+    model: str
+    recipe: Any  # compression.recipe.Recipe
+    calibration: dict
+    evaluation: dict
+    trust_remote_code: bool = False
+    name: str = ""
+    preflight: Any = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def available_eval_tasks() -> list[str]:
+    from compression.lm_eval_tasks import LOCAL_TASKS
+
+    return [PERPLEXITY_TASK, *(task.task for task in LOCAL_TASKS.values())]
+
+
+def _bounded_int(value: Any, name: str, default: int | None) -> int | None:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise SubmissionError(name, "must be an integer")
+    try:
+        number = int(value)
+    except ValueError:
+        raise SubmissionError(name, "must be an integer") from None
+    lo, hi = LIMITS[name]
+    if not lo <= number <= hi:
+        raise SubmissionError(name, f"must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def clean_calibration(raw: dict | None) -> dict:
+    raw = dict(raw or {})
+    unknown = set(raw) - {"source", "samples", "seqlen"}
+    if unknown:
+        raise SubmissionError(f"calibration.{sorted(unknown)[0]}", "unknown field; allowed: source, samples, seqlen")
+    source = raw.get("source") or DEFAULT_CALIBRATION_SOURCE
+    if not isinstance(source, str) or len(source) > 300:
+        raise SubmissionError("calibration.source", "must be a data-directory file or a Hugging Face dataset id")
+    return {"source": source,
+            "samples": _bounded_int(raw.get("samples"), "calibration.samples", 128),
+            "seqlen": _bounded_int(raw.get("seqlen"), "calibration.seqlen", 512)}
+
+
+def clean_evaluation(raw: dict | None) -> dict:
+    raw = dict(raw or {})
+    allowed = {"tasks", "windows", "seqlen", "limit", "num_fewshot", "batch_size", "apply_chat_template",
+               "data_source"}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise SubmissionError(f"evaluation.{sorted(unknown)[0]}",
+                              f"unknown field; allowed: {', '.join(sorted(allowed))}")
+    tasks = raw.get("tasks") or [PERPLEXITY_TASK]
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks) or not tasks:
+        raise SubmissionError("evaluation.tasks", "must be a list of task names")
+    if len(tasks) > 20:
+        raise SubmissionError("evaluation.tasks", "at most 20 tasks per job")
+    data_source = raw.get("data_source") or "auto"
+    if data_source not in ("auto", "local", "hub"):
+        raise SubmissionError("evaluation.data_source", "must be one of auto, local, hub")
+    lm_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
+    if lm_tasks:
+        from compression.evaluation import EvalError, resolve_sources
+
+        try:
+            resolve_sources(lm_tasks, data_source, settings.COMPRESSOR_DATA_DIR or None)
+        except EvalError as exc:
+            raise SubmissionError("evaluation.tasks", str(exc)) from None
+    chat = raw.get("apply_chat_template", False)
+    if not isinstance(chat, bool):
+        raise SubmissionError("evaluation.apply_chat_template", "must be true or false")
+    return {
+        "tasks": list(dict.fromkeys(tasks)),
+        "windows": _bounded_int(raw.get("windows"), "evaluation.windows", settings.COMPRESSOR_EVAL_WINDOWS),
+        "seqlen": _bounded_int(raw.get("seqlen"), "evaluation.seqlen", 512),
+        "limit": _bounded_int(raw.get("limit"), "evaluation.limit", None),
+        "num_fewshot": _bounded_int(raw.get("num_fewshot"), "evaluation.num_fewshot", None),
+        "batch_size": _bounded_int(raw.get("batch_size"), "evaluation.batch_size", 1),
+        "apply_chat_template": chat,
+        "data_source": data_source,
+    }
+
+
+def build_recipe(*, preset: str | None, preset_options: dict | None, recipe_yaml: str | None,
+                 recipe_dict: dict | None):
+    from compression.recipe import Recipe, RecipeError
+
+    try:
+        if recipe_yaml and recipe_yaml.strip():
+            return Recipe.from_yaml(recipe_yaml)
+        if recipe_dict:
+            return Recipe.from_dict(recipe_dict)
+        if not preset:
+            raise SubmissionError("recipe.preset", "choose a preset or give a recipe")
+        return Recipe.from_preset(preset, **(preset_options or {}))
+    except RecipeError as exc:
+        prefix = "recipe.yaml" if recipe_yaml else "recipe"
+        field_path = exc.field if exc.field.startswith("recipe") else f"{prefix}.{exc.field}"
+        raise SubmissionError(field_path, exc.message) from None
+
+
+def validate_submission(owner, *, model: str, preset: str | None = None, preset_options: dict | None = None,
+                        recipe_yaml: str | None = None, recipe_dict: dict | None = None,
+                        calibration: dict | None = None, evaluation: dict | None = None,
+                        trust_remote_code: bool = False, name: str = "") -> JobRequest:
+    """Validate everything about a new job, including the pre-flight check against the model's config."""
+    from compression.loading import ModelSourceError, check_model_source, load_config
+    from compression.preflight import preflight
+    from compression.recipe import RecipeError
+
+    active = Job.objects.filter(owner=owner, status__in=ACTIVE).count()
+    if active >= settings.COMPRESSOR_MAX_QUEUED_PER_USER:
+        raise SubmissionError(
+            "non_field", f"you already have {active} queued or running jobs (limit "
+                         f"{settings.COMPRESSOR_MAX_QUEUED_PER_USER}); wait for one to finish or cancel one")
+    if not isinstance(model, str):
+        raise SubmissionError("model", "must be a string")
+    model = model.strip()
+    if len(name or "") > 200:
+        raise SubmissionError("name", "at most 200 characters")
+    try:
+        check_model_source(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS)
+    except ModelSourceError as exc:
+        raise SubmissionError("model", exc.message) from None
+    recipe = build_recipe(preset=preset, preset_options=preset_options, recipe_yaml=recipe_yaml,
+                          recipe_dict=recipe_dict)
+    calibration = clean_calibration(calibration)
+    evaluation = clean_evaluation(evaluation)
+    try:
+        config = load_config(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS,
+                             trust_remote_code=trust_remote_code)
+        report = preflight(config, recipe)
+    except ModelSourceError as exc:
+        raise SubmissionError("model", exc.message) from None
+    except RecipeError as exc:
+        field_path = exc.field if exc.field.startswith("recipe") else f"recipe.{exc.field}"
+        raise SubmissionError(field_path, exc.message) from None
+    return JobRequest(owner=owner, model=model, recipe=recipe, calibration=calibration,
+                      evaluation=evaluation, trust_remote_code=bool(trust_remote_code), name=name or "",
+                      preflight=report)
+
+
+def create_job(request: JobRequest) -> Job:
+    """Store the validated job (queued) and send it to the worker queue."""
+    from .tasks import enqueue
+
+    job = Job.objects.create(
+        owner=request.owner, name=request.name, model_source=request.model,
+        trust_remote_code=request.trust_remote_code, recipe=request.recipe.to_dict(),
+        recipe_name=request.recipe.preset or "custom", calibration=request.calibration,
+        evaluation=request.evaluation)
+    enqueue(job)
+    return job
