@@ -1,0 +1,101 @@
+"""Model cards: all sections with the job's own numbers, Hub-valid metadata, safe HTML."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from compression.card import build_model_card, card_to_html, front_matter, validate_card
+from tests.eval.facts import facts
+
+SECTIONS = ["## Model Overview", "### Model Optimizations", "## Deployment", "## Creation", "## Evaluation",
+            "### Reproduction", "### Accuracy", "### Speed"]
+
+
+def test_the_card_has_every_section_in_order_with_the_jobs_numbers():
+    text = build_model_card(facts())
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    assert "# SmolLM2-135M-Instruct-W4A16" in text
+    # recovery figures from the eval results (arc acc_norm 44/45, wikitext 25 vs 20)
+    assert "97.8%" in text and "80.0%" in text and "92.1%" in text
+    # measured size reduction, never a canned "~50%"
+    assert "181.2 MB" in text and "538.0 MB" in text and "66.3% smaller" in text
+    assert "approximately" not in text
+    assert "from 16 to 4.50 bits per parameter" in text
+    assert "per-group" in text and "64" in text and "GPTQ" in text and "damping factor of 0.01" in text
+    assert "64 sequences of up to 256 tokens from Self-Instruct seed tasks" in text
+    assert 'LLM(model="acme/SmolLM2-135M-Instruct-W4A16")' in text
+    assert "python -m compression run --model demo --recipe recipe.yaml --out /srv/artifacts/job-7" in text
+    assert "dampening_frac: 0.01" in text  # the recipe YAML itself
+    assert "lm-evaluation-harness](https://github.com/EleutherAI/lm-evaluation-harness) 0.4.13" in text
+    assert "--tasks local_arc_easy" in text and "--include_path eval_tasks/" in text and "--limit 20" in text
+    assert "| **Average** (3 tasks) | 57.50 | 56.50 | **92.1%** |" in text
+    assert "NVIDIA H100 80GB HBM3" in text
+
+
+def test_the_front_matter_passes_the_offline_hub_check_with_the_expected_tags():
+    text = build_model_card(facts())
+    card = validate_card(text)
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0" and data["pipeline_tag"] == "text-generation"
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and data["language"] == ["en"]
+    assert {"int4", "vllm", "compressed-tensors", "w4a16", "gptq"} <= set(data["tags"])
+
+
+def test_sparse_fp8_tags_and_wording_follow_the_scheme():
+    scheme = {"weight_bits": 8, "weight_type": "float", "activation_bits": 8, "activation_type": "float",
+              "granularity": "channel", "symmetric": True, "activation_dynamic": True, "sparsity": "2:4",
+              "algorithm": "SparseGPT", "damping": 0.01, "targets": ["Linear"], "ignore": ["lm_head"]}
+    text = build_model_card(facts(scheme=scheme, calibration={"dataset": "ultrachat", "hub_id":
+                                                                "HuggingFaceH4/ultrachat_200k", "samples": 512}))
+    data = validate_card(text).data.to_dict()
+    assert {"fp8", "sparsity", "2of4-sparse", "sparsegpt"} <= set(data["tags"])
+    assert data["datasets"] == ["HuggingFaceH4/ultrachat_200k"]
+    assert "**Sparsity:** 2:4" in text and "**Activation quantization:** FP8" in text
+    assert "dynamic per-token scales" in text and "per-channel" in text and "2:4 semi-structured sparsity" in text
+
+
+def test_an_unknown_license_is_marked_not_invented():
+    text = build_model_card(facts(license=None))
+    assert "**License(s):** unknown (not recorded)" in text
+    assert "license" not in validate_card(text).data.to_dict()
+
+
+def test_a_license_that_is_not_a_hub_id_uses_the_hubs_other_convention():
+    meta = front_matter(facts(license="Llama 3.1 Community License", license_link="https://example.com/l"))
+    assert meta["license"] == "other" and meta["license_name"] == "llama-3-1-community-license"
+
+
+def test_missing_facts_are_marked_not_recorded():
+    text = build_model_card({"model_name": "m", "base_model": "/models/local-llama"})
+    assert text.count("not recorded") >= 6
+    assert "Accuracy evaluation: not recorded." in text and "### Speed" not in text
+    meta = validate_card(text).data.to_dict()
+    assert "base_model" not in meta  # a local path is not a Hub id
+
+
+def test_it_requires_a_name_and_a_base_model():
+    with pytest.raises(ValueError, match="model_name"):
+        build_model_card({"base_model": "a/b"})
+
+
+def test_validate_card_rejects_metadata_in_the_wrong_format():
+    with pytest.raises(ValueError, match="license"):
+        validate_card("---\nlicense: Apache 2.0\n---\n# x\n")
+    with pytest.raises(ValueError):
+        validate_card("---\n- a list\n---\n# x\n")
+
+
+def test_card_html_drops_front_matter_and_sanitises_injected_markup():
+    evil = facts(developers='<script>alert("x")</script><img src=x onerror="alert(1)">',
+                 model_name="M [click](javascript:alert(2))")
+    html = card_to_html(build_model_card(evil))
+    assert "<script" not in html and "onerror" not in html and "javascript:" not in html
+    assert "pipeline_tag" not in html  # front matter stripped
+    assert "<table>" in html and "<h2>Model Overview</h2>" in html
+
+
+def test_the_front_matter_is_plain_yaml_mapping():
+    text = build_model_card(facts())
+    meta = yaml.safe_load(text.split("---")[1])
+    assert isinstance(meta, dict) and meta["base_model_relation"] == "quantized"
