@@ -27,5 +27,8 @@ class SparsityPatternError(RuntimeError):
     """A 2:4 weight lost its pattern after a compression stage (a bug, never silently ignored)."""
 
 
-class CalibrationError(ValueError):
-    """Calibration data could not be found, read or tokenized."""
+class CalibrationError(RecipeError):
+    """Calibration data could not be found, read or tokenized (field defaults to calibration.source)."""
+
+    def __init__(self, message: str, field: str = "calibration.source"):
+        super().__init__(field, message)

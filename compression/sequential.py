@@ -266,7 +266,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             if inputs and index + 1 < len(layers):
                 inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
             layer.to(home)
-            emit({"stage": "compress", "layer": index, "layers": len(layers), "module": None, "loss": None,
+            # layer-end events carry no "module" key (the pipeline uses that to tell them apart)
+            emit({"stage": "compress", "layer": index, "layers": len(layers),
                   "seconds": time.perf_counter() - layer_start, "memory_mb": _memory_mb(device),
                   "message": f"layer {index + 1}/{len(layers)} done"})
             if should_stop is not None and should_stop():

@@ -1,0 +1,115 @@
+"""Calibration samples: local JSONL/text files under the data directory, or a Hugging Face dataset.
+
+Each sample is one record (or one window of a text file), tokenized and truncated to ``seqlen``
+tokens without padding: {"input_ids": LongTensor[1, T], "attention_mask": LongTensor[1, T]}.
+Chat records (``messages``) go through the tokenizer's chat template when it has one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compression.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".raw", ".tokens")
+TEXT_FIELDS = ("text", "instruction", "input", "output", "page", "question")
+
+
+def resolve_local(source: str, data_dir: str | os.PathLike) -> Path:
+    """``source`` resolved inside ``data_dir``; anything escaping it (``..``, absolute paths) is refused."""
+    root = Path(data_dir or ".").resolve()
+    path = (root / source).resolve()
+    if not path.is_relative_to(root):
+        raise CalibrationError(f"calibration source {source!r} lies outside the data directory {root}; "
+                               "use a path relative to it, e.g. calibration/self_instruct_seed_tasks.jsonl")
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {source!r} not found under {root}")
+    return path
+
+
+def record_text(record: Any, tokenizer: Any) -> tuple[str, bool]:
+    """(text, already_templated) of one record: chat template for ``messages`` when available."""
+    if isinstance(record, str):
+        return record, False
+    if not isinstance(record, dict):
+        return "", False
+    messages = record.get("messages")
+    if messages and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False), True
+    if messages:
+        return "\n\n".join(str(m.get("content", "")) for m in messages if isinstance(m, dict)), False
+    parts = [str(record[k]) for k in TEXT_FIELDS if isinstance(record.get(k), str) and record[k].strip()]
+    return "\n\n".join(parts), False
+
+
+def _local_records(path: Path) -> list[Any]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    if path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, list) else [data]
+    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    return [p for p in paragraphs if len(p) > 200]
+
+
+def _load_hub_dataset(source: str, split: str, seed: int, limit: int) -> list[Any]:
+    """Download ``limit`` shuffled records of a Hub dataset (needs network; mocked in tests)."""
+    from datasets import load_dataset
+
+    ds = load_dataset(source, split=split)
+    ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
+    return [dict(r) for r in ds]
+
+
+def is_local_source(source: str, data_dir: str | os.PathLike) -> bool:
+    return source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/")) or (
+        Path(data_dir or ".") / source).exists()
+
+
+def load_calibration(source: str, tokenizer: Any, *, samples: int, seqlen: int,
+                     data_dir: str | os.PathLike, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Up to ``samples`` tokenized samples of at most ``seqlen`` tokens (shuffled with ``seed``).
+
+    ``source``: a file relative to ``data_dir`` (.jsonl/.json records or plain text) or a Hub dataset
+    id ``org/name`` (optionally ``org/name:split``, default split ``train``).
+    """
+    if samples < 1 or seqlen < 2:
+        raise CalibrationError("calibration needs samples ≥ 1 and seqlen ≥ 2")
+    if is_local_source(source, data_dir):
+        records = _local_records(resolve_local(source, data_dir))
+        random.Random(seed).shuffle(records)
+    else:
+        name, _, split = source.partition(":")
+        if name.count("/") != 1:
+            raise CalibrationError(f"calibration source {source!r} is neither a file under the data directory "
+                                   "nor a Hub dataset id like org/name")
+        records = _load_hub_dataset(name, split or "train", seed, samples * 2)
+    out: list[dict[str, torch.Tensor]] = []
+    for record in records:
+        text, templated = record_text(record, tokenizer)
+        if not text.strip():
+            continue
+        enc = tokenizer(text, add_special_tokens=not templated, truncation=True, max_length=seqlen,
+                        return_tensors="pt")
+        ids = enc["input_ids"][:, :seqlen]
+        if ids.shape[1] < 2:
+            continue
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        if len(out) == samples:
+            break
+    if not out:
+        raise CalibrationError(f"no usable text in calibration source {source!r}")
+    if len(out) < samples:
+        log.warning("calibration source %s gave %d of %d requested samples", source, len(out), samples)
+    tokens = sum(s["input_ids"].shape[1] for s in out)
+    log.info("calibration: %d samples, %d tokens (max %d per sample) from %s", len(out), tokens, seqlen, source)
+    return out

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random Llama models and short random calibration samples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny import tiny_llama
+
+
+def random_calibration(n: int = 4, length: int = 24, seed: int = 1, vocab: int = 49152) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (1, length), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+@pytest.fixture
+def calibration() -> list[dict]:
+    return random_calibration()
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
+
+
+def correlated_inputs(tokens: int = 512, cols: int = 64, seed: int = 0) -> torch.Tensor:
+    """Inputs with unequal, correlated columns (a realistic, well-conditioned Hessian)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=gen) * 0.3 + torch.eye(cols)
+    scales = torch.linspace(0.2, 3.0, cols)
+    return (torch.randn(tokens, cols, generator=gen) * scales) @ mix

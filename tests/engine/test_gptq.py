@@ -1,0 +1,123 @@
+"""GPTQ and SparseGPT as plain functions on synthetic layers."""
+import pytest
+import torch
+
+from compression import gptq as gptq_mod
+from compression.gptq import HessianAccumulator, gptq_quantize, inverse_hessian_upper, quadratic_loss, round_to_nearest
+from compression.quant import QuantArgs, check_24_pattern, expand_scale
+from compression.sparsegpt import magnitude_mask_24, sparsegpt_prune
+from tests.engine.conftest import correlated_inputs
+
+INT4_G16 = QuantArgs(num_bits=4, strategy="group", group_size=16)
+INT4_CH = QuantArgs(num_bits=4, strategy="channel")
+
+
+def _layer(rows=32, cols=64, seed=0):
+    torch.manual_seed(seed)
+    x = correlated_inputs(cols=cols, seed=seed)
+    acc = HessianAccumulator(cols)
+    for chunk in x.split(64):
+        acc.add(chunk.unsqueeze(0))
+    return torch.randn(rows, cols), x, acc
+
+
+def _recon(w, q, x):  # mean over the 8 accumulated "samples" of ‖(W-Q)X‖²
+    return float(((x @ (w - q).t()) ** 2).sum()) / 8
+
+
+def test_hessian_accumulator_is_two_x_transpose_x_over_samples():
+    w, x, acc = _layer()
+    assert acc.samples == 8
+    assert torch.allclose(acc.hessian, 2 * x.t() @ x / 8, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("args,actorder", [(INT4_G16, None), (INT4_G16, "static"), (INT4_CH, "static")])
+def test_gptq_error_is_below_round_to_nearest_on_the_same_data(args, actorder):
+    w, x, acc = _layer()
+    res = gptq_quantize(w, acc.hessian, args, block_size=16, actorder=actorder, dampening_frac=0.01)
+    _, _, rtn = round_to_nearest(w, args, torch.float32)
+    assert res.fallback is None
+    assert _recon(w, res.weight, x) < 0.8 * _recon(w, rtn, x)
+
+
+def test_gptq_weights_stay_on_the_static_group_grid_with_act_order():
+    w, x, acc = _layer()
+    res = gptq_quantize(w, acc.hessian, INT4_G16, actorder="static", block_size=16)
+    assert res.codes.dtype == torch.int8 and int(res.codes.min()) >= -8 and int(res.codes.max()) <= 7
+    assert res.scale.shape == (32, 4)  # groups in column order, no g_idx
+    assert torch.equal(res.weight, res.codes.float() * expand_scale(res.scale, w.shape))
+
+
+def test_gptq_reported_loss_matches_the_actual_reconstruction_error():
+    w, x, acc = _layer()
+    res = gptq_quantize(w, acc.hessian, INT4_G16, dampening_frac=0.0, block_size=16)
+    assert res.loss == pytest.approx(_recon(w, res.weight, x), rel=1e-3)
+    damped = gptq_quantize(w, acc.hessian, INT4_G16, dampening_frac=0.05, block_size=16)
+    h = acc.hessian + torch.eye(64) * 0.05 * acc.hessian.diag().mean()
+    assert damped.loss == pytest.approx(quadratic_loss(damped.weight - w, h), rel=1e-3)
+
+
+def test_gptq_zeroes_dead_input_columns():
+    w, x, acc = _layer()
+    x[:, 5] = 0
+    acc = HessianAccumulator(64)
+    acc.add(x.unsqueeze(0))
+    res = gptq_quantize(w, acc.hessian, INT4_G16)
+    assert res.dead_columns == 1 and (res.weight[:, 5] == 0).all()
+
+
+def test_gptq_after_pruning_keeps_every_pruned_weight_at_zero():
+    w, x, acc = _layer()
+    pruned = sparsegpt_prune(w, acc.hessian, block_size=16)
+    res = gptq_quantize(pruned.weight, acc.hessian, INT4_CH, actorder="static", mask=pruned.mask, block_size=16)
+    assert (res.weight[pruned.mask] == 0).all() and (res.codes[pruned.mask] == 0).all()
+    assert check_24_pattern(res.weight)
+
+
+def test_cholesky_failure_retries_with_more_dampening():
+    w, _, _ = _layer()
+    singular = torch.zeros(64, 64)
+    singular[:32, :32] = torch.eye(32)
+    singular[32:, 32:] = 1.0  # rank one block: positive semi-definite, not definite
+    res = gptq_quantize(w, singular, INT4_G16, dampening_frac=0.0)
+    assert res.fallback is None and res.dampening_frac > 0
+
+
+def test_cholesky_failure_after_retries_falls_back_to_rtn_and_says_why():
+    w, _, _ = _layer()
+    res = gptq_quantize(w, -torch.eye(64), INT4_G16)
+    assert res.fallback and "round-to-nearest" in res.fallback and "Cholesky" in res.fallback
+    _, _, rtn = round_to_nearest(w, INT4_G16, torch.float32)
+    assert torch.equal(res.weight, rtn)
+    with pytest.raises(gptq_mod.CholeskyFailed):
+        inverse_hessian_upper(-torch.eye(4), 0.01)
+
+
+def test_sparsegpt_holds_the_24_pattern_with_positive_zeros():
+    w, x, acc = _layer()
+    res = sparsegpt_prune(-w.abs(), acc.hessian, block_size=16)
+    assert check_24_pattern(res.weight) and res.sparsity == 0.5
+    zeros = res.weight[res.mask]
+    assert torch.equal(torch.signbit(zeros), torch.zeros_like(zeros, dtype=torch.bool))
+
+
+def test_sparsegpt_beats_magnitude_pruning_and_reports_its_loss():
+    w, x, acc = _layer()
+    res = sparsegpt_prune(w, acc.hessian, block_size=16, dampening_frac=0.0)
+    magnitude = w.masked_fill(magnitude_mask_24(w), 0.0)
+    assert _recon(w, res.weight, x) < _recon(w, magnitude, x)
+    assert res.loss == pytest.approx(_recon(w, res.weight, x), rel=1e-3)
+
+
+def test_unstructured_sparsegpt_reaches_the_requested_sparsity():
+    w, x, acc = _layer()
+    res = sparsegpt_prune(w, acc.hessian, sparsity=0.6, mask_structure="0:0", block_size=32)
+    assert res.sparsity == pytest.approx(0.6, abs=0.02)
+    assert (res.weight[res.mask] == 0).all()
+
+
+def test_sparsegpt_falls_back_to_magnitude_pruning_when_cholesky_fails():
+    w, _, _ = _layer()
+    res = sparsegpt_prune(w, -torch.eye(64))
+    assert res.fallback and "magnitude" in res.fallback
+    assert check_24_pattern(res.weight)

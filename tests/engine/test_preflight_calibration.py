@@ -1,0 +1,101 @@
+"""Preflight shape checks/estimates and calibration loading."""
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from compression import calibration as calib_mod
+from compression.calibration import load_calibration
+from compression.errors import CalibrationError, RecipeError
+from compression.preflight import preflight
+from compression.recipe import Recipe
+from tests.tiny import demo_tokenizer, tiny_llama_config
+
+SHARED_DATA = "/work/shared/data"
+
+
+def smollm2_config():
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+def test_it_rejects_group_size_128_for_smollm2_and_lists_sizes_that_work():
+    with pytest.raises(RecipeError) as exc:
+        preflight(smollm2_config(), Recipe.from_preset("W4A16"))
+    assert exc.value.field == "recipe.group_size"
+    assert "576" in exc.value.message and "32, 64 or per-channel" in exc.value.message
+
+
+def test_group_size_64_passes_preflight_with_estimates():
+    report = preflight(smollm2_config(), Recipe.from_preset("W4A16", group_size=64), samples=16, seqlen=128)
+    assert report.layers == 30 and report.targeted_modules == 30 * 7
+    assert 100e6 < report.params < 200e6
+    assert report.peak_host_mb > 0 and report.peak_device_mb > 0 and report.estimated_seconds > 0
+    assert report.warnings  # 16 samples is few
+
+
+def test_it_rejects_24_sparsity_when_widths_are_not_divisible_by_four():
+    cfg = {"hidden_size": 130, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 2,
+           "vocab_size": 100}  # a plain dict works too
+    with pytest.raises(RecipeError) as exc:
+        preflight(cfg, Recipe.from_preset("2:4"))
+    assert exc.value.field == "recipe.mask_structure" and "130" in exc.value.message
+
+
+def test_ignored_modules_are_not_checked():
+    cfg = tiny_llama_config(hidden=128, intermediate=200)  # down_proj input 200 % 128 != 0
+    with pytest.raises(RecipeError):
+        preflight(cfg, Recipe.from_preset("W4A16"))
+    preflight(cfg, Recipe.from_preset("W4A16", ignore=["lm_head", "re:.*down_proj"]))
+
+
+def test_calibration_uses_the_chat_template_for_messages():
+    tok = demo_tokenizer()
+    samples = load_calibration("calibration/self_instruct_seed_tasks.jsonl", tok, samples=3, seqlen=64,
+                               data_dir=SHARED_DATA)
+    assert len(samples) == 3
+    for s in samples:
+        assert s["input_ids"].shape == s["attention_mask"].shape and s["input_ids"].shape[0] == 1
+        assert 2 <= s["input_ids"].shape[1] <= 64 and s["input_ids"].dtype == torch.long
+    text = tok.decode(samples[0]["input_ids"][0])
+    assert "<|im_start|>" in text
+
+
+def test_calibration_is_reproducible_for_a_seed():
+    tok = demo_tokenizer()
+    a = load_calibration("calibration/self_instruct_seed_tasks.jsonl", tok, samples=2, seqlen=32, data_dir=SHARED_DATA)
+    b = load_calibration("calibration/self_instruct_seed_tasks.jsonl", tok, samples=2, seqlen=32, data_dir=SHARED_DATA)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+def test_calibration_reads_text_fields_of_other_jsonl_files(tmp_path):
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps({"question": f"Why is the sky blue? {i}"})
+                                                 for i in range(3)))
+    samples = load_calibration("qa.jsonl", demo_tokenizer(), samples=5, seqlen=32, data_dir=tmp_path)
+    assert len(samples) == 3 and "sky" in demo_tokenizer().decode(samples[0]["input_ids"][0])
+
+
+@pytest.mark.parametrize("source", ["../etc/passwd.jsonl", "/etc/passwd.jsonl", "calibration/../../x.jsonl"])
+def test_it_rejects_calibration_paths_outside_the_data_directory(source, tmp_path):
+    with pytest.raises(CalibrationError) as exc:
+        load_calibration(source, demo_tokenizer(), samples=1, seqlen=8, data_dir=tmp_path)
+    assert exc.value.field == "calibration.source" and "outside the data directory" in exc.value.message
+
+
+def test_hub_datasets_are_loaded_through_datasets(monkeypatch):
+    calls = []
+
+    def fake_hub(name, split, seed, limit):
+        calls.append((name, split, seed, limit))
+        return [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4
+
+    monkeypatch.setattr(calib_mod, "_load_hub_dataset", fake_hub)
+    samples = load_calibration("HuggingFaceH4/ultrachat_200k:train_sft", demo_tokenizer(), samples=2, seqlen=16,
+                               data_dir="/nonexistent")
+    assert len(samples) == 2 and calls == [("HuggingFaceH4/ultrachat_200k", "train_sft", 0, 4)]
+
+
+def test_it_rejects_sources_that_are_neither_files_nor_hub_ids(tmp_path):
+    with pytest.raises(CalibrationError):
+        load_calibration("not-a-dataset", demo_tokenizer(), samples=1, seqlen=8, data_dir=tmp_path)
