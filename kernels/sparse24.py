@@ -34,7 +34,7 @@ def _kind(values: torch.Tensor) -> int:
         return 1
     if values.dtype == FP8_DTYPE:
         return 2
-    assert values.dtype in (torch.bfloat16, torch.float16), f"unsupported 2:4 value dtype {values.dtype}"
+    assert values.dtype in (torch.bfloat16, torch.float16, torch.float32), f"unsupported 2:4 value dtype {values.dtype}"
     return 0
 
 
@@ -49,7 +49,7 @@ def _check(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, weight_sca
     assert meta.dtype == torch.int32 and tuple(meta.shape) == (n, -(-k // 32)), (meta.shape, meta.dtype, n, k)
     group = k
     if kind == 1:
-        assert x.dtype in (torch.bfloat16, torch.float16), x.dtype
+        assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
         assert values.shape[1] == -(-k // 16), (values.shape, k)
         assert weight_scale is not None and weight_scale.dim() == 2 and weight_scale.shape[0] == n, weight_scale
         assert k % weight_scale.shape[1] == 0, (weight_scale.shape, k)

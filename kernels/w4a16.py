@@ -20,7 +20,7 @@ from kernels._autotune import DECODE_MAX_M, m_bucket
 from kernels._dispatch import interpreting, use_triton
 from kernels.packing import unpack_int4
 
-ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # fp32: CPU models
 
 
 def _check(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor) -> int:

@@ -1,0 +1,191 @@
+"""Load a compressed-tensors checkpoint into a model whose quantized Linears are ``kernels`` modules.
+
+The model skeleton is built with parameters on the meta device (buffers such as rotary frequencies
+are computed for real), every targeted Linear is replaced by a compressed module filled straight from
+the safetensors shards, and the remaining tensors (embeddings, norms, ignored Linears such as
+``lm_head``) are loaded as ordinary parameters. Dense weights of compressed layers are only ever
+decoded on the CPU (2:4 compaction); the GPU receives compressed buffers only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels.modules import Sparse24Linear, W4A16Linear, W8A8Linear
+from kernels.packing import is_24_sparse, unpack_int4
+
+log = logging.getLogger(__name__)
+
+_OTHER_WEIGHT_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
+_LINEAR_SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
+                    "weight_g_idx", "input_scale", "input_zero_point", "bias")
+
+
+class CheckpointError(ValueError):
+    """The directory is not a checkpoint this loader can run (message says what to do)."""
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [root / name for name in sorted(set(weight_map.values()))]
+    files = sorted(root.glob("*.safetensors"))
+    if files:
+        return files
+    others = sorted(p.name for pattern in _OTHER_WEIGHT_FILES for p in root.glob(pattern))
+    if others:
+        raise CheckpointError(f"{root} holds {', '.join(others)}: only safetensors checkpoints are supported; "
+                              "re-save the model with save_pretrained(..., safe_serialization=True)")
+    raise CheckpointError(f"{root} has no *.safetensors weight files")
+
+
+def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    """compressed-tensors target matching: class name, exact module name, or ``re:`` regex (re.match)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif pattern == name or pattern == type(module).__name__ or (pattern == "Linear" and isinstance(module, nn.Linear)):
+            return True
+    return False
+
+
+def _scheme(name: str, module: nn.Module, qconfig: dict | None) -> dict | None:
+    """The config group (scheme dict) that quantizes this module, or None (not targeted / ignored)."""
+    if not qconfig or _matches(name, module, qconfig.get("ignore") or []):
+        return None
+    for group_name, group in (qconfig.get("config_groups") or {}).items():
+        if isinstance(group, list):  # preset form {"W4A16": ["Linear"]}: weights-only INT4 preset
+            raise CheckpointError(f"config group {group_name!r} uses the preset-name form; write the full scheme")
+        if _matches(name, module, group.get("targets") or []):
+            return group
+    return None
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if attr in parent._parameters:
+        parent._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in parent._buffers:
+        parent._buffers[attr] = tensor
+    else:
+        raise CheckpointError(f"checkpoint tensor {name!r} has no place in the model built from config.json")
+
+
+def _build_linear(name: str, linear: nn.Linear, scheme: dict | None, t: dict[str, torch.Tensor],
+                  dtype: torch.dtype) -> nn.Module | None:
+    """A compressed replacement for one Linear from its checkpoint tensors, or None to keep it dense."""
+    bias = t["bias"].to(dtype) if "bias" in t else None
+    if "weight_zero_point" in t or "weight_g_idx" in t:
+        raise CheckpointError(f"{name}: asymmetric or act-order g_idx weights are not supported; "
+                              "export a symmetric scheme with static groups")
+    if "weight_packed" in t:
+        weights = (scheme or {}).get("weights") or {}
+        bits = weights.get("num_bits", 4)
+        if bits != 4:
+            raise CheckpointError(f"{name}: pack-quantized {bits}-bit weights are not supported (only INT4)")
+        k = int(t["weight_shape"][1]) if "weight_shape" in t else linear.in_features
+        scale = t["weight_scale"]  # kept in its stored dtype; the kernels read it as fp32
+        if k % 4 == 0:
+            codes = unpack_int4(t["weight_packed"], k)
+            if is_24_sparse(codes):
+                return Sparse24Linear.from_int4_codes(codes, scale, bias)
+        return W4A16Linear(t["weight_packed"], scale, k, bias)
+    weight = t["weight"]
+    if weight.dtype in (torch.float8_e4m3fn, torch.int8):
+        acts = (scheme or {}).get("input_activations")
+        if acts is None:
+            raise CheckpointError(f"{name}: 8-bit weights without activation quantization (W8A16) are not "
+                                  "supported; use FP8_DYNAMIC, FP8 or W8A8")
+        if not acts.get("dynamic", False) and "input_scale" not in t:
+            raise CheckpointError(f"{name}: static activation quantization but no input_scale tensor")
+        input_scale = None if acts.get("dynamic", False) else t["input_scale"]
+        if weight.dtype == torch.float8_e4m3fn and is_24_sparse(weight):
+            return Sparse24Linear.from_fp8(weight, t["weight_scale"], input_scale, bias)
+        return W8A8Linear(weight, t["weight_scale"], input_scale, bias)
+    if weight.is_floating_point() and is_24_sparse(weight):
+        return Sparse24Linear.from_dense(weight.to(dtype), bias)
+    return None
+
+
+def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu",
+                          dtype: torch.dtype | None = None) -> nn.Module:
+    """Build an eval-mode causal LM from a compressed-tensors checkpoint, Linears as kernels modules.
+
+    ``dtype`` (default: the config's dtype, else float32) applies to activations and to every
+    unquantized tensor. 2:4 sparsity is detected from the weights (every group of four input columns
+    with at most two non-zeros) and turned into the compact form, for dense, INT4 and FP8 weights.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(checkpoint_dir)
+    if not (root / "config.json").exists():
+        raise CheckpointError(f"{root} has no config.json; point at a checkpoint directory")
+    raw = json.loads((root / "config.json").read_text())
+    qconfig = raw.get("quantization_config")
+    if qconfig and qconfig.get("quant_method") != "compressed-tensors":
+        raise CheckpointError(f"quant_method {qconfig.get('quant_method')!r} is not supported; "
+                              "only compressed-tensors checkpoints load here")
+    if qconfig and qconfig.get("quantization_status", "compressed") != "compressed":
+        raise CheckpointError("quantization_status must be 'compressed' (packed weights), "
+                              f"got {qconfig.get('quantization_status')!r}")
+    files = _weight_files(root)
+    config = AutoConfig.from_pretrained(root)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # we build the quantized modules ourselves
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+
+    from accelerate import init_empty_weights  # parameters on meta, buffers (rotary freqs) real
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+    location = {key: h for h in handles for key in h.keys()}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    consumed: set[str] = set()
+    kinds: dict[str, int] = {}
+    for name, linear in linears.items():
+        tensors = {s: location[f"{name}.{s}"].get_tensor(f"{name}.{s}")
+                   for s in _LINEAR_SUFFIXES if f"{name}.{s}" in location}
+        if not tensors:
+            continue
+        replacement = _build_linear(name, linear, _scheme(name, linear, qconfig), tensors, dtype)
+        if replacement is None:
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement.to(device))
+        consumed.update(f"{name}.{s}" for s in tensors)
+        kind = type(replacement).__name__ + (f"[{replacement.value_kind}]" if isinstance(replacement, Sparse24Linear) else "")
+        kinds[kind] = kinds.get(kind, 0) + 1
+
+    for key, handle in location.items():
+        if key in consumed:
+            continue
+        tensor = handle.get_tensor(key)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        _set_tensor(model, key, tensor.to(device))
+
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in location:
+        model.tie_weights()
+        output = model.get_output_embeddings()
+        if output is not None and getattr(output, "weight", None) is not None and output.weight.is_meta:
+            output.weight = model.get_input_embeddings().weight
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
+    model.to(device)
+    model.eval()
+    log.info("loaded %s on %s: %s", root, device, ", ".join(f"{v}× {k}" for k, v in sorted(kinds.items())) or "dense")
+    return model
