@@ -37,6 +37,8 @@ def flatten_detail(detail: Any, path: str = "") -> list[tuple[str | None, str]]:
         for key, value in detail.items():
             if key in ("non_field_errors", "detail"):
                 errors += flatten_detail(value, path)
+            elif isinstance(key, int):  # ListField/DictField items are keyed by their index
+                errors += flatten_detail(value, f"{path}[{key}]")
             else:
                 errors += flatten_detail(value, f"{path}.{key}" if path else str(key))
         return errors

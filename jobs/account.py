@@ -1,0 +1,41 @@
+"""The user's own API token: see it, create or regenerate it, revoke it (one token per user)."""
+from __future__ import annotations
+
+import logging
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods
+from rest_framework.authtoken.models import Token
+
+log = logging.getLogger(__name__)
+
+
+def replace_token(user) -> Token:
+    """A fresh key: the old one (if any) stops working at once."""
+    with transaction.atomic():
+        Token.objects.filter(user=user).delete()
+        return Token.objects.create(user=user)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_token(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST":
+        action = request.POST.get("action")
+        if action == "create":
+            replace_token(request.user)
+            log.info("API token (re)generated for %s", request.user)
+            messages.success(request, "New API token created; any previous token no longer works.")
+        elif action == "revoke":
+            deleted, _ = Token.objects.filter(user=request.user).delete()
+            log.info("API token revoked for %s", request.user)
+            messages.info(request, "API token revoked." if deleted else "You had no API token.")
+        else:
+            messages.warning(request, "Unknown action; nothing changed.")
+        return redirect("api-token")
+    token = Token.objects.filter(user=request.user).first()
+    return render(request, "account/tokens.html", {"token": token})

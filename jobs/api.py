@@ -1,0 +1,278 @@
+"""The REST API: everything the browser does, scriptable. Token auth for scripts, session auth for
+the browser; every endpoint needs a user, and a user sees only their own jobs (404 for anyone
+else's, never a 403 that would confirm the job exists). Errors are JSON (jobs/api_errors.py)."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from django.conf import settings
+from django.db.models import QuerySet
+from django.http import HttpResponse, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, status
+from rest_framework.decorators import api_view
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.reverse import reverse
+from rest_framework.utils.urls import remove_query_param, replace_query_param
+
+from .api_errors import error_response
+from .archive import stream_tar, tar_size
+from .models import Job, Status
+from .serializers import (CompareFilterSerializer, CompareSerializer, ErrorSerializer, EventFilterSerializer,
+                          EventPageSerializer, EventSerializer, JobCreateSerializer, JobDetailSerializer,
+                          JobFilterSerializer, JobPageSerializer, JobSummarySerializer, PresetListSerializer,
+                          _links)
+from .submission import SubmissionError, create_job, validate_submission
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+SUMMARY_FIELDS = ("id", "owner_id", "name", "model_source", "recipe_name", "status", "cancel_requested", "progress",
+                  "error_type", "error_message", "created_at", "started_at", "finished_at")
+
+
+def _own_jobs(request: Request) -> QuerySet[Job]:
+    return Job.objects.filter(owner=request.user)
+
+
+def _own_job(request: Request, job_id: UUID) -> Job:
+    job = _own_jobs(request).filter(pk=job_id).first()
+    if job is None:
+        raise exceptions.NotFound("no job with this id")
+    return job
+
+
+def _artifact_path(job: Job) -> Path | None:
+    """The job's artifact directory, only if it succeeded and the directory is inside ARTIFACT_ROOT."""
+    if job.status != Status.SUCCEEDED or not job.artifact_dir:
+        return None
+    root = Path(settings.ARTIFACT_ROOT).resolve()
+    path = (root / job.artifact_dir).resolve()
+    if root not in path.parents or not path.is_dir():
+        return None
+    return path
+
+
+def _query(serializer_class: type, request: Request) -> dict[str, Any]:
+    """Validated query parameters; unknown or malformed ones are a 400 naming the parameter."""
+    serializer = serializer_class(data=request.query_params.dict())
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+ERRORS = {
+    400: OpenApiResponse(ErrorSerializer, description="Invalid input; each error names its field"),
+    401: OpenApiResponse(ErrorSerializer, description="No or bad credentials"),
+    403: OpenApiResponse(ErrorSerializer, description="Forbidden (e.g. a session request without CSRF token)"),
+}
+NOT_FOUND = {404: OpenApiResponse(ErrorSerializer, description="No such job among yours")}
+JOB_ID = OpenApiParameter("job_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The job's id")
+CREATE_EXAMPLES = [
+    OpenApiExample("W4A16 preset", request_only=True, value={
+        "model": "demo", "recipe": {"preset": "W4A16", "group_size": 64},
+        "calibration": {"samples": 64, "seqlen": 256}, "evaluation": {"tasks": ["wikitext2_ppl"], "windows": 4}}),
+    OpenApiExample("YAML recipe", request_only=True, value={
+        "model": "demo", "name": "fp8 by yaml",
+        "recipe": {"yaml": "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      targets: [Linear]\n"
+                           "      ignore: [lm_head]\n      scheme: FP8_DYNAMIC\n"}}),
+]
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+@extend_schema(methods=["GET"], operation_id="jobs_list", summary="List your jobs, newest first",
+               parameters=[JobFilterSerializer], responses={200: JobPageSerializer, **ERRORS})
+@extend_schema(methods=["POST"], operation_id="jobs_create", summary="Submit a job",
+               description="Validated exactly as the web form (recipe, calibration, evaluation, pre-flight "
+                           "against the model's config), then queued.",
+               request=JobCreateSerializer, examples=CREATE_EXAMPLES,
+               responses={201: JobDetailSerializer, **ERRORS})
+@api_view(["GET", "POST"])
+def jobs(request: Request) -> Response:
+    return _create_job(request) if request.method == "POST" else _list_jobs(request)
+
+
+def _list_jobs(request: Request) -> Response:
+    query = _query(JobFilterSerializer, request)
+    jobs = _own_jobs(request).only(*SUMMARY_FIELDS)
+    if "status" in query:
+        jobs = jobs.filter(status=query["status"])
+    if "model" in query:
+        jobs = jobs.filter(model_source=query["model"])
+    limit, offset = query.get("limit", DEFAULT_PAGE_SIZE), query.get("offset", 0)
+    count = jobs.count()
+    page = list(jobs[offset:offset + limit]) if offset < count else []
+    url = request.build_absolute_uri()
+    next_url = replace_query_param(replace_query_param(url, "limit", limit), "offset", offset + limit) \
+        if offset + limit < count else None
+    previous_url = None
+    if offset > 0:
+        previous_url = replace_query_param(url, "limit", limit)
+        previous_url = replace_query_param(previous_url, "offset", max(0, offset - limit)) \
+            if offset - limit > 0 else remove_query_param(previous_url, "offset")
+    results = JobSummarySerializer(page, many=True, context={"request": request}).data
+    return Response({"count": count, "next": next_url, "previous": previous_url, "results": results})
+
+
+def _create_job(request: Request) -> Response:
+    if not isinstance(request.data, dict):
+        raise exceptions.ValidationError("the body must be a JSON object")
+    body = JobCreateSerializer(data=request.data)
+    body.is_valid(raise_exception=True)
+    try:
+        submission = validate_submission(request.user, **body.submission_kwargs())
+    except SubmissionError as exc:
+        field = None if exc.field == "non_field" else exc.field
+        return error_response(status.HTTP_400_BAD_REQUEST, (field, exc.message))
+    job = create_job(submission)
+    job.refresh_from_db()  # the queue may have refused it: report the state it is really in
+    log.info("job %s submitted through the API by %s", job.id, request.user)
+    headers = {"Location": reverse("api-job-detail", args=[job.id], request=request)}
+    return Response(JobDetailSerializer(job, context={"request": request}).data,
+                    status=status.HTTP_201_CREATED, headers=headers)
+
+
+@extend_schema(operation_id="jobs_retrieve", summary="One job: state, progress, results, error",
+               parameters=[JOB_ID], responses={200: JobDetailSerializer, **ERRORS, **NOT_FOUND})
+@api_view(["GET"])
+def job_detail(request: Request, job_id: UUID) -> Response:
+    job = _own_job(request, job_id)
+    return Response(JobDetailSerializer(job, context={"request": request}).data)
+
+
+@extend_schema(operation_id="jobs_events", summary="The job's event log, oldest first",
+               description="Tail a running job by passing the `last_id` of the previous answer as `after`.",
+               parameters=[JOB_ID, EventFilterSerializer],
+               responses={200: EventPageSerializer, **ERRORS, **NOT_FOUND})
+@api_view(["GET"])
+def job_events(request: Request, job_id: UUID) -> Response:
+    job = _own_job(request, job_id)
+    query = _query(EventFilterSerializer, request)
+    after, limit = query["after"], query["limit"]
+    # one extra row tells whether more are waiting without a second query
+    events = list(job.events.filter(id__gt=after).order_by("id")[:limit + 1])
+    more = len(events) > limit
+    events = events[:limit]
+    last_id = events[-1].id if events else (after or None)
+    next_url = None
+    if more:
+        next_url = replace_query_param(request.build_absolute_uri(), "after", last_id)
+    return Response({"results": EventSerializer(events, many=True).data, "last_id": last_id, "next": next_url})
+
+
+@extend_schema(operation_id="jobs_cancel", summary="Cancel a job",
+               description="A queued job is cancelled at once; a running one is asked to stop at its next layer "
+                           "boundary (`cancel_requested` true, status still running). A finished job is a 409.",
+               request=None, parameters=[JOB_ID],
+               responses={200: JobDetailSerializer, **ERRORS, **NOT_FOUND,
+                          409: OpenApiResponse(ErrorSerializer, description="The job had already finished")})
+@api_view(["POST"])
+def job_cancel(request: Request, job_id: UUID) -> Response:
+    job = _own_job(request, job_id)
+    outcome = Job.request_cancel(job.id)
+    job.refresh_from_db()
+    if outcome is None:
+        return error_response(status.HTTP_409_CONFLICT,
+                              ("status", f"the job has already finished ({job.status}); nothing to cancel"))
+    log.info("cancel of job %s requested through the API (now %s)", job.id, outcome)
+    return Response(JobDetailSerializer(job, context={"request": request}).data)
+
+
+@extend_schema(operation_id="jobs_card", summary="The model card (Markdown)", parameters=[JOB_ID],
+               responses={(200, "text/markdown"): OpenApiTypes.STR, **ERRORS,
+                          404: OpenApiResponse(ErrorSerializer, description="No such job, or no card yet")})
+@api_view(["GET"])
+def job_card(request: Request, job_id: UUID) -> HttpResponse:
+    job = _own_job(request, job_id)
+    card = (job.results or {}).get("model_card")
+    if not isinstance(card, str):
+        raise exceptions.NotFound(f"this job has no model card yet (status: {job.status}); "
+                                  "a card is written when a job succeeds")
+    response = HttpResponse(card, content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = f'inline; filename="compressor-{job.id}-README.md"'
+    return response
+
+
+@extend_schema(operation_id="jobs_artifact", summary="Download the compressed checkpoint as a tar",
+               parameters=[JOB_ID],
+               responses={(200, "application/x-tar"): OpenApiTypes.BINARY, **ERRORS,
+                          404: OpenApiResponse(ErrorSerializer, description="No such job, or no artifact")})
+@api_view(["GET"])
+def job_artifact(request: Request, job_id: UUID) -> StreamingHttpResponse:
+    job = _own_job(request, job_id)
+    path = _artifact_path(job)
+    if path is None:
+        raise exceptions.NotFound(f"this job has no artifact (status: {job.status}); only a succeeded job has one")
+    name = f"compressor-{job.id}"
+    response = StreamingHttpResponse(stream_tar(path, name), content_type="application/x-tar")
+    response["Content-Disposition"] = f'attachment; filename="{name}.tar"'
+    response["Content-Length"] = str(tar_size(path, name))
+    return response
+
+
+# -- presets and comparison ----------------------------------------------------------------------
+@functools.cache
+def _presets() -> list[dict[str, Any]]:
+    from compression.recipe import PRESETS, Recipe
+
+    presets = []
+    for name, description in PRESETS.items():
+        recipe = Recipe.from_preset(name)
+        presets.append({"name": name, "description": description, "recipe": recipe.to_dict(),
+                        "yaml": recipe.to_yaml()})
+    return presets
+
+
+@extend_schema(operation_id="presets_list", summary="The recipe presets, each as a recipe dict and as YAML",
+               responses={200: PresetListSerializer, **ERRORS})
+@api_view(["GET"])
+def presets(request: Request) -> Response:
+    return Response({"presets": _presets()})
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _compare_row(job: Job, request: Request) -> dict[str, Any]:
+    results = job.results if isinstance(job.results, dict) else {}
+    evaluation = results.get("evaluation") if isinstance(results.get("evaluation"), dict) else {}
+    metrics = evaluation.get("metrics") if isinstance(evaluation.get("metrics"), list) else []
+    recoveries = [r for row in metrics if isinstance(row, dict) and (r := _number(row.get("recovery_pct"))) is not None]
+    size = results.get("size") if isinstance(results.get("size"), dict) else None
+    weight_bytes = _number((size or {}).get("compressed_weight_bytes"))
+    speed = results.get("speed") if isinstance(results.get("speed"), dict) else None
+    return {
+        "id": job.id, "name": job.display_name, "recipe_name": job.recipe_name, "finished_at": job.finished_at,
+        "recovery_pct": round(sum(recoveries) / len(recoveries), 3) if recoveries else None,
+        "size_mb": round(weight_bytes / 1e6, 3) if weight_bytes is not None else None,
+        "size": size, "speedup": _number((speed or {}).get("speedup")), "speed": speed,
+        "metrics": metrics, "links": _links(job, request),
+    }
+
+
+@extend_schema(operation_id="compare", summary="Your succeeded jobs of one base model, with their numbers",
+               description="Recovery (mean over the evaluation's metric rows), size and speed of every job of "
+                           "yours that succeeded on `model`, oldest first: the data of the compare charts.",
+               parameters=[CompareFilterSerializer], responses={200: CompareSerializer, **ERRORS})
+@api_view(["GET"])
+def compare(request: Request) -> Response:
+    model = _query(CompareFilterSerializer, request)["model"]
+    jobs = _own_jobs(request).filter(model_source=model, status=Status.SUCCEEDED).order_by("finished_at", "id")
+    rows = [_compare_row(job, request) for job in jobs[:500]]
+    return Response(CompareSerializer({"model": model, "jobs": rows}).data)
+
+
+@extend_schema(exclude=True)
+@api_view(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+def not_found(request: Request, unmatched: str = "") -> Response:
+    """Any other /api/ path: a JSON 404 rather than Django's HTML page."""
+    raise exceptions.NotFound(f"no API endpoint at {request.path}; see /api/docs")

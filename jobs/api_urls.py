@@ -1,0 +1,19 @@
+"""/api/...: the REST API (jobs/api.py), its OpenAPI schema and the docs page."""
+from django.urls import path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from . import api
+
+urlpatterns = [
+    path("schema", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("jobs", api.jobs, name="api-jobs"),
+    path("jobs/<uuid:job_id>", api.job_detail, name="api-job-detail"),
+    path("jobs/<uuid:job_id>/events", api.job_events, name="api-job-events"),
+    path("jobs/<uuid:job_id>/cancel", api.job_cancel, name="api-job-cancel"),
+    path("jobs/<uuid:job_id>/card", api.job_card, name="api-job-card"),
+    path("jobs/<uuid:job_id>/artifact", api.job_artifact, name="api-job-artifact"),
+    path("presets", api.presets, name="api-presets"),
+    path("compare", api.compare, name="api-compare"),
+    re_path(r"^(?P<unmatched>.*)$", api.not_found, name="api-not-found"),
+]
