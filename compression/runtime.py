@@ -177,10 +177,9 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
             tensor = tensor.to(dtype)
         _set_tensor(model, key, tensor.to(device))
 
-    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in location:
-        model.tie_weights()
+    if getattr(config, "tie_word_embeddings", False):
         output = model.get_output_embeddings()
-        if output is not None and getattr(output, "weight", None) is not None and output.weight.is_meta:
+        if isinstance(output, nn.Linear):  # a compressed lm_head cannot share the embedding
             output.weight = model.get_input_embeddings().weight
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
