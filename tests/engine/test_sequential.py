@@ -1,0 +1,91 @@
+"""compress_model: layer walk, progress events, cancellation, fallbacks, unsupported models."""
+import pytest
+import torch
+
+from compression import gptq as gptq_mod
+from compression.errors import CalibrationError, JobCancelled, RecipeError, UnsupportedModelError
+from compression.recipe import Recipe
+from compression.sequential import capture_layer0_inputs, compress_model
+from tests.engine.conftest import random_calibration
+
+
+def test_layer0_inputs_include_hidden_states_and_position_embeddings(model, calibration):
+    captured = capture_layer0_inputs(model, model.model.layers[0], calibration, "cpu")
+    assert len(captured) == len(calibration)
+    hidden, kwargs = captured[0]
+    assert hidden.shape == (1, 24, 128)
+    cos, sin = kwargs["position_embeddings"]
+    assert cos.shape[-2] == 24
+
+
+def test_progress_reports_every_module_and_layer(model, calibration):
+    events = []
+    report = compress_model(model, Recipe.from_preset("W4A16", group_size=32), calibration, progress=events.append)
+    modules = [e for e in events if "module" in e]
+    layers = [e for e in events if "module" not in e]
+    assert len(modules) == 14 and len(layers) == 2
+    assert modules[0]["module"] == "self_attn.q_proj" and modules[0]["layer"] == 0 and modules[0]["layers"] == 2
+    assert all(e["loss"] >= 0 and e["seconds"] >= 0 and e["memory_mb"] > 0 for e in modules)
+    assert modules[0]["loss"] == report.modules["model.layers.0.self_attn.q_proj"].losses["gptq"]
+    assert report.fallbacks == [] and report.samples == 4
+
+
+def test_the_model_keeps_fake_quantized_weights_that_differ_from_dense(model, calibration):
+    dense = model.model.layers[1].mlp.up_proj.weight.clone()
+    report = compress_model(model, Recipe.from_preset("W4A16", group_size=32), calibration)
+    w = model.model.layers[1].mlp.up_proj.weight
+    rec = report.modules["model.layers.1.mlp.up_proj"]
+    assert not torch.equal(w, dense)
+    assert torch.equal(w, rec.codes.float() * rec.scale.repeat_interleave(32, dim=1))
+    assert "lm_head" not in report.modules
+
+
+def test_should_stop_cancels_between_layers(model, calibration):
+    events = []
+    with pytest.raises(JobCancelled):
+        compress_model(model, Recipe.from_preset("2:4"), calibration, progress=events.append,
+                       should_stop=lambda: True)
+    assert {e["layer"] for e in events} == {0}
+
+
+def test_a_cholesky_failure_is_recorded_as_a_fallback(model, calibration, monkeypatch):
+    def always_fails(hessian, frac):
+        raise gptq_mod.CholeskyFailed("not positive-definite (test)")
+
+    monkeypatch.setattr(gptq_mod, "inverse_hessian_upper", always_fails)
+    report = compress_model(model, Recipe.from_preset("W8A8"), calibration)
+    assert len(report.fallbacks) == 14
+    assert "round-to-nearest" in report.fallbacks[0]["reason"]
+    assert report.summary()["fallbacks"][0]["module"] == "model.layers.0.self_attn.q_proj"
+
+
+def test_24_plus_w4a16_keeps_the_pattern_through_both_stages(model, calibration):
+    report = compress_model(model, Recipe.from_preset("2:4+W4A16"), calibration)
+    stats = report.sparsity_stats()
+    assert stats["sparsity_structure"] == "2:4" and stats["global_sparsity"] == pytest.approx(0.5)
+    rec = report.modules["model.layers.0.mlp.gate_proj"]
+    assert set(rec.losses) == {"sparsegpt", "gptq"}
+    assert ((rec.codes != 0).reshape(256, -1, 4).sum(-1) <= 2).all()
+
+
+def test_fp8_static_calibrates_per_tensor_input_scales(model, calibration):
+    report = compress_model(model, Recipe.from_preset("FP8"), calibration)
+    rec = report.modules["model.layers.0.self_attn.q_proj"]
+    assert rec.input_scale.shape == (1,) and rec.input_scale.item() > 0 and rec.scale.shape == (1,)
+
+
+def test_calibrated_recipes_need_samples(model):
+    with pytest.raises(CalibrationError):
+        compress_model(model, Recipe.from_preset("W4A16"), [])
+    compress_model(model, Recipe.from_preset("FP8_DYNAMIC"), None)  # no calibration needed
+
+
+def test_it_refuses_to_target_lm_head(model, calibration):
+    with pytest.raises(RecipeError) as exc:
+        compress_model(model, Recipe.from_preset("FP8_DYNAMIC", ignore=[]), calibration)
+    assert exc.value.field == "stages[0].modifiers[0].ignore" and "lm_head" in exc.value.message
+
+
+def test_it_fails_clearly_on_a_model_it_cannot_walk():
+    with pytest.raises(UnsupportedModelError):
+        compress_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), Recipe.from_preset("FP8_DYNAMIC"), None)
