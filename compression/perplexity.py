@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from .errors import JobCancelled
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +38,18 @@ def wikitext_windows(tokenizer, data_dir: str | Path, *, seqlen: int = 512,
 
 
 @torch.no_grad()
-def perplexity_on_windows(model, windows: torch.Tensor, *, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) of `model` over every window (each scored independently)."""
+def perplexity_on_windows(model, windows: torch.Tensor, *, batch_size: int = 4,
+                          should_stop: Callable[[], bool] | None = None) -> float:
+    """exp(mean next-token NLL) of `model` over every window (each scored independently).
+
+    `should_stop` is polled between batches so a cancelled job does not finish a long evaluation.
+    """
     device = next(model.parameters()).device
     total_nll = 0.0
     total_tokens = 0
     for start in range(0, windows.shape[0], batch_size):
+        if should_stop is not None and should_stop():
+            raise JobCancelled("cancelled during perplexity evaluation")
         batch = windows[start:start + batch_size].to(device)
         logits = model(input_ids=batch).logits.float()
         nll = torch.nn.functional.cross_entropy(
@@ -53,7 +62,8 @@ def perplexity_on_windows(model, windows: torch.Tensor, *, batch_size: int = 4) 
 
 
 def wikitext_perplexity(model, tokenizer, data_dir: str | Path, *, seqlen: int = 512,
-                        max_windows: int | None = None, batch_size: int = 4) -> float:
+                        max_windows: int | None = None, batch_size: int = 4,
+                        should_stop: Callable[[], bool] | None = None) -> float:
     """WikiText-2 test perplexity of `model` on the first `max_windows` windows of `seqlen` tokens."""
     windows = wikitext_windows(tokenizer, data_dir, seqlen=seqlen, max_windows=max_windows)
-    return perplexity_on_windows(model, windows, batch_size=batch_size)
+    return perplexity_on_windows(model, windows, batch_size=batch_size, should_stop=should_stop)

@@ -116,7 +116,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         baseline_stage("evaluating the uncompressed model")
         t0 = time.monotonic()
         baseline = _evaluate(model, tokenizer, evaluation, data_dir, cache_dir=spec.get("cache_dir"),
-                             model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)})
+                             model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)},
+                             should_stop=should_stop)
         timings["baseline_eval_s"] = time.monotonic() - t0
         baseline_stage("baseline evaluated", 1.0)
         check_stop()
@@ -152,7 +153,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         eval_stage = _Stage(progress, "evaluate")
         eval_stage("evaluating the compressed model")
         t0 = time.monotonic()
-        compressed = _evaluate(model, tokenizer, evaluation, data_dir)
+        compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop)
         timings["compressed_eval_s"] = time.monotonic() - t0
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
@@ -187,7 +188,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
 
 
 def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: str | None = None,
-              model_identity: dict | None = None) -> dict:
+              model_identity: dict | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
     """{task: {metric: {"value", "higher_is_better", ...}}} plus "_lm_eval" with lm-eval's own record.
 
     `wikitext2_ppl` is our quick token-level WikiText-2 perplexity; every other task runs through
@@ -200,7 +201,7 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
     lm_tasks = [t for t in evaluation["tasks"] if t != "wikitext2_ppl"]
     if "wikitext2_ppl" in evaluation["tasks"]:
         ppl = wikitext_perplexity(model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]),
-                                  max_windows=int(evaluation["windows"]))
+                                  max_windows=int(evaluation["windows"]), should_stop=should_stop)
         results["wikitext2_ppl"] = {"perplexity": {"value": ppl, "higher_is_better": False}}
     if lm_tasks:
         from .evaluation import EvalSettings, evaluate

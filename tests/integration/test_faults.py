@@ -19,7 +19,7 @@ from .test_job_on_worker import wait_until_finished
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
 
 # Enough WikiText-2 windows that the baseline stage lasts a few seconds on the tiny model.
-SLOW_EVALUATION = {"tasks": ["wikitext2_ppl"], "windows": 400, "seqlen": 256}
+SLOW_EVALUATION = {"tasks": ["wikitext2_ppl"], "windows": 80, "seqlen": 256}
 
 
 def slow_job(owner, job_env) -> Job:
