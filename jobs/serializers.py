@@ -156,16 +156,24 @@ class JobErrorSerializer(serializers.Serializer):
     message = serializers.CharField()
 
 
+LINK_ROUTES = {"self": "api-job-detail", "events": "api-job-events", "cancel": "api-job-cancel",
+               "card": "api-job-card", "artifact": "api-job-artifact", "page": "job-detail"}
+_PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
+
+
+def _link_templates(request) -> dict[str, str]:
+    """The job URLs with a placeholder id, reversed once per request (a list has many jobs)."""
+    templates = getattr(request, "_job_link_templates", None)
+    if templates is None:
+        templates = {name: reverse(route, args=[_PLACEHOLDER], request=request) for name, route in LINK_ROUTES.items()}
+        if request is not None:
+            request._job_link_templates = templates
+    return templates
+
+
 def _links(job: Job, request) -> dict[str, str]:
-    args = [job.id]
-    return {
-        "self": reverse("api-job-detail", args=args, request=request),
-        "events": reverse("api-job-events", args=args, request=request),
-        "cancel": reverse("api-job-cancel", args=args, request=request),
-        "card": reverse("api-job-card", args=args, request=request),
-        "artifact": reverse("api-job-artifact", args=args, request=request),
-        "page": reverse("job-detail", args=args, request=request),
-    }
+    job_id = str(job.id)
+    return {name: url.replace(_PLACEHOLDER, job_id) for name, url in _link_templates(request).items()}
 
 
 class JobSummarySerializer(serializers.Serializer):
