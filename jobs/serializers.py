@@ -118,8 +118,9 @@ class JobCreateSerializer(StrictSerializer):
 class JobFilterSerializer(StrictSerializer):
     status = serializers.ChoiceField(choices=Status.values, required=False)
     model = serializers.CharField(required=False, max_length=500)
-    limit = serializers.IntegerField(required=False, min_value=1, max_value=200)
-    offset = serializers.IntegerField(required=False, min_value=0)
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=200,
+                                     help_text="Page size (default 50); the answer's `next` link gives the next page")
+    offset = serializers.IntegerField(required=False, min_value=0, help_text="Jobs to skip (default 0)")
 
 
 class EventFilterSerializer(StrictSerializer):
