@@ -77,8 +77,10 @@ def _engine_progress(progress: Progress) -> Progress:
 def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None,
             should_stop: Callable[[], bool] | None = None) -> dict:
     """Run one job described by `spec` (see jobs.tasks.job_spec) and write its artifact to `out_dir`."""
+    from .card_facts import as_eval_result
     from .errors import JobCancelled
     from .loading import load_model
+    from .recovery import recovery_table
     from .recipe import Recipe
 
     progress = progress or (lambda event: None)
@@ -151,30 +153,41 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         check_stop()
 
         eval_stage = _Stage(progress, "evaluate")
-        eval_stage("evaluating the compressed model")
+        eval_stage("loading the exported checkpoint through the compressed runtime")
         t0 = time.monotonic()
+        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        dense_bytes, dense_dtype = _dense_bytes(model)
+        model, runtime = _compressed_model_for_eval(model, tmp_dir, device)
+        eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
         compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop)
         timings["compressed_eval_s"] = time.monotonic() - t0
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
 
         finish = _Stage(progress, "finish")
-        dense_bytes = _dense_bf16_bytes(model)
-        artifact_bytes = _dir_bytes(tmp_dir)
         weight_bytes = sum(p.stat().st_size for p in tmp_dir.glob("*.safetensors"))
+        size = {"dense_bytes": dense_bytes, "dense_dtype": dense_dtype, "compressed_weight_bytes": weight_bytes,
+                "ratio": round(dense_bytes / weight_bytes, 3) if weight_bytes else None}
+        bits = quantized_bits_per_param(tmp_dir)
+        card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
+                                compressed, size, bits, tmp_dir, calibration_spec if calibration else None)
+        (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
         timings["total_s"] = time.monotonic() - started
         results = {
             "model": loaded.identity,
             "recipe": recipe.to_dict(),
+            "recipe_yaml": recipe.to_yaml(),
             "recipe_summary": recipe.describe(),
             "device": device,
             "evaluation": {"settings": evaluation, "baseline": baseline, "compressed": compressed,
-                           "metrics": _compare(baseline, compressed)},
-            "size": {"dense_bf16_bytes": dense_bytes, "compressed_weight_bytes": weight_bytes,
-                     "ratio": round(dense_bytes / weight_bytes, 3) if weight_bytes else None},
+                           "compressed_runtime": runtime, "metrics": recovery_table(as_eval_result(baseline, evaluation),
+                                                      as_eval_result(compressed, evaluation))},
+            "size": size,
+            "bits_per_param": bits,
             "compression": _report_summary(report),
-            "artifact": {"files": sorted(p.name for p in tmp_dir.iterdir()), "bytes": artifact_bytes,
+            "artifact": {"files": sorted(p.name for p in tmp_dir.iterdir()), "bytes": _dir_bytes(tmp_dir),
                          "export": _jsonable(exported)},
+            "model_card": card_text,
             "timings": {k: round(v, 2) for k, v in timings.items()},
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -220,31 +233,80 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
     return results
 
 
-def _compare(baseline: dict, compressed: dict) -> list[dict]:
-    from .recovery import recovery
+def _compressed_model_for_eval(model, checkpoint_dir: Path, device: str):
+    """The exported checkpoint loaded through our compressed runtime (kernels/), so what is
+    evaluated is what a user deploys. The in-memory fake-quantized model is freed first."""
+    import gc
 
-    rows = []
-    for task, metrics in baseline.items():
-        if task.startswith("_"):
-            continue
-        for metric, b in metrics.items():
-            c = compressed.get(task, {}).get(metric)
-            if c is None:
-                continue
-            hib = b.get("higher_is_better", True)
-            rows.append({"task": task, "metric": metric, "baseline": b["value"], "compressed": c["value"],
-                         "higher_is_better": hib, "recovery_pct": recovery(b["value"], c["value"], hib)})
-    return rows
+    from .runtime import load_compressed_model
+
+    dtype = next(model.parameters()).dtype
+    del model
+    gc.collect()
+    compressed = load_compressed_model(checkpoint_dir, device=device, dtype=dtype)
+    return compressed, "compressed runtime (kernels/)"
 
 
-def _dense_bf16_bytes(model) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * 2
+def quantized_bits_per_param(checkpoint_dir: Path) -> dict:
+    """Storage bits per weight of the compressed Linears (values + scales), from the safetensors headers."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[str, list[int]]] = {}
+    for path in sorted(checkpoint_dir.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                shapes[name] = (sl.get_dtype(), sl.get_shape())
+    item_bits = {"F32": 32, "F16": 16, "BF16": 16, "I32": 32, "I64": 64, "I8": 8, "U8": 8, "F8_E4M3": 8}
+    prefixes = {n.rsplit(".", 1)[0] for n in shapes if n.endswith(".weight_scale")}
+    params = bits = 0
+    for prefix in prefixes:
+        if f"{prefix}.weight_shape" in shapes:
+            # the shape tensor's values are not in the header; derive from the packed layout
+            dtype, shape = shapes[f"{prefix}.weight_packed"]
+            params += shape[0] * shape[1] * 8
+        else:
+            params += _numel(shapes[f"{prefix}.weight"][1])
+        for suffix in ("weight", "weight_packed", "weight_scale", "weight_zero_point", "input_scale"):
+            if f"{prefix}.{suffix}" in shapes:
+                dtype, shape = shapes[f"{prefix}.{suffix}"]
+                bits += _numel(shape) * item_bits.get(dtype, 16)
+    if not params:
+        return {"dense": 16.0, "compressed": None, "quantized_params": 0}
+    return {"dense": 16.0, "compressed": round(bits / params, 3), "quantized_params": params}
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
     return total
+
+
+def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
+                artifact_dir: Path, calibration: dict | None) -> str:
+    from .card import build_model_card
+    from .card_facts import collect_facts
+
+    facts = collect_facts(
+        spec=spec, recipe=recipe, model=model, identity=identity, evaluation=evaluation, baseline=baseline,
+        compressed=compressed, size={"dense_bytes": size["dense_bytes"],
+                                     "compressed_bytes": size["compressed_weight_bytes"]},
+        artifact_dir=str(artifact_dir), bits_per_param=bits,
+        calibration={"dataset": calibration["source"], "hub_id": None, "samples": calibration["samples"],
+                     "seq_len": calibration["seqlen"]} if calibration else None)
+    facts["architecture"] = architecture
+    return build_model_card(facts)
+
+
+def _dense_bytes(model) -> tuple[int, str]:
+    """Bytes of the uncompressed weights in the dtype the job ran in (tied weights once)."""
+    total = 0
+    dtype = None
+    for p in model.parameters():  # parameters() already yields a tied tensor once
+        total += p.numel() * p.element_size()
+        dtype = dtype or str(p.dtype).replace("torch.", "")
+    return total, dtype or "unknown"
 
 
 def _dir_bytes(path: Path) -> int:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from django.conf import settings
 from django.db.models import QuerySet
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -23,7 +21,7 @@ from rest_framework.reverse import reverse
 from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from .api_errors import error_response
-from .archive import stream_tar, tar_size
+from .archive import artifact_path, stream_tar, tar_size
 from .models import Job, Status
 from .serializers import (CompareFilterSerializer, CompareSerializer, ErrorSerializer, EventFilterSerializer,
                           EventPageSerializer, EventSerializer, JobCreateSerializer, JobDetailSerializer,
@@ -47,17 +45,6 @@ def _own_job(request: Request, job_id: UUID) -> Job:
     if job is None:
         raise exceptions.NotFound("no job with this id")
     return job
-
-
-def _artifact_path(job: Job) -> Path | None:
-    """The job's artifact directory, only if it succeeded and the directory is inside ARTIFACT_ROOT."""
-    if job.status != Status.SUCCEEDED or not job.artifact_dir:
-        return None
-    root = Path(settings.ARTIFACT_ROOT).resolve()
-    path = (root / job.artifact_dir).resolve()
-    if root not in path.parents or not path.is_dir():
-        return None
-    return path
 
 
 def _query(serializer_class: type, request: Request) -> dict[str, Any]:
@@ -206,7 +193,7 @@ def job_card(request: Request, job_id: UUID) -> HttpResponse:
 @api_view(["GET"])
 def job_artifact(request: Request, job_id: UUID) -> StreamingHttpResponse:
     job = _own_job(request, job_id)
-    path = _artifact_path(job)
+    path = artifact_path(job)
     if path is None:
         raise exceptions.NotFound(f"this job has no artifact (status: {job.status}); only a succeeded job has one")
     name = f"compressor-{job.id}"

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+from django.conf import settings
+
+if TYPE_CHECKING:
+    from .models import Job
 
 BLOCK = tarfile.BLOCKSIZE  # 512
 CHUNK = 1 << 20
@@ -49,3 +54,14 @@ def _sizes(root: Path, arcname: str) -> Iterator[int]:
         yield len(info.tobuf(format=tarfile.PAX_FORMAT))
         yield info.size + (-info.size % BLOCK)
     yield 2 * BLOCK
+
+
+def artifact_path(job: "Job") -> Path | None:
+    """The job's artifact directory, only if it succeeded and the directory is inside ARTIFACT_ROOT."""
+    if job.status != "succeeded" or not job.artifact_dir:
+        return None
+    root = Path(settings.ARTIFACT_ROOT).resolve()
+    path = (root / job.artifact_dir).resolve()
+    if root not in path.parents or not path.is_dir():
+        return None
+    return path

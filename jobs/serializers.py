@@ -255,7 +255,7 @@ class CompareJobSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
     recovery_pct = serializers.FloatField(allow_null=True, help_text="Mean recovery over the metric rows")
     size_mb = serializers.FloatField(allow_null=True, help_text="Compressed weight bytes / 1e6")
-    size = serializers.JSONField(allow_null=True, help_text="results.size: dense_bf16_bytes, "
+    size = serializers.JSONField(allow_null=True, help_text="results.size: dense_bytes, "
                                  "compressed_weight_bytes, ratio")
     speedup = serializers.FloatField(allow_null=True, help_text="Compressed over dense decode speed, if measured")
     speed = serializers.JSONField(allow_null=True, help_text="results.speed as the worker recorded it")

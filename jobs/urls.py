@@ -9,4 +9,6 @@ urlpatterns = [
     path("jobs/<uuid:job_id>/status.json", views.job_status, name="job-status"),
     path("jobs/<uuid:job_id>/cancel/", views.job_cancel, name="job-cancel"),
     path("jobs/<uuid:job_id>/artifact.tar", views.job_artifact, name="job-artifact"),
+    path("jobs/<uuid:job_id>/README.md", views.job_card, name="job-card"),
+    path("compare/", views.compare, name="compare"),
 ]

@@ -2,10 +2,8 @@
 their own jobs: anything else is a 404, never a 403 that would confirm the job exists."""
 from __future__ import annotations
 
-from pathlib import Path
 from uuid import UUID
 
-from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -13,7 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from .archive import stream_tar, tar_size
+from .archive import artifact_path, stream_tar, tar_size
 from .forms import JobForm
 from .models import Job, Status
 from .submission import create_job
@@ -25,22 +23,22 @@ def _own_job(request: HttpRequest, job_id: UUID) -> Job:
     return get_object_or_404(Job, pk=job_id, owner=request.user)
 
 
-def _artifact_path(job: Job) -> Path | None:
-    if job.status != Status.SUCCEEDED or not job.artifact_dir:
-        return None
-    root = Path(settings.ARTIFACT_ROOT).resolve()
-    path = (root / job.artifact_dir).resolve()
-    if root not in path.parents or not path.is_dir():
-        return None
-    return path
-
-
 def _detail_context(job: Job) -> dict:
     events = list(job.events.order_by("-id")[:EVENTS_TAIL])[::-1]
     results = job.results or {}
     return {"job": job, "events": events, "results": results,
             "metrics": results.get("evaluation", {}).get("metrics", []),
-            "has_artifact": _artifact_path(job) is not None}
+            "has_artifact": artifact_path(job) is not None,
+            "has_card": bool(results.get("model_card"))}
+
+
+def _charts(job: Job) -> dict:
+    from .charts import layer_loss, recovery_bars
+
+    metrics = (job.results or {}).get("evaluation", {}).get("metrics", [])
+    losses = [e.data for e in job.events.filter(stage="compress").only("data") if "loss" in e.data]
+    return {"recovery": recovery_bars(metrics) if metrics else None,
+            "layer_loss": layer_loss(losses) if losses else None}
 
 
 @login_required
@@ -69,7 +67,13 @@ def job_new(request: HttpRequest) -> HttpResponse:
 @require_GET
 def job_detail(request: HttpRequest, job_id: UUID) -> HttpResponse:
     job = _own_job(request, job_id)
-    return render(request, "jobs/detail.html", _detail_context(job))
+    context = _detail_context(job)
+    context["charts"] = _charts(job)
+    if context["has_card"]:
+        from compression.card import card_to_html
+
+        context["card_html"] = card_to_html(job.results["model_card"])
+    return render(request, "jobs/detail.html", context)
 
 
 @login_required
@@ -80,6 +84,7 @@ def job_status(request: HttpRequest, job_id: UUID) -> JsonResponse:
     context = _detail_context(job)
     return JsonResponse({
         "status": job.status,
+        "charts": _charts(job),
         "progress": job.progress,
         "finished": job.is_finished,
         "progress_html": render_to_string("jobs/_progress.html", context, request=request),
@@ -105,7 +110,7 @@ def job_cancel(request: HttpRequest, job_id: UUID) -> HttpResponse:
 @require_GET
 def job_artifact(request: HttpRequest, job_id: UUID) -> StreamingHttpResponse:
     job = _own_job(request, job_id)
-    path = _artifact_path(job)
+    path = artifact_path(job)
     if path is None:
         raise Http404("this job has no artifact")
     name = f"compressor-{job.id}"
@@ -113,3 +118,46 @@ def job_artifact(request: HttpRequest, job_id: UUID) -> StreamingHttpResponse:
     response["Content-Disposition"] = f'attachment; filename="{name}.tar"'
     response["Content-Length"] = str(tar_size(path, name))
     return response
+
+
+@login_required
+@require_GET
+def job_card(request: HttpRequest, job_id: UUID) -> HttpResponse:
+    job = _own_job(request, job_id)
+    card = (job.results or {}).get("model_card")
+    if not card:
+        raise Http404("this job has no model card yet")
+    response = HttpResponse(card, content_type="text/markdown; charset=utf-8")
+    response["Content-Disposition"] = 'attachment; filename="README.md"'
+    return response
+
+
+def compare_points(jobs: list[Job]) -> tuple[list[dict], list[dict]]:
+    """(scatter points, bar groups) for the finished jobs of one base model."""
+    points, groups = [], []
+    for job in jobs:
+        results = job.results or {}
+        rows = results.get("evaluation", {}).get("metrics", [])
+        average = next((r for r in rows if r.get("task") == "Average"), None)
+        label = job.name or job.recipe_name
+        size = results.get("size", {}).get("compressed_weight_bytes")
+        points.append({"name": label, "job_id": str(job.id),
+                       "recovery_pct": average.get("recovery_pct") if average else None,
+                       "size_mb": size / 1e6 if size else None, "speedup": results.get("speedup")})
+        groups.append({"name": label, "rows": rows})
+    return points, groups
+
+
+@login_required
+@require_GET
+def compare(request: HttpRequest) -> HttpResponse:
+    from .charts import compare_bars, compare_scatter
+
+    finished = Job.objects.filter(owner=request.user, status=Status.SUCCEEDED)
+    models = sorted(set(finished.values_list("model_source", flat=True)))
+    model = request.GET.get("model") or (models[0] if models else "")
+    jobs = list(finished.filter(model_source=model).order_by("created_at")) if model else []
+    points, groups = compare_points(jobs)
+    charts = {"scatter": compare_scatter(points), "bars": compare_bars(groups)} if jobs else None
+    return render(request, "jobs/compare.html", {"models": models, "model": model, "jobs": jobs,
+                                                 "points": points, "charts": charts})

@@ -76,13 +76,24 @@ class RedisServer:
             self.proc.wait(10)
 
 
+def use_broker(url: str) -> str:
+    """Point this process's Celery app at `url`, dropping pooled connections; returns the old URL."""
+    from compressor_ui.celery import app
+
+    old = app.conf.broker_url
+    app.conf.broker_url = url
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
+    return old
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
-    from compressor_ui.celery import app
-
-    app.conf.broker_url = server.url
+    use_broker(server.url)
     yield server
     server.stop()
 

@@ -5,6 +5,19 @@
   var url = script.getAttribute("data-status-url");
   var finished = JSON.parse(document.getElementById("job-finished").textContent);
   var delayMs = 1500;
+  var lastLossPoints = -1;
+
+  function drawCharts(charts) {
+    if (!charts || !window.compressorCharts) { return; }
+    compressorCharts.draw("chart-recovery", charts.recovery);
+    // The loss chart grows layer by layer; redraw only when it changed.
+    var points = charts.layer_loss ? JSON.stringify(charts.layer_loss.data).length : 0;
+    if (points !== lastLossPoints) {
+      compressorCharts.draw("chart-layer-loss", charts.layer_loss);
+      lastLossPoints = points;
+    }
+  }
+  drawCharts(JSON.parse(document.getElementById("job-charts").textContent));
 
   function poll() {
     fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}})
@@ -15,9 +28,13 @@
       .then(function (data) {
         document.getElementById("progress").innerHTML = data.progress_html;
         document.getElementById("results").innerHTML = data.results_html;
+        drawCharts(data.charts);
         document.dispatchEvent(new CustomEvent("job:update", {detail: data}));
         if (!data.finished) { setTimeout(poll, delayMs); }
-        else { document.body.setAttribute("data-job-finished", "true"); }
+        else {
+          document.body.setAttribute("data-job-finished", "true");
+          if (!document.getElementById("model-card")) { window.location.reload(); }  // show the card
+        }
       })
       .catch(function () { setTimeout(poll, delayMs * 4); });
   }

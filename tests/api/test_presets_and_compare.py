@@ -34,7 +34,7 @@ def results(recoveries, weight_bytes, speed=None):
     metrics = [{"task": f"t{i}", "metric": "acc", "baseline": 0.5, "compressed": 0.5 * (r or 0) / 100,
                 "higher_is_better": True, "recovery_pct": r} for i, r in enumerate(recoveries)]
     out = {"evaluation": {"metrics": metrics},
-           "size": {"dense_bf16_bytes": 270_000_000, "compressed_weight_bytes": weight_bytes, "ratio": 2.0}}
+           "size": {"dense_bytes": 270_000_000, "compressed_weight_bytes": weight_bytes, "ratio": 2.0}}
     if speed:
         out["speed"] = speed
     return out

@@ -42,10 +42,10 @@ def test_a_job_submitted_through_the_form_runs_on_the_worker(client, owner, job_
 
     # stored results: perplexity before and after, sizes, one compressed module per Linear
     rows = job.results["evaluation"]["metrics"]
-    assert [(r["task"], r["metric"]) for r in rows] == [("wikitext2_ppl", "perplexity")]
+    assert [(r["task"], r["metric"]) for r in rows] == [("wikitext2_ppl", "perplexity"), ("Average", "recovery")]
     assert rows[0]["baseline"] > 1 and rows[0]["compressed"] > 1
     size = job.results["size"]
-    assert 0 < size["compressed_weight_bytes"] < size["dense_bf16_bytes"] * 2
+    assert 0 < size["compressed_weight_bytes"] < size["dense_bytes"]
     assert job.started_at <= job.finished_at
     assert job.events.filter(stage="compress").exists()
 
@@ -59,10 +59,16 @@ def test_a_job_submitted_through_the_form_runs_on_the_worker(client, owner, job_
     assert list(artifact.glob("*.safetensors"))
     assert job.artifact_bytes == sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
 
-    # the page shows the numbers and the download
+    # the page shows the numbers, the charts' data, the card and the downloads
     page = client.get(reverse("job-detail", args=[job.id])).content.decode()
-    assert "wikitext2_ppl" in page and f'{rows[0]["compressed"]:.3f}' in page
-    assert reverse("job-artifact", args=[job.id]) in page
+    assert "wikitext2_ppl" in page and f'{rows[0]["compressed"]:.4f}' in page
+    assert reverse("job-artifact", args=[job.id]) in page and reverse("job-card", args=[job.id]) in page
+    assert 'id="model-card"' in page
+    assert job.results["evaluation"]["compressed_runtime"].startswith("compressed runtime")
+    card = client.get(reverse("job-card", args=[job.id]))
+    assert card["Content-Type"].startswith("text/markdown")
+    assert card.content.decode() == (artifact / "README.md").read_text()
+    assert f'{rows[0]["baseline"]:.2f}' in card.content.decode() or "wikitext2_ppl" in card.content.decode()
 
 
 def test_a_job_naming_a_missing_model_fails_clearly_and_leaves_nothing(owner, job_env, celery_worker):

@@ -10,12 +10,12 @@ pytestmark = pytest.mark.django_db
 
 
 def job_urls(job):
-    return [reverse(name, args=[job.id]) for name in ("job-detail", "job-status", "job-artifact")]
+    return [reverse(name, args=[job.id]) for name in ("job-detail", "job-status", "job-artifact", "job-card")]
 
 
 def test_every_page_requires_login(client, owner):
     job = make_job(owner)
-    for url in [reverse("job-list"), reverse("job-new"), *job_urls(job)]:
+    for url in [reverse("job-list"), reverse("job-new"), reverse("compare"), *job_urls(job)]:
         response = client.get(url)
         assert response.status_code == 302, url
         assert response["Location"].startswith(reverse("login")), url
@@ -29,13 +29,15 @@ def test_another_user_gets_404_for_every_job_url(client, owner, outsider, tmp_pa
     Job.claim(job.id, "w")
     (tmp_path / str(job.id)).mkdir()
     (tmp_path / str(job.id) / "config.json").write_text("{}")
-    Job.succeed(job.id, {}, str(job.id), 2)
+    Job.succeed(job.id, {"model_card": "# card"}, str(job.id), 2)
     client.force_login(outsider)
     for url in job_urls(job):
         assert client.get(url).status_code == 404, url
     assert client.post(reverse("job-cancel", args=[job.id])).status_code == 404
     listing = client.get(reverse("job-list"))
     assert str(job.id) not in listing.content.decode()
+    compare = client.get(reverse("compare") + "?model=demo")
+    assert str(job.id) not in compare.content.decode() and compare.context["jobs"] == []
     job.refresh_from_db()
     assert job.status == Status.SUCCEEDED
 

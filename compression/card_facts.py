@@ -1,0 +1,94 @@
+"""Collect the facts of a finished job for compression.card.build_model_card.
+
+Kept apart from the card text so the card never guesses: everything here is read off the recipe,
+the loaded model and the measured results.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from .recipe import Recipe
+
+
+def scheme_summary(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's properties the card's prose needs, from its last quantizing modifier."""
+    summary: dict[str, Any] = {"preset": recipe.preset, "weight_bits": None, "weight_type": None,
+                               "activation_bits": None, "activation_type": None, "granularity": None,
+                               "group_size": None, "symmetric": None, "activation_dynamic": None,
+                               "activation_granularity": None, "sparsity": None, "algorithm": None,
+                               "damping": None, "targets": None, "ignore": None}
+    algorithms = []
+    for modifier in recipe.modifiers:
+        summary["targets"], summary["ignore"] = list(modifier.targets), list(modifier.ignore)
+        if modifier.kind == "SparseGPTModifier":
+            summary["sparsity"] = modifier.mask_structure if modifier.mask_structure != "0:0" \
+                else f"{modifier.sparsity:.0%} unstructured"
+            summary["damping"] = modifier.dampening_frac
+            algorithms.append("SparseGPT")
+            continue
+        algorithms.append("GPTQ" if modifier.kind == "GPTQModifier" else "round-to-nearest")
+        if modifier.kind == "GPTQModifier":
+            summary["damping"] = modifier.dampening_frac
+        group = next(iter(modifier.config_groups.values()), None)
+        if group is None:
+            continue
+        if group.weights is not None:
+            w = group.weights
+            summary.update(weight_bits=w.num_bits, weight_type=w.type, granularity=w.strategy,
+                           group_size=w.group_size, symmetric=w.symmetric)
+        if group.input_activations is not None:
+            a = group.input_activations
+            summary.update(activation_bits=a.num_bits, activation_type=a.type,
+                           activation_dynamic=bool(a.dynamic), activation_granularity=a.strategy)
+    summary["algorithm"] = " + ".join(dict.fromkeys(algorithms)) or None
+    return summary
+
+
+def collect_facts(*, spec: dict, recipe: Recipe, model, identity: dict, evaluation: dict,
+                  baseline: dict, compressed: dict, size: dict, artifact_dir: str,
+                  calibration: dict | None, bits_per_param: dict | None) -> dict:
+    """The `facts` dict of compression.card (see its docstring for the shape)."""
+    base = identity.get("name") or spec["model"]
+    short = base.rstrip("/").split("/")[-1]
+    suffix = recipe.preset or "compressed"
+    config = getattr(model, "config", None)
+    return {
+        "model_name": f"{short}-{suffix.replace(':', 'of').replace('+', '-')}",
+        "model_id": None,
+        "artifact_dir": artifact_dir,
+        "base_model": base,
+        "base_model_revision": identity.get("revision"),
+        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "license": spec.get("license"),
+        "language": spec.get("language"),
+        "developers": spec.get("developers"),
+        "version": "1.0",
+        "created": dt.date.today().isoformat(),
+        "recipe": recipe.to_dict(),
+        "recipe_yaml": recipe.to_yaml(),
+        "scheme": scheme_summary(recipe),
+        "calibration": calibration,
+        "size": size,
+        "bits_per_param": bits_per_param,
+        "eval": {"baseline": as_eval_result(baseline, evaluation),
+                 "compressed": as_eval_result(compressed, evaluation)},
+        "eval_data_dir": spec.get("data_dir"),
+        "speed": spec.get("speed"),
+        "command": f"python -m compression run --model {spec['model']} --recipe recipe.yaml --out OUTPUT_DIR",
+    }
+
+
+def as_eval_result(results: dict, evaluation: dict) -> dict:
+    """Our per-task metrics in the shape of compression.evaluation.evaluate's result."""
+    lm = results.get("_lm_eval", {})
+    tasks = {}
+    for task, metrics in results.items():
+        if task.startswith("_"):
+            continue
+        source = lm.get("sources", {}).get(task, "local" if task == "wikitext2_ppl" else None)
+        tasks[task] = {"source": source, "metrics": metrics}
+    settings = dict(lm.get("settings") or {})
+    settings.setdefault("perplexity_windows", evaluation.get("windows"))
+    settings.setdefault("perplexity_seqlen", evaluation.get("seqlen"))
+    return {"tasks": tasks, "settings": settings, "lm_eval_version": lm.get("lm_eval_version")}
