@@ -170,7 +170,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
                 "ratio": round(dense_bytes / weight_bytes, 3) if weight_bytes else None}
         bits = quantized_bits_per_param(tmp_dir)
         card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
-                                compressed, size, bits, tmp_dir, calibration_spec if calibration else None)
+                                compressed, size, bits, out_dir, calibration_spec if calibration else None)
         (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
         timings["total_s"] = time.monotonic() - started
         results = {
@@ -284,7 +284,7 @@ def _numel(shape: list[int]) -> int:
 
 
 def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
-                artifact_dir: Path, calibration: dict | None) -> str:
+                final_dir: Path, calibration: dict | None) -> str:
     from .card import build_model_card
     from .card_facts import collect_facts
 
@@ -292,7 +292,7 @@ def _model_card(spec, recipe, model, architecture, identity, evaluation, baselin
         spec=spec, recipe=recipe, model=model, identity=identity, evaluation=evaluation, baseline=baseline,
         compressed=compressed, size={"dense_bytes": size["dense_bytes"],
                                      "compressed_bytes": size["compressed_weight_bytes"]},
-        artifact_dir=str(artifact_dir), bits_per_param=bits,
+        artifact_dir=str(final_dir), bits_per_param=bits,
         calibration={"dataset": calibration["source"], "hub_id": None, "samples": calibration["samples"],
                      "seq_len": calibration["seqlen"]} if calibration else None)
     facts["architecture"] = architecture

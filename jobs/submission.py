@@ -49,7 +49,7 @@ class JobRequest:
 def available_eval_tasks() -> list[str]:
     from compression.lm_eval_tasks import LOCAL_TASKS
 
-    return [PERPLEXITY_TASK, *(task.task for task in LOCAL_TASKS.values())]
+    return [PERPLEXITY_TASK, *LOCAL_TASKS]
 
 
 def _bounded_int(value: Any, name: str, default: int | None) -> int | None:

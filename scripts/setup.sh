@@ -24,10 +24,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if ! command -v redis-server >/dev/null; then
-  echo "==> installing redis-server (Debian package)"
+# System packages: the Redis broker, and Chromium for the browser tests (only `make test` asks).
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ "${WITH_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null; then missing+=(chromium); fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]} (Debian packages)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 echo "==> migrating the database"
