@@ -352,6 +352,8 @@ def _lm_eval_command(facts: dict, task_source: tuple[str, str], settings: dict) 
     args = f"pretrained={model_ref},dtype=auto"
     if settings.get("add_bos_token"):
         args += ",add_bos_token=True"
+    if settings.get("max_length"):
+        args += f",max_length={settings['max_length']}"
     lines = ["lm_eval --model hf", f"  --model_args {args}", f"  --tasks {lm_task}"]
     if source == "local":
         lines.append("  --include_path eval_tasks/")
@@ -386,7 +388,8 @@ def _evaluation(facts: dict, rows: list[dict]) -> str:
         f"- **Batch size:** {_or_missing(s.get('batch_size'))}; **chat template:** "
         f"{'yes' if s.get('apply_chat_template') else 'no'}; **BOS token:** "
         f"{'tokenizer default' if s.get('add_bos_token') is None else s['add_bos_token']}; "
-        f"**seed:** {_or_missing(s.get('seed'))}",
+        f"**seed:** {_or_missing(s.get('seed'))}; **context length:** "
+        f"{'model maximum' if s.get('max_length') is None else str(s['max_length']) + ' tokens'}",
     ]
     notes = [f"{_task_title(t)}: {d['note']}" for t, d in comp.get("tasks", {}).items() if d.get("note")]
     if notes:

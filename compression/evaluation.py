@@ -69,6 +69,9 @@ class EvalSettings:
     add_bos_token: bool | None = None  # None: the tokenizer's default
     seed: int = 1234
     data_source: str = "auto"  # "auto" | "local" | "hub"
+    # Context length lm-eval uses (rolling windows for wikitext, truncation elsewhere); None:
+    # the model's own maximum. A shorter window is much faster on CPU and changes perplexities.
+    max_length: int | None = None
 
     def validate(self) -> None:
         """Raise EvalError for a setting lm-eval would reject or misread."""
@@ -82,6 +85,8 @@ class EvalSettings:
                 (isinstance(self.limit, int) and self.limit >= 1)
                 or (isinstance(self.limit, float) and 0.0 < self.limit <= 1.0))):
             raise EvalError("limit: must be None, an integer >= 1 or a fraction in (0, 1]")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 16):
+            raise EvalError("max_length: must be None or an integer >= 16 (tokens)")
         if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
             raise EvalError("batch_size: must be an integer >= 1 or 'auto'")
 
@@ -179,7 +184,7 @@ def _task_cache_key(model_key: dict, task: str, source: str, settings: EvalSetti
         "model": model_key, "task": task, "source": source, "lm_eval_version": version,
         "num_fewshot": settings.num_fewshot, "limit": settings.limit, "batch_size": settings.batch_size,
         "apply_chat_template": settings.apply_chat_template, "add_bos_token": settings.add_bos_token,
-        "seed": settings.seed,
+        "seed": settings.seed, "max_length": settings.max_length,
     }
     if source == "local":
         parts["data"] = lm_eval_tasks.data_file_identity(data_dir, task)  # type: ignore[arg-type]
@@ -246,7 +251,8 @@ def _run_lm_eval(model: Any, tokenizer: Any, lm_tasks: list[str], settings: Eval
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-              add_bos_token=settings.add_bos_token)
+              add_bos_token=settings.add_bos_token,
+              **({"max_length": settings.max_length} if settings.max_length else {}))
     manager = TaskManager(include_path=include_path, include_defaults=use_defaults)
     unknown = [t for t in lm_tasks if t not in manager.all_tasks]
     if unknown:

@@ -142,6 +142,7 @@ def test_auto_uses_the_hub_for_tasks_without_local_data_when_online(data_dir, mo
 
 @pytest.mark.parametrize("bad", [
     {"tasks": []}, {"data_source": "web"}, {"limit": 0}, {"limit": 1.5}, {"num_fewshot": -1}, {"batch_size": 0},
+    {"max_length": 4},
 ])
 def test_it_rejects_settings_lm_eval_would_misread(bad):
     with pytest.raises(EvalError):
