@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Triton reads TRITON_INTERPRET when a @triton.jit function is created, and any test may import
+# the kernels first (through the runtime), so this must happen before every test module: without
+# a GPU, the kernels run on Triton's CPU interpreter.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 PASSWORD = "correct-horse-battery"
 
 
