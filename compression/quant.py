@@ -92,8 +92,11 @@ def minmax_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = N
 
 
 def mse_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None, *,
-              grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4) -> torch.Tensor:
-    """Symmetric scale minimizing |w - fq(w)|^norm per scale entry over shrunk absmax ranges."""
+              grid: int = 20, max_shrink: float = 0.8, norm: float = 2.4) -> torch.Tensor:
+    """Symmetric scale minimizing |w - fq(w)|^norm per scale entry over shrunk absmax ranges.
+
+    Candidates: absmax · (1 - i/grid) for i < max_shrink·grid (default: 1.0, 0.95, …, 0.25).
+    """
     dtype = dtype or w.dtype
     absmax = _grouped_absmax(w, args)
     wf = w.float()

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.gptq import CholeskyFailed, disable_tf32, inverse_hessian_upper, prepare_hessian, quadratic_loss
+from compression.gptq import (CholeskyFailed, disable_tf32, inverse_hessian_upper, prepare_hessian, quadratic_loss,
+                              sweep_threads)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     losses = torch.zeros(rows, device=w.device)
+    with sweep_threads(w.device):
+        _sweep(w, upper, mask, losses, sparsity, n_of_m, block_size)
+    pruned = w.masked_fill(mask, 0.0).to(weight.dtype)  # +0.0, never -0.0
+    return PruneResult(pruned, mask, float(losses.sum()), n_dead, used, None)
+
+
+def _sweep(w: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, losses: torch.Tensor, sparsity: float,
+           n_of_m: bool, block_size: int) -> None:
+    """The blocked SparseGPT column loop (in place on ``w``, ``mask``, ``losses``)."""
+    cols = w.shape[1]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -101,5 +112,3 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         w[:, i1:i2] = w1
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    pruned = w.masked_fill(mask, 0.0).to(weight.dtype)  # +0.0, never -0.0
-    return PruneResult(pruned, mask, float(losses.sum()), n_dead, used, None)
