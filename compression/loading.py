@@ -149,20 +149,24 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
             identity = {"name": location, "revision": revision, "fingerprint": fingerprint}
     except ModelSourceError:
         raise
-    except OSError as exc:
-        # transformers raises OSError for missing repos, no network and missing files.
-        raise ModelSourceError(_explain_os_error(resolved, exc)) from exc
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelSourceError(
-                f"{resolved.value} needs custom code from its repository; enable 'trust remote code' "
-                "for this job only if you trust it") from exc
-        raise ModelSourceError(f"could not load {resolved.value}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise _source_error(resolved, exc, "could not load") from exc
     model.eval()
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info("loaded %s (%s) as %s", resolved.value, resolved.kind, dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, source=resolved, identity=identity)
+
+
+def _source_error(source: ModelSource, exc: Exception, doing: str) -> ModelSourceError:
+    """A user-facing error for what transformers raised: OSError for missing repos, no network and
+    missing files; ValueError for custom code that needs trust_remote_code, and bad configs."""
+    if isinstance(exc, OSError):
+        return ModelSourceError(_explain_os_error(source, exc))
+    if "trust_remote_code" in str(exc):
+        return ModelSourceError(f"{source.value} needs custom code from its repository; enable "
+                                "'trust remote code' for this job only if you trust it")
+    return ModelSourceError(f"{doing} {source.value}: {exc}")
 
 
 def _explain_os_error(source: ModelSource, exc: OSError) -> str:
@@ -210,11 +214,5 @@ def load_config(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (),
         if resolved.revision:
             kwargs["revision"] = resolved.revision
         return AutoConfig.from_pretrained(resolved.value, **kwargs)
-    except OSError as exc:
-        raise ModelSourceError(_explain_os_error(resolved, exc)) from exc
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelSourceError(
-                f"{resolved.value} needs custom code from its repository; enable 'trust remote code' "
-                "for this job only if you trust it") from exc
-        raise ModelSourceError(f"could not read the config of {resolved.value}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise _source_error(resolved, exc, "could not read the config of") from exc

@@ -182,6 +182,8 @@ def worker_factory(job_env, redis_server, transactional_db, tmp_path, settings):
                    COMPRESSOR_CACHE_DIR=str(job_env["cache"]), COMPRESSOR_DATA_DIR=settings.COMPRESSOR_DATA_DIR,
                    COMPRESSOR_DEVICE="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **extra_env)
+        # The worker runs jobs as in production: torch reference kernels on CPU, not the interpreter.
+        env.pop("TRITON_INTERPRET", None)
         worker = CeleryWorker(env, tmp_path / f"worker-{len(started)}.log")
         started.append(worker)
         worker.start()
