@@ -15,6 +15,14 @@ from compression.errors import RecipeError
 from compression.recipe import PRESETS, Recipe
 
 
+def _default_data_dir() -> str | None:
+    import os
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return os.environ.get("COMPRESSOR_DATA_DIR") or (str(shared) if shared.is_dir() else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compression", description="Compress an LLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="file under the data directory or a Hub dataset id")
     run.add_argument("--samples", type=int, default=128)
     run.add_argument("--seqlen", type=int, default=512)
-    run.add_argument("--tasks", default="wikitext", help="comma-separated evaluation tasks")
-    run.add_argument("--data-dir", default=None, help="offline data directory")
+    run.add_argument("--tasks", default="wikitext2_ppl",
+                     help="comma-separated evaluation tasks: wikitext2_ppl (quick WikiText-2 perplexity) "
+                          "and/or lm-eval tasks such as arc_easy,hellaswag,wikitext")
+    run.add_argument("--data-dir", default=_default_data_dir(),
+                     help="offline data directory (default: $COMPRESSOR_DATA_DIR or ../shared/data)")
     run.add_argument("--device", default=None, help="cpu, cuda or auto")
     run.add_argument("--trust-remote-code", action="store_true")
     return parser
