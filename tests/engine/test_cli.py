@@ -23,7 +23,7 @@ def test_cli_builds_the_job_spec_and_calls_run_job(monkeypatch, tmp_path, capsys
     assert spec["recipe"]["preset"] == "W4A16" and spec["recipe"]["preset_options"] == {"group_size": 64}
     assert spec["calibration"] == {"source": "calibration/self_instruct_seed_tasks.jsonl", "samples": 16,
                                    "seqlen": 128}
-    assert spec["evaluation"] == {"tasks": ["wikitext"]}
+    assert spec["evaluation"] == {"tasks": ["wikitext2_ppl"]}
     assert '"recipe_summary": "W4A16"' in capsys.readouterr().out
 
 
