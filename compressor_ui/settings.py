@@ -62,7 +62,7 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # The web process and the worker write concurrently; wait for the lock instead of failing.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
     # A file, not :memory:, so the Celery worker process of the integration tests sees the test data.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")}
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 ARTIFACT_ROOT = Path(env_str("ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))

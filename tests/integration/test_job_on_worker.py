@@ -93,3 +93,23 @@ def test_a_redelivered_message_does_not_run_a_job_twice(owner, job_env, celery_w
     wait_for(lambda: "was not queued" in celery_worker.tail(), 60, "the worker to receive the message")
     job.refresh_from_db()
     assert job.status == Status.RUNNING and job.worker == "another-worker:1"
+
+
+def test_the_demo_model_compresses_to_fp8_with_near_baseline_perplexity(owner, job_env, celery_worker):
+    """The real 135M model, end to end on the worker: FP8 dynamic must keep WikiText-2 perplexity."""
+    from tests.jobs.factories import make_job
+
+    job = make_job(owner, model_source="demo",
+                   evaluation={"tasks": ["wikitext2_ppl"], "windows": 2, "seqlen": 512})
+    enqueue(job)
+    job = wait_until_finished(job, celery_worker, timeout=600)
+    assert job.status == Status.SUCCEEDED, f"{job.error_type}: {job.error_message}\n{celery_worker.tail()}"
+    row = job.results["evaluation"]["metrics"][0]
+    assert 3 < row["baseline"] < 100, row  # a trained model, not a random one
+    assert row["compressed"] < row["baseline"] * 1.10, row  # FP8 keeps quality
+    size = job.results["size"]
+    # 30 layers x 7 Linears in FP8 + the tied embedding kept in the original precision
+    assert size["compressed_weight_bytes"] < size["dense_bytes"] * 0.6, size
+    config = json.loads((job_env["artifacts"] / str(job.id) / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
+    assert "gguf" not in json.dumps(config["quantization_config"])
