@@ -9,6 +9,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from .archive import artifact_path, stream_tar, tar_size
@@ -26,10 +27,19 @@ def _own_job(request: HttpRequest, job_id: UUID) -> Job:
 def _detail_context(job: Job) -> dict:
     events = list(job.events.order_by("-id")[:EVENTS_TAIL])[::-1]
     results = job.results or {}
-    return {"job": job, "events": events, "results": results,
+    return {"job": job, "events": events, "results": results, "eta_s": _eta_seconds(job),
             "metrics": results.get("evaluation", {}).get("metrics", []),
             "has_artifact": artifact_path(job) is not None,
             "has_card": bool(results.get("model_card"))}
+
+
+def _eta_seconds(job: Job) -> int | None:
+    """Remaining time extrapolated from the elapsed time and the progress fraction."""
+    fraction = (job.progress or {}).get("fraction") or 0
+    if job.status != Status.RUNNING or not job.started_at or not 0.02 < fraction < 1:
+        return None
+    elapsed = (timezone.now() - job.started_at).total_seconds()
+    return int(elapsed * (1 - fraction) / fraction)
 
 
 def _charts(job: Job) -> dict:

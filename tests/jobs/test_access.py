@@ -90,3 +90,4 @@ def test_status_json_reports_progress(client, owner):
     assert data["status"] == "running" and data["finished"] is False
     assert data["progress"]["layer"] == 4
     assert "layer 5/30" in data["progress_html"]
+    assert 'id="job-eta"' in data["progress_html"]  # half done: an estimate of the time left
