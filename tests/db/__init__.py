@@ -1,0 +1,1 @@
+"""Tests that need a real database server (PostgreSQL); skipped where none is reachable."""
