@@ -50,15 +50,31 @@ def record_text(record: Any, tokenizer: Any) -> tuple[str, bool]:
     return "\n\n".join(parts), False
 
 
-def _local_records(path: Path) -> list[Any]:
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-    if path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+def parse_records(text: str, suffix: str) -> list[Any]:
+    """Records of a calibration file's text: one per JSONL line, the items of a JSON list, or the
+    paragraphs (> 200 characters) of plain text. Malformed JSON raises CalibrationError naming the line."""
+    if suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"line {number} is not valid JSON ({exc.msg})") from None
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return data if isinstance(data, list) else [data]
-    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+    paragraphs = [p.strip() for p in text.split("\n\n")]
     return [p for p in paragraphs if len(p) > 200]
+
+
+def _local_records(path: Path) -> list[Any]:
+    return parse_records(path.read_text(encoding="utf-8"), path.suffix)
 
 
 def _load_hub_dataset(source: str, split: str, seed: int, limit: int) -> list[Any]:

@@ -463,11 +463,13 @@ def card_to_html(markdown_text: str) -> str:
     """Render a card for the dashboard: front matter removed, Markdown to HTML, then sanitised.
 
     nh3 keeps only harmless tags and attributes, so `<script>`, event handlers and
-    `javascript:` links in the card text cannot reach the page.
+    `javascript:` links in the card text cannot reach the page. Images and image maps are dropped
+    too: a card must not make the dashboard fetch from a server its text names.
     """
     import markdown
     import nh3
 
     body = re.sub(r"\A\ufeff?---\r?\n.*?\r?\n---[ \t]*(\r?\n|\Z)", "", markdown_text, count=1, flags=re.S)
     html = markdown.markdown(body, extensions=["fenced_code", "tables", "sane_lists"])
-    return nh3.clean(html, link_rel="noopener noreferrer nofollow")
+    tags = set(nh3.ALLOWED_TAGS) - {"img", "map", "area"}
+    return nh3.clean(html, tags=tags, link_rel="noopener noreferrer nofollow")

@@ -132,7 +132,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             calib_stage(f"tokenizing {calibration_spec['samples']} calibration samples")
             calibration = load_calibration(
                 calibration_spec["source"], tokenizer, samples=int(calibration_spec["samples"]),
-                seqlen=int(calibration_spec["seqlen"]), data_dir=data_dir)
+                seqlen=int(calibration_spec["seqlen"]), data_dir=spec.get("calibration_dir") or data_dir)
             calib_stage(f"{len(calibration)} calibration samples ready", 1.0)
 
         from .export import export_checkpoint
@@ -283,6 +283,18 @@ def _numel(shape: list[int]) -> int:
     return total
 
 
+def _card_calibration(calibration: dict, spec: dict) -> dict:
+    """How the card names the calibration data: the upload's own name, the data-directory file, or
+    the Hub dataset (which also goes into the card's `datasets` metadata)."""
+    from .calibration import is_local_source
+
+    source = calibration["source"]
+    hub = None if spec.get("calibration_dir") or is_local_source(source, spec.get("data_dir") or "") \
+        else source.partition(":")[0]
+    return {"dataset": calibration.get("label") or source, "hub_id": hub, "samples": calibration["samples"],
+            "seq_len": calibration["seqlen"]}
+
+
 def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
                 final_dir: Path, calibration: dict | None) -> str:
     from .card import build_model_card
@@ -293,8 +305,7 @@ def _model_card(spec, recipe, model, architecture, identity, evaluation, baselin
         compressed=compressed, size={"dense_bytes": size["dense_bytes"],
                                      "compressed_bytes": size["compressed_weight_bytes"]},
         artifact_dir=str(final_dir), bits_per_param=bits,
-        calibration={"dataset": calibration["source"], "hub_id": None, "samples": calibration["samples"],
-                     "seq_len": calibration["seqlen"]} if calibration else None)
+        calibration=_card_calibration(calibration, spec) if calibration else None)
     facts["architecture"] = architecture
     return build_model_card(facts)
 

@@ -10,7 +10,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 def env_str(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+    return os.environ.get(name) or default  # empty means unset, as in .env.example
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -71,6 +71,12 @@ COMPRESSOR_MODEL_ROOTS = env_list("COMPRESSOR_MODEL_ROOTS", "")
 COMPRESSOR_DATA_DIR = env_str("COMPRESSOR_DATA_DIR", _default_data_dir())
 COMPRESSOR_DEVICE = env_str("COMPRESSOR_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
 COMPRESSOR_MAX_QUEUED_PER_USER = env_int("COMPRESSOR_MAX_QUEUED_PER_USER", 5)
+# Uploaded calibration files: one directory per user; the size limit is enforced while the upload
+# streams in (jobs.uploads.LimitedUploadHandler), so an oversized file never lands on disk whole.
+UPLOAD_ROOT = Path(env_str("COMPRESSOR_UPLOAD_ROOT", str(VAR_DIR / "uploads")))
+COMPRESSOR_MAX_UPLOAD_BYTES = env_int("COMPRESSOR_MAX_UPLOAD_BYTES", 64 * 1024 * 1024)
+COMPRESSOR_MAX_UPLOADS_PER_USER = env_int("COMPRESSOR_MAX_UPLOADS_PER_USER", 100)
+FILE_UPLOAD_HANDLERS = ["jobs.uploads.LimitedUploadHandler"]
 COMPRESSOR_EVAL_WINDOWS = env_int("COMPRESSOR_EVAL_WINDOWS", 8)
 # Reliability: a running job beats its heart every HEARTBEAT_S; one silent for WORKER_LOST_AFTER_S is
 # marked failed ("worker lost"); a queued job absent from the broker for REQUEUE_AFTER_S is re-sent.

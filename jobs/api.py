@@ -14,7 +14,8 @@ from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
-from rest_framework.decorators import api_view
+from rest_framework.decorators import api_view, parser_classes
+from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
@@ -22,12 +23,14 @@ from rest_framework.utils.urls import remove_query_param, replace_query_param
 
 from .api_errors import error_response
 from .archive import artifact_path, stream_tar, tar_size
-from .models import Job, Status
-from .serializers import (CompareFilterSerializer, CompareSerializer, ErrorSerializer, EventFilterSerializer,
+from .models import CalibrationUpload, Job, Status
+from .serializers import (CalibrationUploadListSerializer, CalibrationUploadRequestSerializer,
+                          CalibrationUploadSerializer, CompareFilterSerializer, CompareSerializer, ErrorSerializer, EventFilterSerializer,
                           EventPageSerializer, EventSerializer, JobCreateSerializer, JobDetailSerializer,
                           JobFilterSerializer, JobPageSerializer, JobSummarySerializer, PresetListSerializer,
                           _links)
 from .submission import SubmissionError, create_job, validate_submission
+from .uploads import oversize_error, store_upload
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +204,43 @@ def job_artifact(request: Request, job_id: UUID) -> StreamingHttpResponse:
     response["Content-Disposition"] = f'attachment; filename="{name}.tar"'
     response["Content-Length"] = str(tar_size(path, name))
     return response
+
+
+# -- calibration files ---------------------------------------------------------------------------
+@extend_schema(methods=["GET"], operation_id="calibration_files_list", summary="Your uploaded calibration files",
+               responses={200: CalibrationUploadListSerializer, **ERRORS})
+@extend_schema(methods=["POST"], operation_id="calibration_files_create", summary="Upload a calibration file",
+               description="multipart/form-data with one `file`. The file is checked (suffix, UTF-8, records "
+                           "with text) and kept; use its `source` (`upload:<id>`) as a job's calibration.source. "
+                           "Files above `max_bytes` are refused while they stream in.",
+               request={"multipart/form-data": CalibrationUploadRequestSerializer},
+               responses={201: CalibrationUploadSerializer, **ERRORS,
+                          413: OpenApiResponse(ErrorSerializer, description="The file is above the size limit"),
+                          415: OpenApiResponse(ErrorSerializer, description="The body is not multipart/form-data")})
+@api_view(["GET", "POST"])
+@parser_classes([MultiPartParser])
+def calibration_files(request: Request) -> Response:
+    from django.conf import settings
+
+    if request.method == "GET":
+        uploads = CalibrationUpload.objects.filter(owner=request.user)[:500]
+        return Response({"results": CalibrationUploadSerializer(uploads, many=True).data,
+                         "max_bytes": settings.COMPRESSOR_MAX_UPLOAD_BYTES})
+    files = request.FILES  # parses the body; the size limit applies while it streams in
+    unknown = sorted(set(files) - {"file"}) + sorted(set(request.data) - set(files))
+    if unknown:
+        return error_response(status.HTTP_400_BAD_REQUEST, (unknown[0], "unknown field; allowed: file"))
+    if too_big := oversize_error(request._request, "file"):
+        return error_response(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, (too_big.field, too_big.message))
+    if "file" not in files:
+        return error_response(status.HTTP_400_BAD_REQUEST, ("file", "no file uploaded; send multipart/form-data "
+                                                                    "with the file in the field 'file'"))
+    try:
+        upload = store_upload(request.user, files["file"], field="file")
+    except SubmissionError as exc:
+        return error_response(status.HTTP_400_BAD_REQUEST, (exc.field, exc.message))
+    log.info("calibration file %s (%d bytes) uploaded by %s", upload.id, upload.size, request.user)
+    return Response(CalibrationUploadSerializer(upload).data, status=status.HTTP_201_CREATED)
 
 
 # -- presets and comparison ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ urlpatterns = [
     path("jobs/<uuid:job_id>/cancel", api.job_cancel, name="api-job-cancel"),
     path("jobs/<uuid:job_id>/card", api.job_card, name="api-job-card"),
     path("jobs/<uuid:job_id>/artifact", api.job_artifact, name="api-job-artifact"),
+    path("calibration-files", api.calibration_files, name="api-calibration-files"),
     path("presets", api.presets, name="api-presets"),
     path("compare", api.compare, name="api-compare"),
     re_path(r"^(?P<unmatched>.*)$", api.not_found, name="api-not-found"),

@@ -13,6 +13,7 @@ GROUP_SIZE_CHOICES = [("", "preset default"), ("32", "32"), ("64", "64"), ("128"
 FIELD_MAP = {
     "model": "model", "name": "name", "recipe.yaml": "recipe_yaml", "recipe.group_size": "group_size",
     "recipe.preset": "preset", "recipe": "preset", "calibration.samples": "calibration_samples",
+    "calibration.source": "calibration_source", "calibration_file": "calibration_file",
     "calibration.seqlen": "calibration_seqlen", "evaluation.windows": "eval_windows",
     "evaluation.tasks": "eval_tasks", "evaluation.limit": "eval_limit",
 }
@@ -47,6 +48,16 @@ class JobForm(forms.Form):
     recipe_yaml = forms.CharField(
         required=False, label="Recipe YAML", widget=forms.Textarea(attrs={"rows": 8, "spellcheck": "false"}),
         help_text="Optional llm-compressor-style recipe; when given it replaces the preset.")
+    calibration_source = forms.CharField(
+        max_length=300, required=False, label="Calibration data",
+        widget=forms.TextInput(attrs={"list": "calibration-sources", "spellcheck": "false"}),
+        help_text="A file of the data directory, one of your uploads (upload:<id>), or a Hugging Face dataset "
+                  "id such as HuggingFaceH4/ultrachat_200k:train_sft. Empty: the built-in default.")
+    calibration_file = forms.FileField(
+        required=False, label="…or upload a calibration file",
+        widget=forms.ClearableFileInput(attrs={"accept": ".jsonl,.json,.txt"}),
+        help_text="JSON lines (text, instruction/output or chat messages per line), a JSON list, or plain text; "
+                  "UTF-8. It is kept with your uploads and used for this job.")
     calibration_samples = forms.IntegerField(min_value=1, max_value=4096, initial=128)
     calibration_seqlen = forms.IntegerField(min_value=16, max_value=8192, initial=512)
     eval_tasks = forms.MultipleChoiceField(
@@ -60,9 +71,10 @@ class JobForm(forms.Form):
         min_value=1, max_value=1000, label="Perplexity windows",
         help_text="WikiText-2 test windows of 512 tokens scored for perplexity (baseline and compressed).")
 
-    def __init__(self, *args, user=None, **kwargs):
+    def __init__(self, *args, user=None, request=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.user = user
+        self.http_request = request
         self.fields["preset"].choices = preset_choices()
         self.fields["eval_tasks"].choices = [(t, t) for t in available_eval_tasks()]
         self.fields["eval_windows"].initial = settings.COMPRESSOR_EVAL_WINDOWS
@@ -79,12 +91,16 @@ class JobForm(forms.Form):
                 self.add_error("group_size", "a group size applies only to the W4A16 presets")
                 return data
             options["group_size"] = None if data["group_size"] == "channel" else int(data["group_size"])
+        source = (data.get("calibration_source") or "").strip() or None
         try:
+            if upload := self._store_upload(data):
+                source = upload.source
             self.request = validate_submission(
                 self.user, model=data["model"], preset=data["preset"], preset_options=options,
                 recipe_yaml=yaml_text or None, trust_remote_code=bool(data.get("trust_remote_code")),
                 name=data.get("name", ""),
-                calibration={"samples": data["calibration_samples"], "seqlen": data["calibration_seqlen"]},
+                calibration={"source": source, "samples": data["calibration_samples"],
+                             "seqlen": data["calibration_seqlen"]},
                 evaluation={"tasks": data.get("eval_tasks") or [PERPLEXITY_TASK], "windows": data["eval_windows"],
                             "limit": data.get("eval_limit")})
         except SubmissionError as exc:
@@ -92,3 +108,35 @@ class JobForm(forms.Form):
             plain = exc.field in FIELD_MAP or exc.field == "non_field"
             self.add_error(target, exc.message if plain else f"{exc.field}: {exc.message}")
         return data
+
+    def _store_upload(self, data: dict):
+        """Keep an uploaded calibration file (it becomes one of the user's uploads whatever happens to
+        the rest of the form) and point the source field at it, so a re-rendered form needs no re-upload."""
+        from .uploads import oversize_error, store_upload
+
+        if too_big := oversize_error(self.http_request, "calibration_file"):
+            raise too_big
+        uploaded = data.get("calibration_file")
+        if not uploaded:
+            return None
+        upload = store_upload(self.user, uploaded, field="calibration_file")
+        self.data = self.data.copy()
+        self.data["calibration_source"] = upload.source
+        return upload
+
+    def calibration_sources(self) -> list[tuple[str, str]]:
+        """(value, label) suggestions: data-directory calibration files, then the user's uploads."""
+        from pathlib import Path
+
+        from .models import CalibrationUpload
+
+        options = []
+        root = Path(settings.COMPRESSOR_DATA_DIR or "")
+        if settings.COMPRESSOR_DATA_DIR and (root / "calibration").is_dir():
+            for path in sorted((root / "calibration").iterdir()):
+                if path.suffix in (".jsonl", ".json", ".txt"):
+                    options.append((f"calibration/{path.name}", "data directory"))
+        if self.user is not None:
+            for upload in CalibrationUpload.objects.filter(owner=self.user)[:50]:
+                options.append((upload.source, f"uploaded {upload.filename} ({upload.records} records)"))
+        return options

@@ -11,12 +11,28 @@ racing on one job never both win):
 """
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any
 
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+
+
+def db_safe(value: Any) -> Any:
+    """``value`` made storable by every database we run on: no NUL characters in strings (PostgreSQL
+    refuses them in text and JSON) and no NaN/Infinity in JSON (both refuse those); such floats become
+    None, which the pages show as "n/a"."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {db_safe(k) if isinstance(k, str) else k: db_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [db_safe(v) for v in value]
+    return value
 
 
 class Status(models.TextChoices):
@@ -77,9 +93,11 @@ class Job(models.Model):
 
     # -- transitions -------------------------------------------------------------------------
     @classmethod
-    def _cas(cls, job_id: Any, old: tuple[str, ...], **changes: Any) -> bool:
-        """Compare-and-set: apply `changes` only if the job is in one of `old`. True if it was."""
-        return cls.objects.filter(pk=job_id, status__in=old).update(**changes) == 1
+    def _cas(cls, job_id: Any, old: tuple[str, ...], where: dict | None = None, **changes: Any) -> bool:
+        """Compare-and-set: apply `changes` only if the job is in one of `old` (and matches `where`).
+        True if it was. Values are made storable first (`db_safe`)."""
+        changes = {key: db_safe(value) for key, value in changes.items()}
+        return cls.objects.filter(pk=job_id, status__in=old, **(where or {})).update(**changes) == 1
 
     @classmethod
     def claim(cls, job_id: Any, worker: str) -> bool:
@@ -96,8 +114,11 @@ class Job(models.Model):
                         progress={"stage": "done", "fraction": 1.0, "message": "finished"})
 
     @classmethod
-    def fail(cls, job_id: Any, error_type: str, message: str) -> bool:
-        return cls._cas(job_id, ACTIVE, status=Status.FAILED, finished_at=timezone.now(),
+    def fail(cls, job_id: Any, error_type: str, message: str, *, heartbeat_before: Any = None) -> bool:
+        """→ failed. With `heartbeat_before`, only if the job's last heartbeat is older than that (the
+        reaper: a heartbeat arriving after it looked proves the worker alive)."""
+        where = {"heartbeat_at__lt": heartbeat_before} if heartbeat_before is not None else None
+        return cls._cas(job_id, ACTIVE, where, status=Status.FAILED, finished_at=timezone.now(),
                         error_type=error_type[:100], error_message=message)
 
     @classmethod
@@ -143,3 +164,49 @@ class JobEvent(models.Model):
     class Meta:
         ordering = ["id"]
         indexes = [models.Index(fields=["job", "id"])]
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.message, self.data = db_safe(self.message), db_safe(self.data)
+        super().save(*args, **kwargs)
+
+
+class CalibrationUpload(models.Model):
+    """A calibration file a user uploaded, stored as ``UPLOAD_ROOT/<owner id>/<id><suffix>``.
+
+    Jobs name it by ``source`` (``upload:<id>``); only its owner can use or see it. The original
+    file name is kept for display and the model card only, never as a path.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
+                              related_name="calibration_uploads")
+    filename = models.CharField(max_length=255)
+    suffix = models.CharField(max_length=8)  # .jsonl | .json | .txt
+    size = models.BigIntegerField()
+    records = models.IntegerField()
+    sha256 = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    SOURCE_PREFIX = "upload:"
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.filename} ({self.records} records)"
+
+    @property
+    def source(self) -> str:
+        return f"{self.SOURCE_PREFIX}{self.id}"
+
+    @property
+    def stored_name(self) -> str:
+        return f"{self.id}{self.suffix}"
+
+    @property
+    def directory(self):
+        return settings.UPLOAD_ROOT / str(self.owner_id)
+
+    @property
+    def path(self):
+        return self.directory / self.stored_name

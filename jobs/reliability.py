@@ -57,9 +57,10 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
-def fail_lost_job(job_id: Any, reason: str) -> bool:
+def fail_lost_job(job_id: Any, reason: str, *, heartbeat_before: Any = None) -> bool:
     """Fail a running job whose worker died; remove its temporary output."""
-    if not Job.fail(job_id, WORKER_LOST, f"worker lost: {reason}. The job was not retried; resubmit it.") :
+    if not Job.fail(job_id, WORKER_LOST, f"worker lost: {reason}. The job was not retried; resubmit it.",
+                    heartbeat_before=heartbeat_before):
         return False
     JobEvent.objects.create(job_id=job_id, stage="failed", level="error", message=f"worker lost: {reason}")
     remove_temporary_output(job_id)
@@ -82,7 +83,8 @@ def reap_stale_running(now=None) -> list[str]:
     cutoff = now - timedelta(seconds=settings.COMPRESSOR_WORKER_LOST_AFTER_S)
     reaped = []
     for job_id in Job.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff).values_list("pk", flat=True):
-        if fail_lost_job(job_id, f"no heartbeat for more than {settings.COMPRESSOR_WORKER_LOST_AFTER_S}s"):
+        if fail_lost_job(job_id, f"no heartbeat for more than {settings.COMPRESSOR_WORKER_LOST_AFTER_S}s",
+                         heartbeat_before=cutoff):
             reaped.append(str(job_id))
     return reaped
 

@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.reverse import reverse
 
-from .models import Job, JobEvent, Status
+from .models import CalibrationUpload, Job, JobEvent, Status
 
 PRESET_OPTIONS = ("group_size", "actorder", "dampening_frac", "block_size", "ignore")
 RECIPE_FORMS = ("preset", "yaml", "recipe")
@@ -266,3 +266,22 @@ class CompareJobSerializer(serializers.Serializer):
 class CompareSerializer(serializers.Serializer):
     model = serializers.CharField()
     jobs = CompareJobSerializer(many=True)
+
+
+class CalibrationUploadSerializer(serializers.ModelSerializer):
+    source = serializers.CharField(read_only=True, help_text="Pass this as calibration.source of a new job")
+
+    class Meta:
+        model = CalibrationUpload
+        fields = ["id", "source", "filename", "size", "records", "sha256", "created_at"]
+        read_only_fields = fields
+
+
+class CalibrationUploadListSerializer(serializers.Serializer):
+    results = CalibrationUploadSerializer(many=True)
+    max_bytes = serializers.IntegerField(help_text="The largest file the server accepts")
+
+
+class CalibrationUploadRequestSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text="A .jsonl (one JSON record per line: text, instruction/output or "
+                                           "chat messages), .json (a list of records) or .txt file, UTF-8")

@@ -6,6 +6,7 @@ is allowed. Nothing is written to the database until everything has been validat
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,17 +68,50 @@ def _bounded_int(value: Any, name: str, default: int | None) -> int | None:
     return number
 
 
-def clean_calibration(raw: dict | None) -> dict:
+HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:+-]+)?$")
+
+
+def clean_calibration(raw: dict | None, owner: Any = None, *, needs_calibration: bool = True) -> dict:
+    """Calibration settings with a checked source: ``upload:<id>`` (one of the owner's uploads), a
+    file inside the data directory, or a Hub dataset id ``org/name[:split]``."""
     raw = dict(raw or {})
     unknown = set(raw) - {"source", "samples", "seqlen"}
     if unknown:
         raise SubmissionError(f"calibration.{sorted(unknown)[0]}", "unknown field; allowed: source, samples, seqlen")
-    source = raw.get("source") or DEFAULT_CALIBRATION_SOURCE
+    given = raw.get("source")
+    source = given or DEFAULT_CALIBRATION_SOURCE
     if not isinstance(source, str) or len(source) > 300:
         raise SubmissionError("calibration.source", "must be a data-directory file or a Hugging Face dataset id")
+    source = source.strip()
+    if given or needs_calibration:
+        check_calibration_source(source, owner)
     return {"source": source,
             "samples": _bounded_int(raw.get("samples"), "calibration.samples", 128),
             "seqlen": _bounded_int(raw.get("seqlen"), "calibration.seqlen", 512)}
+
+
+def check_calibration_source(source: str, owner: Any) -> None:
+    from compression.calibration import is_local_source, resolve_local
+    from compression.errors import CalibrationError
+
+    from .models import CalibrationUpload
+    from .uploads import resolve_source
+
+    if source.startswith(CalibrationUpload.SOURCE_PREFIX):
+        if owner is None or resolve_source(owner.pk, source) is None:
+            raise SubmissionError("calibration.source", f"{source!r} names none of your uploaded calibration files")
+        return
+    data_dir = settings.COMPRESSOR_DATA_DIR
+    if data_dir and is_local_source(source, data_dir):
+        try:
+            resolve_local(source, data_dir)
+        except CalibrationError as exc:
+            raise SubmissionError("calibration.source", str(exc)) from None
+        return
+    if not HUB_DATASET.match(source):
+        raise SubmissionError("calibration.source", f"{source!r} is neither a file under the data directory, "
+                                                    "an uploaded file (upload:<id>) nor a Hub dataset id "
+                                                    "like org/name or org/name:split")
 
 
 def clean_evaluation(raw: dict | None) -> dict:
@@ -164,7 +198,7 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
         raise SubmissionError("model", exc.message) from None
     recipe = build_recipe(preset=preset, preset_options=preset_options, recipe_yaml=recipe_yaml,
                           recipe_dict=recipe_dict)
-    calibration = clean_calibration(calibration)
+    calibration = clean_calibration(calibration, owner, needs_calibration=recipe.needs_calibration)
     evaluation = clean_evaluation(evaluation)
     try:
         config = load_config(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 from typing import Any
@@ -11,7 +12,7 @@ from celery import shared_task, signals
 from billiard.exceptions import WorkerLostError
 from django.conf import settings
 
-from .models import Job, JobEvent, Status
+from .models import CalibrationUpload, Job, JobEvent, Status
 from .reliability import Heartbeat, Watchdog, fail_lost_job
 
 log = logging.getLogger(__name__)
@@ -20,13 +21,30 @@ PROGRESS_MIN_INTERVAL_S = 0.5
 
 
 def job_spec(job: Job) -> dict[str, Any]:
-    """Everything the engine needs, as plain JSON, built from the job row and the settings."""
+    """Everything the engine needs, as plain JSON, built from the job row and the settings.
+
+    An uploaded calibration file (``upload:<id>``) becomes its stored name inside the owner's upload
+    directory (``calibration_dir``), labelled with the name it was uploaded under.
+    """
+    from compression.errors import CalibrationError
+
+    from .uploads import resolve_source
+
+    calibration = dict(job.calibration or {})
+    calibration_dir = None
+    if str(calibration.get("source", "")).startswith(CalibrationUpload.SOURCE_PREFIX):
+        upload = resolve_source(job.owner_id, calibration["source"])
+        if upload is None or not upload.path.is_file():
+            raise CalibrationError(f"the uploaded calibration file {calibration['source']} no longer exists")
+        calibration.update(source=upload.stored_name, label=f"{upload.filename} (uploaded)")
+        calibration_dir = str(upload.directory)
     return {
         "job_id": str(job.id),
         "model": job.model_source,
         "trust_remote_code": job.trust_remote_code,
         "recipe": job.recipe,
-        "calibration": job.calibration,
+        "calibration": calibration,
+        "calibration_dir": calibration_dir,
         "evaluation": job.evaluation,
         "allowed_roots": list(settings.COMPRESSOR_MODEL_ROOTS),
         "data_dir": settings.COMPRESSOR_DATA_DIR,
@@ -84,7 +102,14 @@ def run_job(job_id: str) -> None:
         JobEvent.objects.create(job_id=job_id, stage="failed", level="error", message=message[:2000])
         raise
     artifact_bytes = int(results.get("artifact", {}).get("bytes", 0))
-    if not Job.succeed(job_id, results, artifact_dir=str(job.id), artifact_bytes=artifact_bytes):
+    try:
+        stored = Job.succeed(job_id, results, artifact_dir=str(job.id), artifact_bytes=artifact_bytes)
+    except Exception as exc:  # the database refused the results: fail visibly, never stay "running"
+        log.exception("job %s: results could not be stored", job_id)
+        Job.fail(job_id, "ResultsNotStored", f"the job finished but its results could not be stored: {exc}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if not stored:
         log.warning("job %s changed state while running; results discarded", job_id)
         return
     JobEvent.objects.create(job_id=job_id, stage="done", message="job succeeded")

@@ -63,7 +63,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def job_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
-        form = JobForm(request.POST, user=request.user)
+        form = JobForm(request.POST, request.FILES, user=request.user, request=request)
         if form.is_valid():
             job = create_job(form.request)
             messages.success(request, "Job queued.")

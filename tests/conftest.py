@@ -157,6 +157,13 @@ class CeleryWorker:
         self.log.close()
 
 
+@pytest.fixture(autouse=True)
+def upload_root(tmp_path, settings):
+    """Uploaded calibration files of one test go under its own tmp_path, never into var/."""
+    settings.UPLOAD_ROOT = tmp_path / "uploads"
+    return settings.UPLOAD_ROOT
+
+
 @pytest.fixture
 def job_env(tmp_path, settings, redis_server):
     """Artifact root, allowed model root and cache for one test, shared with the worker."""
@@ -180,6 +187,7 @@ def worker_factory(job_env, redis_server, transactional_db, tmp_path, settings):
                    DATABASE_URL=database_url_for_worker(), REDIS_URL=redis_server.url,
                    ARTIFACT_ROOT=str(job_env["artifacts"]), COMPRESSOR_MODEL_ROOTS=str(job_env["models"]),
                    COMPRESSOR_CACHE_DIR=str(job_env["cache"]), COMPRESSOR_DATA_DIR=settings.COMPRESSOR_DATA_DIR,
+                   COMPRESSOR_UPLOAD_ROOT=str(settings.UPLOAD_ROOT),
                    COMPRESSOR_DEVICE="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **extra_env)
         # The worker runs jobs as in production: torch reference kernels on CPU, not the interpreter.

@@ -71,6 +71,29 @@ def test_a_job_submitted_through_the_form_runs_on_the_worker(client, owner, job_
     assert f'{rows[0]["baseline"]:.2f}' in card.content.decode() or "wikitext2_ppl" in card.content.decode()
 
 
+def test_a_gptq_job_calibrates_on_a_file_uploaded_through_the_form(client, owner, job_env, celery_worker):
+    """Upload → stored under the owner → the worker resolves upload:<id> and GPTQ calibrates on it."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from jobs.models import CalibrationUpload
+
+    model_dir = save_tiny_llama(job_env["models"] / "tiny-llama")
+    lines = [json.dumps({"instruction": f"Summarise ticket {i}", "output": "The customer reports that the "
+                         f"export of report {i} times out after thirty seconds."}) for i in range(6)]
+    client.force_login(owner)
+    job = submit(client, model=str(model_dir), preset="W4A16",
+                 calibration_file=SimpleUploadedFile("tickets.jsonl", "\n".join(lines).encode()))
+    upload = CalibrationUpload.objects.get(owner=owner)
+    assert job.calibration["source"] == upload.source
+    job = wait_until_finished(job, celery_worker)
+    assert job.status == Status.SUCCEEDED, f"{job.error_type}: {job.error_message}\n{celery_worker.tail()}"
+    assert "calibration: 4 samples" in celery_worker.tail(400)
+    assert f"from {upload.stored_name}" in celery_worker.tail(400)  # read from the owner's upload directory
+    card = (job_env["artifacts"] / str(job.id) / "README.md").read_text()
+    assert "tickets.jsonl (uploaded)" in card
+    assert str(upload.id) not in card  # the card names the file, not our storage
+
+
 def test_a_job_naming_a_missing_model_fails_clearly_and_leaves_nothing(owner, job_env, celery_worker):
     from tests.jobs.factories import make_job
 

@@ -105,3 +105,47 @@ def test_only_one_of_many_concurrent_claims_wins(owner):
     for t in threads:
         t.join()
     assert sorted(wins) == [False] * 5 + [True]
+
+
+def test_text_and_numbers_no_database_can_store_are_made_storable(owner):
+    """NUL characters (refused by PostgreSQL) and NaN/Infinity (refused in JSON) never make a
+    transition raise and leave a job stuck in running."""
+    from jobs.models import JobEvent
+
+    job = make_job(owner)
+    Job.claim(job.id, "w")
+    assert Job.report_progress(job.id, {"stage": "compress", "message": "a\x00b", "loss": float("nan")})
+    event = JobEvent.objects.create(job=job, stage="compress", message="x\x00y", data={"loss": float("inf")})
+    event.refresh_from_db()
+    assert event.message == "x\ufffdy" and event.data == {"loss": None}
+    assert Job.succeed(job.id, {"evaluation": {"metrics": [{"compressed": float("nan"), "note": "\x00"}]}}, "d", 1)
+    job.refresh_from_db()
+    assert job.results["evaluation"]["metrics"] == [{"compressed": None, "note": "\ufffd"}]
+
+    other = make_job(owner)
+    Job.claim(other.id, "w")
+    assert Job.fail(other.id, "Boom\x00", "message with \x00 inside")
+    other.refresh_from_db()
+    assert other.status == Status.FAILED and "\x00" not in other.error_message + other.error_type
+
+
+def test_the_reaper_spares_a_job_whose_heartbeat_arrived_after_it_looked(owner, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from jobs.reliability import reap_stale_running
+
+    settings.COMPRESSOR_WORKER_LOST_AFTER_S = 60
+    stale, alive = make_job(owner), make_job(owner)
+    for job in (stale, alive):
+        Job.claim(job.id, "w")
+    long_ago = timezone.now() - timedelta(seconds=600)
+    Job.objects.filter(pk__in=[stale.id, alive.id]).update(heartbeat_at=long_ago)
+    # the fail itself re-checks the heartbeat: a beat newer than the cutoff wins the race
+    cutoff = timezone.now() - timedelta(seconds=60)
+    Job.report_progress(alive.id, {"stage": "compress"})
+    assert Job.fail(alive.id, "WorkerLost", "x", heartbeat_before=cutoff) is False
+    assert reap_stale_running() == [str(stale.id)]
+    alive.refresh_from_db()
+    assert alive.status == Status.RUNNING

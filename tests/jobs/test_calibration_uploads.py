@@ -1,0 +1,196 @@
+"""Calibration data: uploads with a size limit enforced while streaming, checked content, per-user
+ownership, and calibration sources checked at submission (data directory, upload, Hub id)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.urls import reverse
+
+from jobs.models import CalibrationUpload, Job
+from jobs.submission import SubmissionError, clean_calibration
+from jobs.tasks import job_spec
+from tests.api.conftest import errors, token_client
+
+pytestmark = pytest.mark.django_db
+
+RECORDS = [{"text": f"Calibration sample number {i}: the quick brown fox jumps over the lazy dog."} for i in range(5)]
+JSONL = "\n".join(json.dumps(r) for r in RECORDS).encode()
+UPLOADS = "/api/calibration-files"
+
+
+@pytest.fixture
+def api(owner):
+    return token_client(owner)
+
+
+@pytest.fixture
+def sent(monkeypatch) -> list[str]:
+    from jobs.tasks import run_job
+
+    ids: list[str] = []
+    monkeypatch.setattr(run_job, "apply_async", lambda args, **kwargs: ids.append(args[0]))
+    return ids
+
+
+def upload(client, content: bytes, name: str = "mine.jsonl", field: str = "file"):
+    return client.post(UPLOADS, {field: SimpleUploadedFile(name, content)}, format="multipart")
+
+
+def files_under(root) -> list[str]:
+    return sorted(p.name for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_an_upload_is_checked_stored_under_its_owner_and_listed(api, owner, upload_root):
+    response = upload(api, JSONL, name="../../etc/evil name.jsonl")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["records"] == 5 and body["size"] == len(JSONL)
+    assert body["filename"] == "evil name.jsonl"  # the client's directories are dropped
+    row = CalibrationUpload.objects.get(pk=body["id"])
+    assert body["source"] == f"upload:{row.id}"
+    assert row.path == upload_root / str(owner.pk) / f"{row.id}.jsonl"
+    assert row.path.read_bytes() == JSONL
+    listed = api.get(UPLOADS).json()
+    assert [item["id"] for item in listed["results"]] == [body["id"]]
+    assert listed["max_bytes"] > 0
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("data.csv", b"text\nhello", "must end in .jsonl, .json, .txt"),
+    ("data.jsonl", b'{"text": "fine"}\n{"text": broken}\n', "line 2 is not valid JSON"),
+    ("data.jsonl", '{"text": "caf\u00e9"}'.encode("latin-1"), "not UTF-8 text"),
+    ("data.jsonl", b'{"label": 1}\n{"score": 2}\n', "no usable calibration text"),
+    ("data.txt", b"too short to be a paragraph", "paragraphs of more than 200 characters"),
+    ("data.json", b'{"text": ', "not valid JSON"),
+])
+def test_bad_uploads_are_refused_naming_the_problem_and_leave_nothing(api, upload_root, name, content, message):
+    response = upload(api, content, name=name)
+    assert response.status_code == 400
+    assert message in errors(response)["file"]
+    assert not CalibrationUpload.objects.exists()
+    assert files_under(upload_root) == []
+
+
+def test_a_file_over_the_limit_is_dropped_while_streaming(api, settings, upload_root):
+    settings.COMPRESSOR_MAX_UPLOAD_BYTES = 1000
+    big = b"\n".join(json.dumps({"text": "x" * 90}).encode() for _ in range(200))  # ~20 kB
+    response = upload(api, big)
+    assert response.status_code == 413
+    assert "larger than the upload limit of 1000 bytes" in errors(response)["file"]
+    assert not CalibrationUpload.objects.exists() and files_under(upload_root) == []
+    assert upload(api, JSONL[:900]).status_code == 201  # under the limit still works
+
+
+def test_the_upload_endpoint_names_missing_and_unknown_fields(api):
+    assert errors(api.post(UPLOADS, {}, format="multipart"))["file"].startswith("no file uploaded")
+    assert "unknown field" in errors(upload(api, JSONL, field="data"))["data"]
+    assert api.post(UPLOADS, {"file": "x"}, format="json").status_code == 415
+
+
+def test_the_per_user_upload_limit(api, settings):
+    settings.COMPRESSOR_MAX_UPLOADS_PER_USER = 1
+    assert upload(api, JSONL).status_code == 201
+    response = upload(api, JSONL)
+    assert response.status_code == 400 and "limit 1" in errors(response)["file"]
+
+
+def test_uploads_are_private(api, outsider, sent):
+    source = upload(api, JSONL).json()["source"]
+    stranger = token_client(outsider)
+    assert stranger.get(UPLOADS).json()["results"] == []
+    response = stranger.post("/api/jobs", {"model": "demo", "recipe": {"preset": "W4A16", "group_size": 64},
+                                           "calibration": {"source": source}}, format="json")
+    assert response.status_code == 400
+    assert "names none of your uploaded calibration files" in errors(response)["calibration.source"]
+    assert not Job.objects.exists() and sent == []
+
+
+def test_a_job_calibrates_on_an_upload_and_the_worker_finds_it(api, owner, sent):
+    created = upload(api, JSONL, name="support-chats.jsonl").json()
+    response = api.post("/api/jobs", {"model": "demo", "recipe": {"preset": "W4A16", "group_size": 64},
+                                      "calibration": {"source": created["source"], "samples": 4}}, format="json")
+    assert response.status_code == 201, response.content
+    job = Job.objects.get(pk=response.json()["id"])
+    assert job.calibration["source"] == created["source"] and sent == [str(job.id)]
+    spec = job_spec(job)
+    upload_row = CalibrationUpload.objects.get(pk=created["id"])
+    assert spec["calibration_dir"] == str(upload_row.directory)
+    assert spec["calibration"]["source"] == upload_row.stored_name
+    assert spec["calibration"]["label"] == "support-chats.jsonl (uploaded)"
+
+    upload_row.path.unlink()  # gone before the worker ran: a clear error, not a crash elsewhere
+    from compression.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="no longer exists"):
+        job_spec(job)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("../../../etc/passwd", "outside the data directory"),
+    ("/etc/passwd", "outside the data directory"),
+    ("calibration/missing.jsonl", "not found"),
+    ("upload:not-a-uuid", "names none of your uploaded calibration files"),
+    ("not a dataset id", "neither a file under the data directory"),
+    ("<script>alert(1)</script>", "neither a file under the data directory"),
+])
+def test_calibration_sources_are_checked_at_submission(owner, source, message):
+    with pytest.raises(SubmissionError) as caught:
+        clean_calibration({"source": source}, owner)
+    assert caught.value.field == "calibration.source" and message in caught.value.message
+
+
+def test_good_calibration_sources_pass(owner):
+    assert clean_calibration({"source": "calibration/self_instruct_seed_tasks.jsonl"}, owner)["samples"] == 128
+    assert clean_calibration({"source": "HuggingFaceH4/ultrachat_200k:train_sft"}, owner)["source"] \
+        == "HuggingFaceH4/ultrachat_200k:train_sft"
+    # a recipe without calibration does not need the default file to exist
+    assert clean_calibration({}, owner, needs_calibration=False)["source"].endswith(".jsonl")
+
+
+# -- the form -----------------------------------------------------------------------------------
+FORM = {"model": "demo", "preset": "W4A16", "group_size": "64", "recipe_yaml": "", "calibration_samples": 4,
+        "calibration_seqlen": 64, "eval_windows": 2}
+
+
+@pytest.fixture
+def logged_in(client, owner):
+    client.force_login(owner)
+    return client
+
+
+def test_the_form_uploads_a_file_and_queues_the_job_on_it(logged_in, owner, sent):
+    page = logged_in.get(reverse("job-new")).content.decode()
+    assert 'enctype="multipart/form-data"' in page
+    assert '<option value="calibration/self_instruct_seed_tasks.jsonl">' in page
+    response = logged_in.post(reverse("job-new"), {**FORM, "calibration_file": SimpleUploadedFile("a.jsonl", JSONL)})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    upload_row = CalibrationUpload.objects.get(owner=owner)
+    job = Job.objects.get()
+    assert job.calibration["source"] == upload_row.source and sent == [str(job.id)]
+    # the upload is offered again next time
+    assert f'<option value="{upload_row.source}">' in logged_in.get(reverse("job-new")).content.decode()
+
+
+def test_the_form_keeps_the_upload_when_another_field_is_wrong(logged_in, owner):
+    response = logged_in.post(reverse("job-new"), {**FORM, "model": "no-such/model-anywhere",
+                                                   "calibration_file": SimpleUploadedFile("a.jsonl", JSONL)})
+    assert response.status_code == 400
+    upload_row = CalibrationUpload.objects.get(owner=owner)
+    assert f'value="{upload_row.source}"' in response.content.decode()  # no re-upload needed
+    assert not Job.objects.exists()
+
+
+def test_the_form_reports_a_file_over_the_limit_on_its_field(logged_in, settings, upload_root):
+    settings.COMPRESSOR_MAX_UPLOAD_BYTES = 100
+    response = logged_in.post(reverse("job-new"), {**FORM, "calibration_file": SimpleUploadedFile("a.jsonl", JSONL)})
+    assert response.status_code == 400
+    assert "larger than the upload limit of 100 bytes" in response.context["form"].errors["calibration_file"][0]
+    assert not Job.objects.exists() and not CalibrationUpload.objects.exists() and files_under(upload_root) == []
+
+
+def test_the_form_names_a_bad_calibration_source(logged_in):
+    response = logged_in.post(reverse("job-new"), {**FORM, "calibration_source": "../secrets.jsonl"})
+    assert response.status_code == 400
+    assert "outside the data directory" in response.context["form"].errors["calibration_source"][0]
