@@ -433,14 +433,20 @@ def _speed(facts: dict) -> str | None:
     rows = speed.get("rows") or []
     if not rows:
         return None
-    lines = ["### Speed", "", f"Measured on {_or_missing(speed.get('device'))}.", "",
-             "| Model | Prefill (tokens/s) | Decode (tokens/s) | Peak memory (GB) |",
-             "| --- | ---: | ---: | ---: |"]
+    first = rows[0]
+    shape = (f" Batch 1: prefill of {first['prompt_tokens']} tokens, then {first['decode_tokens']} decode steps "
+             "on the KV cache; median of repeated runs.") if first.get("prompt_tokens") else ""
+    lines = ["### Speed", "", f"Measured on {_or_missing(speed.get('device'))}.{shape}", "",
+             "| Model | Prefill (tokens/s) | Decode (tokens/s) | Peak memory (GB) | Weights in memory (GB) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         cells = [f"{r[k]:.1f}" if isinstance(r.get(k), (int, float)) else "n/a"
                  for k in ("prefill_tok_s", "decode_tok_s")]
-        mem = f"{r['peak_mem_gb']:.2f}" if isinstance(r.get("peak_mem_gb"), (int, float)) else "n/a"
-        lines.append(f"| {r.get('name', '?')} | {cells[0]} | {cells[1]} | {mem} |")
+        mem = [f"{r[k]:.2f}" if isinstance(r.get(k), (int, float)) else "n/a" for k in ("peak_mem_gb", "weights_gb")]
+        lines.append(f"| {r.get('name', '?')} | {cells[0]} | {cells[1]} | {mem[0]} | {mem[1]} |")
+    if speed.get("device", "").startswith("CPU"):
+        lines += ["", "On a CPU the compressed kernels run as their torch references (dequantizing on the fly), "
+                      "so these numbers say nothing about GPU speed; peak memory is measured on CUDA devices only."]
     return "\n".join(lines)
 
 

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 import torch
 
+from .speed import measure_speed, speed_summary
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
@@ -121,6 +123,10 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
                              model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)},
                              should_stop=should_stop)
         timings["baseline_eval_s"] = time.monotonic() - t0
+        dense_speed = None
+        if evaluation.get("speed", True):
+            baseline_stage("measuring the uncompressed model's speed and memory", 0.9)
+            dense_speed = measure_speed(model)
         baseline_stage("baseline evaluated", 1.0)
         check_stop()
 
@@ -161,6 +167,10 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
         compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop)
         timings["compressed_eval_s"] = time.monotonic() - t0
+        speed = None
+        if dense_speed:
+            eval_stage("measuring the compressed model's speed and memory", 0.9)
+            speed = speed_summary(dense_speed, measure_speed(model), device, f"{recipe.preset or 'custom'} ({runtime})")
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
 
@@ -170,7 +180,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
                 "ratio": round(dense_bytes / weight_bytes, 3) if weight_bytes else None}
         bits = quantized_bits_per_param(tmp_dir)
         card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
-                                compressed, size, bits, out_dir, calibration_spec if calibration else None)
+                                compressed, size, bits, out_dir, calibration_spec if calibration else None,
+                                speed)
         (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
         timings["total_s"] = time.monotonic() - started
         results = {
@@ -183,6 +194,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
                            "compressed_runtime": runtime, "metrics": recovery_table(as_eval_result(baseline, evaluation),
                                                       as_eval_result(compressed, evaluation))},
             "size": size,
+            "speed": speed,
             "bits_per_param": bits,
             "compression": _report_summary(report),
             "artifact": {"files": sorted(p.name for p in tmp_dir.iterdir()), "bytes": _dir_bytes(tmp_dir),
@@ -296,7 +308,7 @@ def _card_calibration(calibration: dict, spec: dict) -> dict:
 
 
 def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
-                final_dir: Path, calibration: dict | None) -> str:
+                final_dir: Path, calibration: dict | None, speed: dict | None = None) -> str:
     from .card import build_model_card
     from .card_facts import collect_facts
 
@@ -307,6 +319,7 @@ def _model_card(spec, recipe, model, architecture, identity, evaluation, baselin
         artifact_dir=str(final_dir), bits_per_param=bits,
         calibration=_card_calibration(calibration, spec) if calibration else None)
     facts["architecture"] = architecture
+    facts["speed"] = speed
     return build_model_card(facts)
 
 

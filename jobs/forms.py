@@ -71,6 +71,10 @@ class JobForm(forms.Form):
         min_value=1, max_value=1000, label="Perplexity windows",
         help_text="WikiText-2 test windows of 512 tokens scored for perplexity (baseline and compressed).")
 
+    eval_speed = forms.BooleanField(
+        required=False, initial=True, label="Measure speed and memory",
+        help_text="Prefill and decode tokens/s and memory of the dense and the compressed model on the worker.")
+
     def __init__(self, *args, user=None, request=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.user = user
@@ -102,7 +106,7 @@ class JobForm(forms.Form):
                 calibration={"source": source, "samples": data["calibration_samples"],
                              "seqlen": data["calibration_seqlen"]},
                 evaluation={"tasks": data.get("eval_tasks") or [PERPLEXITY_TASK], "windows": data["eval_windows"],
-                            "limit": data.get("eval_limit")})
+                            "limit": data.get("eval_limit"), "speed": bool(data.get("eval_speed"))})
         except SubmissionError as exc:
             target = form_field_for(exc.field, bool(yaml_text))
             plain = exc.field in FIELD_MAP or exc.field == "non_field"

@@ -85,6 +85,8 @@ class EvaluationInputSerializer(StrictSerializer):
     batch_size = serializers.IntegerField(required=False, allow_null=True)
     apply_chat_template = serializers.BooleanField(required=False)
     data_source = serializers.ChoiceField(choices=["auto", "local", "hub"], required=False)
+    speed = serializers.BooleanField(required=False, help_text="Measure prefill/decode speed and memory of the "
+                                                               "dense and the compressed model (default true)")
 
 
 class JobCreateSerializer(StrictSerializer):

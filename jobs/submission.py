@@ -117,7 +117,7 @@ def check_calibration_source(source: str, owner: Any) -> None:
 def clean_evaluation(raw: dict | None) -> dict:
     raw = dict(raw or {})
     allowed = {"tasks", "windows", "seqlen", "limit", "num_fewshot", "batch_size", "apply_chat_template",
-               "data_source"}
+               "data_source", "speed"}
     unknown = set(raw) - allowed
     if unknown:
         raise SubmissionError(f"evaluation.{sorted(unknown)[0]}",
@@ -143,8 +143,12 @@ def clean_evaluation(raw: dict | None) -> dict:
     chat = raw.get("apply_chat_template", False)
     if not isinstance(chat, bool):
         raise SubmissionError("evaluation.apply_chat_template", "must be true or false")
+    speed = raw.get("speed", True)
+    if not isinstance(speed, bool):
+        raise SubmissionError("evaluation.speed", "must be true or false")
     return {
         "tasks": list(dict.fromkeys(tasks)),
+        "speed": speed,
         "windows": _bounded_int(raw.get("windows"), "evaluation.windows", settings.COMPRESSOR_EVAL_WINDOWS),
         "seqlen": _bounded_int(raw.get("seqlen"), "evaluation.seqlen", 512),
         "limit": _bounded_int(raw.get("limit"), "evaluation.limit", None),

@@ -153,7 +153,8 @@ def compare_points(jobs: list[Job]) -> tuple[list[dict], list[dict]]:
         size = results.get("size", {}).get("compressed_weight_bytes")
         points.append({"name": label, "job_id": str(job.id),
                        "recovery_pct": average.get("recovery_pct") if average else None,
-                       "size_mb": size / 1e6 if size else None, "speedup": results.get("speedup")})
+                       "size_mb": size / 1e6 if size else None,
+                       "speedup": (results.get("speed") or {}).get("speedup")})
         groups.append({"name": label, "rows": rows})
     return points, groups
 

@@ -133,6 +133,9 @@ def test_the_demo_model_compresses_to_fp8_with_near_baseline_perplexity(owner, j
     size = job.results["size"]
     # 30 layers x 7 Linears in FP8 + the tied embedding kept in the original precision
     assert size["compressed_weight_bytes"] < size["dense_bytes"] * 0.6, size
+    dense, compressed = job.results["speed"]["rows"]  # measured on the worker, dense and through our runtime
+    assert dense["decode_tok_s"] > 0 and compressed["decode_tok_s"] > 0
+    assert compressed["weights_gb"] < dense["weights_gb"] * 0.6, job.results["speed"]
     config = json.loads((job_env["artifacts"] / str(job.id) / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["dynamic"] is True
     assert "gguf" not in json.dumps(config["quantization_config"])
