@@ -41,20 +41,28 @@ def browser_page():
     os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 
 
-def test_a_user_runs_a_job_from_the_browser(browser_page, live_server, owner, job_env, celery_worker, tmp_path):
-    page = browser_page
-    model_dir = save_tiny_llama(job_env["models"] / "tiny-llama")
-
+def log_in(page, live_server, user) -> None:
     page.goto(f"{live_server.url}/")
     assert "/login/" in page.url  # login on every page
-    page.fill("input[name=username]", owner.username)
+    page.fill("input[name=username]", user.username)
     page.fill("input[name=password]", PASSWORD)
     page.click("button[type=submit]")
     page.wait_for_url(f"{live_server.url}/")
 
+
+def test_a_user_runs_a_job_from_the_browser(browser_page, live_server, owner, job_env, celery_worker, tmp_path):
+    page = browser_page
+    model_dir = save_tiny_llama(job_env["models"] / "tiny-llama")
+    calibration = tmp_path / "tickets.jsonl"
+    calibration.write_text("\n".join(f'{{"text": "Ticket {i}: the nightly export of report {i} times out."}}'
+                                     for i in range(6)))
+    log_in(page, live_server, owner)
+
     page.click("text=New job")
     page.fill("input[name=model]", str(model_dir))
-    page.select_option("select[name=preset]", "FP8_DYNAMIC")
+    page.select_option("select[name=preset]", "W4A16")
+    page.select_option("select[name=group_size]", "64")
+    page.set_input_files("input[name=calibration_file]", str(calibration))
     page.fill("input[name=calibration_samples]", "4")
     page.fill("input[name=eval_windows]", "2")
     page.screenshot(path=str(ARTIFACTS / "01-new-job-form.png"), full_page=True)
@@ -67,9 +75,15 @@ def test_a_user_runs_a_job_from_the_browser(browser_page, live_server, owner, jo
     # the page updates itself: record what it shows while the job runs, without reloading
     seen: list[str] = []
     deadline = time.monotonic() + 240
+    from playwright.sync_api import Error as PlaywrightError
+
     while time.monotonic() < deadline:
-        status = page.text_content("#job-status") or ""
-        stage = page.text_content("#job-stage") if page.query_selector("#job-stage") else ""
+        try:
+            status = page.text_content("#job-status") or ""
+            stage = page.text_content("#job-stage") if page.query_selector("#job-stage") else ""
+        except PlaywrightError:  # the page reloads itself once the job ends, to show the card
+            time.sleep(0.3)
+            continue
         if not seen or seen[-1] != f"{status}/{stage}":
             seen.append(f"{status}/{stage}")
             if status == "running" and len(seen) == 2:
@@ -88,6 +102,8 @@ def test_a_user_runs_a_job_from_the_browser(browser_page, live_server, owner, jo
     page.wait_for_selector("#chart-layer-loss[data-rendered=true] .main-svg")
     assert "wikitext2_ppl" in page.text_content("#results-table")
     assert "Model Overview" in page.text_content("#model-card")
+    assert "tickets.jsonl (uploaded)" in page.text_content("#model-card")  # GPTQ calibrated on the upload
+    assert "dense (baseline)" in page.text_content("#speed-table")
     page.screenshot(path=str(ARTIFACTS / "03-job-succeeded.png"), full_page=True)
 
     with page.expect_download() as download_info:
@@ -101,3 +117,27 @@ def test_a_user_runs_a_job_from_the_browser(browser_page, live_server, owner, jo
     page.wait_for_selector("#chart-scatter[data-rendered=true] .main-svg")
     page.wait_for_selector("#chart-bars[data-rendered=true] .main-svg")
     page.screenshot(path=str(ARTIFACTS / "04-compare.png"), full_page=True)
+
+
+def test_hostile_text_stays_text_in_the_browser(browser_page, live_server, owner):
+    """A job whose name, log and card carry script: the page shows the text and runs none of it."""
+    from jobs.models import JobEvent
+    from tests.jobs.factories import make_job
+
+    attack = '<img src=x onerror="window.__owned=1;alert(1)"><script>window.__owned=2</script>'
+    job = make_job(owner, name=f"name {attack}")
+    Job.claim(job.id, "w")
+    JobEvent.objects.create(job=job, stage="compress", level="warning", message=f"log {attack}")
+    Job.succeed(job.id, {"model_card": f"# Card\n\n{attack} [x](javascript:window.__owned=3)\n",
+                         "evaluation": {"metrics": []}}, "", 0)
+    dialogs: list[str] = []
+    page = browser_page
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    log_in(page, live_server, owner)
+    page.goto(f"{live_server.url}/jobs/{job.id}/")
+    page.wait_for_selector("#model-card")
+    page.click("#model-card a")  # the javascript: link was neutralised
+    assert page.evaluate("window.__owned") is None and dialogs == []
+    assert f"name {attack}" in page.text_content("h1")  # shown as the text it is
+    assert page.locator("#model-card img, #model-card script").count() == 0
+    page.screenshot(path=str(ARTIFACTS / "05-hostile-text.png"), full_page=True)
