@@ -12,13 +12,14 @@ artifact root never holds partial output.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -48,6 +49,16 @@ def resolve_device(name: str | None) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"COMPRESSOR_DEVICE={name} but no CUDA device is visible to this worker")
     return name
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the wall time of the block under ``timings[key]`` (seconds)."""
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        timings[key] = time.monotonic() - t0
 
 
 class _Stage:
@@ -108,21 +119,19 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         tmp_dir.mkdir()
         load = _Stage(progress, "load")
         load(f"loading {spec['model']}")
-        t0 = time.monotonic()
-        loaded = load_model(spec["model"], allowed_roots=spec.get("allowed_roots") or (),
-                            trust_remote_code=bool(spec.get("trust_remote_code")), device=device)
+        with _timed(timings, "load_s"):
+            loaded = load_model(spec["model"], allowed_roots=spec.get("allowed_roots") or (),
+                                trust_remote_code=bool(spec.get("trust_remote_code")), device=device)
         model, tokenizer = loaded.model, loaded.tokenizer
-        timings["load_s"] = time.monotonic() - t0
         load("model loaded", 1.0)
         check_stop()
 
         baseline_stage = _Stage(progress, "baseline")
         baseline_stage("evaluating the uncompressed model")
-        t0 = time.monotonic()
-        baseline = _evaluate(model, tokenizer, evaluation, data_dir, cache_dir=spec.get("cache_dir"),
-                             model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)},
-                             should_stop=should_stop)
-        timings["baseline_eval_s"] = time.monotonic() - t0
+        with _timed(timings, "baseline_eval_s"):
+            baseline = _evaluate(model, tokenizer, evaluation, data_dir, cache_dir=spec.get("cache_dir"),
+                                 model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)},
+                                 should_stop=should_stop)
         dense_speed = None
         if evaluation.get("speed", True):
             baseline_stage("measuring the uncompressed model's speed and memory", 0.9)
@@ -144,29 +153,26 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         from .export import export_checkpoint
         from .sequential import compress_model
 
-        t0 = time.monotonic()
-        report = compress_model(model, recipe, calibration, device=device,
-                                progress=_engine_progress(progress), should_stop=should_stop)
-        timings["compress_s"] = time.monotonic() - t0
+        with _timed(timings, "compress_s"):
+            report = compress_model(model, recipe, calibration, device=device,
+                                    progress=_engine_progress(progress), should_stop=should_stop)
         check_stop()
 
         export_stage = _Stage(progress, "export")
         export_stage("writing the compressed-tensors checkpoint")
-        t0 = time.monotonic()
-        exported = export_checkpoint(model, tokenizer, recipe, report, tmp_dir)
-        timings["export_s"] = time.monotonic() - t0
+        with _timed(timings, "export_s"):
+            exported = export_checkpoint(model, tokenizer, recipe, report, tmp_dir)
         export_stage("checkpoint written", 1.0)
         check_stop()
 
         eval_stage = _Stage(progress, "evaluate")
         eval_stage("loading the exported checkpoint through the compressed runtime")
-        t0 = time.monotonic()
         architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
         dense_bytes, dense_dtype = _dense_bytes(model)
-        model, runtime = _compressed_model_for_eval(model, tmp_dir, device)
-        eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
-        compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop)
-        timings["compressed_eval_s"] = time.monotonic() - t0
+        with _timed(timings, "compressed_eval_s"):
+            model, runtime = _compressed_model_for_eval(model, tmp_dir, device)
+            eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
+            compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop)
         speed = None
         if dense_speed:
             eval_stage("measuring the compressed model's speed and memory", 0.9)
