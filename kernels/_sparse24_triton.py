@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._w4a16_triton import _tile_ids
+from kernels._gemm_triton import add_int4_tile, k_tile_range, store_tile, tile_offsets, x_tile
 
 VALUES_16BIT = 0
 VALUES_INT4 = 1
@@ -29,24 +29,12 @@ def sparse24_gemm_kernel(
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
     UPCAST: tl.constexpr,        # fp32 tl.dot for 16-bit operands: the CPU interpreter's bf16 dot is wrong
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first_tile = pid_k * tiles_per_split
-    last_tile = min(first_tile + tiles_per_split, k_tiles)
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    first_tile, last_tile = k_tile_range(K, BLOCK_K, SPLIT_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(first_tile, last_tile):
-        offs_k = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        offs_k, mask_k, x = x_tile(x_ptr, offs_m, mask_m, t, K, stride_xm, stride_xk, BLOCK_K)
         # Rebuild the dense [BLOCK_K, BLOCK_N] weight tile in registers: input column k belongs to
         # group g = k // 4 at position j = k % 4; the group's kept values are compact columns 2g, 2g+1.
         group4 = offs_k[:, None] // 4
@@ -62,13 +50,8 @@ def sparse24_gemm_kernel(
             c0 = ((words >> nib) & 0xF) - 8
             c1 = ((words >> (nib + 4)) & 0xF) - 8
             codes = tl.where(i0 == pos, c0, tl.where(i1 == pos, c1, 0))
-            if UPCAST:
-                partial = tl.dot(x.to(tl.float32), codes.to(tl.float32))
-            else:
-                partial = tl.dot(x, codes.to(x.dtype))
-            group = (t * BLOCK_K) // GROUP_SIZE
-            scale = tl.load(w_scale_ptr + offs_n * stride_sn + group * stride_sg, mask=mask_n, other=0.0)
-            acc += partial * scale.to(tl.float32)[None, :]
+            acc = add_int4_tile(acc, x, codes, w_scale_ptr, offs_n, mask_n, t, stride_sn, stride_sg,
+                                BLOCK_K, GROUP_SIZE, UPCAST)
         else:
             v_row = v_ptr + offs_n[None, :] * stride_vn + group4 * 2
             v0 = tl.load(v_row, mask=tile_mask, other=0.0)
@@ -90,9 +73,4 @@ def sparse24_gemm_kernel(
             w_scale = tl.load(w_scale_ptr + offs_n * 0)
         acc = acc * x_scale.to(tl.float32)[:, None] * w_scale.to(tl.float32)[None, :]
 
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, SPLIT_K)

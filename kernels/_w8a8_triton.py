@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._w4a16_triton import _tile_ids
+from kernels._gemm_triton import store_tile, tile_offsets
 
 _RNE_MAGIC = 12582912.0  # 1.5 · 2^23: (y + m) - m rounds |y| < 2^22 to the nearest integer, ties to even
 
@@ -81,11 +81,7 @@ def scaled_mm_kernel(
     SPLIT_K: tl.constexpr,       # always 1 here
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     is_int: tl.constexpr = a_ptr.dtype.element_ty == tl.int8
     acc_dtype: tl.constexpr = tl.int32 if is_int else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_dtype)
@@ -106,5 +102,4 @@ def scaled_mm_kernel(
     else:
         b_scale = tl.load(b_scale_ptr + offs_n * 0).to(tl.float32)
     result = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             result.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(out_ptr, result, offs_m, offs_n, mask_m, mask_n, stride_om, stride_on, 1)
