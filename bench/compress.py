@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of seqlen tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=list(CASES))
+    parser.add_argument("--out", default="bench/results/compress.json", help="result file, relative to the repo")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,7 +143,7 @@ def main() -> None:
               "settings": {"calibration": CALIBRATION, "wikitext_windows": args.windows, "threads": args.threads,
                            "dense_dtype": dense["dtype"]},
               "notes": notes, "rows": rows}
-    out = ROOT / "bench" / "results" / "compress.json"
+    out = ROOT / args.out
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
 

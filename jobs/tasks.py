@@ -78,8 +78,7 @@ class ProgressRecorder:
 @shared_task(name="jobs.tasks.run_job", acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> None:
     """Run one compression job. Claimed by compare-and-set: a redelivered message is a no-op."""
-    from compression.errors import JobCancelled
-    from compression.pipeline import run_job as run_pipeline
+    from compression.errors import JobCancelled, describe_failure  # light: no torch
 
     worker = f"{socket.gethostname()}:{os.getpid()}"
     if not Job.claim(job_id, worker):
@@ -89,6 +88,9 @@ def run_job(job_id: str) -> None:
     out_dir = settings.ARTIFACT_ROOT / str(job.id)
     recorder = ProgressRecorder(job.id)
     try:
+        # Imported after the claim: an engine that cannot even be imported fails the job visibly.
+        from compression.pipeline import run_job as run_pipeline
+
         with Heartbeat(job.id):
             results = run_pipeline(job_spec(job), out_dir, progress=recorder,
                                    should_stop=lambda: Job.cancel_is_requested(job_id))
@@ -97,8 +99,8 @@ def run_job(job_id: str) -> None:
         JobEvent.objects.create(job_id=job_id, stage="cancelled", message="job cancelled")
         return
     except Exception as exc:  # recorded for the user, then re-raised for Celery's own log
-        message = str(exc) or repr(exc)
-        Job.fail(job_id, type(exc).__name__, message)
+        error_type, message = describe_failure(exc, recorder.last_stage)
+        Job.fail(job_id, error_type, message)
         JobEvent.objects.create(job_id=job_id, stage="failed", level="error", message=message[:2000])
         raise
     artifact_bytes = int(results.get("artifact", {}).get("bytes", 0))
@@ -140,6 +142,19 @@ def _fail_job_of_lost_worker(sender=None, task_id=None, exception=None, args=Non
 @signals.worker_ready.connect
 def _start_watchdog(**kwargs) -> None:
     Watchdog().start()
+
+
+@signals.worker_init.connect
+def _preload_engine(**kwargs) -> None:
+    """Import torch, transformers and the engine once, in the worker's main process, before the pool
+    forks: every pool process (a fresh one per job, --max-tasks-per-child 1) starts with them loaded
+    instead of paying seconds of imports per job. Importing initialises no CUDA context, so forking
+    stays safe."""
+    import transformers.modeling_utils  # noqa: F401  (pulls in the attention integrations)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import compression.pipeline  # noqa: F401
+    import compression.runtime  # noqa: F401
 
 
 __all__ = ["run_job", "enqueue", "job_spec", "Status"]
