@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = pipeline.run_job(spec, args.out, progress=progress, should_stop=lambda: False)
     bar.close()
-    print(json.dumps({k: results.get(k) for k in ("recipe_summary", "size", "evaluation", "timings")},
+    print(json.dumps({k: results.get(k) for k in ("recipe_summary", "size", "speed", "evaluation", "timings")},
                      indent=2, default=str))
     return 0
 
