@@ -176,7 +176,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         speed = None
         if dense_speed:
             eval_stage("measuring the compressed model's speed and memory", 0.9)
-            speed = speed_summary(dense_speed, measure_speed(model), device, f"{recipe.preset or 'custom'} ({runtime})")
+            speed = speed_summary(dense_speed, measure_speed(model), device,
+                                  f"{recipe.preset or 'custom'} via {runtime}")
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
 

@@ -62,7 +62,7 @@ def test_a_job_measures_dense_and_compressed_speed_and_cards_it(tmp_path, monkey
     results = run_tiny_job(tmp_path, "FP8_DYNAMIC", speed=True)
     speed = results["speed"]
     dense, compressed = speed["rows"]
-    assert dense["name"] == "dense (baseline)" and compressed["name"].startswith("FP8_DYNAMIC (compressed runtime")
+    assert dense["name"] == "dense (baseline)" and compressed["name"].startswith("FP8_DYNAMIC via compressed runtime")
     # fp32 Linears -> FP8 weights (+ per-channel scales): 3/4 of their bytes leave memory; the
     # embedding and lm_head (kept dense) are most of this tiny model, so compare the saving itself
     linear_bytes = sum(m.weight.numel() * 4 for name, m in tiny_llama().named_modules()
