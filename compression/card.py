@@ -373,6 +373,15 @@ def _evaluation(facts: dict, rows: list[dict]) -> str:
     if not base or not comp:
         return f"## Evaluation\n\nAccuracy evaluation: {NOT_RECORDED}."
     s = comp.get("settings") or {}
+    if not any(task != "wikitext2_ppl" for task in comp.get("tasks") or {}):
+        windows, seqlen = s.get("perplexity_windows"), s.get("perplexity_seqlen")
+        return "\n".join([
+            "## Evaluation", "",
+            "Both models were scored by WikiText-2 perplexity (raw test split"
+            + (f", the first {windows} windows of {seqlen} tokens, the same for both" if windows and seqlen else "")
+            + ") with Compressor's own evaluator, the compressed model running through Compressor's kernels. "
+            "No lm-evaluation-harness tasks were part of this job.", "",
+            "### Results", "", _accuracy_table(facts, rows)]).rstrip()
     sources = s.get("sources") or {}
     lm_tasks = s.get("lm_eval_tasks") or {}
     src_text = ", ".join(f"{_task_title(t)}: {'local files' if v == 'local' else 'Hugging Face Hub'}"

@@ -72,6 +72,23 @@ def _empty(title: str, message: str) -> dict:
     return _to_dict(fig)
 
 
+def _recovery_panel(fig: Any, rows: list[dict], row: int) -> None:
+    """Every row's recovery % as a bar labelled with its value, and a dashed line at 100%."""
+    rec_labels = [_row_label(r) for r in rows]
+    rec = [r.get("recovery_pct") if _finite(r.get("recovery_pct")) else None for r in rows]
+    hover = [f"baseline {r.get('baseline')!s} → compressed {r.get('compressed')!s}" for r in rows]
+    fig.add_trace(go.Bar(
+        name="Recovery %", x=rec_labels, y=rec, hovertext=hover,
+        marker_color=[AVERAGE_COLOR if r.get("task") == AVERAGE else RECOVERY_COLOR for r in rows],
+        text=[f"{v:.1f}%" if v is not None else "n/a" for v in rec], textposition="outside", cliponaxis=False,
+    ), row=row, col=1)
+    fig.add_hline(y=100, line_dash="dash", line_color="#333", annotation_text="100% = no loss",
+                  annotation_position="top left", row=row, col=1)
+    top = max([v for v in rec if v is not None] + [100.0])
+    fig.update_yaxes(title_text="recovery (%)", range=[0, top * 1.15], row=row, col=1)
+    fig.update_xaxes(title_text="task · metric", row=row, col=1)
+
+
 def recovery_bars(rows: list[dict], title: str = "Accuracy: baseline vs compressed") -> dict:
     """Two panels: scores of baseline and compressed side by side, and recovery % per metric.
 
@@ -79,11 +96,16 @@ def recovery_bars(rows: list[dict], title: str = "Accuracy: baseline vs compress
     [0, 1] are scaled by 100). Perplexity-like metrics are on another scale, so they appear only
     in the bottom panel, where every row's recovery is a bar labelled with its percentage and a
     dashed line marks 100% (no loss). Rows with no defined recovery are drawn empty and labelled
-    "n/a".
+    "n/a". With no higher-is-better metric at all (perplexity only) the score panel is left out.
     """
     if not rows:
         return _empty(title, "No evaluation results yet")
     scores = [r for r in rows if r.get("task") != AVERAGE and r.get("higher_is_better", True)]
+    if not scores:  # perplexity only: no score panel to show, just the recovery
+        fig = make_subplots(rows=1, cols=1, subplot_titles=("Recovery (compressed vs baseline)",))
+        _recovery_panel(fig, rows, row=1)
+        _layout(fig, "Quality: baseline vs compressed", barmode="group", height=380)
+        return _to_dict(fig)
     fig = make_subplots(rows=2, cols=1, vertical_spacing=0.22,
                         subplot_titles=("Score (higher is better)", "Recovery (compressed vs baseline)"))
 
@@ -96,20 +118,8 @@ def recovery_bars(rows: list[dict], title: str = "Accuracy: baseline vs compress
         fig.add_trace(go.Bar(name=name, x=labels, y=values, marker_color=color,
                              text=[f"{v:.1f}" if v is not None else "n/a" for v in values],
                              textposition="outside", cliponaxis=False), row=1, col=1)
-    rec_labels = [_row_label(r) for r in rows]
-    rec = [r.get("recovery_pct") if _finite(r.get("recovery_pct")) else None for r in rows]
-    hover = [f"baseline {r.get('baseline')!s} → compressed {r.get('compressed')!s}" for r in rows]
-    fig.add_trace(go.Bar(
-        name="Recovery %", x=rec_labels, y=rec, hovertext=hover,
-        marker_color=[AVERAGE_COLOR if r.get("task") == AVERAGE else RECOVERY_COLOR for r in rows],
-        text=[f"{v:.1f}%" if v is not None else "n/a" for v in rec], textposition="outside", cliponaxis=False,
-    ), row=2, col=1)
-    fig.add_hline(y=100, line_dash="dash", line_color="#333", annotation_text="100% = no loss",
-                  annotation_position="top left", row=2, col=1)
     fig.update_yaxes(title_text="score (%)", rangemode="tozero", row=1, col=1)
-    top = max([v for v in rec if v is not None] + [100.0])
-    fig.update_yaxes(title_text="recovery (%)", range=[0, top * 1.15], row=2, col=1)
-    fig.update_xaxes(title_text="task · metric", row=2, col=1)
+    _recovery_panel(fig, rows, row=2)
     _layout(fig, title, barmode="group", height=640)
     return _to_dict(fig)
 

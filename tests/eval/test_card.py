@@ -99,3 +99,19 @@ def test_the_front_matter_is_plain_yaml_mapping():
     text = build_model_card(facts())
     meta = yaml.safe_load(text.split("---")[1])
     assert isinstance(meta, dict) and meta["base_model_relation"] == "quantized"
+
+
+def test_a_perplexity_only_job_says_how_perplexity_was_scored_not_lm_eval():
+    from compression.card_facts import as_eval_result
+
+    settings = {"windows": 4, "seqlen": 512}
+    ev = {"baseline": as_eval_result({"wikitext2_ppl": {"perplexity": {"value": 29.8, "higher_is_better": False}}},
+                                     settings),
+          "compressed": as_eval_result({"wikitext2_ppl": {"perplexity": {"value": 31.1, "higher_is_better": False}}},
+                                       settings)}
+    card = build_model_card(facts(eval=ev))
+    evaluation = card.split("## Evaluation", 1)[1]
+    assert "the first 4 windows of 512 tokens" in evaluation
+    assert "lm-evaluation-harness" in evaluation and "No lm-evaluation-harness tasks" in evaluation
+    assert "lm_eval --model" not in evaluation and "not recorded" not in evaluation
+    assert "29.8" in evaluation and "31.1" in evaluation

@@ -25,6 +25,19 @@ def test_recovery_bars_show_scores_side_by_side_and_recovery_with_a_100_percent_
     assert fig["layout"]["title"]["text"] and fig["layout"]["yaxis"]["title"]["text"] == "score (%)"
 
 
+def test_recovery_bars_for_perplexity_alone_show_only_the_recovery_panel():
+    rows = [{"task": "wikitext2_ppl", "metric": "perplexity", "baseline": 29.8, "compressed": 31.1,
+             "recovery_pct": 95.8, "higher_is_better": False},
+            {"task": "Average", "metric": "recovery", "baseline": None, "compressed": None,
+             "recovery_pct": 95.8, "higher_is_better": True}]
+    fig = charts.recovery_bars(rows)
+    json.dumps(fig)
+    (rec,) = fig["data"]  # no empty score panel
+    assert rec["name"] == "Recovery %" and rec["y"] == pytest.approx([95.8, 95.8])
+    assert "yaxis2" not in fig["layout"] and fig["layout"]["yaxis"]["title"]["text"] == "recovery (%)"
+    assert any(s.get("y0") == 100 for s in fig["layout"]["shapes"])
+
+
 def test_layer_loss_draws_one_line_per_module_over_layers():
     events = [{"stage": "compress", "layer": i, "layers": 3, "module": m, "loss": (i + 1) * s}
               for i in range(3) for m, s in (("self_attn.q_proj", 0.1), ("mlp.down_proj", 2.0))]
