@@ -30,7 +30,7 @@ from .serializers import (CalibrationUploadListSerializer, CalibrationUploadRequ
                           JobFilterSerializer, JobPageSerializer, JobSummarySerializer, PresetListSerializer,
                           _links)
 from .submission import SubmissionError, create_job, validate_submission
-from .uploads import oversize_error, store_upload
+from .uploads import UploadInUse, delete_upload, oversize_error, store_upload
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,32 @@ def calibration_files(request: Request) -> Response:
         return error_response(status.HTTP_400_BAD_REQUEST, (exc.field, exc.message))
     log.info("calibration file %s (%d bytes) uploaded by %s", upload.id, upload.size, request.user)
     return Response(CalibrationUploadSerializer(upload).data, status=status.HTTP_201_CREATED)
+
+
+UPLOAD_ID = OpenApiParameter("upload_id", OpenApiTypes.UUID, OpenApiParameter.PATH,
+                             description="The calibration file's id")
+
+
+@extend_schema(methods=["GET"], operation_id="calibration_files_retrieve", summary="One uploaded calibration file",
+               parameters=[UPLOAD_ID], responses={200: CalibrationUploadSerializer, **ERRORS,
+                                                  404: OpenApiResponse(ErrorSerializer, description="Not yours")})
+@extend_schema(methods=["DELETE"], operation_id="calibration_files_destroy", summary="Delete an uploaded file",
+               description="Refused (409) while a queued or running job of yours calibrates on it.",
+               parameters=[UPLOAD_ID],
+               responses={204: None, **ERRORS, 404: OpenApiResponse(ErrorSerializer, description="Not yours"),
+                          409: OpenApiResponse(ErrorSerializer, description="A queued or running job uses it")})
+@api_view(["GET", "DELETE"])
+def calibration_file(request: Request, upload_id: UUID) -> Response:
+    upload = CalibrationUpload.objects.filter(pk=upload_id, owner=request.user).first()
+    if upload is None:
+        raise exceptions.NotFound("no calibration file with this id among yours")
+    if request.method == "GET":
+        return Response(CalibrationUploadSerializer(upload).data)
+    try:
+        delete_upload(upload)
+    except UploadInUse as exc:
+        return error_response(status.HTTP_409_CONFLICT, (None, str(exc)))
+    return Response(status=status.HTTP_204_NO_CONTENT)
 
 
 # -- presets and comparison ----------------------------------------------------------------------

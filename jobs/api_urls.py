@@ -14,6 +14,7 @@ urlpatterns = [
     path("jobs/<uuid:job_id>/card", api.job_card, name="api-job-card"),
     path("jobs/<uuid:job_id>/artifact", api.job_artifact, name="api-job-artifact"),
     path("calibration-files", api.calibration_files, name="api-calibration-files"),
+    path("calibration-files/<uuid:upload_id>", api.calibration_file, name="api-calibration-file"),
     path("presets", api.presets, name="api-presets"),
     path("compare", api.compare, name="api-compare"),
     re_path(r"^(?P<unmatched>.*)$", api.not_found, name="api-not-found"),

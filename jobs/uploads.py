@@ -136,3 +136,21 @@ def resolve_source(owner_id: Any, source: str) -> CalibrationUpload | None:
     except ValueError:
         return None
     return CalibrationUpload.objects.filter(pk=upload_id, owner_id=owner_id).first()
+
+
+class UploadInUse(Exception):
+    """An upload a queued or running job still needs."""
+
+
+def delete_upload(upload: CalibrationUpload) -> None:
+    """Delete an upload (row, then its file once the deletion is committed), unless a queued or
+    running job of its owner still calibrates on it."""
+    from .models import ACTIVE, Job
+
+    users = Job.objects.filter(owner_id=upload.owner_id, status__in=ACTIVE, calibration__source=upload.source)
+    if job := users.first():
+        raise UploadInUse(f"job {job.id} ({job.status}) still uses this file; wait for it or cancel it first")
+    path = upload.path
+    with transaction.atomic():
+        upload.delete()
+        transaction.on_commit(lambda: path.unlink(missing_ok=True))

@@ -172,3 +172,46 @@ def compare(request: HttpRequest) -> HttpResponse:
     charts = {"scatter": compare_scatter(points), "bars": compare_bars(groups)} if jobs else None
     return render(request, "jobs/compare.html", {"models": models, "model": model, "jobs": jobs,
                                                  "points": points, "charts": charts})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def calibration_files(request: HttpRequest) -> HttpResponse:
+    """The user's calibration uploads: list, upload (size-limited while streaming), delete."""
+    from .models import CalibrationUpload
+    from .submission import SubmissionError
+    from .uploads import limit_text, oversize_error, store_upload
+
+    error = None
+    if request.method == "POST":
+        files = request.FILES  # parses the body; the size limit applies while it streams in
+        try:
+            if too_big := oversize_error(request, "file"):
+                raise too_big
+            if "file" not in files:
+                raise SubmissionError("file", "choose a file to upload")
+            upload = store_upload(request.user, files["file"])
+        except SubmissionError as exc:
+            error = exc.message
+        else:
+            messages.success(request, f"Uploaded {upload.filename}: {upload.records} records.")
+            return redirect("calibration-files")
+    uploads = CalibrationUpload.objects.filter(owner=request.user)[:500]
+    return render(request, "calibration/list.html", {"uploads": uploads, "error": error, "max_size": limit_text()},
+                  status=400 if error else 200)
+
+
+@login_required
+@require_POST
+def calibration_delete(request: HttpRequest, upload_id: UUID) -> HttpResponse:
+    from .models import CalibrationUpload
+    from .uploads import UploadInUse, delete_upload
+
+    upload = get_object_or_404(CalibrationUpload, pk=upload_id, owner=request.user)
+    try:
+        delete_upload(upload)
+    except UploadInUse as exc:
+        messages.error(request, f"{upload.filename} was not deleted: {exc}")
+    else:
+        messages.success(request, f"Deleted {upload.filename}.")
+    return redirect("calibration-files")

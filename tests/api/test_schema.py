@@ -7,7 +7,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings as hypothesis_settings, strategies as st
 
-from jobs.models import Job, JobEvent
+from jobs.models import CalibrationUpload, Job, JobEvent
 from tests.jobs.factories import make_job
 
 from .conftest import token_client
@@ -25,7 +25,7 @@ def test_the_schema_describes_every_endpoint(api):
     assert set(schema["paths"]) == {
         "/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events", "/api/jobs/{job_id}/cancel",
         "/api/jobs/{job_id}/card", "/api/jobs/{job_id}/artifact", "/api/presets", "/api/compare",
-            "/api/calibration-files"}
+            "/api/calibration-files", "/api/calibration-files/{upload_id}"}
     listing = {p["name"] for p in schema["paths"]["/api/jobs"]["get"]["parameters"]}
     assert {"limit", "offset", "status", "model"} <= listing
     assert "tokenAuth" in schema["components"]["securitySchemes"]
@@ -60,6 +60,8 @@ def test_schemathesis_finds_no_server_errors_and_no_schema_violations(owner, sen
     settings.ARTIFACT_ROOT = tmp_path
     settings.ALLOWED_HOSTS = ["*"]
     job = succeeded_job(owner, tmp_path)
+    upload = CalibrationUpload.objects.create(owner=owner, filename="a.jsonl", suffix=".jsonl", size=1, records=1,
+                                              sha256="0" * 64)
     auth = {"Authorization": token_client(owner)._credentials["HTTP_AUTHORIZATION"]}
     from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -75,6 +77,8 @@ def test_schemathesis_finds_no_server_errors_and_no_schema_violations(owner, sen
                       (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)]
         if "{job_id}" in operation.path:  # also hit a real job, not only random ids
             strategies.append(operation.as_strategy(path_parameters={"job_id": str(job.id)}))
+        if "{upload_id}" in operation.path:  # and a real upload
+            strategies.append(operation.as_strategy(path_parameters={"upload_id": str(upload.id)}))
 
         # A schema-valid job is not necessarily a valid job (unknown model, bad group size), nor is any
         # schema-valid file a calibration file (suffix, UTF-8, records with text): 400 is right.
@@ -90,5 +94,5 @@ def test_schemathesis_finds_no_server_errors_and_no_schema_violations(owner, sen
 
         check()
         operations += 1
-    assert operations == 11
+    assert operations == 13
     assert time.monotonic() - started < SCHEMATHESIS_BUDGET_S

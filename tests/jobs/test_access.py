@@ -91,3 +91,39 @@ def test_status_json_reports_progress(client, owner):
     assert data["progress"]["layer"] == 4
     assert "layer 5/30" in data["progress_html"]
     assert 'id="job-eta"' in data["progress_html"]  # half done: an estimate of the time left
+
+
+def _all_routes(patterns, prefix=""):
+    from django.urls import URLPattern, URLResolver
+
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            yield from _all_routes(pattern.url_patterns, prefix + str(pattern.pattern))
+        elif isinstance(pattern, URLPattern):
+            yield prefix + str(pattern.pattern), pattern.name
+
+
+def test_every_route_of_the_site_needs_a_user(client):
+    """Walks the URL configuration itself, so a page or endpoint added later is covered too."""
+    import re
+    import uuid
+
+    from django.urls import get_resolver
+
+    public = {"login", "logout"}  # logging in must be possible without being logged in
+    checked = 0
+    for route, name in _all_routes(get_resolver().url_patterns):
+        if name in public or route.startswith("admin/"):
+            continue  # the admin has its own login (tested by Django)
+        path = "/" + re.sub(r"<uuid:\w+>", str(uuid.uuid4()), route)
+        path = re.sub(r"\^|\$|\(\?P<\w+>\.\*\)", "", path)
+        for method in ("get", "post"):
+            response = getattr(client, method)(path)
+            if path.startswith("/api/"):
+                assert response.status_code in (401, 405), (method, path, response.status_code)
+            else:
+                assert response.status_code in (302, 405), (method, path, response.status_code)
+                if response.status_code == 302:
+                    assert response["Location"].startswith(reverse("login")), (method, path)
+            checked += 1
+    assert checked >= 40

@@ -194,3 +194,57 @@ def test_the_form_names_a_bad_calibration_source(logged_in):
     response = logged_in.post(reverse("job-new"), {**FORM, "calibration_source": "../secrets.jsonl"})
     assert response.status_code == 400
     assert "outside the data directory" in response.context["form"].errors["calibration_source"][0]
+
+
+# -- managing uploads ------------------------------------------------------------------------------
+def test_an_upload_can_be_read_and_deleted_only_by_its_owner(api, outsider, django_capture_on_commit_callbacks):
+    created = upload(api, JSONL).json()
+    row = CalibrationUpload.objects.get(pk=created["id"])
+    stranger = token_client(outsider)
+    assert stranger.get(f"{UPLOADS}/{row.id}").status_code == 404
+    assert stranger.delete(f"{UPLOADS}/{row.id}").status_code == 404
+    assert row.path.is_file()
+    assert api.get(f"{UPLOADS}/{row.id}").json()["sha256"] == row.sha256
+    with django_capture_on_commit_callbacks(execute=True):  # the file goes once the deletion commits
+        assert api.delete(f"{UPLOADS}/{row.id}").status_code == 204
+    assert not CalibrationUpload.objects.exists() and not row.path.exists()
+    assert api.get(f"{UPLOADS}/{row.id}").status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)  # the file goes once the deletion commits
+def test_an_upload_a_queued_job_needs_cannot_be_deleted(api, owner, sent):
+    created = upload(api, JSONL).json()
+    job_id = api.post("/api/jobs", {"model": "demo", "recipe": {"preset": "W4A16", "group_size": 64},
+                                    "calibration": {"source": created["source"]}}, format="json").json()["id"]
+    response = api.delete(f"{UPLOADS}/{created['id']}")
+    assert response.status_code == 409 and job_id in errors(response)[None]
+    assert CalibrationUpload.objects.filter(pk=created["id"]).exists()
+    Job.request_cancel(job_id)  # once the job no longer needs it, it goes
+    assert api.delete(f"{UPLOADS}/{created['id']}").status_code == 204
+    assert files_under(CalibrationUpload(owner=owner).directory) == []
+
+
+def test_the_calibration_page_uploads_lists_and_deletes(logged_in, owner, settings, upload_root,
+                                                        django_capture_on_commit_callbacks):
+    page = logged_in.get(reverse("calibration-files"))
+    assert page.status_code == 200 and "No uploads yet" in page.content.decode()
+    response = logged_in.post(reverse("calibration-files"), {"file": SimpleUploadedFile("notes.jsonl", JSONL)})
+    assert response.status_code == 302
+    row = CalibrationUpload.objects.get(owner=owner)
+    page = logged_in.get(reverse("calibration-files")).content.decode()
+    assert "notes.jsonl" in page and row.source in page and "Uploaded notes.jsonl: 5 records." in page
+    settings.COMPRESSOR_MAX_UPLOAD_BYTES = 100
+    too_big = logged_in.post(reverse("calibration-files"), {"file": SimpleUploadedFile("big.jsonl", JSONL)})
+    assert too_big.status_code == 400 and "larger than the upload limit of 100 bytes" in too_big.content.decode()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert logged_in.post(reverse("calibration-delete", args=[row.id])).status_code == 302
+    assert not CalibrationUpload.objects.exists() and files_under(upload_root) == []
+
+
+def test_another_users_upload_cannot_be_deleted_through_the_page(client, owner, outsider):
+    row = CalibrationUpload.objects.create(owner=owner, filename="a.jsonl", suffix=".jsonl", size=1, records=1,
+                                           sha256="0" * 64)
+    client.force_login(outsider)
+    assert client.post(reverse("calibration-delete", args=[row.id])).status_code == 404
+    assert client.get(reverse("calibration-files")).content.decode().count("a.jsonl") == 0
+    assert CalibrationUpload.objects.filter(pk=row.id).exists()

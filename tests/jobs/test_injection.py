@@ -102,6 +102,7 @@ def test_pages_escape_every_piece_of_user_text(logged_in, hostile_jobs):
         "failed": logged_in.get(reverse("job-detail", args=[failed.id])),
         "new": logged_in.get(reverse("job-new")),
         "compare": logged_in.get(reverse("compare"), {"model": done.model_source}),
+        "calibration": logged_in.get(reverse("calibration-files")),
     }
     for name, response in pages.items():
         assert response.status_code == 200, name
@@ -110,6 +111,7 @@ def test_pages_escape_every_piece_of_user_text(logged_in, hostile_jobs):
     assert "&lt;script&gt;alert(&quot;owned&quot;)&lt;/script&gt;" in pages["list"].content.decode()
     assert "boom &lt;script&gt;" in pages["failed"].content.decode()
     assert "&lt;script&gt;alert(&quot;owned&quot;)&lt;/script&gt;.jsonl" in pages["new"].content.decode()
+    assert "&lt;script&gt;alert(&quot;owned&quot;)&lt;/script&gt;.jsonl" in pages["calibration"].content.decode()
     # the card is rendered as HTML (a table survives) with the dangerous parts gone
     assert "<table>" in pages["done"].content.decode()
 
