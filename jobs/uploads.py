@@ -91,7 +91,7 @@ def check_content(uploaded: UploadedFile, field: str) -> tuple[str, int, str]:
     try:
         records = parse_records(text, suffix)
     except CalibrationError as exc:
-        raise SubmissionError(field, f"{name!r}: {exc}") from None
+        raise SubmissionError(field, f"{name!r}: {exc.message}") from None
     usable = sum(1 for record in records if record_text(record, None)[0].strip())
     if not usable:
         what = ("paragraphs of more than 200 characters" if suffix == ".txt"
