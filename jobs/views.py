@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from .archive import artifact_path, stream_tar, tar_size
 from .forms import JobForm
-from .models import Job, Status
+from .models import CalibrationUpload, Job, Status
 from .submission import create_job
 
 EVENTS_TAIL = 30
@@ -24,10 +24,30 @@ def _own_job(request: HttpRequest, job_id: UUID) -> Job:
     return get_object_or_404(Job, pk=job_id, owner=request.user)
 
 
+def _calibration_label(job: Job) -> str | None:
+    """What the job calibrates on, as the user knows it (an upload by its file name); None when its
+    recipe needs no calibration data."""
+    from compression.recipe import Recipe, RecipeError
+
+    try:
+        if not Recipe.from_dict(job.recipe).needs_calibration:
+            return None
+    except RecipeError:
+        return None
+    source = str((job.calibration or {}).get("source") or "")
+    if source.startswith(CalibrationUpload.SOURCE_PREFIX):
+        from .uploads import resolve_source
+
+        upload = resolve_source(job.owner_id, source)
+        return f"{upload.filename} (uploaded)" if upload else f"{source} (deleted upload)"
+    return source or None
+
+
 def _detail_context(job: Job) -> dict:
     events = list(job.events.order_by("-id")[:EVENTS_TAIL])[::-1]
     results = job.results or {}
     return {"job": job, "events": events, "results": results, "eta_s": _eta_seconds(job),
+            "calibration_label": _calibration_label(job),
             "metrics": results.get("evaluation", {}).get("metrics", []),
             "has_artifact": artifact_path(job) is not None,
             "has_card": bool(results.get("model_card"))}
@@ -178,7 +198,6 @@ def compare(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def calibration_files(request: HttpRequest) -> HttpResponse:
     """The user's calibration uploads: list, upload (size-limited while streaming), delete."""
-    from .models import CalibrationUpload
     from .submission import SubmissionError
     from .uploads import limit_text, oversize_error, store_upload
 
@@ -204,7 +223,6 @@ def calibration_files(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def calibration_delete(request: HttpRequest, upload_id: UUID) -> HttpResponse:
-    from .models import CalibrationUpload
     from .uploads import UploadInUse, delete_upload
 
     upload = get_object_or_404(CalibrationUpload, pk=upload_id, owner=request.user)

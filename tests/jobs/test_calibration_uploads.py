@@ -171,6 +171,9 @@ def test_the_form_uploads_a_file_and_queues_the_job_on_it(logged_in, owner, sent
     assert job.calibration["source"] == upload_row.source and sent == [str(job.id)]
     # the upload is offered again next time
     assert f'<option value="{upload_row.source}">' in logged_in.get(reverse("job-new")).content.decode()
+    # and the job page names it as the user knows it
+    page = logged_in.get(reverse("job-detail", args=[job.id])).content.decode()
+    assert "a.jsonl (uploaded), up to 4 samples of 64 tokens" in page
 
 
 def test_the_form_keeps_the_upload_when_another_field_is_wrong(logged_in, owner):
