@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from jobs.models import Job, JobEvent, Status
+from jobs.models import JobEvent, Status
 from jobs.tasks import enqueue
 from tests.jobs.factories import make_job
 from tests.tiny import save_tiny_llama
 
+from .test_job_on_worker import wait_until_finished
+
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.integration]
-
-
-def wait_finished(job: Job, worker, timeout: float = 180) -> Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job.refresh_from_db()
-        if job.is_finished:
-            return job
-        time.sleep(0.3)
-    raise AssertionError(f"job still {job.status} after {timeout}s; worker log:\n{worker.tail()}")
 
 
 @pytest.fixture
@@ -51,7 +42,7 @@ def test_a_full_disk_fails_the_job_as_disk_full_and_keeps_nothing(owner, job_env
     model_dir = save_tiny_llama(job_env["models"] / "tiny-llama")  # ~26 MB of fp32 weights, disk is 4 MiB
     job = make_job(owner, model_source=str(model_dir))
     enqueue(job)
-    job = wait_finished(job, celery_worker)
+    job = wait_until_finished(job, celery_worker, timeout=180)
     assert job.status == Status.FAILED, celery_worker.tail()
     assert job.error_type == "DiskFull", (job.error_type, job.error_message)
     assert "during export" in job.error_message and "free space" in job.error_message
@@ -81,7 +72,7 @@ def test_running_out_of_memory_fails_the_job_as_out_of_memory(owner, job_env, ce
     subprocess.run(["prlimit", f"--pid={child}", f"--as={limit}"], check=True)
     job = make_job(owner, model_source=str(model_dir))
     enqueue(job)
-    job = wait_finished(job, celery_worker)
+    job = wait_until_finished(job, celery_worker, timeout=180)
     assert job.status == Status.FAILED, celery_worker.tail()
     assert job.error_type == "OutOfMemory", (job.error_type, job.error_message, celery_worker.tail())
     assert job.error_message.startswith("out of memory during ")
