@@ -106,7 +106,7 @@ def check_calibration_source(source: str, owner: Any) -> None:
         try:
             resolve_local(source, data_dir)
         except CalibrationError as exc:
-            raise SubmissionError("calibration.source", str(exc)) from None
+            raise SubmissionError("calibration.source", exc.message) from None
         return
     if not HUB_DATASET.match(source):
         raise SubmissionError("calibration.source", f"{source!r} is neither a file under the data directory, "

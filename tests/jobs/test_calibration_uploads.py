@@ -139,6 +139,7 @@ def test_calibration_sources_are_checked_at_submission(owner, source, message):
     with pytest.raises(SubmissionError) as caught:
         clean_calibration({"source": source}, owner)
     assert caught.value.field == "calibration.source" and message in caught.value.message
+    assert not caught.value.message.startswith("calibration.source")  # the field is named once, by `field`
 
 
 def test_good_calibration_sources_pass(owner):
