@@ -61,6 +61,17 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = time.monotonic() - t0
 
 
+def _measure(model: Any, stage: "_Stage") -> dict | None:
+    """Speed and memory of ``model``; a model that cannot be timed (no KV cache, say) costs the job
+    its speed table, with a warning, never its results."""
+    try:
+        return measure_speed(model)
+    except Exception as exc:  # noqa: BLE001 - optional measurement
+        log.warning("speed measurement failed: %s", exc, exc_info=True)
+        stage(f"speed and memory not measured: {type(exc).__name__}: {exc}", 0.95, level="warning")
+        return None
+
+
 class _Stage:
     """Emits progress events with the job-wide fraction for one stage."""
 
@@ -135,7 +146,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         dense_speed = None
         if evaluation.get("speed", True):
             baseline_stage("measuring the uncompressed model's speed and memory", 0.9)
-            dense_speed = measure_speed(model)
+            dense_speed = _measure(model, baseline_stage)
         baseline_stage("baseline evaluated", 1.0)
         check_stop()
 
@@ -176,7 +187,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         speed = None
         if dense_speed:
             eval_stage("measuring the compressed model's speed and memory", 0.9)
-            speed = speed_summary(dense_speed, measure_speed(model), device,
+            speed = speed_summary(dense_speed, _measure(model, eval_stage), device,
                                   f"{recipe.preset or 'custom'} via {runtime}")
         eval_stage("compressed model evaluated", 1.0)
         check_stop()

@@ -67,6 +67,10 @@ def measure_speed(model: torch.nn.Module, *, prompt_tokens: int = DEFAULTS["prom
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     if vocab < 2:
         raise ValueError("the model's config has no vocab_size")
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if context and prompt_tokens + decode_tokens > context:  # stay inside the model's positions
+        prompt_tokens = max(1, context - decode_tokens)
+        decode_tokens = min(decode_tokens, context - prompt_tokens)
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, prompt_tokens), generator=generator).to(device)
     steps = torch.randint(0, vocab, (decode_tokens, 1, 1), generator=generator).to(device)

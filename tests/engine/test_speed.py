@@ -37,7 +37,7 @@ def test_speed_summary_reports_ratios_only_when_both_sides_exist():
     assert speed_summary(None, packed, "cpu", "x") is None
 
 
-def run_tiny_job(tmp_path, preset: str, speed: bool) -> dict:
+def run_tiny_job(tmp_path, preset: str, speed: bool, progress=lambda event: None) -> dict:
     from django.conf import settings
 
     from compression.pipeline import run_job
@@ -51,7 +51,7 @@ def run_tiny_job(tmp_path, preset: str, speed: bool) -> dict:
             "evaluation": {"tasks": ["wikitext2_ppl"], "windows": 1, "seqlen": 32, "speed": speed},
             "data_dir": settings.COMPRESSOR_DATA_DIR, "device": "cpu"}
     torch.manual_seed(0)
-    return run_job(spec, tmp_path / "out", progress=lambda event: None)
+    return run_job(spec, tmp_path / "out", progress=progress)
 
 
 def test_a_job_measures_dense_and_compressed_speed_and_cards_it(tmp_path, monkeypatch):
@@ -85,3 +85,24 @@ def test_a_job_can_skip_the_speed_measurement(tmp_path, monkeypatch):
     results = run_tiny_job(tmp_path, "FP8_DYNAMIC", speed=False)
     assert results["speed"] is None
     assert "### Speed" not in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_model_that_cannot_be_timed_costs_the_job_its_speed_table_not_its_results(tmp_path, monkeypatch):
+    from compression import pipeline
+
+    def broken(model):
+        raise RuntimeError("this architecture has no KV cache")
+
+    monkeypatch.setattr(pipeline, "measure_speed", broken)
+    events: list[dict] = []
+    results = run_tiny_job(tmp_path, "FP8_DYNAMIC", speed=True, progress=events.append)
+    assert results["speed"] is None and results["evaluation"]["metrics"]
+    warnings = [e["message"] for e in events if e.get("level") == "warning"]
+    assert any("no KV cache" in w for w in warnings), warnings
+
+
+def test_the_measurement_stays_inside_the_models_positions():
+    model = tiny_llama()
+    model.config.max_position_embeddings = 20
+    row = measure_speed(model, prompt_tokens=128, decode_tokens=8, repeats=1)
+    assert row["prompt_tokens"] + row["decode_tokens"] <= 20 and row["decode_tokens"] == 8
