@@ -30,7 +30,7 @@ from .serializers import (CalibrationUploadListSerializer, CalibrationUploadRequ
                           JobFilterSerializer, JobPageSerializer, JobSummarySerializer, PresetListSerializer,
                           _links)
 from .submission import SubmissionError, create_job, validate_submission
-from .uploads import UploadInUse, delete_upload, oversize_error, store_upload
+from .uploads import UploadInUse, UploadTooLarge, delete_upload, store_request_upload
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +230,10 @@ def calibration_files(request: Request) -> Response:
     unknown = sorted(set(files) - {"file"}) + sorted(set(request.data) - set(files))
     if unknown:
         return error_response(status.HTTP_400_BAD_REQUEST, (unknown[0], "unknown field; allowed: file"))
-    if too_big := oversize_error(request._request, "file"):
-        return error_response(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, (too_big.field, too_big.message))
-    if "file" not in files:
-        return error_response(status.HTTP_400_BAD_REQUEST, ("file", "no file uploaded; send multipart/form-data "
-                                                                    "with the file in the field 'file'"))
     try:
-        upload = store_upload(request.user, files["file"], field="file")
+        upload = store_request_upload(request._request, request.user, "file")
+    except UploadTooLarge as exc:
+        return error_response(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, (exc.field, exc.message))
     except SubmissionError as exc:
         return error_response(status.HTTP_400_BAD_REQUEST, (exc.field, exc.message))
     log.info("calibration file %s (%d bytes) uploaded by %s", upload.id, upload.size, request.user)

@@ -97,7 +97,7 @@ class JobForm(forms.Form):
             options["group_size"] = None if data["group_size"] == "channel" else int(data["group_size"])
         source = (data.get("calibration_source") or "").strip() or None
         try:
-            if upload := self._store_upload(data):
+            if upload := self._store_upload():
                 source = upload.source
             self.request = validate_submission(
                 self.user, model=data["model"], preset=data["preset"], preset_options=options,
@@ -113,17 +113,14 @@ class JobForm(forms.Form):
             self.add_error(target, exc.message if plain else f"{exc.field}: {exc.message}")
         return data
 
-    def _store_upload(self, data: dict):
+    def _store_upload(self):
         """Keep an uploaded calibration file (it becomes one of the user's uploads whatever happens to
         the rest of the form) and point the source field at it, so a re-rendered form needs no re-upload."""
-        from .uploads import oversize_error, store_upload
+        from .uploads import store_request_upload
 
-        if too_big := oversize_error(self.http_request, "calibration_file"):
-            raise too_big
-        uploaded = data.get("calibration_file")
-        if not uploaded:
+        upload = store_request_upload(self.http_request, self.user, "calibration_file", required=False)
+        if upload is None:
             return None
-        upload = store_upload(self.user, uploaded, field="calibration_file")
         self.data = self.data.copy()
         self.data["calibration_source"] = upload.source
         return upload

@@ -200,6 +200,11 @@ class CalibrationUpload(models.Model):
         return f"{self.SOURCE_PREFIX}{self.id}"
 
     @property
+    def label(self) -> str:
+        """How pages and model cards name it."""
+        return f"{self.filename} (uploaded)"
+
+    @property
     def stored_name(self) -> str:
         return f"{self.id}{self.suffix}"
 

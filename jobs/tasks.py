@@ -36,7 +36,7 @@ def job_spec(job: Job) -> dict[str, Any]:
         upload = resolve_source(job.owner_id, calibration["source"])
         if upload is None or not upload.path.is_file():
             raise CalibrationError(f"the uploaded calibration file {calibration['source']} no longer exists")
-        calibration.update(source=upload.stored_name, label=f"{upload.filename} (uploaded)")
+        calibration.update(source=upload.stored_name, label=upload.label)
         calibration_dir = str(upload.directory)
     return {
         "job_id": str(job.id),

@@ -53,11 +53,26 @@ class LimitedUploadHandler(TemporaryFileUploadHandler):
         return super().receive_data_chunk(raw_data, start)
 
 
-def oversize_error(request: Any, field: str) -> SubmissionError | None:
-    """The error for a file the handler dropped for its size, if it dropped the one in ``field``."""
+class UploadTooLarge(SubmissionError):
+    """A file above COMPRESSOR_MAX_UPLOAD_BYTES (the API answers 413)."""
+
+    def __init__(self, field: str):
+        super().__init__(field, f"the file is larger than the upload limit of {limit_text()}")
+
+
+def store_request_upload(request: Any, owner: Any, field: str, *, required: bool = True) -> CalibrationUpload | None:
+    """The file in ``field`` of a Django request's multipart body, checked and kept for ``owner``;
+    None when the field is empty and not ``required``. Raises SubmissionError (UploadTooLarge for a
+    file the handler dropped while it streamed in)."""
+    files = request.FILES  # parsing the body runs LimitedUploadHandler
     if field in getattr(request, OVERSIZE_ATTR, ()):
-        return SubmissionError(field, f"the file is larger than the upload limit of {limit_text()}")
-    return None
+        raise UploadTooLarge(field)
+    if field not in files:
+        if required:
+            raise SubmissionError(field, f"no file uploaded; send multipart/form-data with the file in the "
+                                         f"field '{field}'")
+        return None
+    return store_upload(owner, files[field], field)
 
 
 def _display_name(name: str) -> str:
@@ -67,8 +82,8 @@ def _display_name(name: str) -> str:
     return clean[:255] or "upload"
 
 
-def check_content(uploaded: UploadedFile, field: str) -> tuple[str, int, str]:
-    """(suffix, usable records, sha256) of an uploaded calibration file, or a SubmissionError."""
+def check_content(uploaded: UploadedFile, field: str) -> tuple[str, int, bytes]:
+    """(suffix, usable records, content) of an uploaded calibration file, or a SubmissionError."""
     from compression.calibration import parse_records, record_text
     from compression.errors import CalibrationError
 
@@ -78,14 +93,10 @@ def check_content(uploaded: UploadedFile, field: str) -> tuple[str, int, str]:
         raise SubmissionError(field, f"{name!r}: the file must end in {', '.join(ALLOWED_SUFFIXES)} "
                                      "(JSON lines, a JSON list of records, or plain text)")
     if uploaded.size > settings.COMPRESSOR_MAX_UPLOAD_BYTES:
-        raise SubmissionError(field, f"the file is larger than the upload limit of {limit_text()}")
-    digest = hashlib.sha256()
-    chunks = []
-    for chunk in uploaded.chunks():
-        digest.update(chunk)
-        chunks.append(chunk)
+        raise UploadTooLarge(field)
+    content = b"".join(uploaded.chunks())
     try:
-        text = b"".join(chunks).decode("utf-8")
+        text = content.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SubmissionError(field, f"{name!r} is not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
@@ -97,7 +108,7 @@ def check_content(uploaded: UploadedFile, field: str) -> tuple[str, int, str]:
         what = ("paragraphs of more than 200 characters" if suffix == ".txt"
                 else "records with a text, instruction, question or messages field")
         raise SubmissionError(field, f"{name!r} holds no usable calibration text: expected {what}")
-    return suffix, usable, digest.hexdigest()
+    return suffix, usable, content
 
 
 def store_upload(owner: Any, uploaded: UploadedFile, field: str = "file") -> CalibrationUpload:
@@ -106,16 +117,15 @@ def store_upload(owner: Any, uploaded: UploadedFile, field: str = "file") -> Cal
     if count >= settings.COMPRESSOR_MAX_UPLOADS_PER_USER:
         raise SubmissionError(field, f"you already have {count} uploaded calibration files (limit "
                                      f"{settings.COMPRESSOR_MAX_UPLOADS_PER_USER})")
-    suffix, records, sha256 = check_content(uploaded, field)
+    suffix, records, content = check_content(uploaded, field)
     upload = CalibrationUpload(owner=owner, filename=_display_name(uploaded.name or ""), suffix=suffix,
-                               size=uploaded.size, records=records, sha256=sha256)
+                               size=len(content), records=records, sha256=hashlib.sha256(content).hexdigest())
     directory = upload.directory
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".incoming-")
     try:
         with os.fdopen(fd, "wb") as out:
-            for chunk in uploaded.chunks():
-                out.write(chunk)
+            out.write(content)
         with transaction.atomic():
             upload.save()
             os.replace(tmp, upload.path)

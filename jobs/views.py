@@ -39,7 +39,7 @@ def _calibration_label(job: Job) -> str | None:
         from .uploads import resolve_source
 
         upload = resolve_source(job.owner_id, source)
-        return f"{upload.filename} (uploaded)" if upload else f"{source} (deleted upload)"
+        return upload.label if upload else f"{source} (deleted upload)"
     return source or None
 
 
@@ -47,7 +47,6 @@ def _detail_context(job: Job) -> dict:
     events = list(job.events.order_by("-id")[:EVENTS_TAIL])[::-1]
     results = job.results or {}
     return {"job": job, "events": events, "results": results, "eta_s": _eta_seconds(job),
-            "calibration_label": _calibration_label(job),
             "metrics": results.get("evaluation", {}).get("metrics", []),
             "has_artifact": artifact_path(job) is not None,
             "has_card": bool(results.get("model_card"))}
@@ -99,6 +98,7 @@ def job_detail(request: HttpRequest, job_id: UUID) -> HttpResponse:
     job = _own_job(request, job_id)
     context = _detail_context(job)
     context["charts"] = _charts(job)
+    context["calibration_label"] = _calibration_label(job)  # the page header only, not the polled partials
     if context["has_card"]:
         from compression.card import card_to_html
 
@@ -199,17 +199,12 @@ def compare(request: HttpRequest) -> HttpResponse:
 def calibration_files(request: HttpRequest) -> HttpResponse:
     """The user's calibration uploads: list, upload (size-limited while streaming), delete."""
     from .submission import SubmissionError
-    from .uploads import limit_text, oversize_error, store_upload
+    from .uploads import limit_text, store_request_upload
 
     error = None
     if request.method == "POST":
-        files = request.FILES  # parses the body; the size limit applies while it streams in
         try:
-            if too_big := oversize_error(request, "file"):
-                raise too_big
-            if "file" not in files:
-                raise SubmissionError("file", "choose a file to upload")
-            upload = store_upload(request.user, files["file"])
+            upload = store_request_upload(request, request.user, "file")
         except SubmissionError as exc:
             error = exc.message
         else:
