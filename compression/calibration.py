@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,59 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".txt", ".raw", ".tokens")
 TEXT_FIELDS = ("text", "instruction", "input", "output", "page", "question")
 
 
+# A Hub dataset id: org/name in the characters the Hub allows, no "..", never a Storage Bucket path;
+# an optional split in datasets' own syntax (train, train_sft, train[:10%]).
+HUB_DATASET_ID = re.compile(r"^(?!buckets/)(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+HUB_SPLIT = re.compile(r"^[A-Za-z0-9_]{1,64}(\[[0-9:%-]{0,32}\])?$")
+MAX_SOURCE_CHARS = 300
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """What a calibration source names: a file of the data directory, or a Hub dataset (+ split)."""
+
+    kind: str  # "file" | "hub"
+    path: Path | None = None
+    repo_id: str | None = None
+    split: str = "train"
+
+
+def classify_source(source: str, data_dir: str | os.PathLike | None) -> CalibrationSource:
+    """Exactly one of: a file inside ``data_dir`` (symlinks resolved, no escape), or a Hub dataset id
+    ``org/name[:split]`` that is never resolved against the local filesystem. Anything else, including
+    an id that happens to exist as a path relative to the working directory, is a CalibrationError."""
+    if not isinstance(source, str) or not source.strip() or len(source) > MAX_SOURCE_CHARS \
+            or not source.isprintable():
+        raise CalibrationError(f"must be a data-directory file or a Hugging Face dataset id "
+                               f"(printable, at most {MAX_SOURCE_CHARS} characters)")
+    if is_local_source(source, data_dir):
+        if not data_dir:
+            raise CalibrationError(f"{source!r} looks like a file, but no data directory is configured "
+                                   "(COMPRESSOR_DATA_DIR); upload the file instead")
+        return CalibrationSource("file", path=resolve_local(source, data_dir))
+    repo_id, split = parse_hub_dataset(source)
+    return CalibrationSource("hub", repo_id=repo_id, split=split)
+
+
+def parse_hub_dataset(source: str) -> tuple[str, str]:
+    """(repo id, split) of ``org/name[:split]``, checked strictly."""
+    repo_id, has_split, split = source.partition(":")
+    if not HUB_DATASET_ID.match(repo_id) or (has_split and not HUB_SPLIT.match(split)):
+        raise CalibrationError(f"{source!r} is neither a file under the data directory, an uploaded file "
+                               "(upload:<id>) nor a Hub dataset id like org/name or org/name:split")
+    if os.path.lexists(repo_id):
+        # datasets would load such a path as a local directory; load_calibration never does (hf://),
+        # and refusing it here too makes the answer the same wherever the check runs.
+        raise CalibrationError(f"{repo_id!r} names a path on the server, not a Hub dataset; use a file of the "
+                               "data directory or upload your file")
+    return repo_id, split or "train"
+
+
 def resolve_local(source: str, data_dir: str | os.PathLike) -> Path:
     """``source`` resolved inside ``data_dir``; anything escaping it (``..``, absolute paths) is refused."""
-    root = Path(data_dir or ".").resolve()
+    if not data_dir:
+        raise CalibrationError("no data directory is configured (COMPRESSOR_DATA_DIR)")
+    root = Path(data_dir).resolve()
     path = (root / source).resolve()
     if not path.is_relative_to(root):
         raise CalibrationError(f"calibration source {source!r} lies outside the data directory {root}; "
@@ -78,17 +130,26 @@ def _local_records(path: Path) -> list[Any]:
 
 
 def _load_hub_dataset(source: str, split: str, seed: int, limit: int) -> list[Any]:
-    """Download ``limit`` shuffled records of a Hub dataset (needs network; mocked in tests)."""
+    """Download ``limit`` shuffled records of a Hub dataset (needs network; mocked in tests).
+
+    The ``hf://datasets/`` form is datasets' remote-only path: a bare ``org/name`` that exists as a
+    directory relative to the working directory would be loaded from there instead."""
     from datasets import load_dataset
 
-    ds = load_dataset(source, split=split)
+    if not HUB_DATASET_ID.match(source):
+        raise CalibrationError(f"{source!r} is not a Hub dataset id like org/name")
+    try:
+        ds = load_dataset(f"hf://datasets/{source}", split=split)
+    except (OSError, ValueError, RuntimeError) as exc:  # not found, gated, offline, bad split
+        raise CalibrationError(f"could not load the Hub dataset {source!r} (split {split!r}): {exc}") from exc
     ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
     return [dict(r) for r in ds]
 
 
-def is_local_source(source: str, data_dir: str | os.PathLike) -> bool:
-    return source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/")) or (
-        Path(data_dir or ".") / source).exists()
+def is_local_source(source: str, data_dir: str | os.PathLike | None) -> bool:
+    """Whether ``source`` is meant as a file of the data directory (never relative to the cwd)."""
+    return source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")) \
+        or bool(data_dir and (Path(data_dir) / source).exists())
 
 
 def load_calibration(source: str, tokenizer: Any, *, samples: int, seqlen: int,
@@ -100,15 +161,12 @@ def load_calibration(source: str, tokenizer: Any, *, samples: int, seqlen: int,
     """
     if samples < 1 or seqlen < 2:
         raise CalibrationError("calibration needs samples ≥ 1 and seqlen ≥ 2")
-    if is_local_source(source, data_dir):
-        records = _local_records(resolve_local(source, data_dir))
+    where = classify_source(source, data_dir)
+    if where.kind == "file":
+        records = _local_records(where.path)
         random.Random(seed).shuffle(records)
     else:
-        name, _, split = source.partition(":")
-        if name.count("/") != 1:
-            raise CalibrationError(f"calibration source {source!r} is neither a file under the data directory "
-                                   "nor a Hub dataset id like org/name")
-        records = _load_hub_dataset(name, split or "train", seed, samples * 2)
+        records = _load_hub_dataset(where.repo_id, where.split, seed, samples * 2)
     out: list[dict[str, torch.Tensor]] = []
     for record in records:
         text, templated = record_text(record, tokenizer)

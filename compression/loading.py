@@ -10,6 +10,7 @@ import copy
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -81,6 +82,11 @@ def check_model_source(source: str, *, allowed_roots: Sequence[str | os.PathLike
         return _check_local(source, allowed_roots)
     if HUB_ID.match(source):
         repo, _, revision = source.partition("@")
+        if os.path.lexists(repo):
+            # transformers would load such an id from that directory; hub_snapshot never does, and
+            # refusing it here gives the same answer at submission and in the worker.
+            raise ModelSourceError(f"{repo!r} names a path on the server, not a Hugging Face model; give a local "
+                                   "model as an absolute path inside the allowed roots")
         return ModelSource("hub", repo, revision or None)
     raise ModelSourceError(
         f"{source!r} is neither 'demo', a Hugging Face id (org/name[@revision]) nor an absolute local path")
@@ -104,12 +110,55 @@ def _check_local(source: str, allowed_roots: Sequence[str | os.PathLike]) -> Mod
         raise ModelSourceError(f"{source} is not a directory")
     if not (resolved / "config.json").is_file():
         raise ModelSourceError(f"{source} has no config.json")
+    check_files_inside(resolved, roots)
     names = [p.name for p in resolved.iterdir()]
     if not any(n.endswith(".safetensors") for n in names):
         unsafe = [n for n in names if n.endswith(UNSAFE_WEIGHT_SUFFIXES)]
         hint = f" (found {', '.join(sorted(unsafe)[:3])}: pickled weights are refused)" if unsafe else ""
         raise ModelSourceError(f"{source} has no .safetensors weights{hint}; convert the model to safetensors")
     return ModelSource("local", str(resolved))
+
+
+def check_files_inside(directory: Path, roots: Sequence[Path]) -> None:
+    """Every file and folder under ``directory`` must resolve inside ``roots``: a ``model.safetensors``
+    (or config, tokenizer, sub-folder) that is a symlink to elsewhere is refused, since the loader
+    opens whatever it points to."""
+    for folder, dirs, files in os.walk(directory):  # never descends into symlinked folders
+        for name in dirs + files:
+            entry = Path(folder) / name
+            if entry.is_symlink() and not _inside(entry.resolve(), roots):
+                raise ModelSourceError(f"{entry} is a symlink to {entry.resolve()}, outside the allowed model "
+                                       "directories; copy the file into the model directory instead")
+
+
+# Top-level files a model needs besides its weights: config, generation config, tokenizer, the
+# safetensors index, chat template. Never pickled weights (.bin/.pt) and never sub-folders.
+HUB_MODEL_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja")
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None, *, trust_remote_code: bool = False,
+                 weights: bool = True) -> Path:
+    """The folder holding a Hub model's files, fetched through huggingface_hub (the Hub or its local
+    cache) and never looked up as a local directory: transformers' ``from_pretrained("org/name")``
+    would load ``./org/name`` if that directory existed. With ``weights``, the safetensors shards the
+    index names (or ``model.safetensors``) come too, from the same commit."""
+    from huggingface_hub import snapshot_download
+
+    if not HUB_ID.match(repo_id if revision is None else f"{repo_id}@{revision}"):
+        raise ModelSourceError(f"{repo_id!r} is not a Hugging Face id like org/name")
+    patterns = list(HUB_MODEL_FILES) + (["*.py"] if trust_remote_code else [])
+    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"]))
+    if weights:
+        index = folder / "model.safetensors.index.json"
+        weight_map = json.loads(index.read_text()).get("weight_map") if index.is_file() else None
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else ["model.safetensors"]
+        if not shards or not all(isinstance(s, str) and s.endswith(".safetensors") and "/" not in s
+                                 for s in shards):
+            raise ModelSourceError(f"{repo_id}: the safetensors index names files outside the repository's top level")
+        folder = Path(snapshot_download(repo_id, revision=folder.name, allow_patterns=shards))
+    # the cache's snapshot files are symlinks into the repository's own blob store, and only there
+    check_files_inside(folder, [folder.parents[1].resolve()])
+    return folder
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -133,20 +182,18 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
                         "fingerprint": _fingerprint(path / DEMO_GGUF)}
         else:
             location = resolved.value
+            if resolved.kind == "hub":
+                location = str(hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code))
             kwargs = dict(common, trust_remote_code=trust_remote_code, use_safetensors=True)
-            if resolved.revision:
-                kwargs["revision"] = resolved.revision
-            tokenizer = AutoTokenizer.from_pretrained(
-                location, trust_remote_code=trust_remote_code,
-                **({"revision": resolved.revision} if resolved.revision else {}))
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-            revision = getattr(model.config, "_commit_hash", None) or resolved.revision
             if resolved.kind == "local":
-                revision = revision or "local"
+                revision = "local"
                 fingerprint = _dir_fingerprint(Path(location))
             else:
-                fingerprint = revision or "unknown"
-            identity = {"name": location, "revision": revision, "fingerprint": fingerprint}
+                revision = Path(location).name  # the snapshot folder is named by its commit
+                fingerprint = revision
+            identity = {"name": resolved.value, "revision": revision, "fingerprint": fingerprint}
     except ModelSourceError:
         raise
     except (OSError, ValueError) as exc:
@@ -210,9 +257,10 @@ def load_config(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (),
     try:
         if resolved.kind == "demo":
             return copy.deepcopy(_demo_config())
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if resolved.revision:
-            kwargs["revision"] = resolved.revision
-        return AutoConfig.from_pretrained(resolved.value, **kwargs)
+        location = resolved.value
+        if resolved.kind == "hub":
+            location = str(hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code,
+                                        weights=False))
+        return AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _source_error(resolved, exc, "could not read the config of") from exc

@@ -6,7 +6,6 @@ is allowed. Nothing is written to the database until everything has been validat
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +67,6 @@ def _bounded_int(value: Any, name: str, default: int | None) -> int | None:
     return number
 
 
-HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:+-]+)?$")
-
-
 def clean_calibration(raw: dict | None, owner: Any = None, *, needs_calibration: bool = True) -> dict:
     """Calibration settings with a checked source: ``upload:<id>`` (one of the owner's uploads), a
     file inside the data directory, or a Hub dataset id ``org/name[:split]``."""
@@ -91,7 +87,10 @@ def clean_calibration(raw: dict | None, owner: Any = None, *, needs_calibration:
 
 
 def check_calibration_source(source: str, owner: Any) -> None:
-    from compression.calibration import is_local_source, resolve_local
+    """Exactly one of: one of the owner's uploads, a data-directory file, or a Hub dataset id that is
+    never resolved against the server's filesystem (``compression.calibration.classify_source``, the
+    same check the worker repeats before it reads anything)."""
+    from compression.calibration import classify_source
     from compression.errors import CalibrationError
 
     from .models import CalibrationUpload
@@ -101,17 +100,10 @@ def check_calibration_source(source: str, owner: Any) -> None:
         if owner is None or resolve_source(owner.pk, source) is None:
             raise SubmissionError("calibration.source", f"{source!r} names none of your uploaded calibration files")
         return
-    data_dir = settings.COMPRESSOR_DATA_DIR
-    if data_dir and is_local_source(source, data_dir):
-        try:
-            resolve_local(source, data_dir)
-        except CalibrationError as exc:
-            raise SubmissionError("calibration.source", exc.message) from None
-        return
-    if not HUB_DATASET.match(source):
-        raise SubmissionError("calibration.source", f"{source!r} is neither a file under the data directory, "
-                                                    "an uploaded file (upload:<id>) nor a Hub dataset id "
-                                                    "like org/name or org/name:split")
+    try:
+        classify_source(source, settings.COMPRESSOR_DATA_DIR or None)
+    except CalibrationError as exc:
+        raise SubmissionError("calibration.source", exc.message) from None
 
 
 def clean_evaluation(raw: dict | None) -> dict:
