@@ -24,6 +24,7 @@ import yaml
 
 from compression.errors import RecipeError
 from compression.quant import QuantArgs
+from compression.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
 
 __all__ = ["PRESETS", "Modifier", "Recipe", "RecipeError", "SchemeGroup", "SCHEME_PRESETS"]
 
@@ -56,6 +57,7 @@ MODIFIER_FIELDS = {
     "GPTQModifier": {"targets", "ignore", "scheme", "config_groups", "block_size", "dampening_frac", "actorder"},
     "SparseGPTModifier": {"targets", "ignore", "sparsity", "mask_structure", "block_size", "dampening_frac"},
 }
+MODIFIER_FIELDS["SparseGPTModifier"] = MODIFIER_FIELDS["SparseGPTModifier"] | {"reconstruction"}
 ARGS_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder",
                "observer", "observer_kwargs", "block_structure", "scale_dtype", "zp_dtype"}
 GROUP_FIELDS = {"targets", "weights", "input_activations", "output_activations", "format"}
@@ -90,6 +92,7 @@ class Modifier:
     actorder: str | None = None
     sparsity: float = 0.5
     mask_structure: str = "2:4"
+    reconstruction: ReconstructionSettings | None = None  # SparseGPTModifier: layer-wise fit after pruning
 
     @property
     def quantizes(self) -> bool:
@@ -114,6 +117,8 @@ class Modifier:
         if self.kind == "SparseGPTModifier":
             out["sparsity"] = self.sparsity
             out["mask_structure"] = self.mask_structure
+            if self.reconstruction is not None:
+                out["reconstruction"] = self.reconstruction.to_dict()
         return out
 
 
@@ -293,6 +298,7 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
             raise RecipeError(f"{path}.sparsity", "must be 0.5 with mask_structure '2:4'")
         if not 0 < m.sparsity < 1:
             raise RecipeError(f"{path}.sparsity", "must be strictly between 0 and 1")
+        m.reconstruction = _parse_reconstruction(args.get("reconstruction"), f"{path}.reconstruction")
     if m.quantizes:
         has_scheme, has_groups = "scheme" in args, "config_groups" in args
         if has_scheme == has_groups:
@@ -315,6 +321,38 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
             if kind == "GPTQModifier" and g.weights and g.weights.actorder is None and m.actorder:
                 g.weights = _replace(g.weights, actorder=m.actorder)
     return m
+
+
+def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
+    """SparseGPTModifier ``reconstruction``: null/false (off), true (defaults) or a mapping of
+    steps, lr, batch_size, optimizer, target (see compression.reconstruction)."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return ReconstructionSettings()
+    if not isinstance(raw, dict):
+        raise RecipeError(path, "must be true, false/null or a mapping of steps, lr, batch_size, optimizer, target")
+    defaults = ReconstructionSettings().to_dict()
+    unknown = sorted(set(raw) - set(defaults))
+    if unknown:
+        raise RecipeError(f"{path}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(defaults))}")
+    values = {**defaults, **raw}
+    if isinstance(values["lr"], str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            values["lr"] = float(values["lr"])
+        except ValueError:
+            pass
+    for key, (lo, hi) in RECON_LIMITS.items():
+        values[key] = _int(values[key], f"{path}.{key}", lo=lo)
+        if values[key] > hi:
+            raise RecipeError(f"{path}.{key}", f"must be an integer between {lo} and {hi}")
+    values["lr"] = _float(values["lr"], f"{path}.lr", *LR_RANGE)
+    if values["optimizer"] not in OPTIMIZERS:
+        raise RecipeError(f"{path}.optimizer", f"allowed: {', '.join(OPTIMIZERS)}")
+    if values["target"] not in TARGETS:
+        raise RecipeError(f"{path}.target", "allowed: 'dense' (the dense model's layer output) or "
+                          "'layer' (the dense layer on the pruned model's inputs)")
+    return ReconstructionSettings(**values)
 
 
 def _scheme_groups(scheme: Any, targets: list[str], path: str) -> dict[str, SchemeGroup]:
@@ -458,11 +496,23 @@ _PRESET_OPTIONS = {
     "FP8_DYNAMIC": {"ignore"},
     "FP8": {"ignore"},
     "W4A16": {"ignore", "group_size", "actorder", "dampening_frac", "block_size"},
-    "2:4": {"ignore", "dampening_frac", "block_size"},
-    "2:4+FP8_DYNAMIC": {"ignore", "dampening_frac", "block_size"},
-    "2:4+W4A16": {"ignore", "group_size", "actorder", "dampening_frac", "block_size"},
+    "2:4": {"ignore", "dampening_frac", "block_size", "reconstruction"},
+    "2:4+FP8_DYNAMIC": {"ignore", "dampening_frac", "block_size", "reconstruction"},
+    "2:4+W4A16": {"ignore", "group_size", "actorder", "dampening_frac", "block_size", "reconstruction"},
     "W8A8": {"ignore", "actorder", "dampening_frac", "block_size"},
 }
+
+
+PRESET_RECONSTRUCTION = False  # 2:4 presets: layer-wise reconstruction unless the option says otherwise
+
+
+def _preset_reconstruction(options: dict) -> dict:
+    """The SparseGPTModifier ``reconstruction`` entry of a 2:4 preset (option ``reconstruction``:
+    true/false or a settings mapping; default PRESET_RECONSTRUCTION)."""
+    value = options.get("reconstruction", PRESET_RECONSTRUCTION)
+    if value is True:
+        value = ReconstructionSettings().to_dict()
+    return {"reconstruction": value} if value else {}
 
 
 def _preset_stages(name: str, options: dict) -> dict:
@@ -476,7 +526,8 @@ def _preset_stages(name: str, options: dict) -> dict:
     stages: dict = {}
     if name.startswith("2:4"):
         stages["sparsity_stage"] = {"sparsity_modifiers": {"SparseGPTModifier": {
-            **common, "sparsity": 0.5, "mask_structure": "2:4", **solver}}}
+            **common, "sparsity": 0.5, "mask_structure": "2:4", **solver,
+            **_preset_reconstruction(options)}}}
     quant = name.split("+")[-1]
     if quant == "2:4":
         return stages

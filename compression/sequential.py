@@ -23,6 +23,7 @@ import torch
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
 from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, round_to_nearest
 from compression.quant import FP8_MAX, QuantArgs, check_24_pattern, fake_quantize_activation
+from compression.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import Modifier, Recipe, SchemeGroup, matches_any
 from compression.sparsegpt import sparsegpt_prune
 
@@ -63,6 +64,7 @@ class CompressionReport:
     samples: int = 0
     seconds: float = 0.0
     hooks: list = field(default_factory=list, repr=False)
+    reconstruction: dict[int, dict] = field(default_factory=dict)  # layer index -> ReconstructionResult.to_dict()
 
     @property
     def fallbacks(self) -> list[dict]:
@@ -81,7 +83,9 @@ class CompressionReport:
         """JSON-able digest (no tensors) for job results and model cards."""
         return {"layers": self.layers, "samples": self.samples, "seconds": round(self.seconds, 3),
                 "fallbacks": self.fallbacks, "sparsity": self.sparsity_stats(),
-                "modules": [r.summary() for r in self.modules.values()]}
+                "modules": [r.summary() for r in self.modules.values()],
+                **({"reconstruction": [{"layer": i, **r} for i, r in sorted(self.reconstruction.items())]}
+                   if self.reconstruction else {})}
 
     def remove_activation_hooks(self) -> None:
         for handle in self.hooks:
@@ -250,13 +254,26 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     model.config.use_cache = False
     try:
         inputs = capture_layer0_inputs(model, layers[0], calibration, device) if recipe.needs_calibration else []
+        dense_inputs = inputs  # the dense model's activation stream (layer-wise reconstruction, target "dense")
         for index, layer in enumerate(layers):
             layer_start = time.perf_counter()
             layer.to(device)
             plans = _plan_layer(recipe, f"{prefix}.{index}", layer)
             stats = _collect_statistics(layer, plans, inputs)
+            recon = _reconstruction_settings(plans) if inputs else None
+            targets = reconstruction_targets(layer, inputs, dense_inputs, recon) if recon else None
+            masks: dict[str, torch.Tensor] = {}
             for plan in plans:
-                _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device)
+                _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
+                                 masks=masks, only=_is_sparsity if recon else None)
+            if recon:
+                _reconstruct(layer, plans, masks, inputs, targets, recon, report, emit, index, len(layers),
+                             should_stop)
+                if recon.target == "dense":
+                    dense_inputs = [(t, kwargs) for t, (_, kwargs) in zip(targets, dense_inputs)]
+                for plan in plans:
+                    _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
+                                     masks=masks, only=lambda m: not _is_sparsity(m))
             for plan in plans:
                 record = report.modules[plan.name]
                 if record.input_activations is not None:
@@ -315,13 +332,19 @@ def _collect_statistics(layer: torch.nn.Module, plans: list[_Plan], inputs: list
 
 
 def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: Progress,
-                     index: int, layers: int, device: torch.device | str) -> None:
+                     index: int, layers: int, device: torch.device | str, *,
+                     masks: dict[str, torch.Tensor] | None = None,
+                     only: Callable[[Modifier], bool] | None = None) -> None:
+    """Run the plan's steps (those ``only`` accepts) on one Linear; a pruning mask is kept in ``masks``."""
     module = plan.module
     dtype = module.weight.dtype
     record = report.modules.setdefault(plan.name, ModuleRecord(plan.name, tuple(module.weight.shape)))
     hessian = stats["hessian"].hessian if "hessian" in stats else None
-    mask = None
+    masks = {} if masks is None else masks
+    mask = masks.get(plan.name)
     for path, modifier, group in plan.steps:
+        if only is not None and not only(modifier):
+            continue
         t0 = time.perf_counter()
         weight = module.weight.data
         if modifier.kind == "SparseGPTModifier":
@@ -329,7 +352,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                                      mask_structure=modifier.mask_structure, block_size=modifier.block_size,
                                      dampening_frac=modifier.dampening_frac)
             module.weight.data = result.weight.to(dtype)
-            mask = result.mask
+            mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
             loss, fallback, record.dead_columns = result.loss, result.fallback, result.dead_columns
             kind = "sparsegpt"
@@ -364,3 +387,43 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         emit({"stage": "compress", "layer": index, "layers": layers, "module": plan.local, "loss": loss,
               "seconds": time.perf_counter() - t0, "memory_mb": _memory_mb(device),
               "message": f"{modifier.kind} {plan.local}" + (f" (fallback: {fallback})" if fallback else "")})
+
+
+# layer-wise reconstruction (compression/reconstruction.py) -----------------------------------------
+def _is_sparsity(modifier: Modifier) -> bool:
+    return modifier.kind == "SparseGPTModifier"
+
+
+def _reconstruction_settings(plans: list[_Plan]) -> ReconstructionSettings | None:
+    """The reconstruction option of the SparseGPTModifier that prunes this layer (first one wins)."""
+    for plan in plans:
+        for _, modifier, _ in plan.steps:
+            if _is_sparsity(modifier) and modifier.reconstruction is not None:
+                return modifier.reconstruction
+    return None
+
+
+def reconstruction_targets(layer: torch.nn.Module, inputs: list, dense_inputs: list,
+                           settings: ReconstructionSettings) -> list[torch.Tensor]:
+    """The dense layer's outputs the pruned layer is fitted to: on the dense stream (target "dense")
+    or on the pruned model's own inputs (target "layer"). Call before the layer is compressed."""
+    return layer_outputs(layer, dense_inputs if settings.target == "dense" else inputs)
+
+
+def _reconstruct(layer, plans, masks, inputs, targets, settings, report, emit, index, layers, should_stop) -> None:
+    weights = {plan.name: (plan.module, masks[plan.name]) for plan in plans if plan.name in masks}
+    if not weights:
+        return
+    result = reconstruct_layer(layer, inputs, targets, weights, settings, should_stop=should_stop)
+    for name, (module, _) in weights.items():
+        record = report.modules[name]
+        if record.mask_structure == "2:4" and not check_24_pattern(module.weight.data):
+            raise SparsityPatternError(f"{name} lost its 2:4 pattern in layer-wise reconstruction")
+    report.reconstruction[index] = result.to_dict()
+    emit({"stage": "compress", "kind": "reconstruction", "layer": index, "layers": layers,
+          "error_before": result.error_before, "error_after": result.error_after,
+          "relative_before": result.relative_before, "relative_after": result.relative_after,
+          "steps": result.steps, "seconds": result.seconds, "kept": result.kept,
+          "message": f"layer {index + 1}/{layers} reconstruction: output MSE {result.error_before:.4g} → "
+                     f"{result.error_after:.4g} ({result.steps} Adam steps, lr {settings.lr:g})"
+                     + ("" if result.kept else "; no gain, pruned weights kept")})

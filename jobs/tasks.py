@@ -63,7 +63,7 @@ class ProgressRecorder:
 
     def __call__(self, event: dict) -> None:
         stage = event.get("stage", "")
-        is_layer_event = "module" in event or event.get("kind") == "layer"
+        is_layer_event = "module" in event or event.get("kind") in ("layer", "reconstruction", "finetune")
         if is_layer_event or stage != self.last_stage or event.get("level") in ("warning", "error"):
             JobEvent.objects.create(job_id=self.job_id, stage=stage[:40], level=event.get("level", "info"),
                                     message=str(event.get("message", ""))[:2000],
