@@ -78,10 +78,14 @@ COMPRESSOR_MAX_UPLOAD_BYTES = env_int("COMPRESSOR_MAX_UPLOAD_BYTES", 64 * 1024 *
 COMPRESSOR_MAX_UPLOADS_PER_USER = env_int("COMPRESSOR_MAX_UPLOADS_PER_USER", 100)
 FILE_UPLOAD_HANDLERS = ["jobs.uploads.LimitedUploadHandler"]
 COMPRESSOR_EVAL_WINDOWS = env_int("COMPRESSOR_EVAL_WINDOWS", 8)
-# Reliability: a running job beats its heart every HEARTBEAT_S; one silent for WORKER_LOST_AFTER_S is
-# marked failed ("worker lost"); a queued job absent from the broker for REQUEUE_AFTER_S is re-sent.
+# Reliability (jobs/reliability.py): a running job beats its heart every HEARTBEAT_S; one silent for
+# WORKER_LOST_AFTER_S is marked failed ("worker lost") -- after 3 missed beats already when its process
+# is gone from the host of a (restarted) worker; a queued job whose message a worker took but did not
+# start within CLAIM_DEADLINE_S is failed ("ClaimTimeout"); a queued job absent from the broker for
+# REQUEUE_AFTER_S is re-sent. The watchdog runs every WATCHDOG_INTERVAL_S in every worker.
 COMPRESSOR_HEARTBEAT_S = env_int("COMPRESSOR_HEARTBEAT_S", 10)
 COMPRESSOR_WORKER_LOST_AFTER_S = env_int("COMPRESSOR_WORKER_LOST_AFTER_S", 120)
+COMPRESSOR_CLAIM_DEADLINE_S = env_int("COMPRESSOR_CLAIM_DEADLINE_S", 60)
 COMPRESSOR_REQUEUE_AFTER_S = env_int("COMPRESSOR_REQUEUE_AFTER_S", 30)
 COMPRESSOR_WATCHDOG_INTERVAL_S = env_int("COMPRESSOR_WATCHDOG_INTERVAL_S", 15)
 

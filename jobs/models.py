@@ -114,11 +114,12 @@ class Job(models.Model):
                         progress={"stage": "done", "fraction": 1.0, "message": "finished"})
 
     @classmethod
-    def fail(cls, job_id: Any, error_type: str, message: str, *, heartbeat_before: Any = None) -> bool:
-        """→ failed. With `heartbeat_before`, only if the job's last heartbeat is older than that (the
-        reaper: a heartbeat arriving after it looked proves the worker alive)."""
+    def fail(cls, job_id: Any, error_type: str, message: str, *, heartbeat_before: Any = None,
+             from_status: tuple[str, ...] = ACTIVE) -> bool:
+        """→ failed, from any of `from_status`. With `heartbeat_before`, only if the job's last heartbeat
+        is older than that (the reaper: a heartbeat arriving after it looked proves the worker alive)."""
         where = {"heartbeat_at__lt": heartbeat_before} if heartbeat_before is not None else None
-        return cls._cas(job_id, ACTIVE, where, status=Status.FAILED, finished_at=timezone.now(),
+        return cls._cas(job_id, from_status, where, status=Status.FAILED, finished_at=timezone.now(),
                         error_type=error_type[:100], error_message=message)
 
     @classmethod

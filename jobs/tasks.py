@@ -11,6 +11,7 @@ from typing import Any
 from celery import shared_task, signals
 from billiard.exceptions import WorkerLostError
 from django.conf import settings
+from django.db import connections
 
 from .models import CalibrationUpload, Job, JobEvent, Status
 from .reliability import Heartbeat, Watchdog, fail_lost_job
@@ -136,12 +137,18 @@ def enqueue(job: Job, *, fail_if_unreachable: bool = True) -> None:
 def _fail_job_of_lost_worker(sender=None, task_id=None, exception=None, args=None, **kwargs) -> None:
     """In the worker's main process: the child running a job died (kill -9, OOM killer)."""
     if isinstance(exception, WorkerLostError) and getattr(sender, "name", "") == run_job.name and args:
-        fail_lost_job(args[0], str(exception) or "the worker process died")
+        try:
+            fail_lost_job(args[0], str(exception) or "the worker process died")
+        finally:
+            connections.close_all()  # the main process forks the next pool child next: hold no connection
 
 
 @signals.worker_ready.connect
-def _start_watchdog(**kwargs) -> None:
-    Watchdog().start()
+def _start_watchdog(sender=None, **kwargs) -> None:
+    """The watchdog runs on the worker's event loop (main thread), never in a thread of this process:
+    it forks pool children, and a child forked while a thread holds a lock inherits it held forever."""
+    how = Watchdog().attach(getattr(sender, "controller", None))
+    log.info("watchdog started (%s)", how)
 
 
 @signals.worker_init.connect
@@ -155,6 +162,8 @@ def _preload_engine(**kwargs) -> None:
 
     import compression.pipeline  # noqa: F401
     import compression.runtime  # noqa: F401
+
+    connections.close_all()  # nothing opened here may be inherited by the pool children
 
 
 __all__ = ["run_job", "enqueue", "job_spec", "Status"]

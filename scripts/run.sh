@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start everything: a Redis broker (the one on REDIS_URL, or our own), one Celery worker on the
-# `gpu` queue and the web server. Ctrl-C stops everything this script started.
+# `gpu` queue and the web server (both restarted if they die). Ctrl-C stops everything this script started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -30,13 +30,15 @@ else
 fi
 
 $PY manage.py ensure_admin
-echo "==> starting the Celery worker (queue: gpu)"
-.venv/bin/celery -A compressor_ui worker -Q gpu --concurrency 1 --max-tasks-per-child 1 --loglevel INFO \
-  >var/worker.log 2>&1 &
+# The worker and the web server run under scripts/supervise.sh: if one dies (kill -9, OOM killer) it
+# is started again, and the restarted worker's watchdog fails the job the dead one was running.
+echo "==> starting the Celery worker (queue: gpu), supervised"
+bash scripts/supervise.sh .venv/bin/celery -A compressor_ui worker -Q gpu --concurrency 1 --max-tasks-per-child 1 \
+  --loglevel INFO >>var/worker.log 2>&1 &
 pids+=($!)
-echo "==> starting the web server"
-.venv/bin/gunicorn compressor_ui.wsgi:application --bind "127.0.0.1:$PORT" --workers 2 --threads 4 \
-  --access-logfile - --log-level info >var/web.log 2>&1 &
+echo "==> starting the web server, supervised"
+bash scripts/supervise.sh .venv/bin/gunicorn compressor_ui.wsgi:application --bind "127.0.0.1:$PORT" --workers 2 \
+  --threads 4 --access-logfile - --log-level info >>var/web.log 2>&1 &
 pids+=($!)
 sleep 2
 echo

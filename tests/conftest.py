@@ -118,24 +118,45 @@ def database_url_for_worker() -> str:
 
 
 class CeleryWorker:
-    """A real `celery worker` process consuming the gpu queue, as `make run` starts it."""
+    """A real `celery worker` process consuming the gpu queue, as `make run` starts it; `supervised`
+    runs it under scripts/supervise.sh, which starts it again when it dies (as `make run` does)."""
 
-    def __init__(self, env: dict, log_path: Path):
-        self.env, self.log_path = env, log_path
+    def __init__(self, env: dict, log_path: Path, supervised: bool = False):
+        self.env, self.log_path, self.supervised = env, log_path, supervised
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.log_path.write_text("")
         self.log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "compressor_ui", "worker", "-Q", "gpu", "--concurrency", "1",
-             "--max-tasks-per-child", "1", "--pool", "prefork", "--loglevel", "INFO", "--without-gossip",
-             "--without-mingle", "-n", f"test-{os.getpid()}@%h"],
-            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: "ready." in self.log_path.read_text() or self.proc.poll() is not None, 120,
-                 "the Celery worker to start")
+        command = [sys.executable, "-m", "celery", "-A", "compressor_ui", "worker", "-Q", "gpu", "--concurrency", "1",
+                   "--max-tasks-per-child", "1", "--pool", "prefork", "--loglevel", "INFO", "--without-gossip",
+                   "--without-mingle", "-n", f"test-{os.getpid()}@%h"]
+        if self.supervised:
+            command = ["bash", str(REPO / "scripts" / "supervise.sh"), *command]
+        self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.wait_ready(1)
+
+    def wait_ready(self, times: int, timeout: float = 120) -> None:
+        """Until the worker has logged `ready.` `times` times in all (a supervised one once per start)."""
+        wait_for(lambda: self.log_path.read_text().count("ready.") >= times or self.proc.poll() is not None,
+                 timeout, "the Celery worker to start")
         if self.proc.poll() is not None:
             raise RuntimeError(f"celery worker exited:\n{self.tail()}")
+
+    def main_pid(self) -> int:
+        """The pid of celery's main process (the supervisor's child when supervised)."""
+        if not self.supervised:
+            return self.proc.pid
+        import psutil
+
+        children = wait_for(lambda: psutil.Process(self.proc.pid).children(), 30, "the supervised worker")
+        return children[0].pid
+
+    def pool_pids(self) -> list[int]:
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.main_pid()).children()]
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-lines:])
@@ -182,7 +203,7 @@ def worker_factory(job_env, redis_server, transactional_db, tmp_path, settings):
     """Start real worker processes (with extra environment); all are stopped after the test."""
     started: list[CeleryWorker] = []
 
-    def start(**extra_env: str) -> CeleryWorker:
+    def start(supervised: bool = False, **extra_env: str) -> CeleryWorker:
         env = dict(os.environ,
                    DATABASE_URL=database_url_for_worker(), REDIS_URL=redis_server.url,
                    ARTIFACT_ROOT=str(job_env["artifacts"]), COMPRESSOR_MODEL_ROOTS=str(job_env["models"]),
@@ -192,7 +213,7 @@ def worker_factory(job_env, redis_server, transactional_db, tmp_path, settings):
                    TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO), **extra_env)
         # The worker runs jobs as in production: torch reference kernels on CPU, not the interpreter.
         env.pop("TRITON_INTERPRET", None)
-        worker = CeleryWorker(env, tmp_path / f"worker-{len(started)}.log")
+        worker = CeleryWorker(env, tmp_path / f"worker-{len(started)}.log", supervised=supervised)
         started.append(worker)
         worker.start()
         return worker
