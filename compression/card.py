@@ -41,7 +41,8 @@ and the few properties the prose needs are passed explicitly in ``facts["scheme"
       },
       "calibration": {"dataset": "Self-Instruct seed tasks", "hub_id": None,
                       "samples": 128, "seq_len": 512} | None,
-      "size": {"dense_bytes": int, "compressed_bytes": int} | None,   # measured on disk
+      "size": {"dense_bytes": int, "dense_dtype": "bfloat16", "compressed_bytes": int} | None,
+                                  # the source checkpoint's weights vs the compressed safetensors
       "bits_per_param": {"dense": 16.0, "compressed": 4.25} | None,  # of the quantized Linears
       "eval": {"baseline": evaluate() result, "compressed": evaluate() result} | None,
       "eval_data_dir": "/work/shared/data" | None,    # for reproducing local tasks
@@ -62,6 +63,7 @@ from typing import Any
 import yaml
 
 from compression.recovery import AVERAGE, recovery_table
+from compression.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +105,6 @@ def _base_link(facts: dict) -> str:
     if hub:
         return f"[{hub}](https://huggingface.co/{hub})"
     return f"`{_or_missing(facts.get('base_model'))}`"
-
-
-def _fmt_bytes(n: int | float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _fmt_bits(x: float) -> str:
@@ -274,8 +272,10 @@ def _optimizations(facts: dict) -> str:
     size = facts.get("size") or {}
     dense, comp = size.get("dense_bytes"), size.get("compressed_bytes")
     if dense and comp:
-        parts.append(f"The checkpoint measures {_fmt_bytes(comp)} on disk against {_fmt_bytes(dense)} "
-                     f"for the dense model, {(1 - comp / dense) * 100:.1f}% smaller.")
+        source = f"the source checkpoint ({size['dense_dtype']})" if size.get("dense_dtype") else \
+            "the source checkpoint"
+        parts.append(f"Its weights measure {format_bytes(comp)} on disk against {format_bytes(dense)} "
+                     f"for {source}, {(1 - comp / dense) * 100:.1f}% smaller.")
     else:
         parts.append(f"Checkpoint size reduction: {NOT_RECORDED}.")
 

@@ -3,14 +3,19 @@
 Per quantized Linear ``<p>``: INT4/INT8 weight-only → ``pack-quantized`` (``weight_packed`` int32,
 ``weight_scale``, ``weight_shape``); INT8 W8A8 → ``int-quantized`` (``weight`` int8 +
 ``weight_scale``); FP8 → ``float-quantized`` (``weight`` float8_e4m3fn + ``weight_scale`` [+
-``input_scale`` for static activations]). Scales are stored in the model dtype. 2:4 weights stay
-dense with +0.0 zeros; the sparsity is recorded in our own ``compressor`` metadata.
+``input_scale`` for static activations]). Unquantized tensors and scales are stored in the source
+checkpoint's dtype (``export_checkpoint(dtype=...)``, e.g. bfloat16 even when the job ran in float32 on
+a CPU). 2:4 weights stay dense with +0.0 zeros and are described by a compressed-tensors
+``sparsity_config`` (format ``dense``, ``sparsity_structure`` "2:4", ``global_sparsity``, targets,
+ignore), for a 2:4-only model inside a ``quantization_config`` of format ``dense`` with no config
+groups. config.json names the model class in ``architectures`` and carries no server paths.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +73,88 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
             "version": EXPORTER_VERSION}
 
 
+def sparsity_config(model: torch.nn.Module, recipe: Recipe, report: CompressionReport) -> dict | None:
+    """compressed-tensors' ``sparsity_config`` for a pruned model stored dense, or None when nothing was pruned.
+
+    ``targets``/``ignore`` are the pruning modifier's, plus every Linear it left dense (so a reader
+    applying the 2:4 kernel to the targets never hits a dense matrix); ``global_sparsity`` is the
+    fraction of zeros over all of the model's parameters (tied weights once), as llm-compressor reports it.
+    """
+    stats = report.sparsity_stats()
+    if not stats:
+        return None
+    pruned = {name for name, r in report.modules.items() if r.sparsity is not None}
+    targets: list[str] = []
+    ignore: list[str] = []
+    for m in recipe.modifiers:
+        if m.kind != "SparseGPTModifier":
+            continue
+        targets.extend(t for t in m.targets if t not in targets)
+        ignore.extend(x for x in m.ignore if x not in ignore)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name not in pruned and matches_any(
+                targets, name, type(module).__name__) and not matches_any(ignore, name, type(module).__name__):
+            ignore.append(name)
+    zeros = total = 0
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        total += p.numel()
+        zeros += int((p == 0).sum())
+    structure = stats["sparsity_structure"]
+    return {"format": "dense", "sparsity_structure": "unstructured" if structure == "0:0" else structure,
+            "global_sparsity": round(zeros / total, 6) if total else 0.0,
+            "targets": targets or ["Linear"], "ignore": ignore, "registry_requires_subclass": False}
+
+
+def sparse_only_quantization_config(sparsity: dict) -> dict:
+    """The ``quantization_config`` of a model that is pruned but not quantized: no config groups,
+    format ``dense``, so vLLM and transformers find the ``sparsity_config`` where they look for it."""
+    return {"quant_method": "compressed-tensors", "format": "dense", "quantization_status": "compressed",
+            "config_groups": {}, "ignore": list(sparsity.get("ignore") or []), "kv_cache_scheme": None, "global_compression_ratio": None,
+            "sparsity_config": sparsity, "transform_config": {}, "version": EXPORTER_VERSION}
+
+
+def model_architectures(model: torch.nn.Module) -> list[str]:
+    """``architectures`` for config.json: the config's own, else the model's class (a GGUF source has none)."""
+    names = [a for a in (getattr(model.config, "architectures", None) or []) if isinstance(a, str) and a]
+    return names or [type(model).__name__]
+
+
+SERVER_ONLY_KEYS = ("_name_or_path", "_commit_hash", "_model_name_or_path", "name_or_path")
+
+
+def portable_config(config: dict) -> dict:
+    """``config`` without what only made sense on this server: private keys such as ``_name_or_path``
+    (the directory the model was loaded from) and any top-level string that is an absolute path."""
+    out = {}
+    for key, value in config.items():
+        if key in SERVER_ONLY_KEYS or key.startswith("_"):
+            continue
+        if isinstance(value, str) and (value.startswith("/") or re.match(r"^[A-Za-z]:\\", value)):
+            continue
+        out[key] = value
+    return out
+
+
+def checkpoint_config(model: torch.nn.Module, recipe: Recipe, report: CompressionReport,
+                      dtype: torch.dtype, compressor_meta: dict) -> dict:
+    """config.json of the exported checkpoint: the model's config made portable, with its class in
+    ``architectures``, the storage dtype, and the compressed-tensors quantization/sparsity configs."""
+    config = portable_config(model.config.to_dict())
+    config.pop("quantization_config", None)  # e.g. the GGUF source's; never describe the wrong format
+    config.pop("torch_dtype", None)
+    config["architectures"] = model_architectures(model)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    qconfig = quantization_config(model, recipe, report)
+    sparsity = sparsity_config(model, recipe, report)
+    if sparsity is not None:
+        qconfig = qconfig or sparse_only_quantization_config(sparsity)
+        qconfig["sparsity_config"] = sparsity
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    config["compressor"] = compressor_meta
+    return config
+
+
 def _module_tensors(record: ModuleRecord, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     p = record.name
     w = record.weights
@@ -85,20 +172,27 @@ def _module_tensors(record: ModuleRecord, dtype: torch.dtype) -> dict[str, torch
     return out
 
 
-def checkpoint_state_dict(model: torch.nn.Module, report: CompressionReport) -> dict[str, torch.Tensor]:
-    """Dense tensors of the model with every quantized Linear's weight replaced by its compressed form."""
+def checkpoint_state_dict(model: torch.nn.Module, report: CompressionReport,
+                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Dense tensors of the model with every quantized Linear's weight replaced by its compressed form.
+
+    ``dtype`` (default: the model's) is the storage dtype of every tensor held in the model's own
+    floating-point dtype and of the scales; quantized codes keep theirs."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     seen: dict[int, str] = {}
     tensors: dict[str, torch.Tensor] = {}
+    model_dtype = next(model.parameters()).dtype
     for name, tensor in model.state_dict().items():
         ptr = tensor.data_ptr()
         if tied and ptr in seen:  # tied lm_head: safetensors refuses shared storage; HF re-ties on load
             continue
         seen[ptr] = name
         if tensor.is_floating_point():
+            if dtype is not None and tensor.dtype == model_dtype:
+                tensor = tensor.to(dtype)
             tensor = tensor + 0.0  # canonicalize -0.0 → +0.0 (2:4 zeros; vLLM PR #13198)
         tensors[name] = tensor.detach().cpu().contiguous()
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     for record in report.modules.values():
         if record.codes is None:
             continue
@@ -131,22 +225,21 @@ def _write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_byt
 
 
 def export_checkpoint(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, report: CompressionReport,
-                      out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write the checkpoint into ``out_dir`` (created). Returns {"files": [...], "bytes": int, "format": str}."""
+                      out_dir: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                      dtype: torch.dtype | None = None) -> dict:
+    """Write the checkpoint into ``out_dir`` (created). Returns {"files": [...], "bytes": int, "format": str}.
+
+    ``dtype``: storage dtype of the unquantized tensors and scales, normally the source checkpoint's
+    (`compression.loading.source_dtype`); default the model's own."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = _write_shards(checkpoint_state_dict(model, report), out, max_shard_bytes)
+    dtype = dtype or next(model.parameters()).dtype
+    files = _write_shards(checkpoint_state_dict(model, report, dtype), out, max_shard_bytes)
 
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # e.g. the GGUF source's; never describe the wrong format
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    qconfig = quantization_config(model, recipe, report)
-    if qconfig is not None:
-        config["quantization_config"] = qconfig
     compressor_meta = {"version": EXPORTER_VERSION, "preset": recipe.preset, "recipe": recipe.describe(),
                        "sparsity": report.sparsity_stats(), "fallbacks": report.fallbacks}
-    config["compressor"] = compressor_meta
+    config = checkpoint_config(model, recipe, report, dtype, compressor_meta)
+    qconfig = config.get("quantization_config")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "compressor.json").write_text(json.dumps({**compressor_meta, "report": report.summary()}, indent=2) + "\n")
     (out / "recipe.yaml").write_text(recipe.to_yaml())
@@ -164,5 +257,5 @@ def export_checkpoint(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, re
         tokenizer.save_pretrained(out)
         files += sorted(set(os.listdir(out)) - before)
     total = sum((out / f).stat().st_size for f in files if (out / f).is_file())
-    log.info("exported %s (%s, %.1f MB)", out, qconfig["format"] if qconfig else "dense", total / 2 ** 20)
+    log.info("exported %s (%s, %.1f MB)", out, qconfig["format"] if qconfig else "dense", total / 1e6)
     return {"files": files, "bytes": total, "format": qconfig["format"] if qconfig else "dense"}

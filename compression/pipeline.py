@@ -171,15 +171,20 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
 
         export_stage = _Stage(progress, "export")
         export_stage("writing the compressed-tensors checkpoint")
+        from .source_facts import source_checkpoint_bytes, source_dtype
+
+        stored_dtype = source_dtype(loaded.source, model)  # unquantized tensors as the source stores them
         with _timed(timings, "export_s"):
-            exported = export_checkpoint(model, tokenizer, recipe, report, tmp_dir)
+            exported = export_checkpoint(model, tokenizer, recipe, report, tmp_dir, dtype=stored_dtype)
         export_stage("checkpoint written", 1.0)
         check_stop()
 
         eval_stage = _Stage(progress, "evaluate")
         eval_stage("loading the exported checkpoint through the compressed runtime")
         architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-        dense_bytes, dense_dtype = _dense_bytes(model)
+        # compared with the source checkpoint as published, not with the dtype this worker ran in
+        dense_bytes = source_checkpoint_bytes(loaded.source, model, stored_dtype)
+        dense_dtype = str(stored_dtype).removeprefix("torch.")
         with _timed(timings, "compressed_eval_s"):
             model, runtime = _compressed_model_for_eval(model, tmp_dir, device)
             eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
@@ -199,7 +204,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         bits = quantized_bits_per_param(tmp_dir)
         card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
                                 compressed, size, bits, out_dir, calibration_spec if calibration else None,
-                                speed)
+                                speed, source=loaded.source)
         (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
         timings["total_s"] = time.monotonic() - started
         results = {
@@ -326,29 +331,23 @@ def _card_calibration(calibration: dict, spec: dict) -> dict:
 
 
 def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
-                final_dir: Path, calibration: dict | None, speed: dict | None = None) -> str:
+                final_dir: Path, calibration: dict | None, speed: dict | None = None, source: Any = None) -> str:
     from .card import build_model_card
     from .card_facts import collect_facts
+    from .source_facts import source_metadata
 
     facts = collect_facts(
         spec=spec, recipe=recipe, model=model, identity=identity, evaluation=evaluation, baseline=baseline,
-        compressed=compressed, size={"dense_bytes": size["dense_bytes"],
+        compressed=compressed, size={"dense_bytes": size["dense_bytes"], "dense_dtype": size.get("dense_dtype"),
                                      "compressed_bytes": size["compressed_weight_bytes"]},
         artifact_dir=str(final_dir), bits_per_param=bits,
         calibration=_card_calibration(calibration, spec) if calibration else None)
     facts["architecture"] = architecture
     facts["speed"] = speed
+    for key, value in source_metadata(source if source is not None else spec["model"]).items():
+        if value and not facts.get(key):  # licence, languages, intended use of the source model
+            facts[key] = value
     return build_model_card(facts)
-
-
-def _dense_bytes(model) -> tuple[int, str]:
-    """Bytes of the uncompressed weights in the dtype the job ran in (tied weights once)."""
-    total = 0
-    dtype = None
-    for p in model.parameters():  # parameters() already yields a tied tensor once
-        total += p.numel() * p.element_size()
-        dtype = dtype or str(p.dtype).replace("torch.", "")
-    return total, dtype or "unknown"
 
 
 def _dir_bytes(path: Path) -> int:

@@ -131,8 +131,10 @@ def test_the_demo_model_compresses_to_fp8_with_near_baseline_perplexity(owner, j
     assert 3 < row["baseline"] < 100, row  # a trained model, not a random one
     assert row["compressed"] < row["baseline"] * 1.10, row  # FP8 keeps quality
     size = job.results["size"]
-    # 30 layers x 7 Linears in FP8 + the tied embedding kept in the original precision
-    assert size["compressed_weight_bytes"] < size["dense_bytes"] * 0.6, size
+    # against the bf16 source checkpoint (not the float32 the CPU worker ran in): 30 layers x 7 Linears
+    # in FP8 + the tied embedding and norms kept in bf16 come to ~61% of it
+    assert size["dense_dtype"] == "bfloat16" and 265e6 < size["dense_bytes"] < 275e6, size
+    assert size["compressed_weight_bytes"] < size["dense_bytes"] * 0.65, size
     dense, compressed = job.results["speed"]["rows"]  # measured on the worker, dense and through our runtime
     assert dense["decode_tok_s"] > 0 and compressed["decode_tok_s"] > 0
     assert compressed["weights_gb"] < dense["weights_gb"] * 0.6, job.results["speed"]
