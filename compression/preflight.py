@@ -20,6 +20,7 @@ from compression.errors import RecipeError
 from compression.recipe import PRESET_GROUP_SIZES, Recipe, matches_any
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
+MAX_LAYERS = 4096
 
 
 @dataclass
@@ -63,6 +64,8 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
               device: str = "cpu") -> PreflightReport:
     """Raise ``RecipeError`` for incompatible shapes; otherwise return estimates (see module doc)."""
     n_layers = int(_cfg(model_config, "num_hidden_layers") or 0)
+    if not 0 <= n_layers <= MAX_LAYERS:  # the module names below are listed (and matched) one by one
+        raise RecipeError("model", f"the config's num_hidden_layers ({n_layers}) is outside 0..{MAX_LAYERS}")
     linears = layer_linears(model_config)
     hidden = _cfg(model_config, "hidden_size")
     vocab = _cfg(model_config, "vocab_size") or 0

@@ -15,11 +15,16 @@ Unknown modifiers and unknown fields are errors (``RecipeError`` with the dotted
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+import functools
 import re
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
+import regex
 import yaml
 
 from compression.errors import RecipeError
@@ -133,11 +138,70 @@ def matches_any(patterns: list[str], name: str, class_name: str) -> bool:
     """compressed-tensors target matching: a class name, an exact module name, or ``re:<regex>``."""
     for pattern in patterns:
         if pattern.startswith("re:"):
-            if re.match(pattern[3:], name):
+            if pattern_matches(pattern[3:], name):
                 return True
         elif pattern in (name, class_name):
             return True
     return False
+
+
+# -- bounded pattern matching ---------------------------------------------------------------------
+# `re:` patterns come from users and run against module names inside a web request (pre-flight) and
+# in the worker. Python's `re` backtracks without limit (one pattern held a request for 32 s), so
+# they are short, matched with the `regex` engine under a per-match timeout, and, inside
+# `pattern_time_budget`, under a total deadline too.
+MAX_PATTERN_CHARS = 256
+PATTERN_MATCH_TIMEOUT_S = 0.05
+_pattern_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("pattern_deadline", default=None)
+
+
+class PatternTooSlow(RecipeError):
+    def __init__(self, pattern: str):
+        super().__init__("recipe", f"the pattern 're:{pattern}' takes too long to match module names "
+                                   "(nested repetition?); use a simpler pattern or list the module names")
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled_pattern(pattern: str) -> Any:
+    return regex.compile(pattern)
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """``re.match(pattern, name)``, but never longer than PATTERN_MATCH_TIMEOUT_S (nor past the
+    current `pattern_time_budget`); a pattern that needs more raises PatternTooSlow."""
+    timeout = PATTERN_MATCH_TIMEOUT_S
+    deadline = _pattern_deadline.get()
+    if deadline is not None:
+        timeout = min(timeout, deadline - time.monotonic())
+        if timeout <= 0:
+            raise PatternTooSlow(pattern)
+    try:
+        return _compiled_pattern(pattern).match(name, timeout=timeout) is not None
+    except TimeoutError:
+        raise PatternTooSlow(pattern) from None
+
+
+@contextlib.contextmanager
+def pattern_time_budget(seconds: float) -> Iterator[None]:
+    """All pattern matching inside the block together may take at most ``seconds``."""
+    token = _pattern_deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _pattern_deadline.reset(token)
+
+
+def check_pattern(value: str, path: str) -> None:
+    """A ``re:`` target: short, and valid for both Python's `re` (what vLLM and compressed-tensors
+    will use on the exported config) and `regex` (what we match with)."""
+    body = value[3:]
+    if len(body) > MAX_PATTERN_CHARS:
+        raise RecipeError(path, f"a 're:' pattern may have at most {MAX_PATTERN_CHARS} characters")
+    try:
+        re.compile(body)
+        _compiled_pattern(body)
+    except (re.error, regex.error, RecursionError, OverflowError) as exc:
+        raise RecipeError(path, f"bad regular expression {value!r}: {exc}") from None
 
 
 class Recipe:
@@ -158,15 +222,12 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, text: str) -> "Recipe":
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError("recipe", f"not valid YAML: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(load_recipe_yaml(text))
 
     @classmethod
     def from_dict(cls, data: Any, *, preset: str | None = None, preset_options: dict | None = None) -> "Recipe":
         """Parse an llm-compressor stage dict, or our ``to_dict()`` form ({preset, preset_options, stages})."""
+        check_shape(data)
         if isinstance(data, dict) and isinstance(data.get("stages"), dict) and set(data) <= {
                 "preset", "preset_options", "stages"}:
             preset, preset_options = data.get("preset"), data.get("preset_options") or {}
@@ -263,6 +324,80 @@ def _describe_group(g: SchemeGroup, m: Modifier) -> str:
     else:
         text += ", 16-bit activations"
     return text
+
+
+# bounded input ----------------------------------------------------------------------------
+# A recipe is small: a few stages of a few modifiers, about seven levels deep. Everything it may
+# hold is capped, so neither parsing it nor storing it (Job.recipe) can grow without bound.
+MAX_YAML_CHARS = 100_000
+MAX_DEPTH = 16
+MAX_VALUES = 5_000
+MAX_LIST_ITEMS = 256
+MAX_NAME_CHARS = MAX_PATTERN_CHARS + 3  # "re:" + pattern
+MAX_INT = 2 ** 31 - 1
+MAX_RAW_STRING = 1_000  # check_shape's backstop; the parser's own limits above are tighter and name the field
+MAX_RAW_LIST = 1_000
+
+
+class _RecipeYamlLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader without anchors or aliases (an 18 KB file of aliases expanded into 40 MB)
+    and without nesting deeper than MAX_DEPTH (its composer recurses once per level)."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            line = event.start_mark.line + 1
+            raise RecipeError("recipe", f"YAML anchors and aliases (&, *) are not allowed (line {line}); "
+                                        "write each value out")
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise RecipeError("recipe", f"the YAML is nested more than {MAX_DEPTH} levels deep "
+                                        f"(line {event.start_mark.line + 1})")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def load_recipe_yaml(text: str) -> Any:
+    """The data of a YAML recipe, bounded (size, nesting, no aliases); errors are RecipeErrors."""
+    if not isinstance(text, str):
+        raise RecipeError("recipe", "must be YAML text")
+    if len(text) > MAX_YAML_CHARS:
+        raise RecipeError("recipe", f"the YAML is longer than {MAX_YAML_CHARS} characters")
+    try:
+        return yaml.load(text, Loader=_RecipeYamlLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise RecipeError("recipe", f"not valid YAML: {exc}") from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # e.g. an integer of 5,000 digits
+        raise RecipeError("recipe", f"not a usable YAML value: {exc}") from None
+
+
+def check_shape(data: Any, path: str = "recipe") -> None:
+    """Refuse data nested deeper than MAX_DEPTH, with more than MAX_VALUES values, lists longer than
+    MAX_RAW_LIST or strings (keys included) longer than MAX_RAW_STRING. Iterative: no recursion."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    values = 0
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if depth > MAX_DEPTH:
+            raise RecipeError(path, f"nested more than {MAX_DEPTH} levels deep")
+        if values > MAX_VALUES:
+            raise RecipeError(path, f"holds more than {MAX_VALUES} values")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and len(key) > MAX_RAW_STRING:
+                    raise RecipeError(path, f"a key is longer than {MAX_RAW_STRING} characters")
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            if len(value) > MAX_RAW_LIST:
+                raise RecipeError(path, f"a list has more than {MAX_RAW_LIST} entries")
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and len(value) > MAX_RAW_STRING:
+            raise RecipeError(path, f"a value is longer than {MAX_RAW_STRING} characters")
 
 
 # parsing ----------------------------------------------------------------------------------
@@ -466,18 +601,19 @@ def _str_list(value: Any, path: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise RecipeError(path, "must be a list of module names, class names or 're:' patterns")
+    if len(value) > MAX_LIST_ITEMS:
+        raise RecipeError(path, f"at most {MAX_LIST_ITEMS} entries")
     for v in value:
         if v.startswith("re:"):
-            try:
-                re.compile(v[3:])
-            except re.error as exc:
-                raise RecipeError(path, f"bad regular expression {v!r}: {exc}") from exc
+            check_pattern(v, path)
+        elif len(v) > MAX_NAME_CHARS:
+            raise RecipeError(path, f"a module or class name may have at most {MAX_NAME_CHARS} characters")
     return list(value)
 
 
-def _int(value: Any, path: str, *, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise RecipeError(path, f"must be an integer ≥ {lo}")
+def _int(value: Any, path: str, *, lo: int, hi: int = MAX_INT) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RecipeError(path, f"must be an integer between {lo} and {hi}")
     return value
 
 

@@ -53,7 +53,7 @@ class RecipeInputSerializer(StrictSerializer):
     block_size = serializers.IntegerField(required=False, min_value=1, max_value=4096)
     ignore = serializers.ListField(child=serializers.CharField(), required=False, max_length=200,
                                    help_text="Module names or re: patterns left uncompressed")
-    yaml = serializers.CharField(required=False, trim_whitespace=False, max_length=200_000,
+    yaml = serializers.CharField(required=False, trim_whitespace=False, max_length=100_000,  # recipe.MAX_YAML_CHARS
                                  help_text="An llm-compressor recipe in YAML")
     recipe = serializers.DictField(required=False, help_text="A recipe dict (Recipe.to_dict() or llm-compressor "
                                    "stage mapping)")

@@ -15,6 +15,9 @@ from .models import ACTIVE, Job
 
 DEFAULT_CALIBRATION_SOURCE = "calibration/self_instruct_seed_tasks.jsonl"
 PERPLEXITY_TASK = "wikitext2_ppl"
+MAX_MODEL_CHARS = 500  # Job.model_source
+STORED_JSON_LIMITS = {"recipe": 64_000, "calibration": 2_000, "evaluation": 8_000}  # bytes
+PREFLIGHT_PATTERN_BUDGET_S = 1.0
 LIMITS = {  # field -> (min, max)
     "calibration.samples": (1, 4096),
     "calibration.seqlen": (16, 8192),
@@ -176,7 +179,7 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
     """Validate everything about a new job, including the pre-flight check against the model's config."""
     from compression.loading import ModelSourceError, check_model_source, load_config
     from compression.preflight import preflight
-    from compression.recipe import RecipeError
+    from compression.recipe import RecipeError, pattern_time_budget
 
     active = Job.objects.filter(owner=owner, status__in=ACTIVE).count()
     if active >= settings.COMPRESSOR_MAX_QUEUED_PER_USER:
@@ -186,7 +189,9 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
     if not isinstance(model, str):
         raise SubmissionError("model", "must be a string")
     model = model.strip()
-    if len(name or "") > 200:
+    if len(model) > MAX_MODEL_CHARS:
+        raise SubmissionError("model", f"at most {MAX_MODEL_CHARS} characters")
+    if not isinstance(name or "", str) or len(name or "") > 200:
         raise SubmissionError("name", "at most 200 characters")
     try:
         check_model_source(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS)
@@ -199,15 +204,31 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
     try:
         config = load_config(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS,
                              trust_remote_code=trust_remote_code)
-        report = preflight(config, recipe)
+        with pattern_time_budget(PREFLIGHT_PATTERN_BUDGET_S):  # user re: patterns run inside this request
+            report = preflight(config, recipe)
     except ModelSourceError as exc:
         raise SubmissionError("model", exc.message) from None
     except RecipeError as exc:
         field_path = exc.field if exc.field.startswith("recipe") else f"recipe.{exc.field}"
         raise SubmissionError(field_path, exc.message) from None
-    return JobRequest(owner=owner, model=model, recipe=recipe, calibration=calibration,
-                      evaluation=evaluation, trust_remote_code=bool(trust_remote_code), name=name or "",
-                      preflight=report)
+    request = JobRequest(owner=owner, model=model, recipe=recipe, calibration=calibration,
+                         evaluation=evaluation, trust_remote_code=bool(trust_remote_code), name=name or "",
+                         preflight=report)
+    check_stored_sizes(request)
+    return request
+
+
+def check_stored_sizes(request: JobRequest) -> None:
+    """Every JSON field the job row stores stays within STORED_JSON_LIMITS once serialized (the
+    recipe, calibration and evaluation are already built from capped parts; this is the backstop)."""
+    import json
+
+    for name, value in (("recipe", request.recipe.to_dict()), ("calibration", request.calibration),
+                        ("evaluation", request.evaluation)):
+        size = len(json.dumps(value))
+        if size > STORED_JSON_LIMITS[name]:
+            raise SubmissionError(name, f"too large to store ({size} bytes as JSON; at most "
+                                        f"{STORED_JSON_LIMITS[name]})")
 
 
 def create_job(request: JobRequest) -> Job:
