@@ -81,3 +81,29 @@ def test_24_pattern_check_counts_nonzeros_per_group_of_four():
     assert check_24_pattern(torch.tensor([[1.0, 0, 0, 2, 0, 0, 3, 0]]))
     assert not check_24_pattern(torch.tensor([[1.0, 1, 1, 0]]))
     assert not check_24_pattern(torch.ones(2, 6))
+
+
+def _mse_scale_one_candidate_at_a_time(w, args, grid=20, max_shrink=0.8, norm=2.4):
+    """The plain loop the vectorised search must agree with (fp32 scales)."""
+    from compression.quant import _grouped_absmax, _half_range, _reduce_like_scale
+
+    absmax = _grouped_absmax(w, args)
+    best_err, best = torch.full_like(absmax, float("inf")), None
+    for i in range(int(max_shrink * grid)):
+        candidate = absmax * (1 - i / grid) / _half_range(args)
+        err = _reduce_like_scale((fake_quantize(w, candidate, args) - w).abs().pow(norm), args)
+        best = candidate if best is None else torch.where(err < best_err, candidate, best)
+        best_err = torch.minimum(err, best_err)
+    return best
+
+
+def test_vectorised_mse_search_picks_the_same_scales_as_the_candidate_loop():
+    torch.manual_seed(3)
+    w = torch.randn(37, 192) * torch.rand(37, 1) * 3
+    w[5, 7] = 25.0
+    for args in (QuantArgs(num_bits=4, strategy="group", group_size=64, observer="mse"),
+                 QuantArgs(num_bits=4, strategy="channel", observer="mse"),
+                 QuantArgs(num_bits=8, strategy="tensor", observer="mse"),
+                 QuantArgs(num_bits=8, type="float", strategy="channel", observer="mse")):
+        expected = _mse_scale_one_candidate_at_a_time(w, args)
+        assert torch.equal(mse_scale(w, args, torch.float32), expected), args
