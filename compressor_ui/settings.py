@@ -59,8 +59,11 @@ DATABASES = {
         env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'compressor.sqlite3'}"), conn_max_age=60),
 }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    # The web process and the worker write concurrently; wait for the lock instead of failing.
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # The web process and the worker write concurrently; wait for the lock instead of failing. Every
+    # transaction takes the write lock when it begins (IMMEDIATE): a read-then-write transaction (the
+    # per-user job limit in jobs.submission.create_job) is then serialized with the others instead of
+    # deadlocking into "database is locked" when two of them upgrade their read locks.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(timeout=30, transaction_mode="IMMEDIATE")
     # A file, not :memory:, so the Celery worker process of the integration tests sees the test data.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")}
 

@@ -117,10 +117,10 @@ def _create_job(request: Request) -> Response:
     body.is_valid(raise_exception=True)
     try:
         submission = validate_submission(request.user, **body.submission_kwargs())
+        job = create_job(submission)  # checks the active-job limit again, atomically
     except SubmissionError as exc:
         field = None if exc.field == "non_field" else exc.field
         return error_response(status.HTTP_400_BAD_REQUEST, (field, exc.message))
-    job = create_job(submission)
     job.refresh_from_db()  # the queue may have refused it: report the state it is really in
     log.info("job %s submitted through the API by %s", job.id, request.user)
     headers = {"Location": reverse("api-job-detail", args=[job.id], request=request)}

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 
 from .models import ACTIVE, Job
 
@@ -181,11 +182,7 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
     from compression.preflight import preflight
     from compression.recipe import RecipeError, pattern_time_budget
 
-    active = Job.objects.filter(owner=owner, status__in=ACTIVE).count()
-    if active >= settings.COMPRESSOR_MAX_QUEUED_PER_USER:
-        raise SubmissionError(
-            "non_field", f"you already have {active} queued or running jobs (limit "
-                         f"{settings.COMPRESSOR_MAX_QUEUED_PER_USER}); wait for one to finish or cancel one")
+    check_active_limit(owner)  # early, before the costly checks; create_job checks again, atomically
     if not isinstance(model, str):
         raise SubmissionError("model", "must be a string")
     model = model.strip()
@@ -231,14 +228,36 @@ def check_stored_sizes(request: JobRequest) -> None:
                                         f"{STORED_JSON_LIMITS[name]})")
 
 
+def check_active_limit(owner: Any) -> None:
+    """SubmissionError if `owner` already has COMPRESSOR_MAX_QUEUED_PER_USER queued or running jobs."""
+    limit = settings.COMPRESSOR_MAX_QUEUED_PER_USER
+    active = Job.objects.filter(owner=owner, status__in=ACTIVE).count()
+    if active >= limit:
+        raise SubmissionError("non_field", f"you already have {active} queued or running jobs (limit {limit}); "
+                                           "wait for one to finish or cancel one")
+
+
 def create_job(request: JobRequest) -> Job:
-    """Store the validated job (queued) and send it to the worker queue."""
+    """Store the validated job (queued) and send it to the worker queue.
+
+    The per-user limit of active jobs holds under concurrent submissions: the count and the insert
+    run in one transaction that first locks the owner's user row (SELECT ... FOR UPDATE on
+    PostgreSQL; on SQLite every transaction begins IMMEDIATE -- settings -- and so holds the
+    database's write lock), so a user's submissions are counted one after another. Raises
+    SubmissionError ("non_field") at the limit. The job is sent to the queue only after the commit,
+    so a worker never receives a job it cannot see yet.
+    """
+    from django.contrib.auth import get_user_model
+
     from .tasks import enqueue
 
-    job = Job.objects.create(
-        owner=request.owner, name=request.name, model_source=request.model,
-        trust_remote_code=request.trust_remote_code, recipe=request.recipe.to_dict(),
-        recipe_name=request.recipe.preset or "custom", calibration=request.calibration,
-        evaluation=request.evaluation)
+    with transaction.atomic():
+        list(get_user_model().objects.select_for_update().filter(pk=request.owner.pk).values_list("pk"))
+        check_active_limit(request.owner)
+        job = Job.objects.create(
+            owner=request.owner, name=request.name, model_source=request.model,
+            trust_remote_code=request.trust_remote_code, recipe=request.recipe.to_dict(),
+            recipe_name=request.recipe.preset or "custom", calibration=request.calibration,
+            evaluation=request.evaluation)
     enqueue(job)
     return job

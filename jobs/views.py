@@ -15,7 +15,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from .archive import artifact_path, stream_tar, tar_size
 from .forms import JobForm
 from .models import CalibrationUpload, Job, Status
-from .submission import create_job
+from .submission import SubmissionError, create_job
 
 EVENTS_TAIL = 30
 
@@ -84,9 +84,13 @@ def job_new(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = JobForm(request.POST, request.FILES, user=request.user, request=request)
         if form.is_valid():
-            job = create_job(form.request)
-            messages.success(request, "Job queued.")
-            return redirect("job-detail", job_id=job.id)
+            try:
+                job = create_job(form.request)  # checks the active-job limit again, atomically
+            except SubmissionError as exc:
+                form.add_error(None, exc.message)
+            else:
+                messages.success(request, "Job queued.")
+                return redirect("job-detail", job_id=job.id)
     else:
         form = JobForm(user=request.user)
     return render(request, "jobs/new.html", {"form": form}, status=400 if form.errors else 200)

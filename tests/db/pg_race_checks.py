@@ -63,10 +63,10 @@ def lock_waiters(monitor: psycopg.Connection) -> int:
         "AND wait_event_type = 'Lock' AND state = 'active'").fetchone()[0]
 
 
-def race(job_id: Any, calls: dict[str, Callable[[], Any]], *, gated: bool) -> dict[str, Any]:
+def race(job_id: Any, calls: dict[str, Callable[[], Any]], *, gated: bool, table: str = "jobs_job") -> dict[str, Any]:
     """Run every call in its own thread and connection, all released at once; their results by name.
 
-    Gated: the job row is locked first and released only when all calls are blocked on it.
+    Gated: the row `job_id` of `table` is locked first and released only when all calls are blocked on it.
     """
     names = list(calls)
     barrier = threading.Barrier(len(names) + 1)
@@ -87,7 +87,7 @@ def race(job_id: Any, calls: dict[str, Callable[[], Any]], *, gated: bool) -> di
     monitor = psycopg.connect(DSN, autocommit=True) if gated else None
     try:
         if gate is not None:
-            gate.execute("SELECT 1 FROM jobs_job WHERE id = %s FOR UPDATE", [job_id])
+            gate.execute(f"SELECT 1 FROM {table} WHERE id = %s FOR UPDATE", [job_id])
         threads = [threading.Thread(target=contender, args=(name,)) for name in names]
         for t in threads:
             t.start()
@@ -246,6 +246,39 @@ def check_progress_after_finish() -> str:
         assert Job.report_progress(job.id, {"stage": "compress", "layer": 99}) is False
         assert row(job.id) == r
     return f"refused on {len(FINISHED)} finished states; {ROUNDS} rounds of progress racing succeed end 'done'"
+
+
+def check_active_limit_race() -> str:
+    """Twelve submissions of one user at the same moment against a limit of five: exactly five jobs
+    are created and seven refused with the limit's error (jobs.submission.create_job locks the user
+    row). Gated rounds prove all twelve really queue up on that row lock."""
+    from django.conf import settings
+
+    from compression.recipe import Recipe
+    from jobs.models import ACTIVE
+    from jobs.submission import JobRequest, SubmissionError, create_job
+
+    limit, submitters = 5, 12
+    settings.COMPRESSOR_MAX_QUEUED_PER_USER = limit
+    recipe = Recipe.from_preset("FP8_DYNAMIC")
+    for rnd in range(4):
+        user = get_user_model().objects.create_user(f"limit-race-{rnd}-{os.getpid()}")
+
+        def submit(user=user) -> Any:
+            try:
+                return create_job(JobRequest(owner=user, model="demo", recipe=recipe, calibration={},
+                                             evaluation={"tasks": ["wikitext2_ppl"]}))
+            except SubmissionError as exc:
+                return exc
+
+        out = race(user.pk, {f"submit-{i}": submit for i in range(submitters)}, gated=rnd % 2 == 0,
+                   table="auth_user")
+        created = [v for v in out.values() if isinstance(v, Job)]
+        refused = [v for v in out.values() if isinstance(v, SubmissionError)]
+        assert len(created) == limit and len(refused) == submitters - limit, f"round {rnd}: {out}"
+        assert all(f"limit {limit}" in exc.message for exc in refused), refused
+        assert Job.objects.filter(owner=user, status__in=ACTIVE).count() == limit
+    return f"4 rounds x {submitters} concurrent submissions, limit {limit}: {limit} created, the rest refused"
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("check_")}

@@ -59,8 +59,8 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-def run_python(args: list[str], database_url: str, timeout: float) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DATABASE_URL=database_url,
+def run_python(args: list[str], database_url: str, timeout: float, **extra_env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DATABASE_URL=database_url, **extra_env,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -105,12 +105,14 @@ def pg_database_url():
 
 
 def test_the_checks_module_is_found():
-    assert {"claim_race", "cancel_vs_succeed", "fail_after_succeed", "progress_after_finish"} <= set(CHECKS)
+    assert {"claim_race", "cancel_vs_succeed", "fail_after_succeed", "progress_after_finish",
+            "active_limit_race"} <= set(CHECKS)
 
 
 @pytest.mark.parametrize("check", CHECKS)
-def test_transition_race_on_postgres(pg_database_url, check):
-    result = run_python(["-m", CHECKS_MODULE, check], pg_database_url, timeout=120)
+def test_transition_race_on_postgres(pg_database_url, check, redis_server):
+    # a real broker: the submission race (active_limit_race) queues the jobs it creates
+    result = run_python(["-m", CHECKS_MODULE, check], pg_database_url, timeout=120, REDIS_URL=redis_server.url)
     output = f"{result.stdout}\n{result.stderr}".strip()
     assert result.returncode == 0, f"{check} failed on PostgreSQL:\n{output}"
     assert f"{check}: ok" in result.stdout, output
