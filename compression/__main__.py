@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seqlen", type=int, default=512)
     run.add_argument("--tasks", default="wikitext2_ppl",
                      help="comma-separated evaluation tasks: wikitext2_ppl (quick WikiText-2 perplexity) "
-                          "and/or lm-eval tasks such as arc_easy,hellaswag,wikitext")
+                          "and/or lm-eval tasks such as arc_easy,hellaswag,wikitext; '' evaluates nothing")
+    run.add_argument("--no-speed", action="store_true",
+                     help="skip the speed and memory measurement of the dense and the compressed model")
     run.add_argument("--data-dir", default=_default_data_dir(),
                      help="offline data directory (default: $COMPRESSOR_DATA_DIR or ../shared/data)")
     run.add_argument("--device", default=None, help="cpu, cuda or auto")
@@ -63,8 +65,10 @@ def load_recipe(value: str, group_size: str | None = None) -> Recipe:
 def build_spec(args: argparse.Namespace) -> dict:
     spec = {"model": args.model, "recipe": load_recipe(args.recipe, args.group_size).to_dict(),
             "calibration": {"source": args.calibration, "samples": args.samples, "seqlen": args.seqlen},
-            "evaluation": {"tasks": [t for t in args.tasks.split(",") if t]},
+            "evaluation": {"tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]},
             "trust_remote_code": bool(args.trust_remote_code)}
+    if args.no_speed:
+        spec["evaluation"]["speed"] = False
     if args.data_dir:
         spec["data_dir"] = args.data_dir
     if args.device:
@@ -99,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     print(json.dumps({k: results.get(k) for k in ("recipe_summary", "size", "speed", "evaluation", "timings")},
                      indent=2, default=str))
+    for row in results.get("stage_times") or []:
+        print(f"{row['stage']:>28}: {row['seconds']:8.1f} s")
     return 0
 
 

@@ -459,6 +459,19 @@ def _speed(facts: dict) -> str | None:
     return "\n".join(lines)
 
 
+def _stage_times(facts: dict) -> str | None:
+    rows = facts.get("stage_times") or []
+    if not rows:
+        return None
+    lines = ["### Time per stage", "", "Wall time of each stage of the compression job that produced this model.", "",
+             "| Stage | Seconds |", "| --- | ---: |"]
+    for r in rows:
+        name = "total (up to this card)" if r.get("key") == "total_s" else str(r.get("stage", "?"))
+        seconds = r.get("seconds")
+        lines.append(f"| {name} | {seconds:.1f} |" if isinstance(seconds, (int, float)) else f"| {name} | n/a |")
+    return "\n".join(lines)
+
+
 def build_model_card(facts: dict) -> str:
     """The model card (README.md text) for one finished job; see the module docstring."""
     if not facts.get("model_name") or not facts.get("base_model"):
@@ -468,9 +481,9 @@ def build_model_card(facts: dict) -> str:
     meta = yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True)
     sections = [f"---\n{meta}---", f"# {facts['model_name']}", _overview(facts, rows), _optimizations(facts),
                 _deployment(facts), _creation(facts), _evaluation(facts, rows)]
-    speed = _speed(facts)
-    if speed:
-        sections.append(speed)
+    for extra in (_speed(facts), _stage_times(facts)):
+        if extra:
+            sections.append(extra)
     return "\n\n".join(sections).rstrip() + "\n"
 
 

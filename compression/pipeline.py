@@ -39,6 +39,20 @@ STAGES = {  # stage -> (start, end) fraction of the whole job
     "finish": (0.97, 1.0),
 }
 
+# results["timings"] keys in job order, with the name the job page and the card show for each
+STAGE_TIMES = (
+    ("load_s", "load model"),
+    ("baseline_eval_s", "evaluate baseline"),
+    ("baseline_speed_s", "measure baseline speed"),
+    ("calibration_s", "prepare calibration data"),
+    ("compress_s", "compress"),
+    ("export_s", "export checkpoint"),
+    ("compressed_load_s", "load compressed checkpoint"),
+    ("compressed_eval_s", "evaluate compressed model"),
+    ("compressed_speed_s", "measure compressed speed"),
+    ("card_s", "write model card"),
+)
+
 DEFAULT_EVALUATION = {"tasks": ["wikitext2_ppl"], "windows": 8, "seqlen": 512}
 DEFAULT_CALIBRATION = {"source": "calibration/self_instruct_seed_tasks.jsonl", "samples": 128, "seqlen": 512}
 
@@ -49,6 +63,15 @@ def resolve_device(name: str | None) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"COMPRESSOR_DEVICE={name} but no CUDA device is visible to this worker")
     return name
+
+
+def stage_times(timings: dict[str, float]) -> list[dict]:
+    """[{"key", "stage", "seconds"}] for the stages a job ran (in job order), then the total."""
+    rows = [{"key": key, "stage": label, "seconds": round(timings[key], 2)}
+            for key, label in STAGE_TIMES if key in timings]
+    if "total_s" in timings:
+        rows.append({"key": "total_s", "stage": "total", "seconds": round(timings["total_s"], 2)})
+    return rows
 
 
 @contextlib.contextmanager
@@ -146,7 +169,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         dense_speed = None
         if evaluation.get("speed", True):
             baseline_stage("measuring the uncompressed model's speed and memory", 0.9)
-            dense_speed = _measure(model, baseline_stage)
+            with _timed(timings, "baseline_speed_s"):
+                dense_speed = _measure(model, baseline_stage)
         baseline_stage("baseline evaluated", 1.0)
         check_stop()
 
@@ -156,9 +180,10 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
 
             calib_stage = _Stage(progress, "calibration")
             calib_stage(f"tokenizing {calibration_spec['samples']} calibration samples")
-            calibration = load_calibration(
-                calibration_spec["source"], tokenizer, samples=int(calibration_spec["samples"]),
-                seqlen=int(calibration_spec["seqlen"]), data_dir=spec.get("calibration_dir") or data_dir)
+            with _timed(timings, "calibration_s"):
+                calibration = load_calibration(
+                    calibration_spec["source"], tokenizer, samples=int(calibration_spec["samples"]),
+                    seqlen=int(calibration_spec["seqlen"]), data_dir=spec.get("calibration_dir") or data_dir)
             calib_stage(f"{len(calibration)} calibration samples ready", 1.0)
 
         from .export import export_checkpoint
@@ -185,15 +210,17 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         # compared with the source checkpoint as published, not with the dtype this worker ran in
         dense_bytes = source_checkpoint_bytes(loaded.source, model, stored_dtype)
         dense_dtype = str(stored_dtype).removeprefix("torch.")
-        with _timed(timings, "compressed_eval_s"):
+        with _timed(timings, "compressed_load_s"):
             model, runtime = _compressed_model_for_eval(model, tmp_dir, device)
-            eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
+        eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
+        with _timed(timings, "compressed_eval_s"):
             compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop)
         speed = None
         if dense_speed:
             eval_stage("measuring the compressed model's speed and memory", 0.9)
-            speed = speed_summary(dense_speed, _measure(model, eval_stage), device,
-                                  f"{recipe.preset or 'custom'} via {runtime}")
+            with _timed(timings, "compressed_speed_s"):
+                compressed_speed = _measure(model, eval_stage)
+            speed = speed_summary(dense_speed, compressed_speed, device, f"{recipe.preset or 'custom'} via {runtime}")
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
 
@@ -202,10 +229,12 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         size = {"dense_bytes": dense_bytes, "dense_dtype": dense_dtype, "compressed_weight_bytes": weight_bytes,
                 "ratio": round(dense_bytes / weight_bytes, 3) if weight_bytes else None}
         bits = quantized_bits_per_param(tmp_dir)
-        card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
-                                compressed, size, bits, out_dir, calibration_spec if calibration else None,
-                                speed, source=loaded.source)
-        (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
+        timings["total_s"] = time.monotonic() - started  # the card lists every stage before it
+        with _timed(timings, "card_s"):
+            card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
+                                    compressed, size, bits, out_dir, calibration_spec if calibration else None,
+                                    speed, source=loaded.source, stage_times=stage_times(timings))
+            (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
         timings["total_s"] = time.monotonic() - started
         results = {
             "model": loaded.identity,
@@ -224,6 +253,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
                          "export": _jsonable(exported)},
             "model_card": card_text,
             "timings": {k: round(v, 2) for k, v in timings.items()},
+            "stage_times": stage_times(timings),
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         finish("moving the artifact into place", 0.5)
@@ -331,7 +361,8 @@ def _card_calibration(calibration: dict, spec: dict) -> dict:
 
 
 def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
-                final_dir: Path, calibration: dict | None, speed: dict | None = None, source: Any = None) -> str:
+                final_dir: Path, calibration: dict | None, speed: dict | None = None, source: Any = None,
+                stage_times: list[dict] | None = None) -> str:
     from .card import build_model_card
     from .card_facts import collect_facts
     from .source_facts import source_metadata
@@ -344,6 +375,7 @@ def _model_card(spec, recipe, model, architecture, identity, evaluation, baselin
         calibration=_card_calibration(calibration, spec) if calibration else None)
     facts["architecture"] = architecture
     facts["speed"] = speed
+    facts["stage_times"] = stage_times
     for key, value in source_metadata(source if source is not None else spec["model"]).items():
         if value and not facts.get(key):  # licence, languages, intended use of the source model
             facts[key] = value

@@ -43,3 +43,12 @@ def test_cli_rejects_an_unknown_recipe(capsys):
 def test_cli_requires_model_recipe_and_out():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["run", "--model", "demo"])
+
+
+def test_cli_can_skip_evaluation_and_the_speed_measurement():
+    args = cli.build_parser().parse_args(["run", "--model", "demo", "--recipe", "FP8_DYNAMIC", "--out", "x",
+                                          "--tasks", "", "--no-speed"])
+    spec = cli.build_spec(args)
+    assert spec["evaluation"] == {"tasks": [], "speed": False}
+    default = cli.build_spec(cli.build_parser().parse_args(["run", "--model", "demo", "--recipe", "FP8", "--out", "x"]))
+    assert "speed" not in default["evaluation"] and default["evaluation"]["tasks"] == ["wikitext2_ppl"]
