@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", required=True, help=f"a preset ({', '.join(PRESETS)}) or a YAML file")
     run.add_argument("--out", required=True, help="output directory (must not exist)")
     run.add_argument("--group-size", default=None, help="W4A16 presets: 32, 64, 128 or 'channel'")
-    run.add_argument("--calibration", default="calibration/self_instruct_seed_tasks.jsonl",
-                     help="file under the data directory or a Hub dataset id")
+    run.add_argument("--calibration", default=None,
+                     help="file under the data directory, builtin:chat-v1 or a Hub dataset id (default: the "
+                          "data directory's calibration file, else the Hub default when online, else built in)")
     run.add_argument("--samples", type=int, default=128)
     run.add_argument("--seqlen", type=int, default=512)
     run.add_argument("--tasks", default="wikitext2_ppl",
@@ -63,8 +64,11 @@ def load_recipe(value: str, group_size: str | None = None) -> Recipe:
 
 
 def build_spec(args: argparse.Namespace) -> dict:
+    from .data_sources import default_calibration_source
+
+    source = args.calibration or default_calibration_source(args.data_dir)
     spec = {"model": args.model, "recipe": load_recipe(args.recipe, args.group_size).to_dict(),
-            "calibration": {"source": args.calibration, "samples": args.samples, "seqlen": args.seqlen},
+            "calibration": {"source": source, "samples": args.samples, "seqlen": args.seqlen},
             "evaluation": {"tasks": [t.strip() for t in args.tasks.split(",") if t.strip()]},
             "trust_remote_code": bool(args.trust_remote_code)}
     if args.no_speed:

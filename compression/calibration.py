@@ -130,20 +130,40 @@ def _local_records(path: Path) -> list[Any]:
 
 
 def _load_hub_dataset(source: str, split: str, seed: int, limit: int) -> list[Any]:
-    """Download ``limit`` shuffled records of a Hub dataset (needs network; mocked in tests).
+    """Download ``limit`` shuffled records of a Hub dataset (needs network; the tests point
+    compression.data_sources.hub_load_dataset at local fixtures).
 
-    The ``hf://datasets/`` form is datasets' remote-only path: a bare ``org/name`` that exists as a
-    directory relative to the working directory would be loaded from there instead."""
-    from datasets import load_dataset
+    The download goes through datasets' remote-only ``hf://datasets/`` form (see hub_load_dataset): a
+    bare ``org/name`` that exists as a directory relative to the working directory would be loaded
+    from there instead."""
+    from .data_sources import DataUnavailable, hub_load_dataset
 
     if not HUB_DATASET_ID.match(source):
         raise CalibrationError(f"{source!r} is not a Hub dataset id like org/name")
     try:
-        ds = load_dataset(f"hf://datasets/{source}", split=split)
+        ds = hub_load_dataset(source, split=split)
+    except DataUnavailable as exc:
+        raise CalibrationError(str(exc)) from None
     except (OSError, ValueError, RuntimeError) as exc:  # not found, gated, offline, bad split
         raise CalibrationError(f"could not load the Hub dataset {source!r} (split {split!r}): {exc}") from exc
     ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))
     return [dict(r) for r in ds]
+
+
+def is_builtin(source: str) -> bool:
+    """``builtin:<name>``: a calibration set shipped inside this package (compression/builtin_data)."""
+    from .data_sources import is_builtin as _is_builtin
+
+    return _is_builtin(source)
+
+
+def _builtin_records(source: str) -> list[Any]:
+    from .data_sources import DataUnavailable, builtin_records
+
+    try:
+        return builtin_records(source)
+    except DataUnavailable as exc:
+        raise CalibrationError(str(exc)) from None
 
 
 def is_local_source(source: str, data_dir: str | os.PathLike | None) -> bool:
@@ -156,13 +176,17 @@ def load_calibration(source: str, tokenizer: Any, *, samples: int, seqlen: int,
                      data_dir: str | os.PathLike, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Up to ``samples`` tokenized samples of at most ``seqlen`` tokens (shuffled with ``seed``).
 
-    ``source``: a file relative to ``data_dir`` (.jsonl/.json records or plain text) or a Hub dataset
-    id ``org/name`` (optionally ``org/name:split``, default split ``train``).
+    ``source``: a file relative to ``data_dir`` (.jsonl/.json records or plain text), a built-in set
+    (``builtin:chat-v1``) or a Hub dataset id ``org/name`` (optionally ``org/name:split``, default
+    split ``train``).
     """
     if samples < 1 or seqlen < 2:
         raise CalibrationError("calibration needs samples ≥ 1 and seqlen ≥ 2")
-    where = classify_source(source, data_dir)
-    if where.kind == "file":
+    where = None if is_builtin(source) else classify_source(source, data_dir)
+    if where is None:
+        records = _builtin_records(source)
+        random.Random(seed).shuffle(records)
+    elif where.kind == "file":
         records = _local_records(where.path)
         random.Random(seed).shuffle(records)
     else:

@@ -38,11 +38,12 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from compression import lm_eval_tasks
+from compression.data_sources import fewshot_for
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ def _task_cache_key(model_key: dict, task: str, source: str, settings: EvalSetti
         "apply_chat_template": settings.apply_chat_template, "add_bos_token": settings.add_bos_token,
         "seed": settings.seed, "max_length": settings.max_length,
     }
+    if source == "hub":  # the Open LLM v1 tasks run with their own few-shot counts by default
+        parts["num_fewshot"] = fewshot_for(task, settings.num_fewshot)
     if source == "local":
         parts["data"] = lm_eval_tasks.data_file_identity(data_dir, task)  # type: ignore[arg-type]
         parts["task_yaml"] = hashlib.sha256(
@@ -330,6 +333,14 @@ def evaluate(model: Any, tokenizer: Any, settings: EvalSettings, *, data_dir: st
     return result
 
 
+def _by_fewshot(hub: dict[str, str], settings: EvalSettings) -> dict[int | None, dict[str, str]]:
+    """Hub tasks grouped by the few-shot count they run with (one lm-eval call per count)."""
+    groups: dict[int | None, dict[str, str]] = {}
+    for name, lm in hub.items():
+        groups.setdefault(fewshot_for(lm, settings.num_fewshot), {})[name] = lm
+    return groups
+
+
 def _evaluate_missing(model: Any, tokenizer: Any, settings: EvalSettings, todo: dict[str, tuple[str, str]],
                       data_dir: str | Path | None, tasks_out: dict[str, dict], emit: ProgressFn) -> None:
     """Run lm-eval for the tasks not found in the cache (local and hub tasks in separate calls)."""
@@ -348,22 +359,24 @@ def _evaluate_missing(model: Any, tokenizer: Any, settings: EvalSettings, todo: 
                 tasks_out[name] = {"source": "local", "lm_eval_task": lm, "samples": _samples(raw, lm),
                                    "note": lm_eval_tasks.LOCAL_TASKS[name].note,
                                    "metrics": parse_results(raw, lm)}
-        if hub:
-            emit({"stage": "eval", "message": f"running hub tasks: {', '.join(hub)}", "tasks": list(hub)})
+        for shots, group in _by_fewshot(hub, settings).items():
+            hub_settings = replace(settings, num_fewshot=shots)
+            emit({"stage": "eval", "message": f"running hub tasks: {', '.join(group)}", "tasks": list(group)})
             try:
-                raw = _run_lm_eval(model, tokenizer, list(hub.values()), settings, None, use_defaults=True)
+                raw = _run_lm_eval(model, tokenizer, list(group.values()), hub_settings, None, use_defaults=True)
             except (ConnectionError, OSError) as exc:
                 raise EvalError(
                     f"task(s) {', '.join(hub)}: could not load the dataset from the Hugging Face Hub "
                     f"({type(exc).__name__}: {exc}). Tasks available offline: "
                     f"{', '.join(lm_eval_tasks.available_local_tasks(data_dir) if data_dir else []) or 'none'}."
                 ) from exc
-            for name, lm in hub.items():
+            for name, lm in group.items():
                 if lm not in raw.get("results", {}):
                     raise EvalError(f"task {name!r}: lm-eval returned no results for it")
                 subtasks = [s for s in raw.get("group_subtasks", {}).get(lm, []) if s in raw["results"]]
                 tasks_out[name] = {
                     "source": "hub", "lm_eval_task": lm, "samples": _samples(raw, lm), "note": "",
+                    "num_fewshot": shots,
                     "metrics": parse_results(raw, lm),
                     # a group (e.g. "leaderboard") also reports each member task
                     "subtasks": {s: {"samples": _samples(raw, s), "metrics": parse_results(raw, s)}

@@ -20,14 +20,14 @@ log = logging.getLogger(__name__)
 WIKITEXT_FILE = Path("wikitext2") / "wiki.test.raw"
 
 
-def wikitext_windows(tokenizer, data_dir: str | Path, *, seqlen: int = 512,
+def wikitext_windows(tokenizer, data_dir: str | Path | None, *, seqlen: int = 512,
                      max_windows: int | None = None) -> torch.Tensor:
-    """Tokenize the raw WikiText-2 test split and cut it into [n, seqlen] windows."""
-    path = Path(data_dir) / WIKITEXT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"WikiText-2 test file not found at {path}; set COMPRESSOR_DATA_DIR to the offline data directory")
-    text = "\n\n".join(line for line in path.read_text(encoding="utf-8").split("\n"))
+    """Tokenize the raw WikiText-2 test split (the data directory's file, else the Hub's
+    ``wikitext-2-raw-v1`` test split; see compression.data_sources) into [n, seqlen] windows."""
+    from .data_sources import wikitext2_test_text
+
+    text, where = wikitext2_test_text(data_dir)
+    log.info("WikiText-2 test text from %s", where)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     n = ids.numel() // seqlen
     if max_windows is not None:

@@ -54,7 +54,8 @@ STAGE_TIMES = (
 )
 
 DEFAULT_EVALUATION = {"tasks": ["wikitext2_ppl"], "windows": 8, "seqlen": 512}
-DEFAULT_CALIBRATION = {"source": "calibration/self_instruct_seed_tasks.jsonl", "samples": 128, "seqlen": 512}
+# source None: compression.data_sources.default_calibration_source (data directory, Hub or built in)
+DEFAULT_CALIBRATION = {"source": None, "samples": 128, "seqlen": 512}
 
 
 def resolve_device(name: str | None) -> str:
@@ -149,6 +150,10 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
     calibration_spec = {**DEFAULT_CALIBRATION, **(spec.get("calibration") or {})}
     device = resolve_device(spec.get("device"))
     data_dir = spec.get("data_dir") or ""
+    if not calibration_spec.get("source"):
+        from .data_sources import default_calibration_source
+
+        calibration_spec["source"] = default_calibration_source(data_dir)
     try:
         tmp_dir.mkdir()
         load = _Stage(progress, "load")
@@ -353,7 +358,13 @@ def _card_calibration(calibration: dict, spec: dict) -> dict:
     the Hub dataset (which also goes into the card's `datasets` metadata)."""
     from .calibration import is_local_source
 
+    from .data_sources import builtin_records, is_builtin
+
     source = calibration["source"]
+    if is_builtin(source):
+        return {"dataset": f"{source} (built into Compressor: {len(builtin_records(source))} hand-written chat "
+                           "records, CC0)", "hub_id": None, "samples": calibration["samples"],
+                "seq_len": calibration["seqlen"]}
     hub = None if spec.get("calibration_dir") or is_local_source(source, spec.get("data_dir") or "") \
         else source.partition(":")[0]
     return {"dataset": calibration.get("label") or source, "hub_id": hub, "samples": calibration["samples"],

@@ -5,7 +5,8 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 
-from .submission import PERPLEXITY_TASK, JobRequest, SubmissionError, available_eval_tasks, validate_submission
+from .submission import (JobRequest, SubmissionError, default_calibration_source, eval_task_options,
+                         validate_submission)
 
 GROUP_SIZE_CHOICES = [("", "preset default"), ("32", "32"), ("64", "64"), ("128", "128"),
                       ("channel", "per output channel")]
@@ -61,10 +62,11 @@ class JobForm(forms.Form):
     calibration_samples = forms.IntegerField(min_value=1, max_value=4096, initial=128)
     calibration_seqlen = forms.IntegerField(min_value=16, max_value=8192, initial=512)
     eval_tasks = forms.MultipleChoiceField(
-        choices=(), required=False, initial=[PERPLEXITY_TASK], widget=forms.CheckboxSelectMultiple,
+        choices=(), required=False, widget=forms.CheckboxSelectMultiple,
         label="Evaluation tasks",
         help_text="wikitext2_ppl is our quick WikiText-2 perplexity; the others run through lm-eval "
-                  "(offline copies of the benchmarks when the data directory has them).")
+                  "(offline copies of the benchmarks when the data directory has them, else from the Hub). "
+                  "Only tasks this installation's worker can run are listed; none ticked: no accuracy evaluation.")
     eval_limit = forms.IntegerField(min_value=1, max_value=100000, required=False, initial=50,
                                     label="lm-eval limit", help_text="Documents per lm-eval task (empty: all).")
     eval_windows = forms.IntegerField(
@@ -80,7 +82,14 @@ class JobForm(forms.Form):
         self.user = user
         self.http_request = request
         self.fields["preset"].choices = preset_choices()
-        self.fields["eval_tasks"].choices = [(t, t) for t in available_eval_tasks()]
+        self.task_options = eval_task_options()
+        available = [o for o in self.task_options if o.available]
+        self.fields["eval_tasks"].choices = [(o.name, o.label) for o in available]
+        self.fields["eval_tasks"].initial = [o.name for o in available if o.name == "wikitext2_ppl"]
+        self.fields["calibration_source"].help_text = (
+            "A file of the data directory, builtin:chat-v1 (built in), one of your uploads (upload:<id>), or a "
+            "Hugging Face dataset id such as HuggingFaceH4/ultrachat_200k:train_sft. "
+            f"Empty: {default_calibration_source()}.")
         self.fields["eval_windows"].initial = settings.COMPRESSOR_EVAL_WINDOWS
         self.request: JobRequest | None = None
 
@@ -105,7 +114,7 @@ class JobForm(forms.Form):
                 name=data.get("name", ""),
                 calibration={"source": source, "samples": data["calibration_samples"],
                              "seqlen": data["calibration_seqlen"]},
-                evaluation={"tasks": data.get("eval_tasks") or [PERPLEXITY_TASK], "windows": data["eval_windows"],
+                evaluation={"tasks": data.get("eval_tasks") or [], "windows": data["eval_windows"],
                             "limit": data.get("eval_limit"), "speed": bool(data.get("eval_speed"))})
         except SubmissionError as exc:
             target = form_field_for(exc.field, bool(yaml_text))
@@ -125,18 +134,18 @@ class JobForm(forms.Form):
         self.data["calibration_source"] = upload.source
         return upload
 
+    def unavailable_tasks(self) -> list:
+        """The tasks this installation cannot run, each with the reason (shown under the checkboxes)."""
+        return [o for o in self.task_options if not o.available]
+
     def calibration_sources(self) -> list[tuple[str, str]]:
-        """(value, label) suggestions: data-directory calibration files, then the user's uploads."""
-        from pathlib import Path
+        """(value, label) suggestions: data-directory calibration files, the built-in set, the Hub
+        defaults when the worker is online, then the user's uploads."""
+        from compression.data_sources import calibration_suggestions
 
         from .models import CalibrationUpload
 
-        options = []
-        root = Path(settings.COMPRESSOR_DATA_DIR or "")
-        if settings.COMPRESSOR_DATA_DIR and (root / "calibration").is_dir():
-            for path in sorted((root / "calibration").iterdir()):
-                if path.suffix in (".jsonl", ".json", ".txt"):
-                    options.append((f"calibration/{path.name}", "data directory"))
+        options = calibration_suggestions(settings.COMPRESSOR_DATA_DIR or None)
         if self.user is not None:
             for upload in CalibrationUpload.objects.filter(owner=self.user)[:50]:
                 options.append((upload.source, f"uploaded {upload.filename} ({upload.records} records)"))

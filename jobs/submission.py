@@ -7,6 +7,7 @@ is allowed. Nothing is written to the database until everything has been validat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -51,9 +52,16 @@ class JobRequest:
 
 
 def available_eval_tasks() -> list[str]:
-    from compression.lm_eval_tasks import LOCAL_TASKS
+    """The evaluation tasks this install's worker can run (data directory or Hub)."""
+    return [option.name for option in eval_task_options() if option.available]
 
-    return [PERPLEXITY_TASK, *LOCAL_TASKS]
+
+def eval_task_options() -> list:
+    """Every task the form knows, each with whether it can run here and why not
+    (compression.data_sources.EvalOption)."""
+    from compression.data_sources import eval_options
+
+    return eval_options(settings.COMPRESSOR_DATA_DIR or None)
 
 
 def _bounded_int(value: Any, name: str, default: int | None) -> int | None:
@@ -79,12 +87,14 @@ def clean_calibration(raw: dict | None, owner: Any = None, *, needs_calibration:
     if unknown:
         raise SubmissionError(f"calibration.{sorted(unknown)[0]}", "unknown field; allowed: source, samples, seqlen")
     given = raw.get("source")
-    source = given or DEFAULT_CALIBRATION_SOURCE
+    source = given or default_calibration_source()
     if not isinstance(source, str) or len(source) > 300:
         raise SubmissionError("calibration.source", "must be a data-directory file or a Hugging Face dataset id")
     source = source.strip()
     if given or needs_calibration:
-        check_calibration_source(source, owner)
+        if not is_builtin_source(source):
+            check_calibration_source(source, owner)
+        check_calibration_available(source)
     return {"source": source,
             "samples": _bounded_int(raw.get("samples"), "calibration.samples", 128),
             "seqlen": _bounded_int(raw.get("seqlen"), "calibration.seqlen", 512)}
@@ -110,6 +120,48 @@ def check_calibration_source(source: str, owner: Any) -> None:
         raise SubmissionError("calibration.source", exc.message) from None
 
 
+def default_calibration_source() -> str:
+    """The data directory's calibration file, else the Hub default when the worker is online, else
+    the built-in set (compression.data_sources)."""
+    from compression.data_sources import default_calibration_source as default
+
+    return default(settings.COMPRESSOR_DATA_DIR or None)
+
+
+def is_builtin_source(source: str) -> bool:
+    from compression.data_sources import is_builtin
+
+    return is_builtin(source)
+
+
+def check_calibration_available(source: str) -> None:
+    """Refuse a calibration source this install cannot provide: an unknown built-in set, a
+    data-directory file with no data directory configured, a Hub dataset while the Hub is off."""
+    from compression.data_sources import (BUILTIN_CALIBRATION, DataUnavailable, builtin_path, is_builtin,
+                                          offline_reason)
+
+    from .models import CalibrationUpload
+
+    if is_builtin(source):
+        try:
+            builtin_path(source)
+        except DataUnavailable as exc:
+            raise SubmissionError("calibration.source", str(exc)) from None
+        return
+    if source.startswith(CalibrationUpload.SOURCE_PREFIX):
+        return
+    instead = f"use {BUILTIN_CALIBRATION} (built in), one of your uploads or "
+    file_like = source.endswith((".jsonl", ".json", ".txt", ".raw", ".tokens")) or source.startswith((".", "/"))
+    if file_like and not settings.COMPRESSOR_DATA_DIR:
+        raise SubmissionError("calibration.source", f"{source!r} names a data-directory file, but no data "
+                                                    f"directory is configured (COMPRESSOR_DATA_DIR); "
+                                                    f"{instead}a Hugging Face dataset id")
+    looks_local = settings.COMPRESSOR_DATA_DIR and (Path(settings.COMPRESSOR_DATA_DIR) / source).exists()
+    if HUB_DATASET.match(source) and not file_like and not looks_local and offline_reason():
+        raise SubmissionError("calibration.source", f"{source!r} is a Hugging Face dataset, but the worker is "
+                                                    f"offline ({offline_reason()}); {instead}a data-directory file")
+
+
 def clean_evaluation(raw: dict | None) -> dict:
     raw = dict(raw or {})
     allowed = {"tasks", "windows", "seqlen", "limit", "num_fewshot", "batch_size", "apply_chat_template",
@@ -118,24 +170,22 @@ def clean_evaluation(raw: dict | None) -> dict:
     if unknown:
         raise SubmissionError(f"evaluation.{sorted(unknown)[0]}",
                               f"unknown field; allowed: {', '.join(sorted(allowed))}")
-    tasks = raw.get("tasks") or [PERPLEXITY_TASK]
+    tasks = raw.get("tasks")
+    if tasks is None:  # not given: perplexity when this install can compute it, else no accuracy evaluation
+        from compression.data_sources import default_eval_tasks
+
+        tasks = default_eval_tasks(settings.COMPRESSOR_DATA_DIR or None)
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
-    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks) or not tasks:
-        raise SubmissionError("evaluation.tasks", "must be a list of task names")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise SubmissionError("evaluation.tasks", "must be a list of task names (an empty list: no accuracy "
+                                                  "evaluation)")
     if len(tasks) > 20:
         raise SubmissionError("evaluation.tasks", "at most 20 tasks per job")
     data_source = raw.get("data_source") or "auto"
     if data_source not in ("auto", "local", "hub"):
         raise SubmissionError("evaluation.data_source", "must be one of auto, local, hub")
-    lm_tasks = [t for t in tasks if t != PERPLEXITY_TASK]
-    if lm_tasks:
-        from compression.evaluation import EvalError, resolve_sources
-
-        try:
-            resolve_sources(lm_tasks, data_source, settings.COMPRESSOR_DATA_DIR or None)
-        except EvalError as exc:
-            raise SubmissionError("evaluation.tasks", str(exc)) from None
+    check_tasks_available(tasks, data_source)
     chat = raw.get("apply_chat_template", False)
     if not isinstance(chat, bool):
         raise SubmissionError("evaluation.apply_chat_template", "must be true or false")
@@ -153,6 +203,16 @@ def clean_evaluation(raw: dict | None) -> dict:
         "apply_chat_template": chat,
         "data_source": data_source,
     }
+
+
+def check_tasks_available(tasks: list[str], data_source: str) -> None:
+    """Every task must be runnable by this install's worker (data directory or Hub) and known to lm-eval."""
+    from compression.data_sources import DataUnavailable, check_eval_tasks
+
+    try:
+        check_eval_tasks(tasks, data_source, settings.COMPRESSOR_DATA_DIR or None)
+    except DataUnavailable as exc:
+        raise SubmissionError("evaluation.tasks", str(exc)) from None
 
 
 def build_recipe(*, preset: str | None, preset_options: dict | None, recipe_yaml: str | None,

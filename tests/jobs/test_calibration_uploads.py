@@ -142,8 +142,10 @@ def test_calibration_sources_are_checked_at_submission(owner, source, message):
     assert not caught.value.message.startswith("calibration.source")  # the field is named once, by `field`
 
 
-def test_good_calibration_sources_pass(owner):
+def test_good_calibration_sources_pass(owner, monkeypatch):
     assert clean_calibration({"source": "calibration/self_instruct_seed_tasks.jsonl"}, owner)["samples"] == 128
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # a Hub dataset needs a worker that is online
+        monkeypatch.delenv(var, raising=False)
     assert clean_calibration({"source": "HuggingFaceH4/ultrachat_200k:train_sft"}, owner)["source"] \
         == "HuggingFaceH4/ultrachat_200k:train_sft"
     # a recipe without calibration does not need the default file to exist
