@@ -136,14 +136,12 @@ def _load_hub_dataset(source: str, split: str, seed: int, limit: int) -> list[An
     The download goes through datasets' remote-only ``hf://datasets/`` form (see hub_load_dataset): a
     bare ``org/name`` that exists as a directory relative to the working directory would be loaded
     from there instead."""
-    from .data_sources import DataUnavailable, hub_load_dataset
+    from .data_sources import hub_load_dataset
 
     if not HUB_DATASET_ID.match(source):
         raise CalibrationError(f"{source!r} is not a Hub dataset id like org/name")
     try:
         ds = hub_load_dataset(source, split=split)
-    except DataUnavailable as exc:
-        raise CalibrationError(str(exc)) from None
     except (OSError, ValueError, RuntimeError) as exc:  # not found, gated, offline, bad split
         raise CalibrationError(f"could not load the Hub dataset {source!r} (split {split!r}): {exc}") from exc
     ds = ds.shuffle(seed=seed).select(range(min(limit, len(ds))))

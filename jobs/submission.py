@@ -157,7 +157,7 @@ def check_calibration_available(source: str) -> None:
                                                     f"directory is configured (COMPRESSOR_DATA_DIR); "
                                                     f"{instead}a Hugging Face dataset id")
     looks_local = settings.COMPRESSOR_DATA_DIR and (Path(settings.COMPRESSOR_DATA_DIR) / source).exists()
-    if HUB_DATASET.match(source) and not file_like and not looks_local and offline_reason():
+    if not file_like and not looks_local and offline_reason():  # classify_source took it as a Hub dataset id
         raise SubmissionError("calibration.source", f"{source!r} is a Hugging Face dataset, but the worker is "
                                                     f"offline ({offline_reason()}); {instead}a data-directory file")
 
