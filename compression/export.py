@@ -9,6 +9,12 @@ a CPU). 2:4 weights stay dense with +0.0 zeros and are described by a compressed
 ``sparsity_config`` (format ``dense``, ``sparsity_structure`` "2:4", ``global_sparsity``, targets,
 ignore), for a 2:4-only model inside a ``quantization_config`` of format ``dense`` with no config
 groups. config.json names the model class in ``architectures`` and carries no server paths.
+
+Tensor names are the family's checkpoint names (:class:`compression.moe.CheckpointNames`): MoE
+experts are written one Linear per expert (``model.layers.0.block_sparse_moe.experts.3.w1`` for
+Mixtral, ``model.layers.0.mlp.experts.3.gate_proj`` for the Qwen-MoE/OLMoE/DeepSeek family), as
+the family's own checkpoints and vLLM's loaders name them, and transformers fuses them on load.
+Routers stay 16-bit and are listed in ``ignore``.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from compression.moe import CheckpointNames
 from compression.quant import QuantArgs, pack_int
 from compression.recipe import Recipe, matches_any
 from compression.sequential import CompressionReport, ModuleRecord
@@ -58,11 +65,14 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
     if not groups:
         return None
     quantized = {name for name, r in report.modules.items() if r.codes is not None}
+    names = CheckpointNames.for_model(model)
     for name, module in model.named_modules():
         # Every Linear we did not quantize must be ignored explicitly, or loaders would expect scales.
+        name = names.checkpoint(name)
         if isinstance(module, torch.nn.Linear) and name not in quantized and not matches_any(
                 ignore, name, type(module).__name__):
             ignore.append(name)
+    ignore.extend(r for r in report.routers if not matches_any(ignore, r, ""))  # MoE routers stay 16-bit
     top = formats[0] if len(set(formats)) == 1 else "mixed-precision"
     if top != "mixed-precision":
         for g in groups.values():
@@ -179,10 +189,12 @@ def checkpoint_state_dict(model: torch.nn.Module, report: CompressionReport,
     ``dtype`` (default: the model's) is the storage dtype of every tensor held in the model's own
     floating-point dtype and of the scales; quantized codes keep theirs."""
     tied = getattr(model.config, "tie_word_embeddings", False)
+    names = CheckpointNames.for_model(model)
     seen: dict[int, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     model_dtype = next(model.parameters()).dtype
     for name, tensor in model.state_dict().items():
+        name = names.checkpoint(name)
         ptr = tensor.data_ptr()
         if tied and ptr in seen:  # tied lm_head: safetensors refuses shared storage; HF re-ties on load
             continue

@@ -1,10 +1,15 @@
 """Layer-by-layer compression with forward hooks only (no tracing).
 
-1. Capture the inputs of decoder layer 0 (hidden states + kwargs such as position embeddings
-   and the attention mask) by running the model with a pre-hook that raises once it has them.
+0. Fused MoE experts (transformers 5's 3-D parameters) become per-expert Linears
+   (:mod:`compression.moe`); targets, ``ignore`` and report names are the family's checkpoint names.
+1. Capture the inputs of every decoder layer (:func:`compression.walk.capture_layer_inputs`): the
+   hidden states entering layer 0, and per layer the mask and position embeddings of its own
+   attention type (Gemma 2/3 sliding vs full, Gemma 3 local vs global RoPE).
 2. For each decoder layer: move it to ``device``; hooks on its targeted Linears accumulate fp32
-   Hessians (and absmax for static FP8 input scales); compress each module, stage by stage; re-run
-   the compressed layer on the same inputs to get the next layer's inputs; move it back.
+   Hessians (and absmax for static FP8 input scales) — an expert's hooks see the tokens routed to
+   it; compress each module, stage by stage (an expert that received fewer than
+   ``min_expert_tokens`` falls back to round-to-nearest / magnitude pruning, recorded in the
+   report); re-run the compressed layer on the same inputs to get the next layer's inputs; move it back.
 
 Only one decoder layer and its activations live on the compute device at a time. The model is
 left holding fake-quantized weights, with activation fake-quant pre-hooks attached for schemes
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +27,19 @@ import torch
 
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
 from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, round_to_nearest
+from compression.moe import CheckpointNames, PerExpertLinears, is_router, router_names, unfuse_experts
 from compression.quant import FP8_MAX, QuantArgs, check_24_pattern, fake_quantize_activation
 from compression.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import Modifier, Recipe, SchemeGroup, matches_any
-from compression.sparsegpt import sparsegpt_prune
+from compression.sparsegpt import magnitude_prune, sparsegpt_prune
+from compression.walk import LayerInputs, capture_layer_inputs, decoder_layers
+
+__all__ = ["CompressionReport", "ModuleRecord", "compress_model", "decoder_layers"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict], None]
+MIN_EXPERT_TOKENS = 16  # an MoE expert routed fewer calibration tokens falls back to RTN / magnitude
 
 
 @dataclass
@@ -63,6 +73,9 @@ class CompressionReport:
     layers: int = 0
     samples: int = 0
     seconds: float = 0.0
+    routers: list[str] = field(default_factory=list)  # MoE routers/gates, kept 16-bit (checkpoint names)
+    experts: int = 0  # per-expert modules (MoE experts × layers)
+    calibrate_all_experts: bool = False
     hooks: list = field(default_factory=list, repr=False)
     reconstruction: dict[int, dict] = field(default_factory=dict)  # layer index -> ReconstructionResult.to_dict()
 
@@ -82,7 +95,8 @@ class CompressionReport:
     def summary(self) -> dict:
         """JSON-able digest (no tensors) for job results and model cards."""
         return {"layers": self.layers, "samples": self.samples, "seconds": round(self.seconds, 3),
-                "fallbacks": self.fallbacks, "sparsity": self.sparsity_stats(),
+                "fallbacks": self.fallbacks, "sparsity": self.sparsity_stats(), "routers": list(self.routers),
+                "experts": self.experts, "calibrate_all_experts": self.calibrate_all_experts,
                 "modules": [r.summary() for r in self.modules.values()],
                 **({"reconstruction": [{"layer": i, **r} for i, r in sorted(self.reconstruction.items())]}
                    if self.reconstruction else {})}
@@ -91,69 +105,6 @@ class CompressionReport:
         for handle in self.hooks:
             handle.remove()
         self.hooks.clear()
-
-
-class _Captured(Exception):
-    """Raised by the layer-0 pre-hook to stop the forward pass once the inputs are recorded."""
-
-
-def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The decoder layer list and its checkpoint prefix (``model.layers`` for Llama/Mistral/Qwen2)."""
-    for prefix in ("model.layers", "layers", "model.decoder.layers", "transformer.h"):
-        obj: Any = model
-        for part in prefix.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
-            return prefix, obj
-    raise UnsupportedModelError(
-        f"cannot walk {type(model).__name__}: no decoder layer list at model.layers / layers; "
-        "supported are Llama/Mistral/Qwen2-style causal LMs")
-
-
-def _to(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-@torch.no_grad()
-def capture_layer0_inputs(model: torch.nn.Module, layer0: torch.nn.Module, calibration: list[dict],
-                          device: torch.device | str) -> list[tuple[torch.Tensor, dict]]:
-    """Run each sample until layer 0 and keep (hidden_states, kwargs), moved to ``device``."""
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
-        captured.append((hidden.to(device), _to(kwargs, device)))
-        raise _Captured
-
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-    model_device = next(model.parameters()).device
-    try:
-        for sample in calibration:
-            try:
-                model(input_ids=sample["input_ids"].to(model_device),
-                      attention_mask=sample.get("attention_mask", torch.ones_like(sample["input_ids"])).to(model_device),
-                      use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    if len(captured) != len(calibration):
-        raise UnsupportedModelError("the first decoder layer was not reached for every calibration sample")
-    return captured
-
-
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _memory_mb(device: torch.device | str) -> float:
@@ -171,10 +122,11 @@ def _memory_mb(device: torch.device | str) -> float:
 class _Plan:
     """Which modifiers (in recipe order) touch one Linear, with the config group that applies."""
 
-    name: str
-    local: str
+    name: str  # checkpoint name (what targets/ignore match, what export writes)
+    local: str  # path inside the decoder layer
     module: torch.nn.Linear
     steps: list[tuple[str, Modifier, SchemeGroup | None]]
+    fallback: str | None = None  # set for an expert that saw too few calibration tokens
 
     @property
     def needs_hessian(self) -> bool:
@@ -186,40 +138,82 @@ class _Plan:
                    for _, _, g in self.steps)
 
 
-def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module) -> list[_Plan]:
-    plans = []
-    for local, module in layer.named_modules():
+def _linears(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """Every Linear under ``root`` except MoE routers/gates (they stay 16-bit)."""
+    for local, module in root.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        name = f"{prefix}.{local}"
-        cls = type(module).__name__
-        steps = []
-        for i, stage in enumerate(recipe.stages):
-            for j, m in enumerate(stage.modifiers):
-                if not matches_any(m.targets, name, cls) or matches_any(m.ignore, name, cls):
-                    continue
-                group = m.scheme_for(name, cls) if m.quantizes else None
-                if m.quantizes and group is None:
-                    continue
-                steps.append((f"stages[{i}].modifiers[{j}]", m, group))
-        if sum(1 for _, m, _ in steps if m.quantizes) > 1:
-            raise RecipeError(steps[-1][0], f"{name} would be quantized twice; target each module once")
+        parent_name, _, attr = local.rpartition(".")
+        if is_router(root.get_submodule(parent_name) if parent_name else root, attr):
+            continue
+        yield local, module
+
+
+def _steps(recipe: Recipe, name: str, cls: str) -> list[tuple[str, Modifier, SchemeGroup | None]]:
+    steps = []
+    for i, stage in enumerate(recipe.stages):
+        for j, m in enumerate(stage.modifiers):
+            if not matches_any(m.targets, name, cls) or matches_any(m.ignore, name, cls):
+                continue
+            group = m.scheme_for(name, cls) if m.quantizes else None
+            if m.quantizes and group is None:
+                continue
+            steps.append((f"stages[{i}].modifiers[{j}]", m, group))
+    if sum(1 for _, m, _ in steps if m.quantizes) > 1:
+        raise RecipeError(steps[-1][0], f"{name} would be quantized twice; target each module once")
+    return steps
+
+
+def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, names: CheckpointNames) -> list[_Plan]:
+    plans = []
+    for local, module in _linears(layer):
+        name = names.checkpoint(f"{prefix}.{local}")
+        steps = _steps(recipe, name, type(module).__name__)
         if steps:
             plans.append(_Plan(name, local, module, steps))
     return plans
 
 
-def _check_outside_layers(model: torch.nn.Module, recipe: Recipe, prefix: str) -> None:
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.startswith(prefix + "."):
-            continue
-        for i, stage in enumerate(recipe.stages):
-            for j, m in enumerate(stage.modifiers):
-                cls = type(module).__name__
-                if matches_any(m.targets, name, cls) and not matches_any(m.ignore, name, cls):
-                    raise RecipeError(f"stages[{i}].modifiers[{j}].ignore",
-                                      f"{name} lies outside the decoder layers and cannot be compressed; "
-                                      f"add {name!r} to ignore")
+def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: CheckpointNames) -> int:
+    """Before any work: no targeted Linear outside the decoder layers, every modifier matches
+    something inside them. Returns the number of targeted Linears."""
+    matched = [0] * len(recipe.modifiers)
+    targeted = 0
+    for name, module in _linears(model):
+        cname, cls = names.checkpoint(name), type(module).__name__
+        inside = name.startswith(prefix + ".")
+        hit = False
+        for k, m in enumerate(recipe.modifiers):
+            if matches_any(m.targets, cname, cls) and not matches_any(m.ignore, cname, cls):
+                if not inside:
+                    raise RecipeError(f"{_modifier_path(recipe, k)}.ignore",
+                                      f"{cname} lies outside the decoder layers and cannot be compressed; "
+                                      f"add {cname!r} to ignore")
+                matched[k] += 1
+                hit = True
+        targeted += hit
+    for k, count in enumerate(matched):
+        if not count:
+            m = recipe.modifiers[k]
+            raise RecipeError(f"{_modifier_path(recipe, k)}.targets",
+                              f"{m.targets} (ignoring {m.ignore}) matches no Linear of the decoder layers of "
+                              f"{type(model).__name__}, e.g. {_example_names(model, prefix, names)}")
+    return targeted
+
+
+def _modifier_path(recipe: Recipe, flat_index: int) -> str:
+    k = 0
+    for i, stage in enumerate(recipe.stages):
+        for j, _ in enumerate(stage.modifiers):
+            if k == flat_index:
+                return f"stages[{i}].modifiers[{j}]"
+            k += 1
+    raise IndexError(flat_index)
+
+
+def _example_names(model: torch.nn.Module, prefix: str, names: CheckpointNames, limit: int = 4) -> str:
+    found = [names.checkpoint(n) for n, _ in _linears(model) if n.startswith(prefix + ".0.")][:limit]
+    return ", ".join(found) or "none"
 
 
 def _attach_activation_quant(module: torch.nn.Linear, args: QuantArgs, input_scale: torch.Tensor | None):
@@ -232,45 +226,61 @@ def _attach_activation_quant(module: torch.nn.Linear, args: QuantArgs, input_sca
 @torch.no_grad()
 def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dict] | None, *,
                    device: torch.device | str = "cpu", progress: Progress | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> CompressionReport:
+                   should_stop: Callable[[], bool] | None = None, calibrate_all_experts: bool = False,
+                   min_expert_tokens: int = MIN_EXPERT_TOKENS) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``; see the module docstring.
 
     ``calibration``: list of {"input_ids": LongTensor[1, T], "attention_mask": LongTensor[1, T]}
     (may be empty/None when ``recipe.needs_calibration`` is false). Raises ``JobCancelled`` when
     ``should_stop()`` turns true between layers, ``UnsupportedModelError`` for models without a
-    decoder layer list, ``SparsityPatternError`` if a 2:4 weight loses its pattern.
+    decoder layer list, ``RecipeError`` when a modifier targets nothing or something outside the
+    decoder layers, ``SparsityPatternError`` if a 2:4 weight loses its pattern.
+    ``calibrate_all_experts``: every MoE expert's statistics see every token (the layer output
+    still uses the router's choice); otherwise an expert sees the tokens routed to it, and one that
+    got fewer than ``min_expert_tokens`` is rounded to nearest / pruned by magnitude (a fallback).
     """
     disable_tf32()
     started = time.perf_counter()
     prefix, layers = decoder_layers(model)
-    _check_outside_layers(model, recipe, prefix)
+    names = CheckpointNames.for_model(model)
+    unfuse_experts(model, names)
+    check_targets(model, recipe, prefix, names)
     calibration = list(calibration or [])
     if recipe.needs_calibration and not calibration:
         raise CalibrationError("this recipe needs calibration samples (GPTQ/SparseGPT/static activation scales)")
-    report = CompressionReport(layers=len(layers), samples=len(calibration))
+    report = CompressionReport(layers=len(layers), samples=len(calibration),
+                               routers=[names.checkpoint(r) for r in router_names(model)],
+                               calibrate_all_experts=calibrate_all_experts)
     emit = progress or (lambda event: None)
     home = next(model.parameters()).device
     use_model_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    experts = [m for _, m in _experts_of(model)]
+    report.experts = sum(m.num_experts for m in experts)
     try:
-        inputs = capture_layer0_inputs(model, layers[0], calibration, device) if recipe.needs_calibration else []
+        for m in experts:
+            m.calibrate_all_experts = calibrate_all_experts
+        inputs = (capture_layer_inputs(model, layers, calibration, device) if recipe.needs_calibration
+                  else LayerInputs([], []))
         dense_inputs = inputs  # the dense model's activation stream (layer-wise reconstruction, target "dense")
         for index, layer in enumerate(layers):
             layer_start = time.perf_counter()
             layer.to(device)
-            plans = _plan_layer(recipe, f"{prefix}.{index}", layer)
-            stats = _collect_statistics(layer, plans, inputs)
+            plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names)
+            stats = _collect_statistics(layer, index, plans, inputs)
+            _expert_fallbacks(layer, plans, stats, min_expert_tokens, calibrate_all_experts)
             recon = _reconstruction_settings(plans) if inputs else None
-            targets = reconstruction_targets(layer, inputs, dense_inputs, recon) if recon else None
+            targets = (reconstruction_targets(layer, inputs.pairs(index), dense_inputs.pairs(index), recon)
+                       if recon else None)
             masks: dict[str, torch.Tensor] = {}
             for plan in plans:
                 _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
                                  masks=masks, only=_is_sparsity if recon else None)
             if recon:
-                _reconstruct(layer, plans, masks, inputs, targets, recon, report, emit, index, len(layers),
-                             should_stop)
+                _reconstruct(layer, plans, masks, inputs.pairs(index), targets, recon, report, emit, index,
+                             len(layers), should_stop)
                 if recon.target == "dense":
-                    dense_inputs = [(t, kwargs) for t, (_, kwargs) in zip(targets, dense_inputs)]
+                    dense_inputs = dense_inputs.advanced(targets)
                 for plan in plans:
                     _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
                                      masks=masks, only=lambda m: not _is_sparsity(m))
@@ -280,8 +290,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                     report.hooks.append(_attach_activation_quant(plan.module, record.input_activations,
                                                                  record.input_scale))
             del stats
-            if inputs and index + 1 < len(layers):
-                inputs = [(_layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+            if inputs and index + 1 < len(layers):  # the compressed layer's outputs feed the next layer
+                inputs = inputs.advanced(inputs.forward(layer, index))
             layer.to(home)
             # layer-end events carry no "module" key (the pipeline uses that to tell them apart)
             emit({"stage": "compress", "layer": index, "layers": len(layers),
@@ -290,6 +300,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             if should_stop is not None and should_stop():
                 raise JobCancelled(f"cancelled after layer {index + 1}/{len(layers)}")
     finally:
+        for m in experts:
+            m.calibrate_all_experts = False
         if use_model_cache is not None:
             model.config.use_cache = use_model_cache
     report.seconds = time.perf_counter() - started
@@ -299,8 +311,46 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     return report
 
 
-def _collect_statistics(layer: torch.nn.Module, plans: list[_Plan], inputs: list) -> dict[str, dict]:
+def _experts_of(root: torch.nn.Module) -> list[tuple[str, PerExpertLinears]]:
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, PerExpertLinears)]
+
+
+def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[str, dict], min_tokens: int,
+                      calibrate_all: bool) -> None:
+    """Mark the plans of experts that saw fewer than ``min_tokens`` calibration tokens.
+
+    Their weights get round-to-nearest (no GPTQ) / magnitude pruning (no SparseGPT), and a static
+    input scale is the largest one of the same projection among this layer's other experts.
+    """
+    by_local = {p.local: p for p in plans}
+    for path, experts in _experts_of(layer):
+        counts = experts.routed_tokens.tolist()
+        for e, routed in enumerate(counts):
+            seen = max(counts) if calibrate_all else routed
+            if seen >= min_tokens:
+                continue
+            for proj in experts.expert(e).names:
+                plan = by_local.get(f"{path}.{e}.{proj}")
+                if plan is None:
+                    continue
+                plan.fallback = (f"expert {e} received {routed} calibration tokens (< {min_tokens}): "
+                                 "round-to-nearest weights / magnitude pruning, without GPTQ/SparseGPT compensation")
+                entry = stats.get(plan.name, {})
+                entry.pop("hessian", None)
+                if "absmax" in entry:
+                    peers = [stats[p.name]["absmax"] for k in range(len(counts)) if k != e and counts[k] >= min_tokens
+                             and (p := by_local.get(f"{path}.{k}.{proj}")) is not None and "absmax" in stats.get(p.name, {})]
+                    if peers:
+                        entry["absmax"] = torch.stack(peers).amax()
+                        plan.fallback += "; static input scale from the layer's other experts"
+        experts.routed_tokens.zero_()
+
+
+def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
+                        inputs: LayerInputs) -> dict[str, dict]:
     """Run every sample through the (still uncompressed) layer; hooks record H and input absmax."""
+    for _, experts in _experts_of(layer):
+        experts.routed_tokens.zero_()
     wanted = [p for p in plans if p.needs_hessian or p.needs_absmax]
     if not wanted or not inputs:
         return {}
@@ -323,8 +373,7 @@ def _collect_statistics(layer: torch.nn.Module, plans: list[_Plan], inputs: list
 
         handles.append(plan.module.register_forward_hook(hook))
     try:
-        for hidden, kwargs in inputs:
-            layer(hidden, **kwargs)
+        inputs.forward(layer, index)
     finally:
         for h in handles:
             h.remove()
@@ -347,7 +396,13 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
             continue
         t0 = time.perf_counter()
         weight = module.weight.data
-        if modifier.kind == "SparseGPTModifier":
+        if modifier.kind == "SparseGPTModifier" and hessian is None:
+            result = magnitude_prune(weight, sparsity=modifier.sparsity, mask_structure=modifier.mask_structure)
+            module.weight.data = result.weight.to(dtype)
+            mask = masks[plan.name] = result.mask
+            record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
+            loss, fallback, kind = result.loss, plan.fallback, "magnitude"
+        elif modifier.kind == "SparseGPTModifier":
             result = sparsegpt_prune(weight, hessian, sparsity=modifier.sparsity,
                                      mask_structure=modifier.mask_structure, block_size=modifier.block_size,
                                      dampening_frac=modifier.dampening_frac)
@@ -359,7 +414,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         else:
             args = group.weights
             record.weights, record.input_activations = args, group.input_activations
-            if modifier.kind == "GPTQModifier":
+            if modifier.kind == "GPTQModifier" and hessian is not None:
                 result = gptq_quantize(weight, hessian, args, block_size=modifier.block_size,
                                        dampening_frac=modifier.dampening_frac,
                                        actorder=args.actorder or modifier.actorder, mask=mask, scale_dtype=dtype)
@@ -370,7 +425,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                 codes, scale, deq = round_to_nearest(weight, args, dtype, mask)
                 loss = quadratic_loss(deq.float() - weight.float(), hessian) if hessian is not None else float(
                     torch.mean((deq.float() - weight.float()) ** 2))
-                fallback, kind = None, "rtn"
+                fallback, kind = (plan.fallback if modifier.kind == "GPTQModifier" else None), "rtn"
             module.weight.data = deq.to(dtype)
             record.codes, record.scale = codes.cpu(), scale.cpu()
             acts = group.input_activations
@@ -379,7 +434,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                     raise CalibrationError(f"{plan.name}: static activation scales need calibration samples")
                 absmax = stats["absmax"].float().clamp_min(torch.finfo(torch.float32).tiny)
                 record.input_scale = (absmax / FP8_MAX).reshape(1).to(dtype).cpu()
-        if fallback:
+        if fallback and fallback != record.fallback:
             record.fallback = fallback if not record.fallback else f"{record.fallback}; {fallback}"
         record.losses[kind] = loss
         if mask is not None and record.mask_structure == "2:4" and not check_24_pattern(module.weight.data):

@@ -41,6 +41,23 @@ def magnitude_mask_24(weight: torch.Tensor) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
+def _magnitude_mask(w: torch.Tensor, sparsity: float, n_of_m: bool) -> torch.Tensor:
+    if n_of_m:
+        return magnitude_mask_24(w)
+    k = int(w.numel() * sparsity)
+    thresh = torch.kthvalue(w.abs().flatten(), max(k, 1)).values
+    return w.abs() <= thresh
+
+
+def magnitude_prune(weight: torch.Tensor, *, sparsity: float = 0.5, mask_structure: str = "2:4") -> PruneResult:
+    """Prune by |w| alone (no Hessian, no compensation): the fallback for weights without statistics,
+    e.g. an MoE expert the router sent too few calibration tokens. Loss is the mean squared change."""
+    w = weight.float()
+    mask = _magnitude_mask(w, sparsity, mask_structure == "2:4")
+    pruned = w.masked_fill(mask, 0.0).to(weight.dtype)
+    return PruneResult(pruned, mask, float(torch.mean((pruned.float() - w) ** 2)))
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.5,
                     mask_structure: str = "2:4", block_size: int = 128,
                     dampening_frac: float = 0.01) -> PruneResult:
@@ -62,12 +79,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     try:
         upper, used = inverse_hessian_upper(h, dampening_frac)
     except CholeskyFailed as exc:
-        if n_of_m:
-            mask = magnitude_mask_24(w)
-        else:
-            k = int(w.numel() * sparsity)
-            thresh = torch.kthvalue(w.abs().flatten(), max(k, 1)).values
-            mask = w.abs() <= thresh
+        mask = _magnitude_mask(w, sparsity, n_of_m)
         pruned = w.masked_fill(mask, 0.0).to(weight.dtype)
         reason = f"SparseGPT Cholesky failed ({exc}); used magnitude pruning without compensation"
         return PruneResult(pruned, mask, quadratic_loss(pruned.float() - weight.float(), h), n_dead, None, reason)

@@ -6,16 +6,17 @@ from compression.errors import JobCancelled, RecipeError
 from compression.quant import check_24_pattern
 from compression.reconstruction import (ReconstructionSettings, layer_outputs, output_error, reconstruct_layer)
 from compression.recipe import Recipe
-from compression.sequential import capture_layer0_inputs, compress_model
+from compression.sequential import compress_model
 from compression.sparsegpt import magnitude_mask_24
 from tests.engine.conftest import random_calibration
+from compression.walk import capture_layer_inputs
 from tests.tiny import tiny_llama
 
 
 def _pruned_layer(model, calibration):
     """Layer 0 of ``model`` magnitude-pruned to 2:4, its inputs, dense targets and masks."""
     layer = model.model.layers[0]
-    inputs = capture_layer0_inputs(model, layer, calibration, "cpu")
+    inputs = capture_layer_inputs(model, model.model.layers, calibration, "cpu").pairs(0)
     targets = layer_outputs(layer, inputs)
     weights = {}
     for name, module in layer.named_modules():

@@ -5,17 +5,20 @@ import torch
 from compression import gptq as gptq_mod
 from compression.errors import CalibrationError, JobCancelled, RecipeError, UnsupportedModelError
 from compression.recipe import Recipe
-from compression.sequential import capture_layer0_inputs, compress_model
+from compression.sequential import compress_model
+from compression.walk import capture_layer_inputs
 from tests.engine.conftest import random_calibration
 
 
-def test_layer0_inputs_include_hidden_states_and_position_embeddings(model, calibration):
-    captured = capture_layer0_inputs(model, model.model.layers[0], calibration, "cpu")
+def test_layer_inputs_include_hidden_states_and_position_embeddings(model, calibration):
+    captured = capture_layer_inputs(model, model.model.layers, calibration, "cpu")
     assert len(captured) == len(calibration)
-    hidden, kwargs = captured[0]
+    hidden, kwargs = captured.pairs(0)[0]
     assert hidden.shape == (1, 24, 128)
     cos, sin = kwargs["position_embeddings"]
     assert cos.shape[-2] == 24
+    _, kwargs1 = captured.pairs(1)[0]
+    assert kwargs1["position_embeddings"] is kwargs["position_embeddings"]  # one copy per attention type
 
 
 def test_progress_reports_every_module_and_layer(model, calibration):

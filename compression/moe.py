@@ -1,0 +1,243 @@
+"""Mixture-of-experts layers as per-expert Linears, and the module names a family's checkpoints use.
+
+transformers 5 keeps the experts of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ... as one module
+holding fused 3-D parameters (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]), not as
+``nn.Linear``s. :func:`unfuse_experts` swaps each such module for :class:`PerExpertLinears`: the
+same forward signature ``(hidden_states, top_k_index, top_k_weights)`` and routing, but one
+``gate``/``up``/``down`` ``nn.Linear`` per expert, so
+
+* forward hooks on an expert's Linears see exactly the tokens the router sent to that expert
+  (per-expert GPTQ/SparseGPT statistics), or, with ``calibrate_all_experts``, every token while
+  the layer output still uses only the routed ones (llm-compressor's ``calibrate_all_experts``);
+* every expert is a separate target that recipes match by name and export writes under the
+  per-expert names of the family's own checkpoints and vLLM's loaders.
+
+Names: a module path in our model (``model.layers.0.mlp.experts.3.w1``) becomes a checkpoint name
+by transformers' own conversion mapping for the family, reversed, the way ``save_pretrained``
+writes it (Mixtral: ``.mlp.`` → ``.block_sparse_moe.``); the per-expert projection names come
+from the same mapping's expert converters (Mixtral ``w1``/``w3``/``w2``, the Qwen-MoE family
+``gate_proj``/``up_proj``/``down_proj``). See :class:`CheckpointNames`.
+
+Routers (the ``gate`` next to ``experts``, Qwen2-MoE's ``shared_expert_gate``) stay 16-bit:
+:func:`is_router` names them for the planner and the export's ``ignore``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from compression.errors import UnsupportedModelError
+
+DEFAULT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers 5 experts module: 3-D ``down_proj`` parameter (one slice per expert)."""
+    down = getattr(module, "down_proj", None)
+    return isinstance(down, nn.Parameter) and down.dim() == 3
+
+
+def check_fused_experts(name: str, module: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` naming what a fused experts module lacks for :class:`PerExpertLinears`."""
+    cls = type(module).__name__
+    problems = []
+    gate_up = getattr(module, "gate_up_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3):
+        problems.append("a 3-D gate_up_proj parameter (experts without a gated MLP)")
+    if not getattr(module, "is_concatenated", True):
+        problems.append("the concatenated [gate; up] layout (its gate and up rows are interleaved)")
+    if getattr(module, "has_post_expert_norm", False):
+        problems.append("no per-expert output norm")
+    if not callable(getattr(module, "act_fn", None)) and not hasattr(module, "_apply_gate"):
+        problems.append("an act_fn")
+    if problems:
+        raise UnsupportedModelError(f"cannot split the experts of {name} ({cls}) into per-expert Linears: "
+                                    f"the engine needs {'; '.join(problems)}")
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down(act(gate(x)) * up(x))`` with checkpoint-named Linears."""
+
+    def __init__(self, names: tuple[str, str, str], gate: nn.Linear, up: nn.Linear, down: nn.Linear):
+        super().__init__()
+        self.names = names
+        for attr, linear in zip(names, (gate, up, down)):
+            self.add_module(attr, linear)
+
+    def projections(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return tuple(getattr(self, n) for n in self.names)  # type: ignore[return-value]
+
+
+class PerExpertLinears(nn.Module):
+    """Stand-in for a fused experts module; children ``"0"``..``"E-1"`` are :class:`ExpertMLP`."""
+
+    def __init__(self, fused: nn.Module, names: tuple[str, str, str]):
+        super().__init__()
+        self.num_experts = int(fused.down_proj.shape[0])
+        self.act_fn = getattr(fused, "act_fn", None)
+        # the family's own gating (transformers' experts classes define ``_apply_gate(self, gate_up_out)``)
+        self._apply_gate_impl = getattr(type(fused), "_apply_gate", None)
+        self.calibrate_all_experts = False
+        self.routed_tokens = torch.zeros(self.num_experts, dtype=torch.long)
+        transposed = bool(getattr(fused, "is_transposed", False))
+        gate_up, down = fused.gate_up_proj, fused.down_proj
+        if transposed:  # [E, H, 2I] / [E, I, H]
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        inter = gate_up.shape[1] // 2
+        gate_up_bias = getattr(fused, "gate_up_proj_bias", None)
+        down_bias = getattr(fused, "down_proj_bias", None)
+        for e in range(self.num_experts):
+            linears = []
+            for weight, bias in ((gate_up[e, :inter], None if gate_up_bias is None else gate_up_bias[e, :inter]),
+                                 (gate_up[e, inter:], None if gate_up_bias is None else gate_up_bias[e, inter:]),
+                                 (down[e], None if down_bias is None else down_bias[e])):
+                linears.append(_linear(weight, bias))
+            self.add_module(str(e), ExpertMLP(names, *linears))
+
+    def expert(self, index: int) -> ExpertMLP:
+        return getattr(self, str(index))
+
+    def _gated(self, gate_out: torch.Tensor, up_out: torch.Tensor) -> torch.Tensor:
+        if self._apply_gate_impl is not None:
+            return self._apply_gate_impl(self, torch.cat([gate_out, up_out], dim=-1))
+        return self.act_fn(gate_out) * up_out
+
+    def run_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.expert(index).projections()
+        return down(self._gated(gate(x), up(x)))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            hits = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).sum(dim=(0, 1))
+            self.routed_tokens += hits.to(self.routed_tokens.device, torch.long)
+        for e in range(self.num_experts):
+            token_idx, slot = torch.where(top_k_index == e)
+            if self.calibrate_all_experts:
+                # every token reaches the hooks; only the routed rows count in the output
+                expert_out = self.run_expert(e, hidden_states)[token_idx]
+            elif token_idx.numel() == 0:
+                continue
+            else:
+                expert_out = self.run_expert(e, hidden_states[token_idx])
+            weighted = expert_out * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, weighted.to(out.dtype))
+        return out
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_f, in_f = weight.shape
+    linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta", dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach().clone() if not weight.is_meta else
+                                 torch.empty_like(weight, device="meta"), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone() if not bias.is_meta else
+                                   torch.empty_like(bias, device="meta"), requires_grad=False)
+    return linear
+
+
+def unfuse_experts(model: nn.Module, names: "CheckpointNames | None" = None) -> list[str]:
+    """Replace every fused experts module of ``model`` by :class:`PerExpertLinears` (in place).
+
+    Returns the module paths replaced. Works on the meta device too (for pre-flight checks and the
+    compressed runtime's skeleton).
+    """
+    names = names or CheckpointNames.for_model(model)
+    fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
+    for name, module in fused:
+        check_fused_experts(name, module)
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, PerExpertLinears(module, names.projections))
+        del module
+    return [n for n, _ in fused]
+
+
+def per_expert_modules(model: nn.Module) -> list[tuple[str, PerExpertLinears]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PerExpertLinears)]
+
+
+def is_router(parent: nn.Module | None, attr: str) -> bool:
+    """A router/gate of an MoE block: named ``gate``/``router``/``shared_expert_gate`` next to experts."""
+    return parent is not None and attr in ROUTER_NAMES and hasattr(parent, "experts")
+
+
+def router_names(model: nn.Module) -> list[str]:
+    """Module paths of every MoE router in ``model`` (Linear or not)."""
+    found = []
+    for name, module in model.named_modules():
+        for attr in ROUTER_NAMES:
+            if is_router(module, attr) and isinstance(getattr(module, attr, None), nn.Module):
+                found.append(f"{name}.{attr}" if name else attr)
+    return found
+
+
+@dataclass
+class CheckpointNames:
+    """Module path ↔ checkpoint name for one model family, from transformers' conversion mapping."""
+
+    to_checkpoint_renamings: list[Any]
+    to_module_renamings: list[Any]
+    projections: tuple[str, str, str] = DEFAULT_PROJECTIONS
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "CheckpointNames":
+        conversions = _conversions(model)
+        forward = [c for c in conversions if type(c).__name__ == "WeightRenaming"]
+        reverse = [c.reverse_transform() for c in forward[::-1]]
+        return cls(reverse, forward, _expert_projection_names(conversions))
+
+    def checkpoint(self, module_key: str) -> str:
+        """``model.layers.0.mlp.experts.3.w1.weight`` → ``model.layers.0.block_sparse_moe.experts.3.w1.weight``."""
+        return _rename(module_key, self.to_checkpoint_renamings)
+
+    def module(self, checkpoint_key: str) -> str:
+        """Inverse of :meth:`checkpoint`."""
+        return _rename(checkpoint_key, self.to_module_renamings)
+
+
+def _rename(key: str, renamings: list[Any]) -> str:
+    for renaming in renamings:
+        key, _ = renaming.rename_source_key(key)
+    return key
+
+
+def _conversions(model: nn.Module) -> list[Any]:
+    if not hasattr(model, "config"):
+        return []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # pragma: no cover - transformers < 5 has no conversion mapping
+        return []
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    # a model built from a config (not from_pretrained) must not gain a prefix, as in save_pretrained
+    return [c for c in conversions if not isinstance(c, PrefixChange)]
+
+
+_EXPERT_SOURCE = re.compile(r"experts\.\*\.([A-Za-z0-9_]+)\.weight$")
+
+
+def _expert_projection_names(conversions: list[Any]) -> tuple[str, str, str]:
+    """(gate, up, down) per-expert names from the converters that fuse them into ``gate_up_proj`` / ``down_proj``."""
+    gate_up: list[str] = []
+    down: list[str] = []
+    for c in conversions:
+        if type(c).__name__ != "WeightConverter":
+            continue
+        targets = [str(t) for t in getattr(c, "target_patterns", [])]
+        sources = [m.group(1) for s in getattr(c, "_original_source_patterns", c.source_patterns)
+                   if (m := _EXPERT_SOURCE.search(str(s).replace("\\", "")))]
+        if any(t.endswith("experts.gate_up_proj") for t in targets) and len(sources) == 2:
+            gate_up = sources
+        elif any(t.endswith("experts.down_proj") for t in targets) and len(sources) == 1:
+            down = sources
+    if gate_up and down:
+        return gate_up[0], gate_up[1], down[0]
+    return DEFAULT_PROJECTIONS
