@@ -13,9 +13,11 @@ and the few properties the prose needs are passed explicitly in ``facts["scheme"
     {
       "model_name": "SmolLM2-135M-Instruct-W4A16",   # title of the card
       "model_id": "org/SmolLM2-135M-Instruct-W4A16",  # where it will be published; used in
-                                                      # the vLLM / lm_eval snippets (default: artifact_dir)
-      "artifact_dir": "/data/artifacts/job-12",       # the exported checkpoint directory
+                                                      # the vLLM / lm_eval snippets (default: the
+                                                      # relative path ./<model_name>; never a server path)
       "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",  # Hub id, local path or "demo"
+      "baseline_note": "dequantized from its GGUF Q4_1 file" | None,  # how the baseline differs
+                                                      # from the published base model
       "base_model_revision": "main" | None,
       "architecture": "LlamaForCausalLM",
       "license": "apache-2.0" | None,  "license_link": url | None,
@@ -45,7 +47,6 @@ and the few properties the prose needs are passed explicitly in ``facts["scheme"
                                   # the source checkpoint's weights vs the compressed safetensors
       "bits_per_param": {"dense": 16.0, "compressed": 4.25} | None,  # of the quantized Linears
       "eval": {"baseline": evaluate() result, "compressed": evaluate() result} | None,
-      "eval_data_dir": "/work/shared/data" | None,    # for reproducing local tasks
       "speed": {"device": "NVIDIA H100", "rows": [{"name": "dense", "prefill_tok_s": ...,
                 "decode_tok_s": ..., "peak_mem_gb": ...}, ...]} | None,
       "command": "python -m compression run --model M --recipe recipe.yaml --out DIR",
@@ -62,7 +63,8 @@ from typing import Any
 
 import yaml
 
-from compression.recovery import AVERAGE, recovery_table
+from compression.recovery import ACCURACY, AVERAGE, PERPLEXITY, headline, recovery_table
+from compression.recovery import warnings as recovery_warnings
 from compression.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,23 @@ def _base_link(facts: dict) -> str:
     hub = _base_hub_id(facts)
     if hub:
         return f"[{hub}](https://huggingface.co/{hub})"
-    return f"`{_or_missing(facts.get('base_model'))}`"
+    base = facts.get("base_model")
+    if isinstance(base, str) and base.startswith(("/", "~", ".")):  # a directory on the server: its name only
+        return f"`{base.rstrip('/').rsplit('/', 1)[-1]}` (a local model directory)"
+    return f"`{_or_missing(base)}`"
+
+
+def baseline_name(facts: dict) -> str:
+    """What the baseline column is: the base model, and how it was obtained when that differs from
+    the published weights (the demo is dequantized from a GGUF file, not the Hub's checkpoint)."""
+    name = _base_hub_id(facts) or _base_link(facts).strip("`")
+    return f"{name} ({facts['baseline_note']})" if facts.get("baseline_note") else name
+
+
+def _model_ref(facts: dict) -> str:
+    """How a reader of the downloaded card names this model: its Hub id once pushed, else the
+    relative path of the directory that holds the card and the weights."""
+    return facts.get("model_id") or f"./{facts.get('model_name') or 'this-model'}"
 
 
 def _fmt_bits(x: float) -> str:
@@ -241,13 +259,29 @@ def _overview(facts: dict, rows: list[dict]) -> str:
 
 def _summary_sentence(facts: dict, rows: list[dict]) -> str:
     base = f"Compressed version of {_base_link(facts)} made with Compressor."
-    avg = next((r for r in rows if r["task"] == AVERAGE), None)
-    if not avg or avg["recovery_pct"] is None:
+    if facts.get("baseline_note"):
+        base += (f" The baseline it is compared with is that model {facts['baseline_note']}, not the Hub's "
+                 "original weights.")
+    if not rows:
         return base + " Its accuracy was not compared with the base model."
+    head = headline(rows)
+    if head is None or head["recovery_pct"] is None:
+        why = (head or {}).get("note") or "the evaluation produced no usable score"
+        return base + f" Its recovery could not be computed: {why}."
+    if head["kind"] == PERPLEXITY:
+        return (base + f" No accuracy task was evaluated; its WikiText-2 perplexity recovery "
+                f"(baseline / compressed) is {_pct(head['recovery_pct'])}.")
+    avg = next(r for r in rows if r["task"] == AVERAGE)
     per_task = [f"{_task_title(r['task'])} {_pct(r['recovery_pct'])}" for r in rows
-                if r["task"] != AVERAGE and r.get("primary") and r["recovery_pct"] is not None]
-    return (f"{base} Across the {avg['rows']} evaluated task(s) it keeps {_pct(avg['recovery_pct'])} "
-            f"of the base model's score on average ({', '.join(per_task)}).")
+                if r["task"] != AVERAGE and r.get("primary") and r["kind"] == ACCURACY
+                and r["recovery_pct"] is not None]
+    text = (f"{base} Across the {avg['rows']} evaluated accuracy task(s) it keeps {_pct(avg['recovery_pct'])} "
+            f"of the base model's score on average ({', '.join(per_task)})")
+    if avg.get("within_noise"):
+        text += "; the difference is within the evaluation's standard error"
+    elif avg.get("level") == "poor":
+        text += "; **this is a poor recovery: the model loses much of its quality**"
+    return text + "."
 
 
 def _optimizations(facts: dict) -> str:
@@ -322,7 +356,7 @@ def _optimizations(facts: dict) -> str:
 
 
 def _deployment(facts: dict) -> str:
-    model_ref = facts.get("model_id") or facts.get("artifact_dir") or "PATH/TO/THIS/MODEL"
+    model_ref = _model_ref(facts)
     snippet = "\n".join([
         "from vllm import LLM, SamplingParams", "",
         f'llm = LLM(model="{model_ref}")',
@@ -330,9 +364,12 @@ def _deployment(facts: dict) -> str:
         'outputs = llm.generate(["The capital of France is"], params)',
         "print(outputs[0].outputs[0].text)",
     ])
+    where = ("" if facts.get("model_id") else
+             f" `{model_ref}` is the directory that holds this README.md and the weights (the unpacked "
+             "download; adjust the path, or use the Hub id once the model is pushed).")
     return ("## Deployment\n\nThe checkpoint uses the compressed-tensors format, which vLLM loads "
             f"directly:\n\n```python\n{snippet}\n```\n\n"
-            f"`vllm serve {model_ref}` starts an OpenAI-compatible server with the same weights.")
+            f"`vllm serve {model_ref}` starts an OpenAI-compatible server with the same weights.{where}")
 
 
 def _creation(facts: dict) -> str:
@@ -346,19 +383,16 @@ def _creation(facts: dict) -> str:
     return "\n".join(out)
 
 
-def _lm_eval_command(facts: dict, task_source: tuple[str, str], settings: dict) -> str:
-    model_ref = facts.get("model_id") or facts.get("artifact_dir") or "PATH/TO/THIS/MODEL"
-    lm_task, source = task_source
-    args = f"pretrained={model_ref},dtype=auto"
+def _lm_eval_command(facts: dict, task: str, settings: dict, shots: int | None) -> str:
+    """The public lm-eval command for one task with the job's settings (runs anywhere lm-eval is installed)."""
+    args = f"pretrained={_model_ref(facts)},dtype=auto"
     if settings.get("add_bos_token"):
         args += ",add_bos_token=True"
     if settings.get("max_length"):
         args += f",max_length={settings['max_length']}"
-    lines = ["lm_eval --model hf", f"  --model_args {args}", f"  --tasks {lm_task}"]
-    if source == "local":
-        lines.append("  --include_path eval_tasks/")
-    if settings.get("num_fewshot") is not None:
-        lines.append(f"  --num_fewshot {settings['num_fewshot']}")
+    lines = ["lm_eval --model hf", f"  --model_args {args}", f"  --tasks {task}"]
+    if shots is not None:
+        lines.append(f"  --num_fewshot {shots}")
     if settings.get("limit") is not None:
         lines.append(f"  --limit {settings['limit']}")
     if settings.get("apply_chat_template"):
@@ -371,7 +405,7 @@ def _evaluation(facts: dict, rows: list[dict]) -> str:
     ev = facts.get("eval") or {}
     base, comp = ev.get("baseline"), ev.get("compressed")
     if not base or not comp:
-        return f"## Evaluation\n\nAccuracy evaluation: {NOT_RECORDED}."
+        return f"## Evaluation\n\nAccuracy evaluation: {NOT_RECORDED}.\n\n### Accuracy\n\n{NOT_RECORDED}."
     s = comp.get("settings") or {}
     if not any(task != "wikitext2_ppl" for task in comp.get("tasks") or {}):
         windows, seqlen = s.get("perplexity_windows"), s.get("perplexity_seqlen")
@@ -380,11 +414,10 @@ def _evaluation(facts: dict, rows: list[dict]) -> str:
             "Both models were scored by WikiText-2 perplexity (raw test split"
             + (f", the first {windows} windows of {seqlen} tokens, the same for both" if windows and seqlen else "")
             + ") with Compressor's own evaluator, the compressed model running through Compressor's kernels. "
-            "No lm-evaluation-harness tasks were part of this job.", "",
-            "### Results", "", _accuracy_table(facts, rows)]).rstrip()
+            "No lm-evaluation-harness tasks were part of this job, so there is no accuracy score.", "",
+            "### Accuracy", "", _accuracy_table(facts, rows)]).rstrip()
     sources = s.get("sources") or {}
-    lm_tasks = s.get("lm_eval_tasks") or {}
-    src_text = ", ".join(f"{_task_title(t)}: {'local files' if v == 'local' else 'Hugging Face Hub'}"
+    src_text = ", ".join(f"{_task_title(t)}: {'a local copy of the data' if v == 'local' else 'Hugging Face Hub'}"
                          for t, v in sources.items()) or NOT_RECORDED
     out = [
         "## Evaluation", "",
@@ -404,36 +437,75 @@ def _evaluation(facts: dict, rows: list[dict]) -> str:
     if notes:
         out += ["", "Local data differs from the Hub versions as follows: " + "; ".join(notes) + "."]
     out += ["", "### Reproduction", "",
-            "Scores of this model (put the base model's id or directory after `pretrained=` for the "
-            "baseline column):", ""]
+            "Scores of this model with lm-eval's public tasks and the settings above (put the base model's "
+            "id after `pretrained=` for the baseline column):", ""]
     if "local" in sources.values():
-        data_dir = facts.get("eval_data_dir") or "DATA_DIR"
-        local_names = [t for t, v in sources.items() if v == "local"]
-        out += ["Local tasks need their YAML files first (absolute data paths are written in):", "",
-                "```bash", "python -c \"from compression.lm_eval_tasks import write_task_dir; "
-                f"write_task_dir({local_names!r}, '{data_dir}', 'eval_tasks')\"", "```", ""]
-    for task, source in sources.items():
-        out += [f"#### {_task_title(task)}", "", "```bash",
-                _lm_eval_command(facts, (lm_tasks.get(task, task), source), s), "```", ""]
+        out += ["Tasks marked as a local copy were scored here on the same documents stored offline; lm-eval "
+                "downloads its own copy of the public task, so small differences can remain.", ""]
+    for task in sources:
+        public = "wikitext" if task == "wikitext2_ppl" else task
+        shots = (comp.get("tasks", {}).get(task) or {}).get("n_shot")
+        out += [f"#### {_task_title(task)}", "", "```bash", _lm_eval_command(facts, public, s, shots), "```", ""]
     out += ["### Accuracy", "", _accuracy_table(facts, rows)]
     return "\n".join(out).rstrip()
 
 
+def _with_se(value: float | None, se: float | None, higher_is_better: bool) -> str:
+    text = _score(value, higher_is_better)
+    if value is None or se is None:
+        return text
+    scaled = se * 100 if higher_is_better and 0.0 <= value <= 1.0 else se
+    return f"{text} ± {scaled:.2f}" if higher_is_better and 0.0 <= value <= 1.0 else f"{text} ± {scaled:.3f}"
+
+
+def _recovery_cell(r: dict) -> str:
+    if r.get("recovery_pct") is None:
+        return f"n/a ({r.get('note') or 'not computable'})"
+    text = _pct(r["recovery_pct"])
+    if r.get("within_noise"):
+        return f"{text} (within noise)"
+    if r.get("level") == "poor":
+        return f"{text} ⚠ poor"
+    return f"{text} (below baseline)" if r.get("level") == "warn" else text
+
+
 def _accuracy_table(facts: dict, rows: list[dict]) -> str:
-    base_name = _base_hub_id(facts) or _or_missing(facts.get("base_model"))
-    lines = [f"| Benchmark | {base_name} | {facts.get('model_name', 'this model')} (this model) | Recovery |",
-             "| --- | ---: | ---: | ---: |"]
-    for r in rows:
-        if r["task"] == AVERAGE:
-            lines.append(f"| **Average** ({r['rows']} tasks) | {_score(r['baseline'], True)} | "
-                         f"{_score(r['compressed'], True)} | **{_pct(r['recovery_pct'])}** |")
-            continue
-        arrow = "↑" if r["higher_is_better"] else "↓"
-        lines.append(f"| {_task_title(r['task'])} ({r['metric']} {arrow}) | "
-                     f"{_score(r['baseline'], r['higher_is_better'])} | "
-                     f"{_score(r['compressed'], r['higher_is_better'])} | {_pct(r['recovery_pct'])} |")
-    lines += ["", "Accuracies are percentages; perplexities (↓, lower is better) are raw values and their "
-              "recovery is baseline / compressed. The average uses one metric per task."]
+    if not rows:
+        return f"No score was recorded for either model ({NOT_RECORDED})."
+    title = facts.get("model_name", "this model")
+    acc = [r for r in rows if r["task"] != AVERAGE and r["kind"] == ACCURACY]
+    ppl = [r for r in rows if r["kind"] == PERPLEXITY]
+    avg = next((r for r in rows if r["task"] == AVERAGE), None)
+    lines = []
+    if acc:
+        lines += [f"| Benchmark | Shots | Documents | {baseline_name(facts)} | {title} (this model) | Recovery |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in acc:
+            shots = "n/a" if r.get("n_shot") is None else str(r["n_shot"])
+            lines.append(f"| {_task_title(r['task'])} ({r['metric']}) | {shots} | {_or_missing(r.get('samples'), 'n/a')} | "
+                         f"{_with_se(r['baseline'], r.get('baseline_stderr'), True)} | "
+                         f"{_with_se(r['compressed'], r.get('compressed_stderr'), True)} | {_recovery_cell(r)} |")
+        if avg:
+            lines.append(f"| **Average** ({avg['rows']} accuracy tasks, one metric each) | | | "
+                         f"{_with_se(avg['baseline'], avg.get('baseline_stderr'), True)} | "
+                         f"{_with_se(avg['compressed'], avg.get('compressed_stderr'), True)} | "
+                         f"**{_recovery_cell(avg)}** |")
+        lines += ["", "Accuracies are percentages ± lm-eval's standard error over the documents scored. A "
+                  "difference is \"within noise\" when it is smaller than 1.96 × the combined standard error; "
+                  "the average uses one metric per task and accuracy tasks only."]
+    if ppl:
+        if lines:
+            lines.append("")
+        lines += ["Perplexity (lower is better; recovery = baseline / compressed, never averaged with accuracies):", "",
+                  f"| Benchmark | Windows / documents | {baseline_name(facts)} | {title} (this model) | Recovery |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for r in ppl:
+            lines.append(f"| {_task_title(r['task'])} ({r['metric']}) | {_or_missing(r.get('samples'), 'n/a')} | "
+                         f"{_with_se(r['baseline'], r.get('baseline_stderr'), False)} | "
+                         f"{_with_se(r['compressed'], r.get('compressed_stderr'), False)} | {_recovery_cell(r)} |")
+    warn = [w for w in recovery_warnings(rows)]
+    if warn:
+        lines += ["", "**Warnings:** " + " ".join(warn)]
     return "\n".join(lines)
 
 

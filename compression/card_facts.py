@@ -6,6 +6,7 @@ the loaded model and the measured results.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
 from .recipe import Recipe
@@ -56,8 +57,8 @@ def collect_facts(*, spec: dict, recipe: Recipe, model, identity: dict, evaluati
     return {
         "model_name": f"{short}-{suffix.replace(':', 'of').replace('+', '-')}",
         "model_id": None,
-        "artifact_dir": artifact_dir,
         "base_model": base,
+        "baseline_note": baseline_note(identity),
         "base_model_revision": identity.get("revision"),
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
         "license": spec.get("license"),
@@ -73,10 +74,28 @@ def collect_facts(*, spec: dict, recipe: Recipe, model, identity: dict, evaluati
         "bits_per_param": bits_per_param,
         "eval": {"baseline": as_eval_result(baseline, evaluation),
                  "compressed": as_eval_result(compressed, evaluation)},
-        "eval_data_dir": spec.get("data_dir"),
         "speed": spec.get("speed"),
-        "command": f"python -m compression run --model {spec['model']} --recipe recipe.yaml --out OUTPUT_DIR",
+        "command": f"python -m compression run --model {portable_model(spec['model'])} --recipe recipe.yaml "
+                   "--out OUTPUT_DIR",
     }
+
+
+def baseline_note(identity: dict) -> str | None:
+    """How the baseline differs from the published base model, when it does: the demo model is
+    dequantized from a GGUF file (its revision names the file's quantization), not the Hub's weights."""
+    revision = str(identity.get("revision") or "")
+    match = re.search(r"GGUF\s*([A-Za-z0-9_]+)?", revision)
+    if not match:
+        return None
+    quant = f" {match.group(1)}" if match.group(1) else ""
+    return f"dequantized from its GGUF{quant} file"
+
+
+def portable_model(model: str) -> str:
+    """The model argument as a reader elsewhere can use it: a server directory becomes a placeholder."""
+    if model.startswith(("/", "~", ".")):
+        return f"PATH/TO/{model.rstrip('/').rsplit('/', 1)[-1]}"
+    return model
 
 
 def as_eval_result(results: dict, evaluation: dict) -> dict:
@@ -87,7 +106,14 @@ def as_eval_result(results: dict, evaluation: dict) -> dict:
         if task.startswith("_"):
             continue
         source = lm.get("sources", {}).get(task, "local" if task == "wikitext2_ppl" else None)
-        tasks[task] = {"source": source, "metrics": metrics}
+        shots = (lm.get("num_fewshot") or {}).get(task)
+        if shots is None:  # the job's setting, else the local tasks' own 0-shot definition
+            shots = (lm.get("settings") or {}).get("num_fewshot")
+            shots = 0 if shots is None and source == "local" and task != "wikitext2_ppl" else shots
+        samples = (lm.get("samples") or {}).get(task)
+        if task == "wikitext2_ppl":
+            samples = evaluation.get("windows")  # windows of `seqlen` tokens, not documents
+        tasks[task] = {"source": source, "metrics": metrics, "samples": samples, "n_shot": shots}
     settings = dict(lm.get("settings") or {})
     settings.setdefault("perplexity_windows", evaluation.get("windows"))
     settings.setdefault("perplexity_seqlen", evaluation.get("seqlen"))

@@ -31,6 +31,7 @@ model identity nothing is cached (a model object alone cannot be identified reli
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -256,6 +257,7 @@ def _run_lm_eval(model: Any, tokenizer: Any, lm_tasks: list[str], settings: Eval
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
               add_bos_token=settings.add_bos_token,
               **({"max_length": settings.max_length} if settings.max_length else {}))
+    attach_request_progress(lm, _PROGRESS.get())
     manager = TaskManager(include_path=include_path, include_defaults=use_defaults)
     unknown = [t for t in lm_tasks if t not in manager.all_tasks]
     if unknown:
@@ -273,6 +275,56 @@ def _run_lm_eval(model: Any, tokenizer: Any, lm_tasks: list[str], settings: Eval
     return raw
 
 
+_PROGRESS: contextvars.ContextVar[ProgressFn | None] = contextvars.ContextVar("eval_progress", default=None)
+PROGRESS_INTERVAL_S = 1.0
+
+
+def attach_request_progress(lm: Any, emit: ProgressFn | None) -> None:
+    """Report lm-eval's progress as ``{"stage": "eval", "requests_done", "requests_total",
+    "request_type"}`` events (at most one a second, and at the end of each request type).
+
+    lm-eval hands each request type (loglikelihood, loglikelihood_rolling, generate_until) to the
+    model in one call; the wrappers add its request count to the total, and the model's cache hook,
+    which HFLM calls once per finished request, counts them done.
+    """
+    if emit is None:
+        return
+    from lm_eval.api.model import CacheHook
+
+    state = {"done": 0, "total": 0, "type": "requests", "last": 0.0}
+
+    def report(force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - state["last"] >= PROGRESS_INTERVAL_S:
+            state["last"] = now
+            emit({"stage": "eval", "requests_done": min(state["done"], state["total"]),
+                  "requests_total": state["total"], "request_type": state["type"],
+                  "message": f"lm-eval {state['done']}/{state['total']} {state['type']} requests"})
+
+    class Counting(CacheHook):
+        def add_partial(self, attr: str, req: Any, res: Any) -> None:
+            super().add_partial(attr, req, res)
+            state["done"] += 1
+            report()
+
+    lm.set_cache_hook(Counting(None))
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        method = getattr(lm, name, None)
+        if method is None:
+            continue
+
+        def counted(requests, *args, _method=method, _name=name, **kwargs):
+            state["total"] += len(requests)
+            state["type"] = _name
+            report(force=True)
+            out = _method(requests, *args, **kwargs)
+            state["done"] = max(state["done"], state["total"])  # rolling requests report at the end
+            report(force=True)
+            return out
+
+        setattr(lm, name, counted)
+
+
 def _samples(raw: dict, lm_task: str) -> int | None:
     n = raw.get("n-samples", {}).get(lm_task, {})
     return n.get("effective") if isinstance(n, dict) else None
@@ -287,6 +339,7 @@ def evaluate(model: Any, tokenizer: Any, settings: EvalSettings, *, data_dir: st
     in `cache_dir`. `progress(event)` receives ``{"stage": "eval", "message": str, ...}`` events.
     """
     settings.validate()
+    _PROGRESS.set(progress)
     started = time.perf_counter()
     version = lm_eval_version()
     emit = progress or (lambda event: None)

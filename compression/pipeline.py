@@ -170,7 +170,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         with _timed(timings, "baseline_eval_s"):
             baseline = _evaluate(model, tokenizer, evaluation, data_dir, cache_dir=spec.get("cache_dir"),
                                  model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)},
-                                 should_stop=should_stop)
+                                 should_stop=should_stop, progress=_eval_progress(baseline_stage, 0.05, 0.85))
         dense_speed = None
         if evaluation.get("speed", True):
             baseline_stage("measuring the uncompressed model's speed and memory", 0.9)
@@ -219,7 +219,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             model, runtime = _compressed_model_for_eval(model, tmp_dir, device)
         eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
         with _timed(timings, "compressed_eval_s"):
-            compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop)
+            compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop,
+                                   progress=_eval_progress(eval_stage, 0.1, 0.85))
         speed = None
         if dense_speed:
             eval_stage("measuring the compressed model's speed and memory", 0.9)
@@ -271,8 +272,11 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
 
 
 def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: str | None = None,
-              model_identity: dict | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
-    """{task: {metric: {"value", "higher_is_better", ...}}} plus "_lm_eval" with lm-eval's own record.
+              model_identity: dict | None = None, should_stop: Callable[[], bool] | None = None,
+              progress: Progress | None = None) -> dict:
+    """{task: {metric: {"value", "higher_is_better", ...}}} plus "_lm_eval" with lm-eval's own record
+    (and per task the documents scored and the few-shot count). `progress` receives lm-eval's
+    ``requests_done``/``requests_total`` events.
 
     `wikitext2_ppl` is our quick token-level WikiText-2 perplexity; every other task runs through
     lm-eval (compression.evaluation) on the model object in memory. With `cache_dir` and
@@ -295,12 +299,27 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
             apply_chat_template=bool(evaluation.get("apply_chat_template")),
             data_source=evaluation.get("data_source") or "auto")
         record = evaluate(model, tokenizer, settings, data_dir=data_dir or None,
-                          cache_dir=cache_dir if model_identity else None, model_identity=model_identity)
+                          cache_dir=cache_dir if model_identity else None, model_identity=model_identity,
+                          progress=progress)
         for task, outcome in record["tasks"].items():
             results[task] = outcome["metrics"]
         results["_lm_eval"] = {k: v for k, v in record.items() if k != "tasks"}
         results["_lm_eval"]["sources"] = {t: o.get("source") for t, o in record["tasks"].items()}
+        results["_lm_eval"]["samples"] = {t: o.get("samples") for t, o in record["tasks"].items()}
+        results["_lm_eval"]["num_fewshot"] = {t: o.get("num_fewshot") for t, o in record["tasks"].items()}
     return results
+
+
+def _eval_progress(stage: "_Stage", start: float, end: float) -> Progress:
+    """lm-eval's request counts as progress events of `stage`, between `start` and `end` of it."""
+    def forward(event: dict) -> None:
+        done, total = event.get("requests_done"), event.get("requests_total")
+        if not total:
+            return
+        stage(f"lm-eval: {done}/{total} {event.get('request_type', 'requests')} requests",
+              start + (end - start) * done / total, requests_done=done, requests_total=total)
+
+    return forward
 
 
 def _compressed_model_for_eval(model, checkpoint_dir: Path, device: str):

@@ -296,13 +296,17 @@ def _compare_row(job: Job, request: Request) -> dict[str, Any]:
     results = job.results if isinstance(job.results, dict) else {}
     evaluation = results.get("evaluation") if isinstance(results.get("evaluation"), dict) else {}
     metrics = evaluation.get("metrics") if isinstance(evaluation.get("metrics"), list) else []
-    recoveries = [r for row in metrics if isinstance(row, dict) and (r := _number(row.get("recovery_pct"))) is not None]
+    from compression.recovery import headline
+
+    head = headline([row for row in metrics if isinstance(row, dict)]) or {}
+    recovery = _number(head.get("recovery_pct"))
     size = results.get("size") if isinstance(results.get("size"), dict) else None
     weight_bytes = _number((size or {}).get("compressed_weight_bytes"))
     speed = results.get("speed") if isinstance(results.get("speed"), dict) else None
     return {
         "id": job.id, "name": job.display_name, "recipe_name": job.recipe_name, "finished_at": job.finished_at,
-        "recovery_pct": round(sum(recoveries) / len(recoveries), 3) if recoveries else None,
+        "recovery_pct": round(recovery, 3) if recovery is not None else None,
+        "recovery_kind": head.get("kind"),
         "size_mb": round(weight_bytes / 1e6, 3) if weight_bytes is not None else None,
         "size": size, "speedup": _number((speed or {}).get("speedup")), "speed": speed,
         "metrics": metrics, "links": _links(job, request),
@@ -310,7 +314,8 @@ def _compare_row(job: Job, request: Request) -> dict[str, Any]:
 
 
 @extend_schema(operation_id="compare", summary="Your succeeded jobs of one base model, with their numbers",
-               description="Recovery (mean over the evaluation's metric rows), size and speed of every job of "
+               description="Recovery (the mean over the accuracy tasks, or the perplexity recovery when no accuracy task "
+                           "ran — `recovery_kind` says which; never a mix of both), size and speed of every job of "
                            "yours that succeeded on `model`, oldest first: the data of the compare charts.",
                parameters=[CompareFilterSerializer], responses={200: CompareSerializer, **ERRORS})
 @api_view(["GET"])

@@ -30,6 +30,7 @@ COMPRESSED_COLOR = "#2f6fdb"
 RECOVERY_COLOR = "#1f9d55"
 AVERAGE_COLOR = "#0b5d3b"
 FRONT_COLOR = "#d9480f"
+LEVEL_COLORS = {"ok": RECOVERY_COLOR, "warn": "#e8a317", "poor": "#c92a2a", "unknown": "#adb5bd"}
 PALETTE = ["#2f6fdb", "#d9480f", "#1f9d55", "#7048e8", "#e8590c", "#0c8599", "#c2255c", "#5c940d"]
 AVERAGE = "Average"  # task name of recovery_table's last row
 
@@ -76,17 +77,38 @@ def _recovery_panel(fig: Any, rows: list[dict], row: int) -> None:
     """Every row's recovery % as a bar labelled with its value, and a dashed line at 100%."""
     rec_labels = [_row_label(r) for r in rows]
     rec = [r.get("recovery_pct") if _finite(r.get("recovery_pct")) else None for r in rows]
-    hover = [f"baseline {r.get('baseline')!s} → compressed {r.get('compressed')!s}" for r in rows]
+    hover = [f"baseline {r.get('baseline')!s} → compressed {r.get('compressed')!s}"
+             + (" (difference within noise)" if r.get("within_noise") else "")
+             + (f"<br>{r['note']}" if r.get("note") else "") for r in rows]
+
+    def label(r: dict, v: float | None) -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:.1f}%" + (" ≈" if r.get("within_noise") else " ⚠" if r.get("level") == "poor" else "")
+
     fig.add_trace(go.Bar(
-        name="Recovery %", x=rec_labels, y=rec, hovertext=hover,
-        marker_color=[AVERAGE_COLOR if r.get("task") == AVERAGE else RECOVERY_COLOR for r in rows],
-        text=[f"{v:.1f}%" if v is not None else "n/a" for v in rec], textposition="outside", cliponaxis=False,
+        name="Recovery % (green ok / amber below 97% / red below 90%; ≈ within noise)", x=rec_labels, y=rec,
+        hovertext=hover, marker_color=[recovery_color(r) for r in rows],
+        marker_line={"color": [AVERAGE_COLOR if r.get("task") == AVERAGE else "rgba(0,0,0,0)" for r in rows],
+                     "width": 2},
+        text=[label(r, v) for r, v in zip(rows, rec)], textposition="outside", cliponaxis=False,
     ), row=row, col=1)
     fig.add_hline(y=100, line_dash="dash", line_color="#333", annotation_text="100% = no loss",
                   annotation_position="top left", row=row, col=1)
     top = max([v for v in rec if v is not None] + [100.0])
     fig.update_yaxes(title_text="recovery (%)", range=[0, top * 1.15], row=row, col=1)
     fig.update_xaxes(title_text="task · metric", row=row, col=1)
+
+
+def recovery_color(row: dict) -> str:
+    """Bar colour by the row's recovery level (compression.recovery.recovery_level): green, amber, red, grey."""
+    level = row.get("level")
+    if level is None:  # rows stored before levels existed
+        from compression.recovery import recovery_level
+
+        level = recovery_level(row.get("recovery_pct") if _finite(row.get("recovery_pct")) else None,
+                               row.get("within_noise"))
+    return LEVEL_COLORS.get(level, LEVEL_COLORS["unknown"])
 
 
 def recovery_bars(rows: list[dict], title: str = "Accuracy: baseline vs compressed") -> dict:
@@ -115,7 +137,9 @@ def recovery_bars(rows: list[dict], title: str = "Accuracy: baseline vs compress
     labels = [_row_label(r) for r in scores]
     for name, key, color in (("Baseline", "baseline", BASELINE_COLOR), ("Compressed", "compressed", COMPRESSED_COLOR)):
         values = [pct(r.get(key)) for r in scores]
-        fig.add_trace(go.Bar(name=name, x=labels, y=values, marker_color=color,
+        errors = [pct(r.get(f"{key}_stderr")) if _finite(r.get(f"{key}_stderr")) else 0 for r in scores]
+        fig.add_trace(go.Bar(name=f"{name} (± standard error)", x=labels, y=values, marker_color=color,
+                             error_y={"type": "data", "array": errors, "visible": True, "color": "#555"},
                              text=[f"{v:.1f}" if v is not None else "n/a" for v in values],
                              textposition="outside", cliponaxis=False), row=1, col=1)
     fig.update_yaxes(title_text="score (%)", rangemode="tozero", row=1, col=1)

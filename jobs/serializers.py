@@ -255,7 +255,9 @@ class CompareJobSerializer(serializers.Serializer):
     name = serializers.CharField(help_text="Display name (job name, or recipe on model)")
     recipe_name = serializers.CharField()
     finished_at = serializers.DateTimeField(allow_null=True)
-    recovery_pct = serializers.FloatField(allow_null=True, help_text="Mean recovery over the metric rows")
+    recovery_pct = serializers.FloatField(allow_null=True, help_text="Mean recovery over the accuracy tasks "
+                                          "(one metric each), else the perplexity recovery")
+    recovery_kind = serializers.CharField(allow_null=True, help_text="'accuracy' or 'perplexity': what recovery_pct is")
     size_mb = serializers.FloatField(allow_null=True, help_text="Compressed weight bytes / 1e6")
     size = serializers.JSONField(allow_null=True, help_text="results.size: dense_bytes, "
                                  "compressed_weight_bytes, ratio")

@@ -46,8 +46,11 @@ def _calibration_label(job: Job) -> str | None:
 def _detail_context(job: Job) -> dict:
     events = list(job.events.order_by("-id")[:EVENTS_TAIL])[::-1]
     results = job.results or {}
+    from .results_view import results_table
+
+    metrics = results.get("evaluation", {}).get("metrics", [])
     return {"job": job, "events": events, "results": results, "eta_s": _eta_seconds(job),
-            "metrics": results.get("evaluation", {}).get("metrics", []),
+            "metrics": metrics, "table": results_table(metrics, results.get("model")),
             "has_artifact": artifact_path(job) is not None,
             "has_card": bool(results.get("model_card"))}
 

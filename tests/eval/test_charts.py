@@ -16,10 +16,16 @@ def test_recovery_bars_show_scores_side_by_side_and_recovery_with_a_100_percent_
     json.dumps(fig)
     baseline, compressed, rec = fig["data"]
     assert [t["type"] for t in fig["data"]] == ["bar", "bar", "bar"]
-    assert baseline["name"] == "Baseline" and compressed["name"] == "Compressed"
+    assert baseline["name"].startswith("Baseline") and compressed["name"].startswith("Compressed")
     assert baseline["y"] == pytest.approx([50.0, 45.0, 80.0, 70.0])  # accuracies in percent, no perplexity
+    assert baseline["error_y"]["array"] == pytest.approx([1.0] * 4)  # lm-eval's stderr, in points
     assert rec["x"][-2:] == ["wikitext · word_perplexity", "Average"]
-    assert rec["y"][-2] == pytest.approx(80.0) and rec["text"][-2] == "80.0%"
+    assert rec["y"][-2] == pytest.approx(80.0) and rec["text"][-2] == "80.0% ⚠"
+    # poor recovery is red, a difference inside the noise green and marked
+    colors = dict(zip(rec["x"], rec["marker"]["color"]))
+    assert colors["wikitext · word_perplexity"] == charts.LEVEL_COLORS["poor"]
+    assert colors["arc_easy · acc_norm"] == charts.LEVEL_COLORS["ok"] and rec["text"][1].endswith("≈")
+    assert colors["arc_easy · acc"] == charts.LEVEL_COLORS["warn"]
     shapes = fig["layout"]["shapes"]
     assert any(s.get("y0") == 100 and s.get("y1") == 100 for s in shapes)
     assert fig["layout"]["title"]["text"] and fig["layout"]["yaxis"]["title"]["text"] == "score (%)"
@@ -33,7 +39,8 @@ def test_recovery_bars_for_perplexity_alone_show_only_the_recovery_panel():
     fig = charts.recovery_bars(rows)
     json.dumps(fig)
     (rec,) = fig["data"]  # no empty score panel
-    assert rec["name"] == "Recovery %" and rec["y"] == pytest.approx([95.8, 95.8])
+    assert rec["name"].startswith("Recovery %") and rec["y"] == pytest.approx([95.8, 95.8])
+    assert rec["marker"]["color"][0] == charts.LEVEL_COLORS["warn"]  # old rows without a level get one
     assert "yaxis2" not in fig["layout"] and fig["layout"]["yaxis"]["title"]["text"] == "recovery (%)"
     assert any(s.get("y0") == 100 for s in fig["layout"]["shapes"])
 

@@ -54,6 +54,13 @@ def test_it_reports_progress_events(first_run):
     _, _, _, events = first_run
     assert events and all(e["stage"] == "eval" and e["message"] for e in events)
     assert events[-1].get("done") is True
+    # lm-eval's own progress: requests done out of the total, per request type, never past it
+    counted = [e for e in events if "requests_total" in e]
+    assert {e["request_type"] for e in counted} == {"loglikelihood", "loglikelihood_rolling"}
+    assert all(0 <= e["requests_done"] <= e["requests_total"] for e in counted)
+    arc = [e for e in counted if e["request_type"] == "loglikelihood"]
+    assert arc[0]["requests_done"] == 0 and arc[-1]["requests_done"] == arc[-1]["requests_total"] >= 8 * 4
+    assert counted[-1]["requests_done"] == counted[-1]["requests_total"]
 
 
 def test_a_second_call_with_the_same_key_comes_from_the_cache_without_running_lm_eval(

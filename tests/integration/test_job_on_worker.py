@@ -42,7 +42,8 @@ def test_a_job_submitted_through_the_form_runs_on_the_worker(client, owner, job_
 
     # stored results: perplexity before and after, sizes, one compressed module per Linear
     rows = job.results["evaluation"]["metrics"]
-    assert [(r["task"], r["metric"]) for r in rows] == [("wikitext2_ppl", "perplexity"), ("Average", "recovery")]
+    # perplexity only: no accuracy average to mix it into
+    assert [(r["task"], r["metric"]) for r in rows] == [("wikitext2_ppl", "perplexity")]
     assert rows[0]["baseline"] > 1 and rows[0]["compressed"] > 1
     size = job.results["size"]
     assert 0 < size["compressed_weight_bytes"] < size["dense_bytes"]
