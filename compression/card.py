@@ -526,8 +526,10 @@ def _speed(facts: dict) -> str | None:
         mem = [f"{r[k]:.2f}" if isinstance(r.get(k), (int, float)) else "n/a" for k in ("peak_mem_gb", "weights_gb")]
         lines.append(f"| {r.get('name', '?')} | {cells[0]} | {cells[1]} | {mem[0]} | {mem[1]} |")
     if speed.get("device", "").startswith("CPU"):
-        lines += ["", "On a CPU the compressed kernels run as their torch references (dequantizing on the fly), "
-                      "so these numbers say nothing about GPU speed; peak memory is measured on CUDA devices only."]
+        lines += ["", "On a CPU, INT4 weights run through torch's CPU int4 matmul and INT8 weights through its int8 "
+                      "matmul; FP8 and 2:4 weights have no CPU kernel and are dequantized once and held next to the "
+                      "compressed buffers (not counted in 'weights in memory'). These numbers say nothing about GPU "
+                      "speed; peak memory is measured on CUDA devices only."]
     return "\n".join(lines)
 
 

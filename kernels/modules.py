@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels import cpu
+from kernels._dispatch import use_triton
 from kernels.packing import compress_24, pack_int4
 from kernels.sparse24 import sparse24_gemm
 from kernels.w4a16 import w4a16_gemm
@@ -13,13 +15,26 @@ from kernels.w8a8 import FP8_DTYPE, quantize_per_token, w8a8_linear
 
 
 class CompressedLinear(nn.Module):
-    """Shared plumbing: flatten leading dims, run :meth:`_matmul` on [M, K], add the bias."""
+    """Shared plumbing: flatten leading dims, run :meth:`_matmul` on [M, K], add the bias.
+
+    On the CPU (no Triton) a module keeps the cache built by ``kernels.cpu`` on its first forward
+    (int4/int8 repacked for torch's CPU matmuls, or the weight dequantized once); moving or casting
+    the module drops it.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("bias", bias)
+        self._cpu_cache: dict | None = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .cuda(), .half(): the cache would be stale
+        self._cpu_cache = None
+        return super()._apply(fn, recurse)
+
+    def _use_cpu_path(self, x2d: torch.Tensor, *tensors: torch.Tensor) -> bool:
+        return x2d.device.type == "cpu" and not use_triton(x2d, *tensors)
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -46,6 +61,10 @@ class W4A16Linear(CompressedLinear):
         self.register_buffer("weight_scale", weight_scale.contiguous())
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._use_cpu_path(x2d, self.weight_packed):
+            if self._cpu_cache is None:
+                self._cpu_cache = cpu.int4_cpu_cache(self.weight_packed, self.weight_scale, self.in_features)
+            return cpu.int4_cpu_mm(x2d, self._cpu_cache)
         return w4a16_gemm(x2d, self.weight_packed, self.weight_scale)
 
 
@@ -62,6 +81,15 @@ class W8A8Linear(CompressedLinear):
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1))
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._use_cpu_path(x2d, self.weight):
+            q, x_scale = quantize_per_token(x2d, self.input_scale, self.weight.dtype)  # as on the GPU
+            x_deq = q.float() * x_scale.float().reshape(-1, 1)
+            if self._cpu_cache is None:
+                self._cpu_cache = (cpu.int8_cpu_cache(self.weight, self.weight_scale) if self.weight.dtype == torch.int8
+                                   else {"weight": cpu.dequantized_weight(self.weight, self.weight_scale)})
+            out = cpu.int8_cpu_mm(x_deq, self._cpu_cache) if "int8" in self._cpu_cache \
+                else x_deq @ self._cpu_cache["weight"].T
+            return out.to(x2d.dtype)
         return w8a8_linear(x2d, self.weight, self.weight_scale, self.input_scale, x2d.dtype)
 
 
@@ -104,6 +132,15 @@ class Sparse24Linear(CompressedLinear):
         return {torch.int32: "int4", FP8_DTYPE: "fp8"}.get(self.values.dtype, "16bit")
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        if self._use_cpu_path(x2d, self.values):
+            if self._cpu_cache is None:
+                self._cpu_cache = {"weight": cpu.sparse24_dense_weight(self.values, self.meta, self.in_features,
+                                                                       self.weight_scale)}
+            xf = x2d.float()
+            if self.values.dtype == FP8_DTYPE:
+                q, x_scale = quantize_per_token(x2d, self.input_scale, FP8_DTYPE)
+                xf = q.float() * x_scale.float().reshape(-1, 1)
+            return (xf @ self._cpu_cache["weight"].T).to(x2d.dtype)
         if self.values.dtype == FP8_DTYPE:
             q, x_scale = quantize_per_token(x2d, self.input_scale, FP8_DTYPE)
             return sparse24_gemm(q, self.values, self.meta, self.weight_scale, x_scale, out_dtype=x2d.dtype)
