@@ -104,8 +104,10 @@ class _Stage:
         self.start, self.end = STAGES[stage]
 
     def __call__(self, message: str, within: float = 0.0, **extra: Any) -> None:
-        fraction = self.start + (self.end - self.start) * min(max(within, 0.0), 1.0)
-        self.progress({"stage": self.stage, "fraction": round(fraction, 4), "message": message, **extra})
+        within = min(max(within, 0.0), 1.0)
+        fraction = self.start + (self.end - self.start) * within
+        self.progress({"stage": self.stage, "fraction": round(fraction, 4), "within": round(within, 4),
+                       "message": message, **extra})
 
 
 def _engine_progress(progress: Progress) -> Progress:

@@ -61,14 +61,31 @@ class ProgressRecorder:
         self.job_id = job_id
         self.last_write = 0.0
         self.last_stage = None
+        self.stage_started = None  # wall clock, for the ETA's measured stage rates (jobs/eta.py)
+        self.stage_seconds: dict[str, float] = {}
+
+    def _time_stages(self, stage: str, event: dict) -> dict:
+        """``event`` plus when its stage started and how long each finished stage took."""
+        from django.utils import timezone
+
+        now = timezone.now()
+        if stage != self.last_stage:
+            if self.last_stage is not None and self.stage_started is not None:
+                self.stage_seconds[self.last_stage] = round(
+                    self.stage_seconds.get(self.last_stage, 0.0) + (now - self.stage_started).total_seconds(), 2)
+            self.stage_started = now
+        return {**event, "stage_started_at": self.stage_started.isoformat(),
+                "stage_seconds": dict(self.stage_seconds)}
 
     def __call__(self, event: dict) -> None:
         stage = event.get("stage", "")
+        event = self._time_stages(stage, event)
         is_layer_event = "module" in event or event.get("kind") in ("layer", "reconstruction", "finetune")
         if is_layer_event or stage != self.last_stage or event.get("level") in ("warning", "error"):
             JobEvent.objects.create(job_id=self.job_id, stage=stage[:40], level=event.get("level", "info"),
                                     message=str(event.get("message", ""))[:2000],
-                                    data={k: v for k, v in event.items() if k not in ("message", "level")})
+                                    data={k: v for k, v in event.items()
+                                          if k not in ("message", "level", "stage_seconds", "stage_started_at")})
         now = time.monotonic()
         if stage != self.last_stage or now - self.last_write >= PROGRESS_MIN_INTERVAL_S:
             Job.report_progress(self.job_id, {k: v for k, v in event.items() if k != "level"})

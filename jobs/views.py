@@ -44,24 +44,38 @@ def _calibration_label(job: Job) -> str | None:
 
 
 def _detail_context(job: Job) -> dict:
-    events = list(job.events.order_by("-id")[:EVENTS_TAIL])[::-1]
+    events = list(job.events.order_by("-id")[:EVENTS_TAIL])  # newest first: what is happening now
     results = job.results or {}
     from .results_view import results_table
 
     metrics = results.get("evaluation", {}).get("metrics", [])
-    return {"job": job, "events": events, "results": results, "eta_s": _eta_seconds(job),
+    return {"job": job, "events": events, "results": results, "eta": _eta_seconds(job),
             "metrics": metrics, "table": results_table(metrics, results.get("model")),
             "has_artifact": artifact_path(job) is not None,
             "has_card": bool(results.get("model_card"))}
 
 
-def _eta_seconds(job: Job) -> int | None:
-    """Remaining time extrapolated from the elapsed time and the progress fraction."""
-    fraction = (job.progress or {}).get("fraction") or 0
-    if job.status != Status.RUNNING or not job.started_at or not 0.02 < fraction < 1:
+def _eta_seconds(job: Job) -> dict | None:
+    """Time left from measured stage rates and an earlier run of the same settings (jobs/eta.py)."""
+    from compression.recipe import Recipe, RecipeError
+
+    from .eta import estimate, human, stage_durations
+
+    if job.status != Status.RUNNING or not job.progress:
         return None
-    elapsed = (timezone.now() - job.started_at).total_seconds()
-    return int(elapsed * (1 - fraction) / fraction)
+    earlier = (Job.objects.filter(owner_id=job.owner_id, status=Status.SUCCEEDED, model_source=job.model_source,
+                                  recipe=job.recipe, evaluation=job.evaluation)
+               .order_by("-finished_at").only("results").first())
+    try:
+        needs_calibration = Recipe.from_dict(job.recipe).needs_calibration
+    except RecipeError:
+        needs_calibration = True
+    eta = estimate(job.progress, timezone.now(), needs_calibration=needs_calibration,
+                   previous=stage_durations((earlier.results or {}).get("timings")) if earlier else None)
+    if eta is None:
+        return None
+    return {**eta, "stage_text": human(eta["stage_s"]), "total_text": human(eta["total_s"]),
+            "from_earlier_job": earlier is not None}
 
 
 def _charts(job: Job) -> dict:
@@ -92,7 +106,7 @@ def job_new(request: HttpRequest) -> HttpResponse:
             except SubmissionError as exc:
                 form.add_error(None, exc.message)
             else:
-                messages.success(request, "Job queued.")
+                messages.success(request, "Job queued.", extra_tags="job-queued")  # job_detail.js clears it
                 return redirect("job-detail", job_id=job.id)
     else:
         form = JobForm(user=request.user)

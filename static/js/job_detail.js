@@ -26,6 +26,9 @@
         return response.json();
       })
       .then(function (data) {
+        if (data.status !== "queued") {  // the "Job queued." notice is stale once a worker has it
+          document.querySelectorAll(".flash.job-queued").forEach(function (el) { el.remove(); });
+        }
         document.getElementById("progress").innerHTML = data.progress_html;
         document.getElementById("results").innerHTML = data.results_html;
         drawCharts(data.charts);

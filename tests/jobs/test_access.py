@@ -1,6 +1,9 @@
 """Login on every page; a user sees and downloads only their own jobs (404 for others)."""
+import datetime
+
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from jobs.models import Job, Status
 
@@ -84,13 +87,15 @@ def test_the_owner_can_cancel_a_queued_job(client, owner):
 def test_status_json_reports_progress(client, owner):
     job = make_job(owner)
     Job.claim(job.id, "w")
-    Job.report_progress(job.id, {"stage": "compress", "fraction": 0.5, "layer": 4, "layers": 30, "message": "m"})
+    started = (timezone.now() - datetime.timedelta(seconds=40)).isoformat()
+    Job.report_progress(job.id, {"stage": "compress", "fraction": 0.5, "within": 0.5, "layer": 4, "layers": 30,
+                                 "message": "m", "stage_started_at": started})
     client.force_login(owner)
     data = client.get(reverse("job-status", args=[job.id])).json()
     assert data["status"] == "running" and data["finished"] is False
     assert data["progress"]["layer"] == 4
     assert "layer 5/30" in data["progress_html"]
-    assert 'id="job-eta"' in data["progress_html"]  # half done: an estimate of the time left
+    assert 'id="job-eta" data-stage-s="40"' in data["progress_html"]  # half the stage in 40 s: 40 s to go
 
 
 def _all_routes(patterns, prefix=""):
