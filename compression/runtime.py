@@ -5,6 +5,11 @@ are computed for real), every targeted Linear is replaced by a compressed module
 the safetensors shards, and the remaining tensors (embeddings, norms, ignored Linears such as
 ``lm_head``) are loaded as ordinary parameters. Dense weights of compressed layers are only ever
 decoded on the CPU (2:4 compaction); the GPU receives compressed buffers only.
+
+MoE checkpoints hold one Linear per expert under the family's names (see :mod:`compression.moe`);
+the skeleton's fused experts are split into per-expert Linears first, so each expert becomes its
+own compressed module, and checkpoint names are mapped to module paths by the same
+:class:`~compression.moe.CheckpointNames` the exporter used.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compression.moe import CheckpointNames, unfuse_experts
 from kernels.modules import Sparse24Linear, W4A16Linear, W8A8Linear
 from kernels.packing import is_24_sparse, unpack_int4
 
@@ -149,6 +155,8 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    names = CheckpointNames.for_model(model)
+    unfuse_experts(model, names)  # MoE: per-expert Linears under the checkpoint's per-expert names
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
     location = {key: h for h in handles for key in h.keys()}
@@ -156,16 +164,17 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
     consumed: set[str] = set()
     kinds: dict[str, int] = {}
     for name, linear in linears.items():
-        tensors = {s: location[f"{name}.{s}"].get_tensor(f"{name}.{s}")
-                   for s in _LINEAR_SUFFIXES if f"{name}.{s}" in location}
+        cname = names.checkpoint(name)
+        tensors = {s: location[f"{cname}.{s}"].get_tensor(f"{cname}.{s}")
+                   for s in _LINEAR_SUFFIXES if f"{cname}.{s}" in location}
         if not tensors:
             continue
-        replacement = _build_linear(name, linear, _scheme(name, linear, qconfig), tensors, dtype)
+        replacement = _build_linear(cname, linear, _scheme(cname, linear, qconfig), tensors, dtype)
         if replacement is None:
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement.to(device))
-        consumed.update(f"{name}.{s}" for s in tensors)
+        consumed.update(f"{cname}.{s}" for s in tensors)
         kind = type(replacement).__name__ + (f"[{replacement.value_kind}]" if isinstance(replacement, Sparse24Linear) else "")
         kinds[kind] = kinds.get(kind, 0) + 1
 
@@ -175,7 +184,7 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
         tensor = handle.get_tensor(key)
         if tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        _set_tensor(model, key, tensor.to(device))
+        _set_tensor(model, names.module(key), tensor.to(device))
 
     if getattr(config, "tie_word_embeddings", False):
         output = model.get_output_embeddings()

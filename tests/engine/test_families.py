@@ -2,7 +2,8 @@
 
 Tiny random models built from transformers' own config classes (tests/tiny.py: 2 layers, hidden
 64, 4 experts). For each family and recipe the export must load in transformers (with
-compressed-tensors) and give our fake-quantized model's logits, stay close to the dense model,
+compressed-tensors) and through our runtime (compression/runtime.py, kernels/ modules), give our
+fake-quantized model's logits, stay close to the dense model,
 and hold every targeted weight in compressed form — counted against the weight names transformers
 itself writes for the dense model (``save_pretrained``), so a weight the engine skipped (such as
 fused MoE experts left 16-bit) is caught.
@@ -17,8 +18,10 @@ from transformers import AutoModelForCausalLM
 from compression.export import export_checkpoint
 from compression.quant import FP8_DTYPE, check_24_pattern, unpack_int4
 from compression.recipe import Recipe
+from compression.runtime import load_compressed_model
 from compression.sequential import compress_model
 from tests.engine.conftest import random_calibration
+from kernels.modules import Sparse24Linear, W4A16Linear, W8A8Linear
 from tests.tiny import FAMILIES, MOE_FAMILIES, tiny_family_model
 
 RECIPES = {"W4A16": {"group_size": 32}, "FP8_DYNAMIC": {}, "2:4+FP8_DYNAMIC": {}}
@@ -94,5 +97,11 @@ def test_every_family_compresses_exports_and_loads_in_transformers(family, prese
     # FP8 activations an MoE model differs from ours by the activation rounding in the experts
     tol = 1e-1 if family in MOE_FAMILIES and "FP8" in preset else 1e-4
     torch.testing.assert_close(theirs, ours, rtol=tol, atol=tol)
+
+    runtime = load_compressed_model(out)  # our deployment path: every targeted Linear a kernels module
+    kernel_modules = {n for n, m in runtime.named_modules() if isinstance(m, (W4A16Linear, W8A8Linear, Sparse24Linear))}
+    assert len(kernel_modules) == len(expected)
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(ids).logits, ours, rtol=2e-2, atol=2e-2)
     cosine = torch.nn.functional.cosine_similarity(ours.flatten(), dense.flatten(), dim=0)
     assert cosine > (0.5 if preset.startswith("2:4") else 0.9), float(cosine)  # random weights: 2:4 drops half
