@@ -110,19 +110,38 @@ def parse_records(text: str, suffix: str) -> list[Any]:
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise CalibrationError(f"line {number} is not valid JSON ({exc.msg})") from None
+            records.append(_bounded_json(line, f"line {number}"))
         return records
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        data = _bounded_json(text, "the file")
         return data if isinstance(data, list) else [data]
     paragraphs = [p.strip() for p in text.split("\n\n")]
     return [p for p in paragraphs if len(p) > 200]
+
+
+MAX_RECORD_DEPTH = 32  # a chat record is about four levels deep
+
+
+def _bounded_json(text: str, where: str) -> Any:
+    """json.loads, with every way it can fail (bad syntax, an integer of thousands of digits, nesting
+    deep enough to exhaust the stack) and nesting past MAX_RECORD_DEPTH as a CalibrationError."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        line = f" at line {exc.lineno}" if where == "the file" else ""
+        raise CalibrationError(f"{where} is not valid JSON ({exc.msg}{line})") from None
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise CalibrationError(f"{where} is not usable JSON ({exc})") from None
+    except RecursionError:
+        raise CalibrationError(f"{where} is nested more than {MAX_RECORD_DEPTH} levels deep") from None
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_RECORD_DEPTH:
+                raise CalibrationError(f"{where} is nested more than {MAX_RECORD_DEPTH} levels deep")
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return data
 
 
 def _local_records(path: Path) -> list[Any]:

@@ -12,3 +12,7 @@ urlpatterns = [
     path("account/api-token/", account.api_token, name="api-token"),
     path("", include("jobs.urls")),
 ]
+
+handler400 = "jobs.error_pages.bad_request"
+handler404 = "jobs.error_pages.page_not_found"
+handler500 = "jobs.error_pages.server_error"

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions
 from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import JSONParser
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,10 @@ def json_exception_handler(exc: Exception, context: dict) -> JsonResponse:
         exc = exceptions.NotFound(str(exc) if str(exc) else None)
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):  # multipart fields past DATA_UPLOAD_MAX_MEMORY_SIZE
+        return error_response(413, (None, "the request body is larger than the limit"))
+    elif isinstance(exc, SuspiciousOperation):  # too many fields or files, malformed multipart
+        exc = exceptions.ParseError(f"bad request: {exc}")
     if not isinstance(exc, exceptions.APIException):
         view = context.get("view")
         log.exception("unexpected error in API view %s", getattr(view, "__name__", type(view).__name__),
@@ -82,3 +87,33 @@ class JSONFallbackNegotiation(DefaultContentNegotiation):
             return super().select_renderer(request, renderers, format_suffix)
         except exceptions.NotAcceptable:
             return renderers[0], renderers[0].media_type
+
+
+MAX_JSON_DEPTH = 32
+
+
+def json_depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests lists/dicts more than ``limit`` levels deep (iterative: no recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+class BoundedJSONParser(JSONParser):
+    """DRF's JSON parser, but a body nested too deeply is a 400: the decoder's own RecursionError
+    (thousands of levels) and, below that, anything deeper than MAX_JSON_DEPTH, which every
+    recursive step after parsing (validation, error rendering, storing) would otherwise face."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError(f"JSON parse error - nested more than {MAX_JSON_DEPTH} levels deep") from None
+        if json_depth_exceeds(data, MAX_JSON_DEPTH):
+            raise exceptions.ParseError(f"JSON parse error - nested more than {MAX_JSON_DEPTH} levels deep")
+        return data

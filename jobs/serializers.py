@@ -13,6 +13,7 @@ from rest_framework.reverse import reverse
 from .models import CalibrationUpload, Job, JobEvent, Status
 
 PRESET_OPTIONS = ("group_size", "actorder", "dampening_frac", "block_size", "ignore")
+MAX_ROW_NUMBER = 2 ** 63 - 1  # offsets and ids beyond a signed 64-bit integer overflow the database driver
 RECIPE_FORMS = ("preset", "yaml", "recipe")
 
 
@@ -122,11 +123,12 @@ class JobFilterSerializer(StrictSerializer):
     model = serializers.CharField(required=False, max_length=500)
     limit = serializers.IntegerField(required=False, min_value=1, max_value=200,
                                      help_text="Page size (default 50); the answer's `next` link gives the next page")
-    offset = serializers.IntegerField(required=False, min_value=0, help_text="Jobs to skip (default 0)")
+    offset = serializers.IntegerField(required=False, min_value=0, max_value=MAX_ROW_NUMBER,
+                                      help_text="Jobs to skip (default 0)")
 
 
 class EventFilterSerializer(StrictSerializer):
-    after = serializers.IntegerField(required=False, min_value=0, default=0,
+    after = serializers.IntegerField(required=False, min_value=0, max_value=MAX_ROW_NUMBER, default=0,
                                      help_text="Only events with a larger id (tail with the last id you saw)")
     limit = serializers.IntegerField(required=False, min_value=1, max_value=500, default=100)
 
