@@ -75,6 +75,10 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [  # the job list (a user's jobs, newest first) and the active-job count per user
+            models.Index(fields=["owner", "-created_at"], name="job_owner_created"),
+            models.Index(fields=["owner", "status"], name="job_owner_status"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.display_name} ({self.status})"

@@ -6,6 +6,8 @@ from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
+from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -14,10 +16,13 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from .archive import artifact_path, stream_tar, tar_size
 from .forms import JobForm
-from .models import CalibrationUpload, Job, Status
+from .models import CalibrationUpload, Job, JobEvent, Status
 from .submission import SubmissionError, create_job
 
 EVENTS_TAIL = 30
+JOBS_PER_PAGE = 50
+LIST_COLUMNS = ("id", "owner_id", "name", "model_source", "recipe_name", "status", "created_at")
+CHART_CACHE_S = 3600
 
 
 def _own_job(request: HttpRequest, job_id: UUID) -> Job:
@@ -79,20 +84,45 @@ def _eta_seconds(job: Job) -> dict | None:
 
 
 def _charts(job: Job) -> dict:
-    from .charts import layer_loss, recovery_bars
+    """The job's plotly figures. Building them costs far more than the rest of the page (plotly
+    validates every property), so they are cached per process, keyed by everything they are built
+    from: the job's state and its newest compress event (a finished job's charts never change)."""
+    events = JobEvent.objects.filter(job_id=job.id, stage="compress")
+    last_event = events.order_by("-id").values_list("id", flat=True).first()
+    key = f"job-charts:{job.id}:{job.status}:{job.finished_at and job.finished_at.timestamp()}:{last_event}"
+    charts = cache.get(key)
+    if charts is None:
+        from .charts import layer_loss, recovery_bars
 
-    metrics = (job.results or {}).get("evaluation", {}).get("metrics", [])
-    losses = [e.data for e in job.events.filter(stage="compress").only("data") if "loss" in e.data]
-    return {"recovery": recovery_bars(metrics) if metrics else None,
-            "layer_loss": layer_loss(losses) if losses else None}
+        metrics = (job.results or {}).get("evaluation", {}).get("metrics", [])
+        losses = [data for data in events.order_by("id").values_list("data", flat=True)
+                  if isinstance(data, dict) and "loss" in data]
+        charts = {"recovery": recovery_bars(metrics) if metrics else None,
+                  "layer_loss": layer_loss(losses) if losses else None}
+        cache.set(key, charts, CHART_CACHE_S)
+    return charts
+
+
+def _card_html(job: Job) -> str:
+    """The sanitised HTML of the job's model card, cached per process (the card of a job never changes)."""
+    from compression.card import card_to_html
+
+    key = f"job-card:{job.id}:{job.finished_at and job.finished_at.timestamp()}"
+    html = cache.get(key)
+    if html is None:
+        html = card_to_html(job.results["model_card"])
+        cache.set(key, html, CHART_CACHE_S)
+    return html
 
 
 @login_required
 @require_GET
 def job_list(request: HttpRequest) -> HttpResponse:
-    jobs = Job.objects.filter(owner=request.user).only(
-        "id", "name", "model_source", "recipe_name", "status", "created_at", "progress", "finished_at")[:200]
-    return render(request, "jobs/list.html", {"jobs": jobs})
+    """The user's jobs, newest first, JOBS_PER_PAGE a page (`?page=N`; a bad number shows the
+    nearest page). Only the columns the table shows are read: no results, recipe or progress JSON."""
+    jobs = Job.objects.filter(owner=request.user).order_by("-created_at", "-id").only(*LIST_COLUMNS)
+    page = Paginator(jobs, JOBS_PER_PAGE).get_page(request.GET.get("page"))
+    return render(request, "jobs/list.html", {"jobs": page.object_list, "page": page})
 
 
 @login_required
@@ -121,9 +151,7 @@ def job_detail(request: HttpRequest, job_id: UUID) -> HttpResponse:
     context["charts"] = _charts(job)
     context["calibration_label"] = _calibration_label(job)  # the page header only, not the polled partials
     if context["has_card"]:
-        from compression.card import card_to_html
-
-        context["card_html"] = card_to_html(job.results["model_card"])
+        context["card_html"] = _card_html(job)
     return render(request, "jobs/detail.html", context)
 
 
