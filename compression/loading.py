@@ -241,12 +241,44 @@ def _dir_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# Where the demo model's config, parsed once from the GGUF file, is kept as JSON for every process
+# (the web app sets COMPRESSOR_CONFIG_CACHE_DIR to its cache directory; unset: this process's memory only).
+CONFIG_CACHE_ENV = "COMPRESSOR_CONFIG_CACHE_DIR"
+
+
 @functools.lru_cache(maxsize=1)
 def _demo_config():
-    # Parsing the GGUF takes seconds; the demo model never changes within a process.
+    """The demo model's config. Parsing the GGUF file takes tens of seconds, so it happens once:
+    the result is kept in memory and, with $COMPRESSOR_CONFIG_CACHE_DIR, as JSON keyed by the file's
+    fingerprint, which later processes (each web worker) read in milliseconds."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF)
+    cache = None
+    if os.environ.get(CONFIG_CACHE_ENV):
+        cache = Path(os.environ[CONFIG_CACHE_ENV]) / f"demo-config-{_fingerprint(demo_model_dir() / DEMO_GGUF)}.json"
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            return AutoConfig.for_model(data.pop("model_type"), **data)
+        except (OSError, ValueError, KeyError):
+            pass  # first run, or an unreadable file: parse the GGUF
+    config = AutoConfig.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(config.to_dict()), encoding="utf-8")
+            tmp.replace(cache)  # atomic: another process never reads half a file
+        except OSError as exc:
+            log.warning("could not cache the demo config in %s: %s", cache, exc)
+    return config
+
+
+def warm_demo_config() -> None:
+    """Read the demo config now (at web start-up, in a background thread) so no submission waits."""
+    try:
+        _demo_config()
+    except Exception as exc:  # noqa: BLE001 - a failed warm-up only means the first submit pays
+        log.warning("warming the demo model's config failed: %s", exc)
 
 
 def load_config(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), trust_remote_code: bool = False):

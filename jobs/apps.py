@@ -1,6 +1,33 @@
+import os
+import sys
+import threading
+
 from django.apps import AppConfig
 
 
 class JobsConfig(AppConfig):
     name = "jobs"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from django.conf import settings
+
+        # the demo model's config, parsed from its GGUF file once, is shared by every process as JSON
+        os.environ.setdefault("COMPRESSOR_CONFIG_CACHE_DIR", str(settings.CACHE_ROOT / "model-configs"))
+        if should_warm(sys.argv):
+            threading.Thread(target=_warm, name="warm-demo-config", daemon=True).start()
+
+
+def _warm() -> None:
+    from compression.loading import warm_demo_config  # imports torch: in the thread, not at start-up
+
+    warm_demo_config()
+
+
+def should_warm(argv: list[str]) -> bool:
+    """Warm the demo config in web server processes only (gunicorn, runserver), never in tests,
+    migrations or the worker; COMPRESSOR_WARM_DEMO_CONFIG=0 turns it off."""
+    if os.environ.get("COMPRESSOR_WARM_DEMO_CONFIG", "1").strip() in ("0", "false", "no", "off"):
+        return False
+    program = os.path.basename(argv[0]) if argv else ""
+    return "gunicorn" in program or (len(argv) > 1 and argv[1] == "runserver")
