@@ -11,9 +11,10 @@ Inputs:
 * `layer_loss(events)`: engine progress events
   ``{"stage": "compress", "layer": i, "layers": N, "module": "self_attn.q_proj", "loss": float}``.
 * `compare_scatter(points)`: one dict per finished job of one base model:
-  ``{"name": str, "recovery_pct": float, "size_mb": float, "speedup": float | None}``
-  (``speedup`` = compressed decode tokens/s over dense; optional).
-* `compare_bars(jobs)`: ``[{"name": recipe name, "rows": recovery_table rows}, ...]``.
+  ``{"name": str, "recovery_pct": float, "size_mb": float, "speedup": float | None,
+  "color": str, "eval_key": str, "eval_label": str}`` (``speedup`` = compressed decode tokens/s
+  over dense; colour and evaluation group optional).
+* `compare_bars(jobs)`: ``[{"name": recipe name, "rows": recovery_table rows, "color": str}, ...]``.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def _to_dict(fig: go.Figure) -> dict:
 
 
 def _layout(fig: go.Figure, title: str, **extra: Any) -> None:
+    extra.setdefault("legend", {"orientation": "h", "y": -0.2})
     fig.update_layout(title={"text": title, "x": 0.01}, template="plotly_white", margin={"t": 70, "l": 70, "r": 30,
-                      "b": 70}, legend={"orientation": "h", "y": -0.2}, font={"size": 13}, **extra)
+                      "b": 70}, font={"size": 13}, **extra)
 
 
 def _finite(x: Any) -> bool:
@@ -202,16 +204,36 @@ def pareto_front(points: list[dict], x_key: str, y_key: str, *, minimize_x: bool
     return sorted(front, key=lambda p: p[x_key])
 
 
-def compare_scatter(points: list[dict], title: str = "Recovery vs size") -> dict:
-    """Every finished job of one base model as a point; the Pareto front drawn as a line.
+def job_colors(n: int) -> list[str]:
+    """``n`` distinguishable colours: the palette first, then hues spread by the golden angle."""
+    out = PALETTE[:n]
+    for i in range(len(out), n):
+        hue = (i * 137.508) % 360
+        out.append(f"hsl({hue:.0f}, 65%, {42 + (i % 3) * 8}%)")
+    return out
 
-    Left panel: recovery (%) against checkpoint size (MB), front = smallest size for its
-    recovery. Right panel, only when some job has a measured ``speedup``: recovery against
-    decode speed-up over the dense model, front = fastest for its recovery.
+
+SYMBOLS = ["circle", "square", "diamond", "triangle-up", "cross", "star", "hexagon", "x"]
+
+
+def compare_scatter(points: list[dict], title: str = "Recovery vs size") -> dict:
+    """Every finished job of one base model as a point of its own colour (named in the legend, no
+    text labels to overlap); one Pareto front per evaluation setting.
+
+    Points may carry ``color`` (else one per job) and ``eval_key``/``eval_label`` (jobs evaluated
+    differently are not comparable: each setting gets its own marker symbol and its own front).
+    Left panel: recovery (%) against checkpoint size (MB), front = smallest size for its recovery.
+    Right panel, only when some job has a measured ``speedup``: recovery against decode speed-up
+    over the dense model, front = fastest for its recovery.
     """
     usable = [p for p in points if _finite(p.get("recovery_pct")) and _finite(p.get("size_mb"))]
     if not usable:
         return _empty(title, "No finished jobs with both a recovery and a size yet")
+    colors = job_colors(len(usable))
+    groups: list[str] = []
+    for p in usable:
+        if p.get("eval_key", "") not in groups:
+            groups.append(p.get("eval_key", ""))
     with_speed = [p for p in usable if _finite(p.get("speedup"))]
     panels = [("size_mb", True, "checkpoint size (MB)")]
     if with_speed:
@@ -219,23 +241,32 @@ def compare_scatter(points: list[dict], title: str = "Recovery vs size") -> dict
     fig = make_subplots(rows=1, cols=len(panels), horizontal_spacing=0.12,
                         subplot_titles=[f"Recovery vs {label.split(' (')[0]}" for _, _, label in panels])
     for col, (key, minimize, label) in enumerate(panels, start=1):
-        pts = usable if key == "size_mb" else with_speed
-        fig.add_trace(go.Scatter(
-            name="jobs" if col == 1 else "jobs (speed measured)", x=[p[key] for p in pts],
-            y=[p["recovery_pct"] for p in pts], mode="markers+text", text=[str(p.get("name", "")) for p in pts],
-            textposition="top center", marker={"size": 11, "color": COMPRESSED_COLOR},
-            hovertemplate="%{text}<br>" + label + " %{x:.3g}<br>recovery %{y:.1f}%<extra></extra>"),
-            row=1, col=col)
-        front = pareto_front(pts, key, "recovery_pct", minimize_x=minimize)
-        fig.add_trace(go.Scatter(
-            name="Pareto front" if col == 1 else "Pareto front (speed)", x=[p[key] for p in front],
-            y=[p["recovery_pct"] for p in front], mode="lines+markers",
-            line={"color": FRONT_COLOR, "dash": "dot", "shape": "hv" if minimize else "vh"},
-            marker={"size": 15, "symbol": "circle-open", "color": FRONT_COLOR, "line": {"width": 2}},
-            hoverinfo="skip"), row=1, col=col)
+        for i, p in enumerate(usable):
+            if key == "speedup" and not _finite(p.get("speedup")):
+                continue
+            symbol = SYMBOLS[groups.index(p.get("eval_key", "")) % len(SYMBOLS)]
+            fig.add_trace(go.Scatter(
+                name=str(p.get("name", f"job {i + 1}")), legendgroup=f"job{i}", showlegend=col == 1,
+                x=[p[key]], y=[p["recovery_pct"]], mode="markers",
+                marker={"size": 13, "color": p.get("color") or colors[i], "symbol": symbol,
+                        "line": {"width": 1, "color": "#333"}},
+                hovertemplate=(f"{p.get('name', '')}<br>{p.get('eval_label') or ''}<br>{label} %{{x:.3g}}"
+                               "<br>recovery %{y:.1f}%<extra></extra>")), row=1, col=col)
+        for g, group in enumerate(groups):
+            members = [p for p in (usable if key == "size_mb" else with_speed) if p.get("eval_key", "") == group]
+            front = pareto_front(members, key, "recovery_pct", minimize_x=minimize)
+            if not front:
+                continue
+            suffix = f" · {members[0].get('eval_label')}" if len(groups) > 1 and members[0].get("eval_label") else ""
+            fig.add_trace(go.Scatter(
+                name=f"Pareto front{suffix}" + ("" if col == 1 else " (speed)"), showlegend=col == 1,
+                legendgroup=f"front{g}", x=[p[key] for p in front], y=[p["recovery_pct"] for p in front],
+                mode="lines", line={"color": FRONT_COLOR, "dash": ["dot", "dash", "dashdot", "longdash"][g % 4],
+                                    "shape": "hv" if minimize else "vh"},
+                hoverinfo="skip"), row=1, col=col)
         fig.update_xaxes(title_text=label, row=1, col=col)
         fig.update_yaxes(title_text="recovery (%)", row=1, col=col)
-    _layout(fig, title, height=480)
+    _layout(fig, title, height=520, legend={"orientation": "v", "x": 1.02, "y": 1})
     return _to_dict(fig)
 
 
@@ -254,18 +285,19 @@ def compare_bars(jobs: list[dict], title: str = "Recovery per task and recipe") 
     tasks = [t for t in tasks if t != AVERAGE] + ([AVERAGE] if AVERAGE in tasks else [])
     fig = go.Figure()
     top = 100.0
+    colors = job_colors(len(jobs))
     for i, job in enumerate(jobs):
         by_task = {r["task"]: r for r in job.get("rows") or [] if r.get("primary", True) or r.get("task") == AVERAGE}
         values = [by_task.get(t, {}).get("recovery_pct") for t in tasks]
         values = [v if _finite(v) else None for v in values]
         top = max([top] + [v for v in values if v is not None])
         fig.add_trace(go.Bar(name=str(job.get("name", f"job {i + 1}")), x=tasks, y=values,
-                             marker_color=PALETTE[i % len(PALETTE)],
+                             marker_color=job.get("color") or colors[i],
                              text=[f"{v:.1f}%" if v is not None else "n/a" for v in values],
                              textposition="outside", cliponaxis=False))
     fig.add_hline(y=100, line_dash="dash", line_color="#333", annotation_text="100% = no loss",
                   annotation_position="top left")
     fig.update_xaxes(title_text="task")
     fig.update_yaxes(title_text="recovery (%)", range=[0, top * 1.15])
-    _layout(fig, title, barmode="group", height=480)
+    _layout(fig, title, barmode="group", height=480, legend={"orientation": "v", "x": 1.02, "y": 1})
     return _to_dict(fig)

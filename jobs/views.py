@@ -229,36 +229,91 @@ def job_card(request: HttpRequest, job_id: UUID) -> HttpResponse:
     return response
 
 
+SCORE_SETTINGS = ("tasks", "windows", "seqlen", "limit", "num_fewshot", "apply_chat_template", "data_source",
+                  "max_length", "add_bos_token")
+
+
+def evaluation_group(job: Job) -> tuple[str, str]:
+    """(key, label) of the evaluation settings that change a job's scores: jobs are comparable only
+    within one group."""
+    import hashlib
+    import json
+
+    settings = ((job.results or {}).get("evaluation") or {}).get("settings") or job.evaluation or {}
+    chosen = {k: settings.get(k) for k in SCORE_SETTINGS if settings.get(k) is not None}
+    chosen["tasks"] = sorted(chosen.get("tasks") or [])
+    key = hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    parts = [", ".join(chosen["tasks"]) or "no tasks"]
+    if "wikitext2_ppl" in chosen["tasks"] and chosen.get("windows"):
+        parts.append(f"perplexity {chosen['windows']}×{chosen.get('seqlen', '?')} tokens")
+    if chosen.get("limit") is not None:
+        parts.append(f"limit {chosen['limit']}")
+    if chosen.get("num_fewshot") is not None:
+        parts.append(f"{chosen['num_fewshot']}-shot")
+    if chosen.get("apply_chat_template"):
+        parts.append("chat template")
+    for extra in ("data_source", "max_length", "add_bos_token"):
+        if chosen.get(extra) not in (None, "auto"):
+            parts.append(f"{extra} {chosen[extra]}")
+    return key, " · ".join(parts)
+
+
 def compare_points(jobs: list[Job]) -> tuple[list[dict], list[dict]]:
-    """(scatter points, bar groups) for the finished jobs of one base model."""
+    """(scatter points, bar groups) for the finished jobs of one base model: one colour per job,
+    the recipe, and the evaluation group each job's numbers belong to."""
+    from compression.recovery import headline
+
+    from .charts import job_colors
+
     points, groups = [], []
-    for job in jobs:
+    colors = job_colors(len(jobs))
+    for job, color in zip(jobs, colors):
         results = job.results or {}
         rows = results.get("evaluation", {}).get("metrics", [])
-        average = next((r for r in rows if r.get("task") == "Average"), None)
-        label = job.name or job.recipe_name
+        head = headline(rows) or {}
+        key, label = evaluation_group(job)
         size = results.get("size", {}).get("compressed_weight_bytes")
-        points.append({"name": label, "job_id": str(job.id),
-                       "recovery_pct": average.get("recovery_pct") if average else None,
-                       "size_mb": size / 1e6 if size else None,
-                       "speedup": (results.get("speed") or {}).get("speedup")})
-        groups.append({"name": label, "rows": rows})
+        name = job.display_name
+        points.append({"name": name, "job_id": str(job.id), "color": color,
+                       "recipe": job.recipe_name or "custom", "recipe_summary": results.get("recipe_summary") or "",
+                       "recovery_pct": head.get("recovery_pct"), "recovery_kind": head.get("kind"),
+                       "level": head.get("level"), "size_mb": size / 1e6 if size else None,
+                       "speedup": (results.get("speed") or {}).get("speedup"),
+                       "eval_key": key, "eval_label": label})
+        groups.append({"name": name, "rows": rows, "color": color})
     return points, groups
 
 
 @login_required
 @require_GET
 def compare(request: HttpRequest) -> HttpResponse:
+    """The user's succeeded jobs of one base model side by side. Jobs evaluated with other settings
+    are not comparable: the page groups them (one Pareto front each), warns when several groups are
+    shown, and filters by group and by name/recipe text."""
     from .charts import compare_bars, compare_scatter
 
     finished = Job.objects.filter(owner=request.user, status=Status.SUCCEEDED)
     models = sorted(set(finished.values_list("model_source", flat=True)))
     model = request.GET.get("model") or (models[0] if models else "")
-    jobs = list(finished.filter(model_source=model).order_by("created_at")) if model else []
-    points, groups = compare_points(jobs)
-    charts = {"scatter": compare_scatter(points), "bars": compare_bars(groups)} if jobs else None
-    return render(request, "jobs/compare.html", {"models": models, "model": model, "jobs": jobs,
-                                                 "points": points, "charts": charts})
+    jobs = list(finished.filter(model_source=model).order_by("created_at")[:200]) if model else []
+    all_points, all_groups = compare_points(jobs)
+    settings_groups: dict[str, dict] = {}
+    for p in all_points:
+        settings_groups.setdefault(p["eval_key"], {"key": p["eval_key"], "label": p["eval_label"], "count": 0})
+        settings_groups[p["eval_key"]]["count"] += 1
+    chosen = request.GET.get("eval") or ""
+    text = (request.GET.get("q") or "").strip().lower()
+    keep = [i for i, p in enumerate(all_points)
+            if (not chosen or p["eval_key"] == chosen)
+            and (not text or text in f"{p['name']} {p['recipe']} {p['recipe_summary']}".lower())]
+    points = [all_points[i] for i in keep]
+    groups = [all_groups[i] for i in keep]
+    shown_groups = {p["eval_key"] for p in points}
+    charts = {"scatter": compare_scatter(points), "bars": compare_bars(groups)} if points else None
+    return render(request, "jobs/compare.html", {
+        "models": models, "model": model, "jobs": jobs, "points": points, "charts": charts,
+        "settings_groups": list(settings_groups.values()), "eval": chosen, "q": request.GET.get("q") or "",
+        "mixed_settings": len(shown_groups) > 1})
 
 
 @login_required

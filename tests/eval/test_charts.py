@@ -76,21 +76,42 @@ def test_pareto_front_keeps_only_undominated_points():
     assert [p["name"] for p in fast] == ["FP8", "W4A16"]
 
 
-def test_compare_scatter_plots_every_job_and_the_front_for_size_and_speed():
+def test_compare_scatter_gives_every_job_its_own_colour_and_legend_entry_without_text_labels():
     fig = charts.compare_scatter(POINTS)
     json.dumps(fig)
-    jobs, front, jobs_speed, front_speed = fig["data"]
-    assert jobs["x"] == [150.0, 90.0, 95.0, 70.0] and jobs["text"][0] == "FP8"
+    size_points = [t for t in fig["data"] if t["mode"] == "markers" and t.get("xaxis", "x") == "x"]
+    assert [t["name"] for t in size_points] == ["FP8", "W4A16", "W4A16-g32", "2:4+W4A16"]
+    colors = [t["marker"]["color"] for t in size_points]
+    assert len(set(colors)) == 4  # distinct
+    assert all("text" not in t or not t["text"] for t in fig["data"])  # nothing to overlap
+    (front,) = [t for t in fig["data"] if t["mode"] == "lines" and t.get("xaxis", "x") == "x"]
     assert front["x"] == [70.0, 90.0, 150.0] and front["y"] == [91.0, 97.0, 99.5]
-    assert jobs_speed["x"] == [1.3, 1.8, 1.7]  # only jobs with a measured speed
+    speed_points = [t for t in fig["data"] if t["mode"] == "markers" and t.get("xaxis") == "x2"]
+    assert [t["x"][0] for t in speed_points] == [1.3, 1.8, 1.7]  # only jobs with a measured speed
+    (front_speed,) = [t for t in fig["data"] if t["mode"] == "lines" and t.get("xaxis") == "x2"]
     assert front_speed["x"] == [1.3, 1.8]
     assert fig["layout"]["xaxis"]["title"]["text"] == "checkpoint size (MB)"
     assert "speed-up" in fig["layout"]["xaxis2"]["title"]["text"]
 
 
+def test_jobs_with_different_evaluation_settings_get_their_own_front_and_symbol():
+    points = [dict(p, eval_key="a", eval_label="wikitext2_ppl") for p in POINTS[:2]] + \
+             [dict(p, eval_key="b", eval_label="arc_easy · limit 20") for p in POINTS[2:]]
+    fig = charts.compare_scatter([{**p, "speedup": None} for p in points])
+    fronts = [t for t in fig["data"] if t["mode"] == "lines"]
+    assert len(fronts) == 2 and "arc_easy · limit 20" in fronts[1]["name"]
+    symbols = [t["marker"]["symbol"] for t in fig["data"] if t["mode"] == "markers"]
+    assert symbols[0] == symbols[1] != symbols[2] == symbols[3]
+
+
+def test_job_colours_stay_distinct_past_the_palette():
+    colors = charts.job_colors(30)
+    assert len(set(colors)) == 30 and colors[:8] == charts.PALETTE
+
+
 def test_compare_scatter_without_speed_has_only_the_size_panel():
     fig = charts.compare_scatter([{**p, "speedup": None} for p in POINTS])
-    assert len(fig["data"]) == 2 and "xaxis2" not in fig["layout"]
+    assert len(fig["data"]) == 5 and "xaxis2" not in fig["layout"]
 
 
 def test_compare_bars_groups_primary_recovery_per_task_by_recipe():
