@@ -33,6 +33,27 @@ from compression.quant import QuantArgs, pack_int
 from compression.recipe import Recipe, matches_any
 from compression.sequential import CompressionReport, ModuleRecord
 
+
+# Artifact permissions, chosen for a web server and a worker running as different users that share
+# one group (docker-compose: users compressor-web and compressor-worker, group compressor): the worker
+# owns and may delete what it wrote, the group (the web server) may read and download it, nobody else
+# sees it. Set explicitly because safetensors writes 0600 files and umasks differ between hosts.
+ARTIFACT_FILE_MODE = 0o640
+ARTIFACT_DIR_MODE = 0o750
+
+
+def apply_artifact_modes(root: str | os.PathLike) -> None:
+    """chmod every directory under ``root`` (itself included) to ARTIFACT_DIR_MODE, keeping a set-group-id
+    bit it inherited, and every file to ARTIFACT_FILE_MODE. Symlinks are left alone (never followed)."""
+    root = Path(root)
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                path.chmod(ARTIFACT_FILE_MODE)
+        keep = os.stat(folder).st_mode & 0o2000  # S_ISGID: new files keep the shared group
+        os.chmod(folder, ARTIFACT_DIR_MODE | keep)
+
 log = logging.getLogger(__name__)
 
 EXPORTER_VERSION = "compressor-0.1"

@@ -193,7 +193,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
                     seqlen=int(calibration_spec["seqlen"]), data_dir=spec.get("calibration_dir") or data_dir)
             calib_stage(f"{len(calibration)} calibration samples ready", 1.0)
 
-        from .export import export_checkpoint
+        from .export import apply_artifact_modes, export_checkpoint
         from .sequential import compress_model
 
         with _timed(timings, "compress_s"):
@@ -265,6 +265,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         finish("moving the artifact into place", 0.5)
+        apply_artifact_modes(tmp_dir)
         tmp_dir.rename(out_dir)
         finish("done", 1.0)
         return results

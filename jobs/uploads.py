@@ -26,6 +26,10 @@ from .models import CalibrationUpload
 from .submission import SubmissionError
 
 ALLOWED_SUFFIXES = (".jsonl", ".json", ".txt")
+# Written by the web server, read by the worker: the same shared-group policy as the artifacts
+# (compression.export.ARTIFACT_FILE_MODE; docs/architecture.md, "File permissions").
+UPLOAD_FILE_MODE = 0o640
+UPLOAD_DIR_MODE = 0o750
 OVERSIZE_ATTR = "compressor_oversized_uploads"
 
 
@@ -122,8 +126,10 @@ def store_upload(owner: Any, uploaded: UploadedFile, field: str = "file") -> Cal
                                size=len(content), records=records, sha256=hashlib.sha256(content).hexdigest())
     directory = upload.directory
     directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(UPLOAD_DIR_MODE | (directory.stat().st_mode & 0o2000))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".incoming-")
     try:
+        os.fchmod(fd, UPLOAD_FILE_MODE)  # mkstemp makes 0600, which the worker's user could not read
         with os.fdopen(fd, "wb") as out:
             out.write(content)
         with transaction.atomic():
