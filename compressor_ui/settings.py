@@ -80,6 +80,8 @@ UPLOAD_ROOT = Path(env_str("COMPRESSOR_UPLOAD_ROOT", str(VAR_DIR / "uploads")))
 COMPRESSOR_MAX_UPLOAD_BYTES = env_int("COMPRESSOR_MAX_UPLOAD_BYTES", 64 * 1024 * 1024)
 COMPRESSOR_MAX_UPLOADS_PER_USER = env_int("COMPRESSOR_MAX_UPLOADS_PER_USER", 100)
 FILE_UPLOAD_HANDLERS = ["jobs.uploads.LimitedUploadHandler"]
+# Where "Push to the Hub" sends checkpoints (a local server in the tests).
+COMPRESSOR_HF_ENDPOINT = env_str("COMPRESSOR_HF_ENDPOINT", os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
 COMPRESSOR_EVAL_WINDOWS = env_int("COMPRESSOR_EVAL_WINDOWS", 8)
 # Reliability (jobs/reliability.py): a running job beats its heart every HEARTBEAT_S; one silent for
 # WORKER_LOST_AFTER_S is marked failed ("worker lost") -- after 3 missed beats already when its process

@@ -2,7 +2,7 @@
 from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from . import api
+from . import api, hub_push_api
 
 urlpatterns = [
     path("schema", SpectacularAPIView.as_view(), name="api-schema"),
@@ -13,6 +13,7 @@ urlpatterns = [
     path("jobs/<uuid:job_id>/cancel", api.job_cancel, name="api-job-cancel"),
     path("jobs/<uuid:job_id>/card", api.job_card, name="api-job-card"),
     path("jobs/<uuid:job_id>/artifact", api.job_artifact, name="api-job-artifact"),
+    path("jobs/<uuid:job_id>/push", hub_push_api.job_push, name="api-job-push"),
     path("calibration-files", api.calibration_files, name="api-calibration-files"),
     path("calibration-files/<uuid:upload_id>", api.calibration_file, name="api-calibration-file"),
     path("presets", api.presets, name="api-presets"),

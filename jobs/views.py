@@ -167,6 +167,7 @@ def job_detail(request: HttpRequest, job_id: UUID) -> HttpResponse:
     job = _own_job(request, job_id)
     context = _detail_context(job)
     context["charts"] = _charts(job)
+    context["push"] = push_context(job, request.user)
     context["calibration_label"] = _calibration_label(job)  # the page header only, not the polled partials
     if context["has_card"]:
         context["card_html"] = _card_html(job)
@@ -215,6 +216,31 @@ def job_artifact(request: HttpRequest, job_id: UUID) -> StreamingHttpResponse:
     response["Content-Disposition"] = f'attachment; filename="{name}.tar"'
     response["Content-Length"] = str(tar_size(path, name))
     return response
+
+
+def push_context(job: Job, user) -> dict:
+    from .hub_push import has_token, last_push
+
+    return {"available": job.status == Status.SUCCEEDED and artifact_path(job) is not None,
+            "last": last_push(job), "has_token": has_token(user)}
+
+
+@login_required
+@require_POST
+def job_push(request: HttpRequest, job_id: UUID) -> HttpResponse:
+    """The job page's push button: the same jobs.hub_push.push_job as POST /api/jobs/<id>/push."""
+    from .hub_push import PushError, push_job
+
+    job = _own_job(request, job_id)
+    try:
+        result = push_job(job, repo_id=request.POST.get("repo_id", ""), private=bool(request.POST.get("private")),
+                          token=request.POST.get("token") or None,
+                          remember_token=bool(request.POST.get("remember_token")), owner=request.user)
+    except PushError as exc:
+        messages.error(request, f"Not pushed — {exc.field}: {exc.message}")
+    else:
+        messages.success(request, f"Pushed {result.files} files to {result.url}")
+    return redirect("job-detail", job_id=job.id)
 
 
 @login_required
