@@ -185,14 +185,16 @@ def average_row(rows: list[dict]) -> dict:
 def headline(rows: list[dict]) -> dict | None:
     """The one recovery a summary shows: the accuracy average, else the first primary perplexity row.
     ``{"kind", "recovery_pct", "level", "label", "note", "within_noise"}``; None without rows."""
-    avg = next((r for r in rows if r.get("task") == AVERAGE), None)
-    if avg is None and any(r.get("higher_is_better", True) for r in rows):
-        avg = average_row(rows)  # rows stored without their average row
+    # an "Average" row without "kind" was stored by an older version that averaged perplexities in too
+    avg = next((r for r in rows if r.get("task") == AVERAGE and "kind" in r), None)
+    body = [r for r in rows if r.get("task") != AVERAGE]
+    if avg is None and any(r.get("higher_is_better", True) for r in body):
+        avg = average_row(body)  # rows stored without (a trustworthy) average row
     if avg is not None:
         return {"kind": ACCURACY, "recovery_pct": avg.get("recovery_pct"), "level": avg.get("level"),
                 "label": "accuracy recovery (mean of the accuracy tasks)", "note": avg.get("note"),
                 "within_noise": avg.get("within_noise")}
-    ppl = next((r for r in rows if r.get("primary") and not r.get("higher_is_better", True)), None)
+    ppl = next((r for r in body if r.get("primary", True) and not r.get("higher_is_better", True)), None)
     if ppl is None:
         return None
     return {"kind": PERPLEXITY, "recovery_pct": ppl.get("recovery_pct"), "level": ppl.get("level"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compression.recovery import (AVERAGE, PERPLEXITY, headline, noise_band, recovery_level, recovery_note,
+from compression.recovery import (AVERAGE, PERPLEXITY, average_row, headline, noise_band, recovery_level, recovery_note,
                                   warnings)
 
 
@@ -55,7 +55,13 @@ def results_table(metrics: list[dict], identity: dict | None = None) -> dict:
     """Context for templates/jobs/_results.html: display rows, warnings, the headline, the baseline label."""
     from compression.card_facts import baseline_note
 
-    rows = [complete_row(r) for r in metrics or []]
+    rows = [r for r in metrics or [] if isinstance(r, dict)]
+    if any(r.get("task") == AVERAGE and "kind" not in r for r in rows):
+        # stored by an older version whose average mixed perplexity in: recompute it, accuracy only
+        rows = [r for r in rows if r.get("task") != AVERAGE]
+        if any(r.get("higher_is_better", True) for r in rows):
+            rows.append(average_row(rows))
+    rows = [complete_row(r) for r in rows]
     display = []
     for r in rows:
         fraction = _is_fraction(r)

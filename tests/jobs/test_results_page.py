@@ -62,3 +62,17 @@ def test_no_usable_score_says_so_instead_of_a_number(logged_in, owner):
     html = logged_in.get(reverse("job-detail", args=[job.id])).content.decode()
     assert 'id="no-score"' in html and "the baseline evaluation produced no usable score" in html
     assert "%</b>" not in html  # no headline number
+
+
+def test_rows_stored_by_the_old_version_get_an_accuracy_only_average(logged_in, owner):
+    old = [{"task": "arc_easy", "metric": "acc", "baseline": 0.5, "compressed": 0.45, "recovery_pct": 90.0,
+            "higher_is_better": True, "primary": True},
+           {"task": "wikitext2_ppl", "metric": "perplexity", "baseline": 10.0, "compressed": 50.0,
+            "recovery_pct": 20.0, "higher_is_better": False, "primary": True},
+           {"task": "Average", "metric": "recovery", "baseline": 0.5, "compressed": 0.45, "recovery_pct": 55.0,
+            "higher_is_better": True, "primary": True, "rows": 2}]
+    job = make_job(owner)
+    Job.claim(job.id, "w")
+    Job.succeed(job.id, {"evaluation": {"metrics": old}}, "", 0)
+    html = logged_in.get(reverse("job-detail", args=[job.id])).content.decode()
+    assert "<b>90.0%</b>" in html and "55.00%" not in html
