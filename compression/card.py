@@ -376,11 +376,20 @@ def _creation(facts: dict) -> str:
     recipe_yaml = facts.get("recipe_yaml") or (
         yaml.safe_dump(facts["recipe"], sort_keys=False) if facts.get("recipe") else None)
     command = facts.get("command") or NOT_RECORDED
-    out = ["## Creation", "", "This model was created with Compressor from the recipe below "
-           "(saved as `recipe.yaml`):", ""]
+    out = ["## Creation", ""] + _creation_steps(facts) + [
+           "This model was created with Compressor from the recipe below (saved as `recipe.yaml`):", ""]
     out += [f"```yaml\n{recipe_yaml.rstrip()}\n```" if recipe_yaml else f"Recipe: {NOT_RECORDED}.", "",
             "Command:", "", f"```bash\n{command}\n```"]
     return "\n".join(out)
+
+
+def _creation_steps(facts: dict) -> list[str]:
+    """The pruning, recovery and quantization steps in order, with their data and budgets
+    (``facts["creation_steps"]``: one sentence each, written by the pipeline)."""
+    steps = [str(s) for s in facts.get("creation_steps") or [] if s]
+    if not steps:
+        return []
+    return ["Steps, in order:", ""] + [f"{i}. {s}" for i, s in enumerate(steps, 1)] + [""]
 
 
 def _lm_eval_command(facts: dict, task: str, settings: dict, shots: int | None) -> str:

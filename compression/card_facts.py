@@ -21,6 +21,8 @@ def scheme_summary(recipe: Recipe) -> dict[str, Any]:
                                "damping": None, "targets": None, "ignore": None}
     algorithms = []
     for modifier in recipe.modifiers:
+        if getattr(modifier, "finetune", None) is not None:  # a training stage: nothing to summarise here
+            continue
         summary["targets"], summary["ignore"] = list(modifier.targets), list(modifier.ignore)
         if modifier.kind == "SparseGPTModifier":
             summary["sparsity"] = modifier.mask_structure if modifier.mask_structure != "0:0" \

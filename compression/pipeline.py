@@ -34,6 +34,7 @@ STAGES = {  # stage -> (start, end) fraction of the whole job
     "baseline": (0.05, 0.20),
     "calibration": (0.20, 0.25),
     "compress": (0.25, 0.75),
+    "finetune": (0.40, 0.70),  # a recipe with a fine-tune stage: prune 25-40%, fine-tune, quantize 70-75%
     "export": (0.75, 0.80),
     "evaluate": (0.80, 0.97),
     "finish": (0.97, 1.0),
@@ -110,8 +111,8 @@ class _Stage:
                        "message": message, **extra})
 
 
-def _engine_progress(progress: Progress) -> Progress:
-    """Map the engine's per-layer events into the compress stage's share of the bar."""
+def _engine_progress(progress: Progress, lo: float = 0.0, hi: float = 1.0) -> Progress:
+    """Map the engine's per-layer events into the compress stage's share of the bar (its ``lo``-``hi`` part)."""
     stage = _Stage(progress, "compress")
 
     def forward(event: dict) -> None:
@@ -119,7 +120,7 @@ def _engine_progress(progress: Progress) -> Progress:
         layer = int(event.get("layer") or 0)
         done = layer + (1 if "module" not in event else 0.5)
         extra = {k: v for k, v in event.items() if k not in ("stage", "message", "fraction")}
-        stage(event.get("message") or f"layer {layer + 1}/{layers}", done / layers, **extra)
+        stage(event.get("message") or f"layer {layer + 1}/{layers}", lo + (hi - lo) * done / layers, **extra)
 
     return forward
 
@@ -196,10 +197,14 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         from .export import apply_artifact_modes, export_checkpoint
         from .sequential import compress_model
 
+        staged = _FinetuneStage(spec, recipe, model, tokenizer, data_dir, calibration_spec, progress, should_stop)
         with _timed(timings, "compress_s"):
-            report = compress_model(model, recipe, calibration, device=device,
-                                    progress=_engine_progress(progress), should_stop=should_stop)
+            report = compress_model(model, staged.before, calibration, device=device,
+                                    progress=_engine_progress(progress, *staged.prune_span), should_stop=should_stop)
         check_stop()
+        if staged.modifier is not None:
+            report = staged.run(model, report, calibration, device, timings)
+            check_stop()
 
         export_stage = _Stage(progress, "export")
         export_stage("writing the compressed-tensors checkpoint")
@@ -241,7 +246,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         with _timed(timings, "card_s"):
             card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
                                     compressed, size, bits, out_dir, calibration_spec if calibration else None,
-                                    speed, source=loaded.source, stage_times=stage_times(timings))
+                                    speed, source=loaded.source, stage_times=stage_times(timings),
+                                    creation_steps=staged.creation_steps(calibration_spec, report))
             (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
         timings["total_s"] = time.monotonic() - started
         results = {
@@ -257,6 +263,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             "speed": speed,
             "bits_per_param": bits,
             "compression": _report_summary(report),
+            "finetune": staged.summary(),
             "artifact": {"files": sorted(p.name for p in tmp_dir.iterdir()), "bytes": _dir_bytes(tmp_dir),
                          "export": _jsonable(exported)},
             "model_card": card_text,
@@ -267,10 +274,11 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         finish("moving the artifact into place", 0.5)
         apply_artifact_modes(tmp_dir)
         tmp_dir.rename(out_dir)
+        staged.cleanup()
         finish("done", 1.0)
         return results
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # fine-tune checkpoints stay (outside it) for a resume
         raise
 
 
@@ -395,7 +403,7 @@ def _card_calibration(calibration: dict, spec: dict) -> dict:
 
 def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
                 final_dir: Path, calibration: dict | None, speed: dict | None = None, source: Any = None,
-                stage_times: list[dict] | None = None) -> str:
+                stage_times: list[dict] | None = None, creation_steps: list[str] | None = None) -> str:
     from .card import build_model_card
     from .card_facts import collect_facts
     from .source_facts import source_metadata
@@ -412,6 +420,7 @@ def _model_card(spec, recipe, model, architecture, identity, evaluation, baselin
     for key, value in source_metadata(source if source is not None else spec["model"]).items():
         if value and not facts.get(key):  # licence, languages, intended use of the source model
             facts[key] = value
+    facts["creation_steps"] = creation_steps
     return build_model_card(facts)
 
 
@@ -444,3 +453,140 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
+
+
+# fine-tune stage (compression/distill.py) -----------------------------------------------------------
+class _FinetuneStage:
+    """A recipe's DistillationFinetuneModifier stage around compress_model: before pruning the
+    training data is tokenized (a dataset too small fails here, before any work) and the dense
+    teacher copied; after pruning the student is fine-tuned with the mask held, then the stages
+    after it (quantization) run with the same masks. Without a fine-tune stage it does nothing."""
+
+    def __init__(self, spec, recipe, model, tokenizer, data_dir, calibration_spec, progress, should_stop):
+        from .recipe import finetune_split
+
+        self.spec, self.recipe, self.progress, self.should_stop = spec, recipe, progress, should_stop
+        before, self.modifier, self.after = finetune_split(recipe)
+        self.before = before if self.modifier is not None else recipe
+        self.result = None
+        self.checkpoint_dir = None
+        self.windows = self.teacher = None
+        self.prune_span = (0.0, 1.0)
+        if self.modifier is None:
+            return
+        self.prune_span = (0.0, 0.3)
+        settings = self.modifier.finetune
+        index = next(i for i, st in enumerate(recipe.stages) if st.modifiers[0] is self.modifier)
+        self.path = f"recipe.stages[{index}].modifiers[0]"
+        data = spec.get("finetune_data") or {}
+        stage = _Stage(progress, "calibration")
+        stage(f"tokenizing {settings.windows_needed} fine-tuning windows of {settings.seq_len} tokens", 1.0)
+        from .distill import load_training_windows
+
+        self.windows = load_training_windows(
+            data.get("source") or settings.dataset, tokenizer, windows=settings.windows_needed,
+            seq_len=settings.seq_len, data_dir=data.get("data_dir") or data_dir, seed=settings.seed,
+            field=f"{self.path}.dataset")
+        self.dataset_label = data.get("label") or settings.dataset
+        self.teacher = _copy_model(model)
+        self.fingerprint = _fingerprint(spec, calibration_spec)
+        if spec.get("cache_dir"):
+            self.checkpoint_dir = Path(spec["cache_dir"]) / "finetune" / self.fingerprint[:32]
+
+    def run(self, model, report, calibration, device, timings):
+        from .distill import finetune
+        from .sequential import compress_model, merge_reports, sparsity_masks
+
+        settings = self.modifier.finetune
+        masks = sparsity_masks(model, report)
+        stage = _Stage(self.progress, "finetune")
+        stage(f"fine-tuning against the dense teacher: {settings.describe()}")
+
+        def forward(event: dict) -> None:
+            extra = {k: v for k, v in event.items() if k not in ("stage", "message", "fraction")}
+            stage(event.get("message", ""), (event.get("step") or 0) / max(settings.total_steps, 1), **extra)
+
+        with _timed(timings, "finetune_s"):
+            self.result = finetune(model, self.teacher, self.windows, masks, settings, progress=forward,
+                                   should_stop=self.should_stop, checkpoint_dir=self.checkpoint_dir,
+                                   fingerprint=self.fingerprint)
+        self.teacher = self.windows = None
+        stage("fine-tune done", 1.0)
+        if self.after is None:
+            return report
+        with _timed(timings, "quantize_s"):
+            second = compress_model(model, self.after, calibration, device=device,
+                                    progress=_engine_progress(self.progress, 0.9, 1.0),
+                                    should_stop=self.should_stop, held_masks=masks)
+        return merge_reports(report, second)
+
+    def summary(self) -> dict | None:
+        if self.result is None:
+            return None
+        out = self.result.summary()
+        losses = out.pop("losses")
+        stride = max(1, len(losses) // 500)  # at most ~500 points of the curve in the results
+        out["loss_curve"] = [[r["step"], r["loss"]] for r in losses[::stride]]
+        out["settings"] = self.modifier.finetune.to_dict()
+        out["dataset"] = self.dataset_label
+        return out
+
+    def creation_steps(self, calibration_spec: dict, report) -> list[str]:
+        """One sentence per step of the recipe for the card's Creation section (data and budgets)."""
+        steps = []
+        calib = f"{calibration_spec.get('label') or calibration_spec['source']}, {calibration_spec['samples']} " \
+                f"samples of up to {calibration_spec['seqlen']} tokens"
+        for m in self.recipe.modifiers:
+            if m.kind == "SparseGPTModifier":
+                steps.append(f"Pruning: SparseGPT {m.mask_structure if m.mask_structure != '0:0' else 'unstructured'} "
+                             f"({m.sparsity:.0%} of the targeted weights), calibrated on {calib}.")
+                if m.reconstruction is not None:
+                    r = m.reconstruction
+                    layers = getattr(report, "reconstruction", {}) or {}
+                    gain = ""
+                    if layers:
+                        kept = sum(1 for v in layers.values() if v.get("kept"))
+                        gain = f" It lowered the output error in {kept} of {len(layers)} layers."
+                    steps.append(f"Recovery: layer-wise reconstruction of every pruned decoder layer, {r.steps} Adam "
+                                 f"steps (lr {r.lr:g}, {r.batch_size} calibration samples per step, target: "
+                                 f"{'dense model activations' if r.target == 'dense' else 'dense layer output'}) "
+                                 f"on the same calibration data, pruned weights held at zero.{gain}")
+            elif m.finetune is not None:
+                f = m.finetune
+                done = f" ({self.result.tokens:,} tokens in {self.result.seconds / 60:.1f} min)" if self.result else ""
+                steps.append(f"Recovery: distillation fine-tuning against the dense model (KL on logits"
+                             + (f" + {f.layer_loss_weight:g} × per-layer output MSE" if f.layer_loss_weight else "")
+                             + f") on {getattr(self, 'dataset_label', f.dataset)}: {f.total_steps} steps of "
+                             f"{f.batch_size} × {f.seq_len} tokens × {f.grad_accum} accumulation = "
+                             f"{f.total_steps * f.tokens_per_step:,} tokens{done}, lr {f.lr:g}, 2:4 mask held.")
+            elif m.quantizes:
+                from .recipe import Recipe, Stage
+
+                one = Recipe([Stage("s", "quant_modifiers", [m])])
+                what = one.describe()
+                data = f", calibrated on {calib}" if one.needs_calibration else " (no calibration data)"
+                steps.append(f"Quantization: {'GPTQ ' if m.kind == 'GPTQModifier' else ''}{what}{data}"
+                             + (", pruned weights kept at zero." if any(x.kind == "SparseGPTModifier"
+                                                                     for x in self.recipe.modifiers) else "."))
+        return steps
+
+    def cleanup(self) -> None:
+        from .distill import remove_checkpoints
+
+        remove_checkpoints(self.checkpoint_dir)
+
+
+def _copy_model(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _fingerprint(spec: dict, calibration_spec: dict) -> str:
+    """Same owner, model, recipe and data → same fine-tune checkpoints (a resubmitted job resumes)."""
+    import hashlib
+    import json
+
+    key = {k: spec.get(k) for k in ("owner_id", "model", "recipe", "finetune_data", "data_dir")}
+    key["calibration"] = calibration_spec
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

@@ -29,6 +29,7 @@ import yaml
 
 from compression.errors import RecipeError
 from compression.quant import QuantArgs
+from compression.distill import MODIFIER as FINETUNE, FinetuneSettings, parse_settings as _parse_finetune
 from compression.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
 
 __all__ = ["PRESETS", "Modifier", "Recipe", "RecipeError", "SchemeGroup", "SCHEME_PRESETS"]
@@ -63,6 +64,7 @@ MODIFIER_FIELDS = {
     "SparseGPTModifier": {"targets", "ignore", "sparsity", "mask_structure", "block_size", "dampening_frac"},
 }
 MODIFIER_FIELDS["SparseGPTModifier"] = MODIFIER_FIELDS["SparseGPTModifier"] | {"reconstruction"}
+MODIFIER_FIELDS[FINETUNE] = set(FinetuneSettings.__dataclass_fields__)  # its own stage; see compression.distill
 ARGS_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder",
                "observer", "observer_kwargs", "block_structure", "scale_dtype", "zp_dtype"}
 GROUP_FIELDS = {"targets", "weights", "input_activations", "output_activations", "format"}
@@ -98,6 +100,7 @@ class Modifier:
     sparsity: float = 0.5
     mask_structure: str = "2:4"
     reconstruction: ReconstructionSettings | None = None  # SparseGPTModifier: layer-wise fit after pruning
+    finetune: FinetuneSettings | None = None  # DistillationFinetuneModifier's arguments
 
     @property
     def quantizes(self) -> bool:
@@ -111,6 +114,8 @@ class Modifier:
         return None
 
     def to_dict(self) -> dict:
+        if self.finetune is not None:
+            return self.finetune.to_dict()
         out: dict[str, Any] = {"targets": list(self.targets), "ignore": list(self.ignore)}
         if self.quantizes:
             out["config_groups"] = {k: g.to_dict() for k, g in self.config_groups.items()}
@@ -280,14 +285,21 @@ class Recipe:
     def describe(self) -> str:
         parts = []
         for m in self.modifiers:
+            if m.finetune is not None:
+                parts.append(m.finetune.describe())
+                continue
             if m.kind == "SparseGPTModifier":
-                parts.append(f"SparseGPT {m.mask_structure} ({m.sparsity:.0%})" if m.mask_structure != "0:0"
-                             else f"SparseGPT unstructured {m.sparsity:.0%}")
+                parts.append((f"SparseGPT {m.mask_structure} ({m.sparsity:.0%})" if m.mask_structure != "0:0"
+                              else f"SparseGPT unstructured {m.sparsity:.0%}")
+                             + (" + layer-wise reconstruction" if m.reconstruction else ""))
                 continue
             for g in m.config_groups.values():
                 parts.append(("GPTQ " if m.kind == "GPTQModifier" else "") + _describe_group(g, m))
         text = " → ".join(parts)
         return f"{self.preset}: {text}" if self.preset else text
+
+    def _validate_finetune(self) -> None:
+        _validate_finetune_order(self)
 
     def __repr__(self) -> str:
         return f"Recipe({self.describe()!r})"
@@ -296,6 +308,7 @@ class Recipe:
         return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
 
     def _validate_order(self) -> None:
+        self._validate_finetune()
         seen_quant = False
         for i, stage in enumerate(self.stages):
             for j, m in enumerate(stage.modifiers):
@@ -305,6 +318,45 @@ class Recipe:
                     raise RecipeError(f"stages[{i}].modifiers[{j}]",
                                       "SparseGPTModifier must come before quantization modifiers "
                                       "(pruning quantized weights would move them off the grid)")
+
+
+def _finetune_modifier(args: dict, path: str) -> Modifier:
+    """A DistillationFinetuneModifier: no targets of its own (it trains the whole decoder, mask held)."""
+    return Modifier(FINETUNE, targets=[], ignore=[], finetune=_parse_finetune(args, path))
+
+
+def finetune_split(recipe: "Recipe") -> tuple["Recipe | None", Modifier | None, "Recipe | None"]:
+    """(stages before the fine-tune stage, its modifier, stages after) — (recipe, None, None) without one."""
+    for i, stage in enumerate(recipe.stages):
+        if stage.modifiers[0].kind == FINETUNE:
+            before = Recipe(recipe.stages[:i]) if i else None
+            after = Recipe(recipe.stages[i + 1:]) if i + 1 < len(recipe.stages) else None
+            return before, stage.modifiers[0], after
+    return recipe, None, None
+
+
+def _validate_finetune_order(recipe: "Recipe") -> None:
+    """A fine-tune stage: its own stage, once, after a sparsity modifier and before any quantization."""
+    seen_sparsity = seen_quant = found = False
+    for i, stage in enumerate(recipe.stages):
+        for j, m in enumerate(stage.modifiers):
+            path = f"stages[{i}].modifiers[{j}]"
+            if m.kind != FINETUNE:
+                seen_sparsity |= m.kind == "SparseGPTModifier"
+                seen_quant |= m.quantizes
+                continue
+            if len(stage.modifiers) != 1:
+                raise RecipeError(path, f"{FINETUNE} must be the only modifier of its stage "
+                                  "(e.g. finetune_stage: {finetune_modifiers: {DistillationFinetuneModifier: {...}}})")
+            if found:
+                raise RecipeError(path, f"only one {FINETUNE} stage per recipe")
+            if not seen_sparsity:
+                raise RecipeError(path, f"{FINETUNE} needs a preceding sparsity stage (SparseGPTModifier): it "
+                                  "recovers the quality a pruned model lost, holding the pruning mask")
+            if seen_quant:
+                raise RecipeError(path, f"{FINETUNE} must come before quantization modifiers "
+                                  "(training would move quantized weights off their grid)")
+            found = True
 
 
 def _describe_group(g: SchemeGroup, m: Modifier) -> str:
@@ -411,6 +463,8 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
     if unknown:
         raise RecipeError(f"{path}.{unknown[0]}",
                           f"unknown field for {kind}; allowed: {', '.join(sorted(MODIFIER_FIELDS[kind]))}")
+    if kind == FINETUNE:
+        return _finetune_modifier(args, path)
     m = Modifier(kind)
     m.targets = _str_list(args.get("targets", ["Linear"]), f"{path}.targets")
     m.ignore = _str_list(args.get("ignore", ["lm_head"]), f"{path}.ignore")

@@ -227,8 +227,13 @@ def _attach_activation_quant(module: torch.nn.Linear, args: QuantArgs, input_sca
 def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dict] | None, *,
                    device: torch.device | str = "cpu", progress: Progress | None = None,
                    should_stop: Callable[[], bool] | None = None, calibrate_all_experts: bool = False,
-                   min_expert_tokens: int = MIN_EXPERT_TOKENS) -> CompressionReport:
+                   min_expert_tokens: int = MIN_EXPERT_TOKENS,
+                   held_masks: dict[str, torch.Tensor] | None = None) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``; see the module docstring.
+
+    ``held_masks`` ({module name: bool mask, True = pruned}) are sparsity masks of an earlier
+    compression pass (e.g. 2:4 pruning before a fine-tuning stage): quantization keeps those
+    positions at zero, as it does for a mask pruned in the same pass.
 
     ``calibration``: list of {"input_ids": LongTensor[1, T], "attention_mask": LongTensor[1, T]}
     (may be empty/None when ``recipe.needs_calibration`` is false). Raises ``JobCancelled`` when
@@ -272,7 +277,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             recon = _reconstruction_settings(plans) if inputs else None
             targets = (reconstruction_targets(layer, inputs.pairs(index), dense_inputs.pairs(index), recon)
                        if recon else None)
-            masks: dict[str, torch.Tensor] = {}
+            masks = {p.name: held_masks[p.name].to(device) for p in plans if p.name in (held_masks or {})}
             for plan in plans:
                 _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
                                  masks=masks, only=_is_sparsity if recon else None)
@@ -482,3 +487,29 @@ def _reconstruct(layer, plans, masks, inputs, targets, settings, report, emit, i
           "message": f"layer {index + 1}/{layers} reconstruction: output MSE {result.error_before:.4g} → "
                      f"{result.error_after:.4g} ({result.steps} Adam steps, lr {settings.lr:g})"
                      + ("" if result.kept else "; no gain, pruned weights kept")})
+
+
+def sparsity_masks(model: torch.nn.Module, report: CompressionReport) -> dict[str, torch.Tensor]:
+    """{module name: weight == 0} of every module ``report`` pruned (the masks a later pass must hold)."""
+    modules = dict(model.named_modules())
+    return {name: (modules[name].weight.data == 0).cpu() for name, record in report.modules.items()
+            if record.sparsity is not None and name in modules}
+
+
+def merge_reports(first: CompressionReport, second: CompressionReport) -> CompressionReport:
+    """One report for two passes over the same model (prune, fine-tune, then quantize): the second
+    pass's records keep the first pass's sparsity, losses and fallbacks."""
+    merged = CompressionReport(layers=max(first.layers, second.layers), samples=max(first.samples, second.samples),
+                               seconds=first.seconds + second.seconds, hooks=second.hooks,
+                               reconstruction={**first.reconstruction, **second.reconstruction})
+    for name in list(first.modules) + [n for n in second.modules if n not in first.modules]:
+        a, b = first.modules.get(name), second.modules.get(name)
+        if a is None or b is None:
+            merged.modules[name] = a or b
+            continue
+        b.mask_structure, b.sparsity = a.mask_structure, a.sparsity
+        b.dead_columns = max(a.dead_columns, b.dead_columns)
+        b.losses = {**a.losses, **b.losses}
+        b.fallback = "; ".join(f for f in (a.fallback, b.fallback) if f) or None
+        merged.modules[name] = b
+    return merged

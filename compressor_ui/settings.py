@@ -70,6 +70,9 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 ARTIFACT_ROOT = Path(env_str("ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
 CACHE_ROOT = Path(env_str("COMPRESSOR_CACHE_DIR", str(VAR_DIR / "cache")))
+# memory of the worker's training device (GPU memory, or RAM on a CPU worker): fine-tune budgets
+# that would not fit are refused at submission (compression.distill.check_memory)
+COMPRESSOR_WORKER_MEMORY_GB = float(env_str("COMPRESSOR_WORKER_MEMORY_GB", "80"))
 COMPRESSOR_MODEL_ROOTS = env_list("COMPRESSOR_MODEL_ROOTS", "")
 COMPRESSOR_DATA_DIR = env_str("COMPRESSOR_DATA_DIR", _default_data_dir())
 COMPRESSOR_DEVICE = env_str("COMPRESSOR_DEVICE", "auto")  # auto | cpu | cuda | cuda:N

@@ -263,6 +263,7 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                              trust_remote_code=trust_remote_code)
         with pattern_time_budget(PREFLIGHT_PATTERN_BUDGET_S):  # user re: patterns run inside this request
             report = preflight(config, recipe)
+        check_finetune(recipe, config, owner)
     except ModelSourceError as exc:
         raise SubmissionError("model", exc.message) from None
     except RecipeError as exc:
@@ -321,3 +322,54 @@ def create_job(request: JobRequest) -> Job:
             evaluation=request.evaluation)
     enqueue(job)
     return job
+
+
+def check_finetune(recipe, model_config, owner) -> None:
+    """A recipe's fine-tune stage, before queueing: its dataset is one the submitter may use (same
+    rules as calibration sources), a data-directory file or upload holds enough text for the token
+    budget (UTF-8 bytes + one separator per record bound the token count from above), and the
+    budget fits the worker's memory (COMPRESSOR_WORKER_MEMORY_GB). Raises RecipeError naming the field."""
+    from compression.calibration import classify_source, parse_records, record_text
+    from compression.distill import check_memory
+    from compression.errors import CalibrationError, RecipeError
+    from compression.recipe import FINETUNE
+
+    from .models import CalibrationUpload
+    from .uploads import resolve_source
+
+    for i, stage in enumerate(recipe.stages):
+        m = stage.modifiers[0]
+        if m.kind != FINETUNE:
+            continue
+        path, settings = f"recipe.stages[{i}].modifiers[0]", m.finetune
+        source, file = settings.dataset.strip(), None
+        if source.startswith(CalibrationUpload.SOURCE_PREFIX):
+            upload = resolve_source(owner.pk, source) if owner is not None else None
+            if upload is None:
+                raise RecipeError(f"{path}.dataset", f"{source!r} names none of your uploaded files")
+            file = upload.path
+        else:
+            try:
+                where = classify_source(source, settings_dir())
+            except CalibrationError as exc:
+                raise RecipeError(f"{path}.dataset", exc.message) from None
+            file = where.path if where.kind == "file" else None
+        if file is not None:
+            records = parse_records(file.read_text(encoding="utf-8", errors="replace"), file.suffix)
+            texts = [record_text(r, None)[0] for r in records]
+            bound = sum(len(t.encode("utf-8")) + 1 for t in texts if t.strip())
+            need = settings.windows_needed * settings.seq_len
+            if bound < need:
+                raise RecipeError(f"{path}.tokens" if settings.tokens is not None else f"{path}.steps",
+                                  f"the dataset {source!r} holds at most {bound:,} tokens but the budget needs "
+                                  f"{need:,} ({settings.total_steps} steps × {settings.tokens_per_step} tokens); "
+                                  "lower it or use a larger dataset")
+        check_memory(model_config, settings, int(settings_memory_gb() * 2 ** 30), path)
+
+
+def settings_dir():
+    return settings.COMPRESSOR_DATA_DIR or None
+
+
+def settings_memory_gb() -> float:
+    return float(getattr(settings, "COMPRESSOR_WORKER_MEMORY_GB", 80))

@@ -51,7 +51,29 @@ def job_spec(job: Job) -> dict[str, Any]:
         "data_dir": settings.COMPRESSOR_DATA_DIR,
         "cache_dir": str(settings.CACHE_ROOT),
         "device": settings.COMPRESSOR_DEVICE,
+        "owner_id": job.owner_id,
+        "finetune_data": finetune_data(job),
     }
+
+
+def finetune_data(job: Job) -> dict | None:
+    """The recipe's fine-tuning dataset when it is an upload: its stored file, directory and label
+    (``compression.pipeline`` reads it instead of the recipe's ``upload:<id>``)."""
+    from compression.errors import CalibrationError
+
+    from .uploads import resolve_source
+
+    for stage in (job.recipe or {}).get("stages", {}).values():
+        for mods in (stage or {}).values():
+            args = (mods or {}).get("DistillationFinetuneModifier") if isinstance(mods, dict) else None
+            source = str((args or {}).get("dataset", ""))
+            if source.startswith(CalibrationUpload.SOURCE_PREFIX):
+                upload = resolve_source(job.owner_id, source)
+                if upload is None or not upload.path.is_file():
+                    raise CalibrationError(f"the uploaded fine-tuning file {source} no longer exists",
+                                           "recipe.finetune.dataset")
+                return {"source": upload.stored_name, "data_dir": str(upload.directory), "label": upload.label}
+    return None
 
 
 class ProgressRecorder:
