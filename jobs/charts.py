@@ -301,3 +301,69 @@ def compare_bars(jobs: list[dict], title: str = "Recovery per task and recipe") 
     fig.update_yaxes(title_text="recovery (%)", range=[0, top * 1.15])
     _layout(fig, title, barmode="group", height=480, legend={"orientation": "v", "x": 1.02, "y": 1})
     return _to_dict(fig)
+
+
+# ------------------------------------------------------------------ recovery (issue 14): fine-tune and reconstruction
+def finetune_loss(events: Iterable[dict], title: str = "Fine-tuning loss (distillation against the dense model)") -> dict:
+    """The fine-tune's loss per optimiser step, from engine events
+    ``{"stage": "finetune", "kind": "finetune", "step": int, "loss": float, "kl": float, "layer_loss": float,
+    "tokens": int}`` (or a results ``loss_curve`` of ``[step, loss]`` pairs). The KL part is drawn too
+    when a per-layer loss is mixed in; the hover text gives the tokens seen. A step reported twice
+    (a resumed job) keeps its last value."""
+    by_step: dict[int, dict] = {}
+    for ev in events:
+        if isinstance(ev, (list, tuple)) and len(ev) == 2:
+            ev = {"kind": "finetune", "step": ev[0], "loss": ev[1]}
+        if ev.get("kind") != "finetune" or not _finite(ev.get("loss")) or ev.get("step") is None:
+            continue
+        by_step[int(ev["step"])] = ev
+    if not by_step:
+        return _empty(title, "No fine-tuning steps reported yet")
+    steps = sorted(by_step)
+    fig = go.Figure()
+    hover = [f"step {s}" + (f"<br>{by_step[s]['tokens']:,} tokens" if _finite(by_step[s].get("tokens")) else "")
+             for s in steps]
+    fig.add_trace(go.Scatter(name="loss", x=steps, y=[by_step[s]["loss"] for s in steps], mode="lines+markers",
+                             line={"color": COMPRESSED_COLOR}, hovertext=hover,
+                             hovertemplate="%{hovertext}<br>loss %{y:.4g}<extra></extra>"))
+    if any(_finite(by_step[s].get("layer_loss")) and by_step[s]["layer_loss"] > 0 for s in steps):
+        fig.add_trace(go.Scatter(name="KL part", x=steps, y=[by_step[s].get("kl") for s in steps],
+                                 mode="lines", line={"color": FRONT_COLOR, "dash": "dot"}))
+    fig.update_xaxes(title_text="optimiser step")
+    fig.update_yaxes(title_text="loss (KL divergence to the dense model, per token)", rangemode="tozero")
+    _layout(fig, title, height=420)
+    return _to_dict(fig)
+
+
+def reconstruction_error(events: Iterable[dict],
+                         title: str = "Layer-wise reconstruction: output error before / after") -> dict:
+    """Per decoder layer, the pruned layer's output error against the dense output before and after
+    reconstruction, from engine events ``{"kind": "reconstruction", "layer": i, "layers": N,
+    "error_before": float, "error_after": float, "relative_before", "relative_after"}`` (or the
+    report's ``reconstruction`` list). Relative errors (MSE / mean square of the dense output) when
+    every event has them, so layers of different scale compare; log axis when all are positive."""
+    rows: dict[int, dict] = {}
+    for ev in events:
+        if ev.get("kind", "reconstruction") != "reconstruction" or ev.get("layer") is None:
+            continue
+        if _finite(ev.get("error_before")) and _finite(ev.get("error_after")):
+            rows[int(ev["layer"])] = ev
+    if not rows:
+        return _empty(title, "No layer-wise reconstruction reported")
+    layers = sorted(rows)
+    relative = all(_finite(rows[i].get("relative_before")) and _finite(rows[i].get("relative_after")) for i in layers)
+    before_key, after_key = ("relative_before", "relative_after") if relative else ("error_before", "error_after")
+    before = [rows[i][before_key] for i in layers]
+    after = [rows[i][after_key] for i in layers]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(name="after pruning (one-shot)", x=layers, y=before, marker_color=BASELINE_COLOR))
+    fig.add_trace(go.Bar(name="after reconstruction", x=layers, y=after, marker_color=RECOVERY_COLOR,
+                         text=[f"−{(1 - a / b) * 100:.0f}%" if b > 0 and a <= b else "" for a, b in zip(after, before)],
+                         textposition="outside", cliponaxis=False))
+    positive = all(v > 0 for v in before + after)
+    fig.update_xaxes(title_text="decoder layer", dtick=1 if len(layers) <= 40 else None)
+    fig.update_yaxes(title_text=("relative output error (MSE / mean square of the dense output)" if relative
+                                 else "output MSE vs the dense layer") + (", log scale" if positive else ""),
+                     type="log" if positive else "linear")
+    _layout(fig, title, barmode="group", height=440)
+    return _to_dict(fig)

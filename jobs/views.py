@@ -91,7 +91,8 @@ def _charts(job: Job) -> dict:
     validates every property), so they are cached per process, keyed by everything they are built
     from: the job's state and its newest compress event (a finished job's charts never change)."""
     events = JobEvent.objects.filter(job_id=job.id, stage="compress")
-    last_event = events.order_by("-id").values_list("id", flat=True).first()
+    last_event = JobEvent.objects.filter(job_id=job.id, stage__in=("compress", "finetune")).order_by(
+        "-id").values_list("id", flat=True).first()  # fine-tune steps redraw the loss curve too
     key = f"job-charts:{job.id}:{job.status}:{job.finished_at and job.finished_at.timestamp()}:{last_event}"
     charts = cache.get(key)
     if charts is None:
@@ -101,7 +102,7 @@ def _charts(job: Job) -> dict:
         losses = [data for data in events.order_by("id").values_list("data", flat=True)
                   if isinstance(data, dict) and "loss" in data]
         charts = {"recovery": recovery_bars(metrics) if metrics else None,
-                  "layer_loss": layer_loss(losses) if losses else None}
+                  "layer_loss": layer_loss(losses) if losses else None, **_recovery_charts(job)}
         cache.set(key, charts, CHART_CACHE_S)
     return charts
 
@@ -116,6 +117,20 @@ def _card_html(job: Job) -> str:
         html = card_to_html(job.results["model_card"])
         cache.set(key, html, CHART_CACHE_S)
     return html
+
+
+def _recovery_charts(job: Job) -> dict:
+    """Fine-tuning loss curve and per-layer reconstruction error (only for jobs that have them)."""
+    from .charts import finetune_loss, reconstruction_error
+
+    recon = [e.data for e in job.events.filter(stage="compress", data__kind="reconstruction").only("data")]
+    steps = [e.data for e in job.events.filter(stage="finetune", data__kind="finetune").only("data")]
+    if not steps:  # events trimmed or never stored: the results keep a thinned curve
+        steps = ((job.results or {}).get("finetune") or {}).get("loss_curve") or []
+    if not recon:
+        recon = ((job.results or {}).get("compression") or {}).get("reconstruction") or []
+    return {"finetune_loss": finetune_loss(steps) if steps else None,
+            "reconstruction": reconstruction_error(recon) if recon else None}
 
 
 @login_required

@@ -16,6 +16,8 @@
       compressorCharts.draw("chart-layer-loss", charts.layer_loss);
       lastLossPoints = points;
     }
+    compressorCharts.draw("chart-reconstruction", charts.reconstruction);
+    compressorCharts.draw("chart-finetune-loss", charts.finetune_loss);
   }
   drawCharts(JSON.parse(document.getElementById("job-charts").textContent));
 
