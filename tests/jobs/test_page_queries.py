@@ -89,3 +89,17 @@ def test_cached_charts_follow_the_job(client, owner):
     charts = client.get(url).json()["charts"]
     assert charts["recovery"] is not None  # finished: rebuilt with the results
     assert Job.objects.get(pk=job.id).status == Status.SUCCEEDED
+
+
+def test_the_cached_compare_page_follows_newly_finished_jobs(client, owner):
+    client.force_login(owner)
+    metrics = [{"task": "wikitext2_ppl", "metric": "perplexity", "baseline": 10.0, "compressed": 11.0,
+                "higher_is_better": False, "recovery_pct": 90.0}]
+    names = []
+    for name in ("first recipe", "second recipe"):
+        job = make_job(owner, name=name)
+        Job.claim(job.id, "w")
+        assert Job.succeed(job.id, {"evaluation": {"metrics": metrics}}, "", 0)
+        names.append(name)
+        page = client.get(reverse("compare"), {"model": "demo"})
+        assert [p["name"] for p in page.context["points"]] == names
