@@ -53,6 +53,8 @@ def vllm_parse(config: dict) -> dict:
                 assert weights.type == "float"
         for target in targets:
             schemes[target] = {"weights": weights, "input_activations": acts}
+    if qc.get("kv_cache_scheme"):  # vLLM validates it like any other QuantizationArgs
+        QuantizationArgs.model_validate(qc["kv_cache_scheme"])
     sparsity, sparsity_ignore = {}, []
     if qc.get("sparsity_config"):
         parsed = SparsityCompressionConfig.model_validate(qc["sparsity_config"])
@@ -120,7 +122,8 @@ def test_every_preset_export_reads_like_vllm_and_loads_in_transformers(preset, t
     with safe_open(str(next(tmp_path.glob("*.safetensors"))), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["model.norm.weight"] == "BF16"
-    assert all(d == "BF16" for k, d in dtypes.items() if k.endswith(("_scale", "layernorm.weight")))
+    assert all(d == "BF16" for k, d in dtypes.items() if k.endswith("layernorm.weight"))
+    assert not any(d == "F32" for k, d in dtypes.items() if k.endswith((".weight_scale", ".input_scale")))
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert next(loaded.parameters()).dtype == torch.bfloat16
