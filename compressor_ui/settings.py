@@ -83,6 +83,11 @@ UPLOAD_ROOT = Path(env_str("COMPRESSOR_UPLOAD_ROOT", str(VAR_DIR / "uploads")))
 COMPRESSOR_MAX_UPLOAD_BYTES = env_int("COMPRESSOR_MAX_UPLOAD_BYTES", 64 * 1024 * 1024)
 COMPRESSOR_MAX_UPLOADS_PER_USER = env_int("COMPRESSOR_MAX_UPLOADS_PER_USER", 100)
 FILE_UPLOAD_HANDLERS = ["jobs.uploads.LimitedUploadHandler"]
+# Artifact store (jobs/storage.py): "local" (ARTIFACT_ROOT) or s3://bucket[/prefix] shared by many hosts.
+COMPRESSOR_ARTIFACT_STORE = env_str("COMPRESSOR_ARTIFACT_STORE", "local")
+COMPRESSOR_S3_ENDPOINT_URL = env_str("COMPRESSOR_S3_ENDPOINT_URL", "")
+COMPRESSOR_S3_REGION = env_str("COMPRESSOR_S3_REGION", "")
+COMPRESSOR_S3_PRESIGN_SECONDS = env_int("COMPRESSOR_S3_PRESIGN_SECONDS", 3600)
 # Where "Push to the Hub" sends checkpoints (a local server in the tests).
 COMPRESSOR_HF_ENDPOINT = env_str("COMPRESSOR_HF_ENDPOINT", os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
 COMPRESSOR_EVAL_WINDOWS = env_int("COMPRESSOR_EVAL_WINDOWS", 8)

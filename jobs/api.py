@@ -216,6 +216,10 @@ def job_card(request: Request, job_id: UUID) -> HttpResponse:
 @api_view(["GET"])
 def job_artifact(request: Request, job_id: UUID) -> StreamingHttpResponse:
     job = _own_job(request, job_id)
+    from .storage import download_response
+
+    if (stored := download_response(job, f"compressor-{job.id}.tar")) is not None:
+        return stored  # bucket: redirect to a presigned URL, or stream the object
     path = artifact_path(job)
     if path is None:
         raise exceptions.NotFound(f"this job has no artifact (status: {job.status}); only a succeeded job has one")

@@ -16,12 +16,23 @@ class JobsConfig(AppConfig):
         os.environ.setdefault("COMPRESSOR_CONFIG_CACHE_DIR", str(settings.CACHE_ROOT / "model-configs"))
         if should_warm(sys.argv):
             threading.Thread(target=_warm, name="warm-demo-config", daemon=True).start()
+        if serves_jobs(sys.argv):  # an unreachable object store stops the process, naming the setting
+            from .storage import check_store
+
+            check_store()
 
 
 def _warm() -> None:
     from compression.loading import warm_demo_config  # imports torch: in the thread, not at start-up
 
     warm_demo_config()
+
+
+def serves_jobs(argv: list[str]) -> bool:
+    """Web servers and Celery workers (not tests, migrations or other commands)."""
+    program = os.path.basename(argv[0]) if argv else ""
+    return any(name in program for name in ("gunicorn", "celery")) or (len(argv) > 1 and argv[1] in (
+        "runserver", "worker"))
 
 
 def should_warm(argv: list[str]) -> bool:

@@ -108,14 +108,15 @@ def check_token_syntax(token: Any) -> str:
 
 # ----------------------------------------------------------------------------- checks
 
-def check_request(job: Job, *, repo_id: Any, private: Any, token: Any, owner: Any) -> tuple[str, bool, str, Path]:
-    """(repo id, private, token, artifact dir) or PushError naming the field; nothing touches the Hub."""
+def check_request(job: Job, *, repo_id: Any, private: Any, token: Any, owner: Any) -> tuple[str, bool, str, Path | None]:
+    """(repo id, private, token, local artifact dir or None when it is in the bucket) or PushError naming the field; nothing touches the Hub."""
     from .archive import artifact_path
+    from .storage import stored_object
 
     if job.status != Status.SUCCEEDED:
         raise PushError("job", f"only a succeeded job can be pushed; this one is {job.status}", 409)
     artifact = artifact_path(job)
-    if artifact is None:
+    if artifact is None and stored_object(job) is None:
         raise PushError("job", "this job's artifact is no longer on the server", 409)
     if not isinstance(repo_id, str) or not REPO_ID.match(repo_id.strip()):
         raise PushError("repo_id", "must be a Hub model id like your-name/model-name (letters, digits, - _ .; "
@@ -195,8 +196,6 @@ def push_job(job: Job, *, repo_id: Any, private: Any = True, token: Any = None, 
                                           if writable[1:] else ""))
         if remember_token:
             store_token(owner, token)
-        files = _files(artifact)
-        total = sum(p.stat().st_size for p in files)
         _event(job, f"creating the {'private' if private else 'public'} model repo {repo_id}")
         try:
             url = str(api.create_repo(repo_id, private=private, repo_type="model", exist_ok=False))
@@ -208,12 +207,19 @@ def push_job(job: Job, *, repo_id: Any, private: Any = True, token: Any = None, 
                 raise PushError("repo_id", f"this token may not create repos in {namespace!r}") from None
             raise
         created = True
-        _event(job, f"uploading {len(files)} files ({total / 1e6:.1f} MB) in one commit", files=len(files),
-               bytes=total)
-        operations = [CommitOperationAdd(path_in_repo=p.relative_to(artifact).as_posix(), path_or_fileobj=str(p))
-                      for p in files]
-        commit = api.create_commit(repo_id, operations=operations, repo_type="model",
-                                   commit_message=f"Compressor job {job.id}: {job.recipe_name}")
+        from .storage import local_copy
+
+        with local_copy(job) as artifact:  # the bucket's tar, extracted to a temporary directory
+            if artifact is None:
+                raise PushError("job", "this job's artifact is no longer in the artifact store", 409)
+            files = _files(artifact)
+            total = sum(p.stat().st_size for p in files)
+            _event(job, f"uploading {len(files)} files ({total / 1e6:.1f} MB) in one commit", files=len(files),
+                   bytes=total)
+            operations = [CommitOperationAdd(path_in_repo=p.relative_to(artifact).as_posix(),
+                                             path_or_fileobj=str(p)) for p in files]
+            commit = api.create_commit(repo_id, operations=operations, repo_type="model",
+                                       commit_message=f"Compressor job {job.id}: {job.recipe_name}")
     except PushError as exc:
         _cleanup(api, repo_id, created, job)
         _event(job, f"push to {repo_id} failed: {exc.message}", level="error")

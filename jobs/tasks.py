@@ -143,6 +143,15 @@ def run_job(job_id: str) -> None:
         Job.fail(job_id, error_type, message)
         JobEvent.objects.create(job_id=job_id, stage="failed", level="error", message=message[:2000])
         raise
+    try:  # a configured bucket gets the artifact before the job may succeed (jobs.storage)
+        from .storage import commit_artifact
+
+        results = commit_artifact(job.id, out_dir, results)
+    except Exception as exc:
+        log.exception("job %s: artifact could not be stored", job_id)
+        Job.fail(job_id, "ArtifactStoreFailed", f"the job finished but its artifact could not be stored: {exc}")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     artifact_bytes = int(results.get("artifact", {}).get("bytes", 0))
     try:
         stored = Job.succeed(job_id, results, artifact_dir=str(job.id), artifact_bytes=artifact_bytes)

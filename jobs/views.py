@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from .archive import artifact_path, stream_tar, tar_size
+from .storage import download_response, stored_object
 from .forms import JobForm
 from .models import CalibrationUpload, Job, JobEvent, Status
 from .submission import SubmissionError, create_job
@@ -59,7 +60,7 @@ def _detail_context(job: Job) -> dict:
     metrics = results.get("evaluation", {}).get("metrics", [])
     return {"job": job, "events": events, "results": results, "eta": _eta_seconds(job),
             "metrics": metrics, "table": results_table(metrics, results.get("model")),
-            "has_artifact": artifact_path(job) is not None,
+            "has_artifact": artifact_path(job) is not None or stored_object(job) is not None,
             "has_card": bool(results.get("model_card"))}
 
 
@@ -223,6 +224,8 @@ def job_cancel(request: HttpRequest, job_id: UUID) -> HttpResponse:
 @require_GET
 def job_artifact(request: HttpRequest, job_id: UUID) -> StreamingHttpResponse:
     job = _own_job(request, job_id)
+    if (stored := download_response(job, f"compressor-{job.id}.tar")) is not None:
+        return stored  # bucket: redirect to a presigned URL, or stream the object
     path = artifact_path(job)
     if path is None:
         raise Http404("this job has no artifact")
@@ -236,7 +239,8 @@ def job_artifact(request: HttpRequest, job_id: UUID) -> StreamingHttpResponse:
 def push_context(job: Job, user) -> dict:
     from .hub_push import has_token, last_push
 
-    return {"available": job.status == Status.SUCCEEDED and artifact_path(job) is not None,
+    return {"available": job.status == Status.SUCCEEDED and (artifact_path(job) is not None
+                                                            or stored_object(job) is not None),
             "last": last_push(job), "has_token": has_token(user)}
 
 
