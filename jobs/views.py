@@ -124,8 +124,10 @@ def _recovery_charts(job: Job) -> dict:
     """Fine-tuning loss curve and per-layer reconstruction error (only for jobs that have them)."""
     from .charts import finetune_loss, reconstruction_error
 
-    recon = [e.data for e in job.events.filter(stage="compress", data__kind="reconstruction").only("data")]
-    steps = [e.data for e in job.events.filter(stage="finetune", data__kind="finetune").only("data")]
+    # values_list, not .only("data") on job.events: that re-reads each event's deferred job_id (a query per event)
+    events = JobEvent.objects.filter(job_id=job.id)
+    recon = list(events.filter(stage="compress", data__kind="reconstruction").order_by("id").values_list("data", flat=True))
+    steps = list(events.filter(stage="finetune", data__kind="finetune").order_by("id").values_list("data", flat=True))
     if not steps:  # events trimmed or never stored: the results keep a thinned curve
         steps = ((job.results or {}).get("finetune") or {}).get("loss_curve") or []
     if not recon:

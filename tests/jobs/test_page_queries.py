@@ -62,9 +62,13 @@ def test_the_job_page_costs_the_same_number_of_queries_however_many_events(clien
     for layers in (2, 40):
         job = make_job(owner)
         Job.claim(job.id, "w")
-        JobEvent.objects.bulk_create([JobEvent(job=job, stage="compress", data={"layer": k, "layers": layers,
-                                                                                  "module": "mlp.up_proj", "loss": 0.1})
-                                      for k in range(layers)])
+        JobEvent.objects.bulk_create(
+            [JobEvent(job=job, stage="compress", data={"layer": k, "layers": layers, "module": "mlp.up_proj",
+                                                       "loss": 0.1}) for k in range(layers)]
+            + [JobEvent(job=job, stage="compress", data={"kind": "reconstruction", "layer": k, "error_before": 0.2,
+                                                         "error_after": 0.1}) for k in range(layers)]
+            + [JobEvent(job=job, stage="finetune", data={"kind": "finetune", "step": k, "loss": 1.0 / (k + 1)})
+               for k in range(layers)])
         with CaptureQueriesContext(connection) as queries:
             response = client.get(reverse("job-detail", args=[job.id]))
         assert response.status_code == 200
