@@ -46,12 +46,16 @@ def _ppl(model, windows) -> float:
     return peer.perplexity(model, windows)
 
 
-def _quant_variants(model, masks, calibration, windows, row: dict) -> None:
+QUANT = ("FP8_DYNAMIC", "W4A16")
+
+
+def _quant_variants(model, masks, calibration, windows, row: dict, which=QUANT) -> None:
     from compression.recipe import Recipe
     from compression.sequential import compress_model
 
-    for name, recipe in (("FP8_DYNAMIC", Recipe.from_preset("FP8_DYNAMIC")),
-                         ("W4A16", Recipe.from_preset("W4A16", group_size="channel"))):
+    recipes = {"FP8_DYNAMIC": lambda: Recipe.from_preset("FP8_DYNAMIC"),
+               "W4A16": lambda: Recipe.from_preset("W4A16", group_size="channel")}
+    for name, recipe in ((n, recipes[n]()) for n in which):
         t0 = time.perf_counter()
         quantized = copy.deepcopy(model)
         report = compress_model(quantized, recipe, calibration, held_masks=masks)
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-lr", type=float, default=2e-5)
     parser.add_argument("--layer-loss-weight", type=float, default=0.0)
     parser.add_argument("--only", nargs="*", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--quant", nargs="*", choices=QUANT, default=list(QUANT),
+                        help="quantization run after each row (keeping the 2:4 zeros)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"name": "2:4 one-shot", "compress_s": round(time.perf_counter() - t0, 1)}
         row["ppl"] = _ppl(model, windows)
         log.info("2:4 one-shot ppl %.3f", row["ppl"])
-        _quant_variants(model, sparsity_masks(model, report), calibration, windows, row)
+        _quant_variants(model, sparsity_masks(model, report), calibration, windows, row, args.quant)
         finish(row)
         del model
 
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         row["ppl"] = _ppl(recon_model, windows)
         log.info("2:4 + reconstruction ppl %.3f", row["ppl"])
         if "recon" in args.only:
-            _quant_variants(recon_model, masks, calibration, windows, row)
+            _quant_variants(recon_model, masks, calibration, windows, row, args.quant)
         finish(row)
 
     if "distill" in args.only:
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "loss_curve": [[r["step"], r["loss"]] for r in summary["losses"]]}
         row["ppl"] = _ppl(recon_model, windows)
         log.info("+ distillation ppl %.3f", row["ppl"])
-        _quant_variants(recon_model, masks, calibration, windows, row)
+        _quant_variants(recon_model, masks, calibration, windows, row, args.quant)
         finish(row)
     print(json.dumps(results, indent=1))
     return 0

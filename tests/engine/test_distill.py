@@ -179,3 +179,24 @@ def test_a_budget_that_does_not_fit_memory_names_what_to_change():
     need = check_memory(config, small, 80 * 2 ** 30, "ft")
     assert need["total"] < check_memory(config, parse_settings(
         {"dataset": DATA, "steps": 10, "batch_size": 1, "seq_len": 512}, "ft"), 10 ** 15, "ft")["total"]
+
+
+def test_a_hub_chat_dataset_is_packed_through_the_chat_template(monkeypatch):
+    """The Hub is mocked (a local datasets.Dataset); the real loading path and packing run."""
+    import datasets
+
+    from compression import data_sources
+
+    chats = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
+                           {"role": "assistant", "content": f"It is {2 * i}. " * 20}]} for i in range(40)]
+    asked = []
+
+    def fake_hub(source, split):
+        asked.append((source, split))
+        return datasets.Dataset.from_list(chats)
+
+    monkeypatch.setattr(data_sources, "hub_load_dataset", fake_hub)
+    windows = load_training_windows("org/chat:train_sft", demo_tokenizer(), windows=6, seq_len=128, data_dir="/nonexistent")
+    assert asked == [("org/chat", "train_sft")] and windows.shape == (6, 128)
+    text = demo_tokenizer().decode(windows[0])
+    assert "<|im_start|>" in text  # SmolLM2's chat template was applied
