@@ -1,6 +1,14 @@
 """Compression benchmark: every preset on the demo model (SmolLM2-135M-Instruct) with one calibration set.
 
     python bench/compress.py --samples 128 --seqlen 512 --windows 8
+    python bench/compress.py --against llmcompressor [--windows 32]
+
+``--against llmcompressor``: this engine and llm-compressor 0.14 (its own virtualenv, bench/peer.py)
+on the same bf16 weights (the demo dequantized once), the same 128 x 512 WikiText-2 calibration
+chunks and the same recipes (W4A16 group-64 GPTQ, 2:4 SparseGPT; the engine's own YAML is handed
+to llm-compressor). Each tool runs in a child process (load, compress, save the checkpoint): wall
+time and peak RSS are that child's. Both checkpoints are then scored by the same code
+(peer.score_checkpoint) on held-out WikiText-2 articles. Writes bench/results/compress_vs_llmcompressor.json.
 
 Each preset runs in its own child process so peak RSS is that preset's alone. Per row: wall time of
 compress_model, peak RSS of the child, checkpoint size on disk, WikiText-2 perplexity of the dense
@@ -85,6 +93,111 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
             "fallbacks": len(report.fallbacks)}
 
 
+AGAINST_CASES = {"W4A16-g64": ("W4A16", {"group_size": 64}), "2:4": ("2:4", {})}
+
+
+def run_engine_against(name: str, out_dir: str, dtype: str, threads: int) -> dict:
+    """Child process: the engine on the bf16 demo directory and the peer's calibration chunks."""
+    started = time.perf_counter()
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import peer
+
+    from compression.export import export_checkpoint
+    from compression.loading import load_model
+    from compression.recipe import Recipe
+    from compression.sequential import compress_model
+
+    torch.set_num_threads(threads)
+    model_dir = peer.demo_dense_dir()
+    t0 = time.perf_counter()
+    loaded = load_model(str(model_dir), allowed_roots=[str(model_dir.parent)], dtype=getattr(torch, dtype))
+    load_s = time.perf_counter() - t0
+    split = peer.article_split(loaded.tokenizer)
+    preset, options = AGAINST_CASES[name]
+    recipe = Recipe.from_preset(preset, **options)
+    t0 = time.perf_counter()
+    report = compress_model(loaded.model, recipe, peer.calibration_samples(split))
+    compress_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    export_checkpoint(loaded.model, loaded.tokenizer, recipe, report, out_dir)
+    save_s = time.perf_counter() - t0
+    return {"wall_s": round(time.perf_counter() - started, 2), "load_s": round(load_s, 2),
+            "compress_s": round(compress_s, 2), "save_s": round(save_s, 2), "dtype": dtype,
+            "fallbacks": len(report.fallbacks)}
+
+
+def against_llmcompressor(args: argparse.Namespace) -> None:
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import peer
+
+    from compression.recipe import Recipe
+
+    peer.ensure_peer_venv()
+    model_dir = peer.demo_dense_dir()
+    split = peer.article_split(peer.load_tokenizer(model_dir))
+    work = peer.VAR / "compress-against"
+    work.mkdir(parents=True, exist_ok=True)
+    dense = peer.score_checkpoint(model_dir, split, max_windows=args.windows)
+    rows = []
+    for name in args.only_against:
+        preset, options = AGAINST_CASES[name]
+        recipe = Recipe.from_preset(preset, **options)
+        for tool in ("compressor", "llm-compressor"):
+            out = work / f"{tool}-{name.replace(':', '_')}"
+            saved = out / "bench_row.json"
+            if args.reuse and saved.exists():  # a finished run of the same case, kept from an earlier call
+                row = json.loads(saved.read_text())
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            if tool == "compressor":
+                cmd = [sys.executable, __file__, "--engine-case", name, "--engine-out", str(out), "--dtype", args.dtype,
+                       "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["peak_rss_gb"] = row.pop("own_peak_rss_gb")
+            else:
+                row = peer.run_llmcompressor(recipe.to_yaml(), out, split=split, model_dir=model_dir,
+                                             dtype=args.dtype, threads=args.threads)
+            score = peer.score_checkpoint(out, split, max_windows=args.windows)
+            row.update(tool=tool, name=name, ppl=score["perplexity"], ppl_dense=dense["perplexity"],
+                       ppl_ratio=round(score["perplexity"] / dense["perplexity"], 4), windows=score["windows"])
+            rows.append(row)
+            saved.write_text(json.dumps(row))
+            print(json.dumps(row), flush=True)
+    command = "python bench/compress.py " + " ".join(sys.argv[1:])
+    result = {"benchmark": "compress-vs-llmcompressor", "command": command.strip(),
+              "machine": "2-core CPU, 24 GB, shared with 7 other agents' work (load average 10-16)",
+              "date": dt.date.today().isoformat(), "split": split.describe(),
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "peer": rows[-1].get("versions") if rows else None},
+              "settings": {"dtype": args.dtype, "threads": args.threads, "scored_windows": args.windows},
+              "rows": rows}
+    out = ROOT / args.out_against
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown_against(result))
+
+
+def markdown_against(result: dict) -> str:
+    lines = [f"`{result['command']}` on {result['machine']} ({result['date']})", "",
+             "| recipe | tool | wall s (process) | compress s | peak RSS GB | held-out ppl | ppl / dense |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        inner = r.get("compress_s", r.get("oneshot_s"))
+        lines.append(f"| {r['name']} | {r['tool']} | {r['wall_s']} | {inner} | {r['peak_rss_gb']} | "
+                     f"{r['ppl']:.2f} | {r['ppl_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
 def _child(flag: list[str], args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, *flag, "--samples", str(args.samples), "--seqlen", str(args.seqlen),
            "--windows", str(args.windows), "--threads", str(args.threads)]
@@ -104,8 +217,25 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/compress.json", help="result file, relative to the repo")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--against", choices=["llmcompressor"], help="compare with llm-compressor 0.14 (bench/peer.py)")
+    parser.add_argument("--only-against", nargs="*", default=list(AGAINST_CASES))
+    parser.add_argument("--dtype", default="bfloat16", help="--against: weights dtype of both tools")
+    parser.add_argument("--out-against", default="bench/results/compress_vs_llmcompressor.json")
+    parser.add_argument("--reuse", action="store_true", help="--against: keep rows of runs already finished in var/")
+    parser.add_argument("--engine-case", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.engine_case:
+        row = run_engine_against(args.engine_case, args.engine_out, args.dtype, args.threads)
+        row["own_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
+        print(json.dumps(row))
+        return
+    if args.against:
+        if args.windows == parser.get_default("windows"):
+            args.windows = None  # every held-out window unless --windows says otherwise
+        against_llmcompressor(args)
+        return
     if args.case or args.dense:
         row = run_dense(args) if args.dense else run_case(args.case, args)
         row["own_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)

@@ -360,7 +360,12 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
     if not wanted or not inputs:
         return {}
     stats: dict[str, dict] = {}
-    handles = []
+    # One Hessian per distinct input tensor: q/k/v (and gate/up) receive the very same tensor, so
+    # the first of them accumulates it and the others adopt that accumulator. The inputs of the
+    # current layer call are held here (so no id is reused) and dropped when the call ends.
+    call_inputs: dict[int, tuple[torch.Tensor, list[HessianAccumulator]]] = {}
+    handles = [layer.register_forward_pre_hook(lambda *_: call_inputs.clear()),
+               layer.register_forward_hook(lambda *_: call_inputs.clear())]
     for plan in wanted:
         entry: dict[str, Any] = {}
         if plan.needs_hessian:
@@ -372,7 +377,7 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
         def hook(mod, args, out, entry=entry):
             x = args[0]
             if "hessian" in entry:
-                entry["hessian"].add(x)
+                _add_shared(entry, x, call_inputs)
             if "absmax" in entry:
                 entry["absmax"] = torch.maximum(entry["absmax"], x.detach().abs().amax().float())
 
@@ -383,6 +388,24 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
         for h in handles:
             h.remove()
     return stats
+
+
+def _add_shared(entry: dict, x: torch.Tensor, call_inputs: dict) -> None:
+    """Feed ``x`` to the module's Hessian once per layer call; a module whose first input is a tensor
+    another module already fed adopts that module's accumulator (q/k/v, gate/up)."""
+    _, fed = call_inputs.setdefault(id(x), (x, []))
+    acc = entry["hessian"]
+    if acc.samples == 0 and fed and not entry.get("fed"):
+        acc = entry["hessian"] = fed[0]
+        acc.shared = True
+    entry["fed"] = True
+    if any(a is acc for a in fed):
+        return
+    if getattr(acc, "shared", False) and any(a is acc for key, (_, other) in call_inputs.items()
+                                             if key != id(x) for a in other):
+        raise RuntimeError("modules that shared an input tensor received different inputs in one layer call")
+    acc.add(x)
+    fed.append(acc)
 
 
 def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: Progress,

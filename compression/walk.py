@@ -72,16 +72,24 @@ class _Captured(Exception):
     """Raised by the last layer's stand-in to stop the forward pass once every input is recorded."""
 
 
+BATCH_TOKENS = 4096  # samples run through a layer together, up to this many tokens per call
+
+
 class LayerInputs:
     """Per calibration sample: the hidden states entering the current layer, and per layer the
     keyword arguments that layer receives (positional ones are bound to their names).
 
-    ``calls[s][i]`` tensors of layers of the same attention type are shared objects.
+    ``calls[s][i]`` tensors of layers of the same attention type are shared objects. ``shapes[s]``
+    is the sample's batch key: its length when it has no padding (then its per-layer arguments —
+    causal mask, positions, rotary embeddings — are those of every unpadded sample of that length),
+    else None. :meth:`forward` runs samples with the same key through a layer as one batch.
     """
 
-    def __init__(self, hidden: list[torch.Tensor], calls: list[list[dict]]):
+    def __init__(self, hidden: list[torch.Tensor], calls: list[list[dict]], keys: list[int | None] | None = None):
         self.hidden = hidden
         self.calls = calls
+        self.keys = keys if keys is not None else [None] * len(hidden)
+        self.batch_tokens = BATCH_TOKENS
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -93,13 +101,37 @@ class LayerInputs:
         """(hidden, kwargs) of every sample for decoder layer ``index``."""
         return [(hidden, calls[index]) for hidden, calls in zip(self.hidden, self.calls)]
 
+    def batches(self) -> list[list[int]]:
+        """Sample indices in groups that can share one layer call (same key, ≤ BATCH_TOKENS tokens)."""
+        groups: list[list[int]] = []
+        open_group: dict[int, list[int]] = {}
+        for s, key in enumerate(self.keys):
+            if key is None or self.hidden[s].shape[0] != 1:
+                groups.append([s])
+                continue
+            group = open_group.get(key)
+            if group is None or (len(group) + 1) * key > self.batch_tokens:
+                group = open_group[key] = []
+                groups.append(group)
+            group.append(s)
+        return groups
+
     def forward(self, layer: torch.nn.Module, index: int) -> list[torch.Tensor]:
-        """Run ``layer`` (decoder layer ``index``) on every sample; its output hidden states."""
-        return [layer_output(layer(hidden, **kwargs)) for hidden, kwargs in self.pairs(index)]
+        """Run ``layer`` (decoder layer ``index``) on every sample, batching equal unpadded samples;
+        its output hidden states, one per sample. Hooks see the batched [B, T, C] inputs."""
+        outputs: list[torch.Tensor | None] = [None] * len(self.hidden)
+        for group in self.batches():
+            hidden = self.hidden[group[0]] if len(group) == 1 else torch.cat([self.hidden[s] for s in group])
+            out = layer_output(layer(hidden, **self.calls[group[0]][index]))
+            for s, row in zip(group, out.split(1) if len(group) > 1 else [out]):
+                outputs[s] = row
+        return outputs  # type: ignore[return-value]
 
     def advanced(self, outputs: list[torch.Tensor]) -> "LayerInputs":
         """The inputs of the next layer: ``outputs`` of this one, with the same per-layer arguments."""
-        return LayerInputs(outputs, self.calls)
+        following = LayerInputs(outputs, self.calls, self.keys)
+        following.batch_tokens = self.batch_tokens
+        return following
 
 
 def layer_output(out: Any) -> torch.Tensor:
@@ -117,6 +149,7 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
     """
     hidden_states: list[torch.Tensor] = []
     calls: list[list[dict]] = []
+    keys: list[int | None] = []
     current: list[dict] = []
     memo: dict[int, Any] = {}
     shape: list[torch.Size] = []
@@ -167,13 +200,15 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
                     f"{type(model).__name__}'s forward pass reached {len(current)} of its {len(layers)} decoder "
                     "layers; the engine needs every layer called once per forward pass")
             calls.append(current)
+            unpadded = ids.shape[0] == 1 and (mask is None or bool(mask.all()))
+            keys.append(int(ids.shape[1]) if unpadded else None)
     finally:
         for layer, forward in zip(layers, saved):
             if forward is None:
                 del layer.forward
             else:
                 layer.forward = forward
-    return LayerInputs(hidden_states, calls)
+    return LayerInputs(hidden_states, calls, keys)
 
 
 def _first_device(model: torch.nn.Module) -> torch.device:

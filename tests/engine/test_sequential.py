@@ -92,3 +92,44 @@ def test_it_refuses_to_target_lm_head(model, calibration):
 def test_it_fails_clearly_on_a_model_it_cannot_walk():
     with pytest.raises(UnsupportedModelError):
         compress_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), Recipe.from_preset("FP8_DYNAMIC"), None)
+
+
+
+def _layer0_stats(model, calibration, batch_tokens):
+    from compression.moe import CheckpointNames
+    from compression.sequential import _collect_statistics, _plan_layer
+    from compression.walk import decoder_layers
+
+    recipe = Recipe.from_preset("W4A16", group_size=64)
+    prefix, layers = decoder_layers(model)
+    inputs = capture_layer_inputs(model, layers, calibration, "cpu")
+    inputs.batch_tokens = batch_tokens
+    plans = _plan_layer(recipe, f"{prefix}.0", layers[0], CheckpointNames.for_model(model))
+    return inputs, _collect_statistics(layers[0], 0, plans, inputs)
+
+
+def test_modules_with_one_input_share_one_hessian_and_batching_changes_nothing(model):
+    """q/k/v and gate/up get one accumulator each; equal unpadded samples run through a layer as one
+    batch and give the same Hessians (up to float rounding) and outputs as one sample at a time."""
+    calibration = random_calibration(n=5, length=24) + random_calibration(n=2, length=17, seed=2)
+    padded = random_calibration(n=1, length=24, seed=3)
+    padded[0]["attention_mask"][0, -3:] = 0
+    calibration += padded
+    batched_inputs, batched = _layer0_stats(model, calibration, batch_tokens=4096)
+    single_inputs, single = _layer0_stats(model, calibration, batch_tokens=1)
+    assert sorted(map(len, batched_inputs.batches())) == [1, 2, 5]  # the padded sample runs alone
+    assert all(len(g) == 1 for g in single_inputs.batches())
+    hessian = {name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]: entry["hessian"]
+               for name, entry in batched.items()}
+    assert hessian["self_attn.q_proj"] is hessian["self_attn.k_proj"] is hessian["self_attn.v_proj"]
+    assert hessian["mlp.gate_proj"] is hessian["mlp.up_proj"]
+    assert hessian["self_attn.o_proj"] is not hessian["self_attn.q_proj"]
+    assert hessian["mlp.down_proj"] is not hessian["mlp.up_proj"]
+    for name, entry in batched.items():
+        assert entry["hessian"].samples == len(calibration)
+        torch.testing.assert_close(entry["hessian"].hessian, single[name]["hessian"].hessian, rtol=1e-4, atol=1e-5)
+    from compression.walk import decoder_layers
+
+    layer = decoder_layers(model)[1][0]
+    for a, b in zip(batched_inputs.forward(layer, 0), single_inputs.forward(layer, 0)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
