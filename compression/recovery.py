@@ -208,6 +208,8 @@ def warnings(rows: list[dict]) -> list[str]:
     for r in rows:
         if r.get("task") != AVERAGE and not r.get("primary", True):
             continue
+        if r.get("task") == AVERAGE and r.get("rows") == 1 and not r.get("note"):
+            continue  # the one task's own warning says it already
         name = "the accuracy average" if r.get("task") == AVERAGE else f"{r['task']} ({r['metric']})"
         if r.get("note"):
             out.append(f"{name}: {r['note']}.")

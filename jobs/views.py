@@ -292,7 +292,8 @@ def evaluation_group(job: Job) -> tuple[str, str]:
     key = hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:12]
     parts = [", ".join(chosen["tasks"]) or "no tasks"]
     if "wikitext2_ppl" in chosen["tasks"] and chosen.get("windows"):
-        parts.append(f"perplexity {chosen['windows']}×{chosen.get('seqlen', '?')} tokens")
+        parts.append(f"perplexity {chosen['windows']}×{chosen['seqlen']} tokens" if chosen.get("seqlen")
+                     else f"perplexity {chosen['windows']} windows")
     if chosen.get("limit") is not None:
         parts.append(f"limit {chosen['limit']}")
     if chosen.get("num_fewshot") is not None:
