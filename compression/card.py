@@ -369,7 +369,24 @@ def _deployment(facts: dict) -> str:
              "download; adjust the path, or use the Hub id once the model is pushed).")
     return ("## Deployment\n\nThe checkpoint uses the compressed-tensors format, which vLLM loads "
             f"directly:\n\n```python\n{snippet}\n```\n\n"
-            f"`vllm serve {model_ref}` starts an OpenAI-compatible server with the same weights.{where}")
+            f"`vllm serve {model_ref}` starts an OpenAI-compatible server with the same weights.{where}"
+            + _vllm_check(facts.get("vllm")))
+
+
+def _vllm_check(vllm: dict | None) -> str:
+    """What the job itself proved about vLLM (compression.eval_backend), and which engine made the numbers."""
+    if not vllm:
+        return ""
+    load = vllm.get("load") or {}
+    if load.get("loaded"):
+        return (f"\n\nLoaded in vLLM {load.get('vllm_version')} on {load.get('gpu')} by the compressing worker "
+                "(a short greedy generation ran). The accuracy numbers below come from the compressed runtime "
+                "through lm-eval's HF backend; the vLLM backend's scores are in the job's results.")
+    if load.get("error"):
+        return f"\n\nThe compressing worker could not load this checkpoint in vLLM: {load['error']}"
+    reason = (vllm.get("backend") or {}).get("reason")
+    return ("\n\nNot loaded in vLLM by the compressing worker" + (f" ({reason})" if reason else "")
+            + "; the accuracy numbers below come from the compressed runtime through lm-eval's HF backend.")
 
 
 def _creation(facts: dict) -> str:

@@ -254,9 +254,14 @@ def _run_lm_eval(model: Any, tokenizer: Any, lm_tasks: list[str], settings: Eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
-              add_bos_token=settings.add_bos_token,
-              **({"max_length": settings.max_length} if settings.max_length else {}))
+    from lm_eval.api.model import LM
+
+    if isinstance(model, LM):  # already an lm-eval model, e.g. its vLLM backend (compression.eval_backend)
+        lm = model
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
+                  add_bos_token=settings.add_bos_token,
+                  **({"max_length": settings.max_length} if settings.max_length else {}))
     attach_request_progress(lm, _PROGRESS.get())
     manager = TaskManager(include_path=include_path, include_defaults=use_defaults)
     unknown = [t for t in lm_tasks if t not in manager.all_tasks]

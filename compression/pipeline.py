@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .eval_backend import number_sources
 from .speed import measure_speed, speed_summary
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
     evaluation = {**DEFAULT_EVALUATION, **(spec.get("evaluation") or {})}
     calibration_spec = {**DEFAULT_CALIBRATION, **(spec.get("calibration") or {})}
     device = resolve_device(spec.get("device"))
+    backend = _select_backend(device)  # a worker that cannot use the configured backend fails before any work
     data_dir = spec.get("data_dir") or ""
     if not calibration_spec.get("source"):
         from .data_sources import default_calibration_source
@@ -236,6 +238,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             speed = speed_summary(dense_speed, compressed_speed, device, f"{recipe.preset or 'custom'} via {runtime}")
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
+        vllm_record = _vllm_evaluation(backend, model, tmp_dir, evaluation, data_dir, eval_stage)
 
         finish = _Stage(progress, "finish")
         weight_bytes = sum(p.stat().st_size for p in tmp_dir.glob("*.safetensors"))
@@ -247,7 +250,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
                                     compressed, size, bits, out_dir, calibration_spec if calibration else None,
                                     speed, source=loaded.source, stage_times=stage_times(timings),
-                                    creation_steps=staged.creation_steps(calibration_spec, report))
+                                    creation_steps=staged.creation_steps(calibration_spec, report),
+                                    vllm={**(vllm_record or {}), "backend": backend.as_dict()})
             (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
         timings["total_s"] = time.monotonic() - started
         results = {
@@ -257,7 +261,10 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             "recipe_summary": recipe.describe(),
             "device": device,
             "evaluation": {"settings": evaluation, "baseline": baseline, "compressed": compressed,
-                           "compressed_runtime": runtime, "metrics": recovery_table(as_eval_result(baseline, evaluation),
+                           "compressed_runtime": runtime, "backend": backend.as_dict(), "vllm": vllm_record,
+                           "number_sources": number_sources(list(evaluation["tasks"]), backend,
+                                                            list((vllm_record or {}).get("tasks") or {})),
+                           "metrics": recovery_table(as_eval_result(baseline, evaluation),
                                                       as_eval_result(compressed, evaluation))},
             "size": size,
             "speed": speed,
@@ -333,6 +340,49 @@ def _eval_progress(stage: "_Stage", start: float, end: float) -> Progress:
     return forward
 
 
+def _select_backend(device: str):
+    from .eval_backend import select_backend
+
+    return select_backend(device)
+
+
+def _vllm_evaluation(backend, model, checkpoint_dir: Path, evaluation: dict, data_dir: str, stage) -> dict | None:
+    """On a vLLM worker: load the exported checkpoint in vLLM (a short greedy generation proves it runs)
+    and score the job's lm-eval tasks with lm-eval's vLLM backend. None elsewhere. A vLLM failure is a
+    warning with the reason, recorded, never the job's failure (the runtime's numbers stand)."""
+    if backend.name != "vllm":
+        return None
+    import gc
+
+    from .eval_backend import vllm_lm, vllm_load_check
+
+    stage("loading the exported checkpoint in vLLM", 0.95)
+    try:
+        model.to("cpu")  # leave the GPU to vLLM
+        torch.cuda.empty_cache()
+        llm, facts = vllm_load_check(checkpoint_dir)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+        record = {"load": facts, "tasks": {}}
+        lm_tasks = [t for t in evaluation["tasks"] if t != "wikitext2_ppl"]
+        if lm_tasks:
+            from .evaluation import EvalSettings, evaluate
+
+            settings = EvalSettings(
+                tasks=lm_tasks, num_fewshot=evaluation.get("num_fewshot"), limit=evaluation.get("limit"),
+                batch_size="auto", apply_chat_template=bool(evaluation.get("apply_chat_template")),
+                data_source=evaluation.get("data_source") or "auto")
+            scored = evaluate(vllm_lm(checkpoint_dir), None, settings, data_dir=data_dir or None)
+            record["tasks"] = {task: outcome["metrics"] for task, outcome in scored["tasks"].items()}
+        stage(f"loaded in vLLM {facts['vllm_version']} on {facts['gpu']}", 0.99)
+        return record
+    except Exception as exc:  # noqa: BLE001 - reported; the runtime's numbers stand
+        log.warning("vLLM check failed: %s", exc, exc_info=True)
+        stage(f"the checkpoint did not load or run in vLLM: {type(exc).__name__}: {exc}", 0.99, level="warning")
+        return {"load": {"loaded": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}, "tasks": {}}
+
+
 def _compressed_model_for_eval(model, checkpoint_dir: Path, device: str):
     """The exported checkpoint loaded through our compressed runtime (kernels/), so what is
     evaluated is what a user deploys. The in-memory fake-quantized model is freed first."""
@@ -403,7 +453,8 @@ def _card_calibration(calibration: dict, spec: dict) -> dict:
 
 def _model_card(spec, recipe, model, architecture, identity, evaluation, baseline, compressed, size, bits,
                 final_dir: Path, calibration: dict | None, speed: dict | None = None, source: Any = None,
-                stage_times: list[dict] | None = None, creation_steps: list[str] | None = None) -> str:
+                stage_times: list[dict] | None = None, creation_steps: list[str] | None = None,
+                vllm: dict | None = None) -> str:
     from .card import build_model_card
     from .card_facts import collect_facts
     from .source_facts import source_metadata
@@ -416,6 +467,7 @@ def _model_card(spec, recipe, model, architecture, identity, evaluation, baselin
         calibration=_card_calibration(calibration, spec) if calibration else None)
     facts["architecture"] = architecture
     facts["speed"] = speed
+    facts["vllm"] = vllm
     facts["stage_times"] = stage_times
     for key, value in source_metadata(source if source is not None else spec["model"]).items():
         if value and not facts.get(key):  # licence, languages, intended use of the source model

@@ -88,6 +88,8 @@ COMPRESSOR_ARTIFACT_STORE = env_str("COMPRESSOR_ARTIFACT_STORE", "local")
 COMPRESSOR_S3_ENDPOINT_URL = env_str("COMPRESSOR_S3_ENDPOINT_URL", "")
 COMPRESSOR_S3_REGION = env_str("COMPRESSOR_S3_REGION", "")
 COMPRESSOR_S3_PRESIGN_SECONDS = env_int("COMPRESSOR_S3_PRESIGN_SECONDS", 3600)
+# Evaluation backend of the worker (compression/eval_backend.py reads it from the environment): auto | hf | vllm.
+COMPRESSOR_EVAL_BACKEND = env_str("COMPRESSOR_EVAL_BACKEND", "auto")
 # Where "Push to the Hub" sends checkpoints (a local server in the tests).
 COMPRESSOR_HF_ENDPOINT = env_str("COMPRESSOR_HF_ENDPOINT", os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
 COMPRESSOR_EVAL_WINDOWS = env_int("COMPRESSOR_EVAL_WINDOWS", 8)

@@ -43,3 +43,12 @@ def test_compose_offers_an_s3_object_store_profile_wired_to_the_artifact_store_s
         env = services[name]["environment"]
         assert env["COMPRESSOR_ARTIFACT_STORE"].startswith("${COMPRESSOR_ARTIFACT_STORE:-local}")
         assert "COMPRESSOR_S3_ENDPOINT_URL" in env
+
+
+def test_compose_offers_a_vllm_worker_in_its_own_image():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    worker = compose["services"]["worker-vllm"]
+    assert worker["profiles"] == ["vllm"] and worker["build"]["dockerfile"] == "Dockerfile.vllm"
+    assert worker["environment"]["COMPRESSOR_EVAL_BACKEND"] == "vllm" and "-Q gpu" in worker["command"]
+    dockerfile = (REPO / "Dockerfile.vllm").read_text()
+    assert "pip install vllm==" in dockerfile and "torch|" in dockerfile  # our torch pin is left to vLLM
