@@ -26,7 +26,7 @@ def _is_fraction(row: dict) -> bool:
 def _fmt(value: Any, se: Any, fraction: bool) -> str:
     if not _finite(value):
         return "n/a"
-    text = f"{value * 100:.2f}" if fraction else f"{value:.4g}"
+    text = f"{value * 100:.2f}" if fraction else (f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}")
     if _finite(se):
         text += f" ± {se * 100:.2f}" if fraction else f" ± {se:.3g}"
     return text
@@ -71,7 +71,7 @@ def results_table(metrics: list[dict], identity: dict | None = None) -> dict:
             "average": r.get("task") == AVERAGE, "lower_is_better": not r.get("higher_is_better", True),
             "baseline": _fmt(r.get("baseline"), r.get("baseline_stderr"), fraction),
             "compressed": _fmt(r.get("compressed"), r.get("compressed_stderr"), fraction),
-            "difference": "n/a" if diff is None else (f"{diff * 100:+.2f} pts" if fraction else f"{diff:+.4g}"),
+            "difference": "n/a" if diff is None else (f"{diff * 100:+.2f} pts" if fraction else f"{diff:+.4f}"),
             "samples": r.get("samples"), "n_shot": r.get("n_shot"),
             "recovery": None if r.get("recovery_pct") is None else f"{r['recovery_pct']:.2f}%",
             "within_noise": r.get("within_noise"), "level": r.get("level"), "note": r.get("note"),
