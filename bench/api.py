@@ -136,8 +136,24 @@ def one_request(port: int, path: str, headers: dict[str, str]) -> tuple[float, b
     return time.perf_counter() - started, ok
 
 
+def server_cpu_s(proc: subprocess.Popen | None) -> float:
+    """CPU seconds (user + system) used so far by gunicorn's master and workers."""
+    if proc is None:
+        return 0.0
+    import psutil
+
+    try:
+        master = psutil.Process(proc.pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [master, *master.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
+
+
 def run_case(port: int, path: str, headers: dict[str, str], concurrency: int, requests: int,
-             max_seconds: float) -> dict:
+             max_seconds: float, server: subprocess.Popen | None = None) -> dict:
+    """Latencies of `requests` GETs from `concurrency` clients, and the server's CPU time per request
+    (which, unlike latency, hardly depends on what else the machine is doing)."""
+    cpu_before = server_cpu_s(server)
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -164,9 +180,11 @@ def run_case(port: int, path: str, headers: dict[str, str], concurrency: int, re
         thread.join()
     wall = time.perf_counter() - started
     ms = sorted(x * 1000 for x in latencies)
+    cpu_ms = (server_cpu_s(server) - cpu_before) * 1000 / max(1, len(ms))
     return {"requests": len(ms), "wall_s": round(wall, 3), "rps": round(len(ms) / wall, 1),
             "p50_ms": round(statistics.median(ms), 2),
-            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2), "errors": errors}
+            "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2), "errors": errors,
+            "server_cpu_ms_per_request": round(cpu_ms, 2)}
 
 
 def main() -> None:
@@ -210,7 +228,7 @@ def main() -> None:
                 raise RuntimeError(f"{name}: HTTP {status}")
             run_case(port, path, headers, 4, 40, args.max_seconds)  # warm every worker (imports, caches)
             for clients in concurrency:
-                result = run_case(port, path, headers, clients, args.requests, args.max_seconds)
+                result = run_case(port, path, headers, clients, args.requests, args.max_seconds, proc)
                 rows.append({"endpoint": name, "concurrency": clients, **result})
                 print(f"{name:40} c={clients:<3} {result}", file=sys.stderr)
     finally:
@@ -236,15 +254,15 @@ def main() -> None:
         "rows": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors | goal (8 clients) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/request | goal (8 clients) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         goal = GOALS_MS.get(row["endpoint"])
         verdict = ""
         if goal and row["concurrency"] == 8:
             verdict = f"p99 < {goal}: {'met' if row['p99_ms'] < goal else 'MISSED'}"
         print(f"| `{row['endpoint']}` | {row['concurrency']} | {row['requests']} | {row['rps']} | {row['p50_ms']} "
-              f"| {row['p99_ms']} | {row['errors']} | {verdict} |")
+              f"| {row['p99_ms']} | {row['errors']} | {row['server_cpu_ms_per_request']} | {verdict} |")
 
 
 def one_status(port: int, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
