@@ -1,11 +1,19 @@
 """Check a recipe against a model's transformers config before any weights are loaded.
 
-Shapes: every targeted Linear's input width must be divisible by the group size (INT4/INT8
-group quantization) and by 4 (2:4 sparsity). Estimates (rough, for planning only):
+The model is built from its config on the meta device (no memory, no weights) and walked the way
+the engine will walk it (:mod:`compression.walk`, :mod:`compression.moe`): a model whose decoder
+layers or experts the engine cannot walk is refused here, naming what is missing. Every Linear of
+the decoder layers (fused projections such as Phi-3's ``qkv_proj`` are one Linear; each MoE expert
+contributes its own gate/up/down; routers never count) is matched by its checkpoint name against
+each modifier's ``targets``/``ignore``: a modifier that matches nothing, or a target outside the
+decoder layers, is refused. Shapes: every targeted Linear's input width must be divisible by the
+group size (INT4/INT8 group quantization) and by 4 (2:4 sparsity).
+
+Estimates (rough, for planning only):
 
 * host memory  ≈ dense weights (params · bytes/param) + 1 byte/param of compressed codes
   + captured activations (samples · seqlen · hidden · 4 B) when the compute device is the CPU;
-* device memory ≈ one decoder layer's weights + activations (samples · seqlen · hidden · 4 B)
+* device memory ≈ the largest decoder layer's weights + activations (samples · seqlen · hidden · 4 B)
   + the fp32 Hessians of that layer's targeted Linears (Σ in² · 4 B) + a 1.5x workspace factor;
 * time ≈ (forward FLOPs: 2 passes · 2 · layer params · samples · seqlen · layers
   + solver FLOPs: Σ over Linears of (in³/3 + 2·out·in²) for GPTQ/SparseGPT) / throughput,
@@ -13,11 +21,15 @@ group quantization) and by 4 (2:4 sparsity). Estimates (rough, for planning only
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from compression.errors import RecipeError
-from compression.recipe import PRESET_GROUP_SIZES, Recipe, matches_any
+import torch
+
+from compression.errors import RecipeError, UnsupportedModelError
+from compression.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
+from compression.recipe import PRESET_GROUP_SIZES, PatternTooSlow, Recipe, pattern_matches
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
 MAX_LAYERS = 4096
@@ -34,9 +46,33 @@ class PreflightReport:
     peak_device_mb: float
     estimated_seconds: float
     warnings: list[str] = field(default_factory=list)
+    architecture: str = ""
+    experts: int = 0  # per-expert modules (experts × MoE layers)
+    routers: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LinearSlot:
+    """One Linear the engine may compress: checkpoint name, decoder layer (None outside), shape."""
+
+    name: str
+    layer: int | None
+    local: str
+    out_features: int
+    in_features: int
+
+
+@dataclass
+class ModelLayout:
+    architecture: str
+    layers: int
+    params: int
+    linears: list[LinearSlot]
+    routers: list[str]
+    experts: int
 
 
 def _cfg(config: Any, name: str, default: Any = None) -> Any:
@@ -45,79 +81,214 @@ def _cfg(config: Any, name: str, default: Any = None) -> Any:
     return getattr(config, name, default)
 
 
-def layer_linears(config: Any) -> dict[str, tuple[int, int]]:
-    """Llama/Mistral/Qwen2-style Linears of one decoder layer: local name → (out, in)."""
-    hidden = _cfg(config, "hidden_size")
-    inter = _cfg(config, "intermediate_size")
-    heads = _cfg(config, "num_attention_heads")
-    if not (hidden and inter and heads):
-        raise RecipeError("model", "config lacks hidden_size / intermediate_size / num_attention_heads; "
-                          "only Llama/Mistral/Qwen2-style decoder models are supported")
-    kv = _cfg(config, "num_key_value_heads") or heads
-    head_dim = _cfg(config, "head_dim") or hidden // heads
-    return {"self_attn.q_proj": (heads * head_dim, hidden), "self_attn.k_proj": (kv * head_dim, hidden),
-            "self_attn.v_proj": (kv * head_dim, hidden), "self_attn.o_proj": (hidden, heads * head_dim),
-            "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+def _as_config(model_config: Any) -> Any:
+    if not isinstance(model_config, dict):
+        return model_config
+    from transformers import AutoConfig
+
+    values = dict(model_config)
+    model_type = values.pop("model_type", None) or "llama"  # a bare dict of sizes: a Llama-style model
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except ValueError as exc:
+        raise RecipeError("model", f"unknown model_type {model_type!r}: {exc}") from exc
+
+
+def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> ModelLayout:
+    """Build the model on the meta device and list what the engine would walk (see module doc)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _as_config(model_config)
+    n_layers = int(_cfg(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers") or 0)
+    if not 0 < n_layers <= MAX_LAYERS:  # every module name below is listed (and matched) one by one
+        raise RecipeError("model", f"the config's num_hidden_layers ({n_layers}) is outside 1..{MAX_LAYERS}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+        kind = getattr(config, "model_type", type(config).__name__)
+        raise RecipeError("model", f"transformers cannot build a causal LM from this config (model_type "
+                          f"{kind!r}): {exc}") from exc
+    from compression.walk import decoder_layers
+
+    try:
+        prefix, layers = decoder_layers(model)
+        names = CheckpointNames.for_model(model)
+        slots: list[LinearSlot] = []
+        routers: list[str] = []
+        experts = 0
+        for index, layer in enumerate(layers):
+            base = f"{prefix}.{index}"
+            for local, module in layer.named_modules():
+                parent_name, _, attr = local.rpartition(".")
+                parent = layer.get_submodule(parent_name) if parent_name else layer
+                if is_router(parent, attr):
+                    routers.append(names.checkpoint(f"{base}.{local}"))
+                elif isinstance(module, torch.nn.Linear):
+                    slots.append(LinearSlot(names.checkpoint(f"{base}.{local}"), index, local,
+                                            module.out_features, module.in_features))
+                elif is_fused_experts(module):
+                    check_fused_experts(f"{base}.{local}", module)
+                    slots.extend(_expert_slots(module, base, local, index, names))
+                    experts += int(module.down_proj.shape[0])
+    except UnsupportedModelError as exc:
+        raise RecipeError("model", str(exc)) from exc
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith(prefix + "."):
+            slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features))
+    params = sum(p.numel() for p in model.parameters())
+    return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts)
+
+
+def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
+                  names: CheckpointNames) -> list[LinearSlot]:
+    e_count, *_ = module.down_proj.shape
+    down = module.down_proj.shape[1:]
+    if getattr(module, "is_transposed", False):
+        down = down[::-1]
+    hidden, inter = down  # down: [H, I]
+    gate, up, down_name = names.projections
+    out = []
+    for e in range(e_count):
+        for proj, (o, i) in ((gate, (inter, hidden)), (up, (inter, hidden)), (down_name, (hidden, inter))):
+            path = f"{local}.{e}.{proj}"
+            out.append(LinearSlot(names.checkpoint(f"{base}.{path}"), index, path, o, i))
+    return out
 
 
 def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: int = 512,
-              device: str = "cpu") -> PreflightReport:
-    """Raise ``RecipeError`` for incompatible shapes; otherwise return estimates (see module doc)."""
-    n_layers = int(_cfg(model_config, "num_hidden_layers") or 0)
-    if not 0 <= n_layers <= MAX_LAYERS:  # the module names below are listed (and matched) one by one
-        raise RecipeError("model", f"the config's num_hidden_layers ({n_layers}) is outside 0..{MAX_LAYERS}")
-    linears = layer_linears(model_config)
-    hidden = _cfg(model_config, "hidden_size")
-    vocab = _cfg(model_config, "vocab_size") or 0
-    tied = bool(_cfg(model_config, "tie_word_embeddings", False))
-    layer_params = sum(o * i for o, i in linears.values()) + 2 * hidden
-    params = n_layers * layer_params + vocab * hidden * (1 if tied else 2) + hidden
-    dtype_bytes = 2 if str(_cfg(model_config, "torch_dtype", "") or _cfg(model_config, "dtype", "")).endswith(
+              device: str = "cpu", trust_remote_code: bool = False) -> PreflightReport:
+    """Raise ``RecipeError`` for an unwalkable model, targets that match nothing, or incompatible
+    shapes; otherwise return estimates (see module doc)."""
+    layout = model_layout(model_config, trust_remote_code=trust_remote_code)
+    config = _as_config(model_config)
+    text = getattr(config, "get_text_config", lambda: config)()
+    hidden = int(_cfg(text, "hidden_size") or 0)
+    dtype_bytes = 2 if str(_cfg(config, "torch_dtype", "") or _cfg(config, "dtype", "")).endswith(
         ("bfloat16", "float16")) else 4
 
-    targeted: set[str] = set()
-    hessian_cols: dict[str, int] = {}
+    targeted: dict[str, LinearSlot] = {}
+    hessian_bytes: dict[int, float] = {}
+    layer_params: dict[int, int] = {}
     solver_flops = 0.0
-    for m in recipe.modifiers:
-        for local, (out_f, in_f) in linears.items():
-            name = f"model.layers.0.{local}"
-            names = [f"model.layers.{i}.{local}" for i in range(n_layers)] or [name]
-            hit = [n for n in names if matches_any(m.targets, n, "Linear") and not matches_any(m.ignore, n, "Linear")]
-            if not hit:
-                continue
-            if m.kind == "SparseGPTModifier" and m.mask_structure == "2:4" and in_f % 4:
+    for slot in layout.linears:
+        if slot.layer is not None:
+            layer_params[slot.layer] = layer_params.get(slot.layer, 0) + slot.out_features * slot.in_features
+    matcher = _NameMatcher([s.name for s in layout.linears])
+    for path, m in _modifiers(recipe):
+        hits = [s for s in layout.linears
+                if matcher.any(m.targets, s.name) and not matcher.any(m.ignore, s.name)]
+        outside = [s for s in hits if s.layer is None]
+        if outside:
+            raise RecipeError(f"{path}.ignore", f"{outside[0].name} lies outside the decoder layers and cannot "
+                              f"be compressed; add {outside[0].name!r} to ignore")
+        if not hits:
+            examples = ", ".join(example_names([s.name for s in layout.linears if s.layer is not None]))
+            raise RecipeError(f"{path}.targets", f"{m.targets} (ignoring {m.ignore}) matches no Linear of the "
+                              f"decoder layers of {layout.architecture}, e.g. {examples}")
+        for s in hits:
+            if m.kind == "SparseGPTModifier" and m.mask_structure == "2:4" and s.in_features % 4:
                 raise RecipeError("recipe.mask_structure", f"2:4 sparsity needs input widths divisible by 4; "
-                                  f"{local} has {in_f}")
-            for g in (m.config_groups.values() if m.quantizes else ()):
-                if not matches_any(g.targets, name, "Linear") or g.weights is None:
-                    continue
-                size = g.weights.group_size
-                if g.weights.strategy == "group" and in_f % size:
-                    raise RecipeError("recipe.group_size", _group_message(size, linears, local, in_f))
-            targeted.update(hit)
+                                  f"{s.local} has {s.in_features}")
+            group = next((g for g in m.config_groups.values() if matcher.any(g.targets, s.name)), None) \
+                if m.quantizes else None
+            if group is not None and group.weights is not None and group.weights.strategy == "group" \
+                    and s.in_features % group.weights.group_size:
+                raise RecipeError("recipe.group_size", _group_message(group.weights.group_size, hits, s))
+            targeted[s.name] = s
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):
-                hessian_cols[local] = in_f
-                solver_flops += len(hit) * (in_f ** 3 / 3 + 2 * out_f * in_f ** 2)
+                hessian_bytes[s.layer] = hessian_bytes.get(s.layer, 0) + s.in_features ** 2 * 4
+                solver_flops += s.in_features ** 3 / 3 + 2 * s.out_features * s.in_features ** 2
     calib = recipe.needs_calibration
+    biggest_layer = max(layer_params.values(), default=0)
     act_bytes = samples * seqlen * hidden * 4 if calib else 0
-    hess_bytes = sum(c * c * 4 for c in hessian_cols.values())
-    device_bytes = 1.5 * (layer_params * dtype_bytes + 2 * act_bytes + hess_bytes)
-    host_bytes = params * dtype_bytes + params  # dense weights + 1 byte/param of codes
+    device_bytes = 1.5 * (biggest_layer * dtype_bytes + 2 * act_bytes + max(hessian_bytes.values(), default=0))
+    host_bytes = layout.params * dtype_bytes + layout.params  # dense weights + 1 byte/param of codes
     if device == "cpu":
         host_bytes += device_bytes
-    forward_flops = (2 * 2 * layer_params * samples * seqlen * n_layers) if calib else 0
+    forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
     seconds = (forward_flops + solver_flops) / THROUGHPUT.get(device.split(":")[0], THROUGHPUT["cpu"])
     warnings = []
     if calib and samples < 64:
         warnings.append(f"only {samples} calibration samples; 128-512 are usual")
-    return PreflightReport(layers=n_layers, params=int(params), targeted_modules=len(targeted),
+    return PreflightReport(layers=layout.layers, params=int(layout.params), targeted_modules=len(targeted),
                            peak_host_mb=round(host_bytes / 2 ** 20, 1), peak_device_mb=round(device_bytes / 2 ** 20, 1),
-                           estimated_seconds=round(seconds, 1), warnings=warnings)
+                           estimated_seconds=round(seconds, 1), warnings=warnings, architecture=layout.architecture,
+                           experts=layout.experts, routers=len(layout.routers))
 
 
-def _group_message(size: int, linears: dict[str, tuple[int, int]], local: str, in_f: int) -> str:
-    widths = sorted({i for _, i in linears.values()})
+# A `re:` pattern made of these pieces only cannot match across a line break, so matching it once
+# over all names joined by newlines (MULTILINE, one C-level scan) finds exactly the names
+# `re.match` would: tens of thousands of expert names stay within the request's pattern budget.
+_LINE_SAFE_ESCAPES = set("\\.dwb-_$*+?()[]{}|^/:")
+
+
+def _line_safe(pattern: str) -> bool:
+    if "(?" in pattern or "[^" in pattern or any(ord(c) < 0x20 for c in pattern):
+        return False
+    i = pattern.find("\\")
+    while i != -1:
+        if i + 1 >= len(pattern) or pattern[i + 1] not in _LINE_SAFE_ESCAPES:
+            return False
+        i = pattern.find("\\", i + 2)
+    return True
+
+
+class _NameMatcher:
+    """compressed-tensors matching (class name ``Linear``, exact name, ``re:``) over a fixed name list,
+    each ``re:`` pattern evaluated once for all names."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.text = "\n".join(names)
+        self.starts: dict[int, str] = {}
+        offset = 0
+        for name in names:
+            self.starts[offset] = name
+            offset += len(name) + 1
+        self.cache: dict[str, set[str]] = {}
+
+    def matching(self, pattern: str) -> set[str]:
+        if pattern not in self.cache:
+            if _line_safe(pattern):
+                import regex
+
+                try:
+                    found = regex.compile(f"(?m)^(?:{pattern})").finditer(self.text, timeout=1.0)
+                    self.cache[pattern] = {self.starts[m.start()] for m in found}
+                except TimeoutError:
+                    raise PatternTooSlow(pattern) from None
+            else:
+                self.cache[pattern] = {n for n in self.names if pattern_matches(pattern, n)}
+        return self.cache[pattern]
+
+    def any(self, patterns: list[str], name: str) -> bool:
+        for pattern in patterns:
+            if pattern.startswith("re:"):
+                if name in self.matching(pattern[3:]):
+                    return True
+            elif pattern in (name, "Linear"):
+                return True
+        return False
+
+
+def example_names(names: list[str], limit: int = 8) -> list[str]:
+    """One name per kind (layer and expert numbers aside), for error messages."""
+    seen: dict[str, str] = {}
+    for name in names:
+        seen.setdefault(re.sub(r"\.\d+\.", ".N.", name), name)
+    return list(seen.values())[:limit]
+
+
+def _modifiers(recipe: Recipe):
+    for i, stage in enumerate(recipe.stages):
+        for j, m in enumerate(stage.modifiers):
+            yield f"stages[{i}].modifiers[{j}]", m
+
+
+def _group_message(size: int, hits: list[LinearSlot], slot: LinearSlot) -> str:
+    widths = sorted({s.in_features for s in hits})
     working = [g for g in PRESET_GROUP_SIZES if all(w % g == 0 for w in widths)]
     options = ", ".join(str(g) for g in working) + (" or " if working else "") + "per-channel"
-    return (f"group size {size} does not divide the input width {in_f} of {local}; "
+    return (f"group size {size} does not divide the input width {slot.in_features} of {slot.local}; "
             f"group sizes that work for this model: {options}")

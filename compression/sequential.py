@@ -211,9 +211,10 @@ def _modifier_path(recipe: Recipe, flat_index: int) -> str:
     raise IndexError(flat_index)
 
 
-def _example_names(model: torch.nn.Module, prefix: str, names: CheckpointNames, limit: int = 4) -> str:
-    found = [names.checkpoint(n) for n, _ in _linears(model) if n.startswith(prefix + ".0.")][:limit]
-    return ", ".join(found) or "none"
+def _example_names(model: torch.nn.Module, prefix: str, names: CheckpointNames) -> str:
+    from compression.preflight import example_names
+
+    return ", ".join(example_names([names.checkpoint(n) for n, _ in _linears(model) if n.startswith(prefix + ".")]))
 
 
 def _attach_activation_quant(module: torch.nn.Linear, args: QuantArgs, input_scale: torch.Tensor | None):

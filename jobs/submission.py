@@ -262,12 +262,12 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
         config = load_config(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS,
                              trust_remote_code=trust_remote_code)
         with pattern_time_budget(PREFLIGHT_PATTERN_BUDGET_S):  # user re: patterns run inside this request
-            report = preflight(config, recipe)
+            report = preflight(config, recipe, trust_remote_code=trust_remote_code)
         check_finetune(recipe, config, owner)
     except ModelSourceError as exc:
         raise SubmissionError("model", exc.message) from None
-    except RecipeError as exc:
-        field_path = exc.field if exc.field.startswith("recipe") else f"recipe.{exc.field}"
+    except RecipeError as exc:  # "model": the engine cannot walk it; anything else is in the recipe
+        field_path = exc.field if exc.field.startswith(("recipe", "model")) else f"recipe.{exc.field}"
         raise SubmissionError(field_path, exc.message) from None
     request = JobRequest(owner=owner, model=model, recipe=recipe, calibration=calibration,
                          evaluation=evaluation, trust_remote_code=bool(trust_remote_code), name=name or "",

@@ -36,7 +36,7 @@ def test_group_size_64_passes_preflight_with_estimates():
 
 
 def test_it_rejects_24_sparsity_when_widths_are_not_divisible_by_four():
-    cfg = {"hidden_size": 130, "intermediate_size": 256, "num_attention_heads": 2, "num_hidden_layers": 2,
+    cfg = {"hidden_size": 130, "intermediate_size": 256, "num_attention_heads": 1, "num_hidden_layers": 2,
            "vocab_size": 100}  # a plain dict works too
     with pytest.raises(RecipeError) as exc:
         preflight(cfg, Recipe.from_preset("2:4"))
