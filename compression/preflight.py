@@ -29,7 +29,7 @@ import torch
 
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
-from compression.recipe import PRESET_GROUP_SIZES, PatternTooSlow, Recipe, pattern_matches
+from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, pattern_matches
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
 MAX_LAYERS = 4096
@@ -281,9 +281,11 @@ def example_names(names: list[str], limit: int = 8) -> list[str]:
 
 
 def _modifiers(recipe: Recipe):
+    """(path, modifier) of the modifiers that target modules (a fine-tune stage trains them all)."""
     for i, stage in enumerate(recipe.stages):
         for j, m in enumerate(stage.modifiers):
-            yield f"stages[{i}].modifiers[{j}]", m
+            if m.kind != FINETUNE:
+                yield f"stages[{i}].modifiers[{j}]", m
 
 
 def _group_message(size: int, hits: list[LinearSlot], slot: LinearSlot) -> str:

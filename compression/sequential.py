@@ -30,7 +30,7 @@ from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, qu
 from compression.moe import CheckpointNames, PerExpertLinears, is_router, router_names, unfuse_experts
 from compression.quant import FP8_MAX, QuantArgs, check_24_pattern, fake_quantize_activation
 from compression.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
-from compression.recipe import Modifier, Recipe, SchemeGroup, matches_any
+from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.sparsegpt import magnitude_prune, sparsegpt_prune
 from compression.walk import LayerInputs, capture_layer_inputs, decoder_layers
 
@@ -193,7 +193,7 @@ def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Ch
                 hit = True
         targeted += hit
     for k, count in enumerate(matched):
-        if not count:
+        if not count and recipe.modifiers[k].kind != FINETUNE:  # fine-tuning trains every layer
             m = recipe.modifiers[k]
             raise RecipeError(f"{_modifier_path(recipe, k)}.targets",
                               f"{m.targets} (ignoring {m.ignore}) matches no Linear of the decoder layers of "
