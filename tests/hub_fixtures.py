@@ -39,3 +39,27 @@ def go_online(monkeypatch) -> None:
     """The worker is online (the Hub variables unset); downloads still go to the fixtures."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
+
+
+LM_EVAL_HUB = {  # lm-eval dataset_path -> {split: fixture file}
+    "Rowan/hellaswag": {"train": "hellaswag-train.jsonl", "validation": "hellaswag-validation.jsonl"},
+}
+
+
+def point_lm_eval_at_fixtures(monkeypatch) -> list[str]:
+    """lm-eval's built-in (Hub) tasks load their data with `datasets.load_dataset(path=...)`: for the
+    datasets in LM_EVAL_HUB that call reads the fixture files (real `datasets` JSON loader) instead."""
+    import datasets
+
+    real = datasets.load_dataset
+    calls: list[str] = []
+
+    def load_dataset(path=None, name=None, *args, **kwargs):
+        if path in LM_EVAL_HUB:
+            calls.append(path)
+            files = {split: str(FIXTURES / file) for split, file in LM_EVAL_HUB[path].items()}
+            return real("json", data_files=files)
+        return real(path, name, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
