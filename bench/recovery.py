@@ -66,6 +66,25 @@ def _quant_variants(model, masks, calibration, windows, row: dict, which=QUANT) 
         del quantized
 
 
+def markdown(results: dict) -> str:
+    """The docs/benchmarks.md table of a results file: held-out perplexity and its ratio to dense."""
+    dense = results["ppl_dense"]
+    lines = [f"Dense held-out perplexity: {dense:.3f}.", "",
+             "| row | 2:4 (16-bit) ppl | ratio | + FP8_DYNAMIC ppl | ratio | + W4A16 (per-channel GPTQ) ppl | ratio | cost |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in results.get("rows", []):
+        cells = [row["name"], f"{row['ppl']:.2f}", f"{row['ratio']:.3f}"]
+        for q in ("+FP8_DYNAMIC", "+W4A16"):
+            cells += [f"{row[q]['ppl']:.2f}", f"{row[q]['ratio']:.3f}"] if q in row else ["not run", ""]
+        if "distill" in row:
+            d = row["distill"]
+            cost = f"fine-tune {d['tokens']:,} tokens, {d['steps']} steps, {d['minutes']} min"
+        else:
+            cost = f"compress {row.get('compress_s', 0):.0f} s"
+        lines.append("| " + " | ".join(cells + [cost]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=32, help="calibration chunks used for pruning (of 128)")
@@ -84,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", nargs="*", choices=QUANT, default=list(QUANT),
                         help="quantization run after each row (keeping the 2:4 zeros)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery.json"))
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and exit")
+    parser.add_argument("--distill-from", choices=["recon", "oneshot"], default="recon",
+                        help="fine-tune the reconstructed model (default) or the one-shot pruned one")
+    parser.add_argument("--dense-ppl", type=float, default=None,
+                        help="the dense model's perplexity on the same windows, if already measured")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
 
@@ -104,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = peer.calibration_samples(split)[: args.samples]
     windows = split.evaluation[: args.windows]
     t0 = time.perf_counter()
-    ppl_dense = _ppl(dense, windows)
+    ppl_dense = args.dense_ppl if args.dense_ppl is not None else _ppl(dense, windows)
     log.info("dense ppl %.3f (%.0f s)", ppl_dense, time.perf_counter() - t0)
     results.update({
         "benchmark": "recovery",
@@ -129,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             if q in row:
                 row[q]["ratio"] = round(row[q]["ppl"] / ppl_dense, 4)
         rows[row["name"]] = row
-        results["rows"] = [rows[n] for n in ("2:4 one-shot", "2:4 + reconstruction", "2:4 + reconstruction + distillation")
-                           if n in rows]
+        order = ("2:4 one-shot", "2:4 + reconstruction", "2:4 + distillation", "2:4 + reconstruction + distillation")
+        results["rows"] = [rows[n] for n in order if n in rows]
         results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
         results["total_s"] = round(time.perf_counter() - started, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         del model
 
     recon_model = None
-    if "recon" in args.only or "distill" in args.only:
+    if "distill" in args.only and args.distill_from == "oneshot":
+        t0 = time.perf_counter()
+        recon_model = copy.deepcopy(dense)
+        report = compress_model(recon_model, Recipe.from_preset("2:4"), calibration)
+        masks = sparsity_masks(recon_model, report)
+        log.info("one-shot 2:4 for the fine-tune: %.0f s", time.perf_counter() - t0)
+    if "recon" in args.only or ("distill" in args.only and args.distill_from == "recon"):
         t0 = time.perf_counter()
         recon_model = copy.deepcopy(dense)
         report = compress_model(recon_model, Recipe.from_preset("2:4", reconstruction=recon), calibration)
@@ -175,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = finetune(recon_model, dense, train, masks, settings)
         summary = result.summary()
-        row = {"name": "2:4 + reconstruction + distillation", "distill": {
+        row = {"name": "2:4 + reconstruction + distillation" if args.distill_from == "recon"
+               else "2:4 + distillation", "distill": {
             **{k: v for k, v in summary.items() if k != "losses"}, "lr": args.distill_lr,
             "batch_size": args.distill_batch, "seq_len": args.distill_seq,
             "minutes": round((time.perf_counter() - t0) / 60, 1)},

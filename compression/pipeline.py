@@ -551,6 +551,7 @@ class _FinetuneStage:
 
         settings = self.modifier.finetune
         masks = sparsity_masks(model, report)
+        module_masks = sparsity_masks(model, report, by_module=True)
         stage = _Stage(self.progress, "finetune")
         stage(f"fine-tuning against the dense teacher: {settings.describe()}")
 
@@ -559,7 +560,7 @@ class _FinetuneStage:
             stage(event.get("message", ""), (event.get("step") or 0) / max(settings.total_steps, 1), **extra)
 
         with _timed(timings, "finetune_s"):
-            self.result = finetune(model, self.teacher, self.windows, masks, settings, progress=forward,
+            self.result = finetune(model, self.teacher, self.windows, module_masks, settings, progress=forward,
                                    should_stop=self.should_stop, checkpoint_dir=self.checkpoint_dir,
                                    fingerprint=self.fingerprint)
         self.teacher = self.windows = None

@@ -513,11 +513,19 @@ def _reconstruct(layer, plans, masks, inputs, targets, settings, report, emit, i
                      + ("" if result.kept else "; no gain, pruned weights kept")})
 
 
-def sparsity_masks(model: torch.nn.Module, report: CompressionReport) -> dict[str, torch.Tensor]:
-    """{module name: weight == 0} of every module ``report`` pruned (the masks a later pass must hold)."""
+def sparsity_masks(model: torch.nn.Module, report: CompressionReport, *,
+                   by_module: bool = False) -> dict[str, torch.Tensor]:
+    """{name: weight == 0} of every Linear ``report`` pruned (the masks a later pass must hold), keyed
+    by the report's (checkpoint) name, or with ``by_module`` by the module path in ``model``."""
+    names = CheckpointNames.for_model(model)
     modules = dict(model.named_modules())
-    return {name: (modules[name].weight.data == 0).cpu() for name, record in report.modules.items()
-            if record.sparsity is not None and name in modules}
+    out = {}
+    for name, record in report.modules.items():
+        path = names.module(name)
+        module = modules.get(path) or modules.get(name)
+        if record.sparsity is not None and module is not None:
+            out[(path if path in modules else name) if by_module else name] = (module.weight.data == 0).cpu()
+    return out
 
 
 def merge_reports(first: CompressionReport, second: CompressionReport) -> CompressionReport:
