@@ -8,7 +8,8 @@ their real durations, so "elapsed x (1 - fraction) / fraction" is wrong in both 
   evaluation), once it has measurably started (>= 2 %); before that, an earlier run's duration;
 * every stage still to come: how long it took in the owner's last succeeded job with the same
   model, recipe and evaluation (results["timings"]); the compressed evaluation, lacking that,
-  takes as long as this job's own baseline evaluation did (same tasks, same documents).
+  takes as long as this job's own baseline evaluation did (same tasks, same documents); the
+  finish (model card, rename) counts as nothing.
 
 When some stage still to come has no measurement the total is unknown and is shown as such; the
 current stage's estimate stands alone.
@@ -74,6 +75,8 @@ def estimate(progress: dict, now: dt.datetime, *, previous: dict[str, float] | N
         guess = previous.get(later)
         if guess is None and later == "evaluate":
             guess = measured.get("baseline")
+        if guess is None and later == "finish":
+            guess = 0.0  # writing the card and renaming the directory: seconds at most
         if guess is None:
             total = None
             break

@@ -48,6 +48,7 @@ def test_an_evaluation_near_its_end_says_seconds_not_minutes():
     # lm-eval 390/400 requests in 390 s: 10 s left (the old estimate said 441 s)
     eta = estimate(_progress("evaluate", 0.975, 390), NOW, previous={"finish": 1.0})
     assert eta["stage_s"] == 10 and eta["total_s"] == 11
+    assert estimate(_progress("evaluate", 0.975, 390), NOW)["total_s"] == 10  # the finish counts as nothing
 
 
 def test_human_durations():
