@@ -27,7 +27,7 @@ def wait_until_finished(job: Job, worker, timeout: float = 300) -> Job:
 
 def submit(client, **fields) -> Job:
     data = {"preset": "FP8_DYNAMIC", "group_size": "", "recipe_yaml": "", "calibration_samples": 4,
-            "calibration_seqlen": 64, "eval_windows": 2, **fields}
+            "calibration_seqlen": 64, "eval_windows": 2, "eval_tasks": ["wikitext2_ppl"], **fields}
     response = client.post(reverse("job-new"), data)
     assert response.status_code == 302, response.content.decode()[:3000]
     return Job.objects.get(pk=response["Location"].rstrip("/").split("/")[-1])
