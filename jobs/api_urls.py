@@ -1,12 +1,14 @@
 """/api/...: the REST API (jobs/api.py), its OpenAPI schema and the docs page."""
 from django.urls import path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from . import api, hub_push_api
 
 urlpatterns = [
     path("schema", SpectacularAPIView.as_view(), name="api-schema"),
-    path("docs", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # the split view serves its start-up script as a file (?script), so the page needs no inline script
+    path("docs", SpectacularSwaggerSplitView.as_view(url_name="api-schema", template_name="api/swagger_ui.html"),
+         name="api-docs"),
     path("jobs", api.jobs, name="api-jobs"),
     path("jobs/<uuid:job_id>", api.job_detail, name="api-job-detail"),
     path("jobs/<uuid:job_id>/events", api.job_events, name="api-job-events"),

@@ -1,7 +1,12 @@
-"""Request-level guards that run before any view: a body over the size limit is a 413 before it is
-read, and every response carries the security headers (jobs/security_headers is added by the CSP
-work)."""
+"""Request-level guards: a body over the size limit is a 413 before it is read, and every response
+carries a Content-Security-Policy."""
 from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import re
+from pathlib import Path
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -46,3 +51,56 @@ class RequestSizeLimitMiddleware:
         if length > limit:
             return too_large(request, limit)
         return self.get_response(request)
+
+
+# Every page's scripts and styles are files served from here (static/js, static/css, plotly.js from
+# the installed package, Swagger UI from drf-spectacular-sidecar): no inline <script>, no on*=
+# handlers, no style attributes or <style> elements in our markup. Scripts may still set
+# element.style and insert CSS rules (CSSOM), which CSP does not govern; plotly styles its SVG that way.
+# Chart data travels in json_script islands (type application/json: data, not script).
+# plotly.js does add <style> elements: empty ones it then fills through CSSOM, and one holding the
+# CSS of its map module; those two contents are allowed by hash (computed from the very file we serve).
+POLICY = [
+    "default-src 'self'",
+    "script-src 'self'",
+    "style-src 'self' {plotly_styles}",
+    "img-src 'self' data:",
+    "font-src 'self'",
+    "connect-src 'self'",
+    "object-src 'none'",
+    "base-uri 'none'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+]
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+@functools.lru_cache(maxsize=1)
+def plotly_style_hashes() -> tuple[str, ...]:
+    """Hash sources for the <style> contents plotly.min.js inserts: the empty string, and every
+    `.textContent='<css>'` literal of the bundle (its map CSS)."""
+    import plotly
+
+    bundle = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    literals = re.findall(r"\.textContent='([^'\\]*)'", bundle.read_text(encoding="utf-8"))
+    return tuple(dict.fromkeys([_sha256(""), *(_sha256(css) for css in literals)]))
+
+
+@functools.lru_cache(maxsize=1)
+def content_security_policy() -> str:
+    return "; ".join(POLICY).format(plotly_styles=" ".join(plotly_style_hashes()))
+
+
+class ContentSecurityPolicyMiddleware:
+    """Adds `content_security_policy()` to every response that has none."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        response.headers.setdefault("Content-Security-Policy", content_security_policy())
+        return response

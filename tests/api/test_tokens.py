@@ -37,10 +37,13 @@ def test_a_user_creates_regenerates_and_revokes_their_token(client, owner, outsi
     client.force_login(owner)
     page = client.get(PAGE).content.decode()
     assert "You have no API token" in page and "API tokens" in page
-    client.post(PAGE, {"action": "create"})
+    created = client.post(PAGE, {"action": "create"})
     first = Token.objects.get(user=owner)
-    assert first.key in client.get(PAGE).content.decode()
-    assert other.key not in client.get(PAGE).content.decode()
+    assert created.status_code == 200 and first.key in created.content.decode()
+    assert "shown only this once" in created.content.decode()
+    page = client.get(PAGE).content.decode()
+    assert first.key not in page and "You have an API token" in page  # shown once, never again
+    assert other.key not in page
     client.post(PAGE, {"action": "create"})
     second = Token.objects.get(user=owner)
     assert second.key != first.key
@@ -57,5 +60,11 @@ def test_the_page_is_protected_by_csrf(owner):
     assert client.post(PAGE, {"action": "create"}).status_code == 403
     assert not Token.objects.filter(user=owner).exists()
     headers = csrf_headers(client)
-    assert client.post(PAGE, {"action": "create"}, **headers).status_code == 302
+    assert client.post(PAGE, {"action": "create"}, **headers).status_code == 200
     assert Token.objects.filter(user=owner).exists()
+
+
+def test_the_token_page_is_never_stored_by_a_cache(client, owner):
+    client.force_login(owner)
+    for response in (client.get(PAGE), client.post(PAGE, {"action": "create"})):
+        assert "no-store" in response["Cache-Control"] and "private" in response["Cache-Control"]

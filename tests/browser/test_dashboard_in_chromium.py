@@ -35,10 +35,23 @@ def browser_page():
             "--disable-sync", "--no-first-run", "--disable-quic"])
         context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
         page = context.new_page()
+        watch_csp(context, page)
         yield page
         context.close()
         browser.close()
     os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+def watch_csp(context, page) -> None:
+    """Collect every Content-Security-Policy violation the browser reports, on any page of the test,
+    into ``page.csp_violations``: the DOM's securitypolicyviolation events and Chromium's console errors."""
+    page.csp_violations = []
+    context.expose_binding("reportCspViolation", lambda source, text: page.csp_violations.append(text))
+    context.add_init_script("""document.addEventListener("securitypolicyviolation", (e) => window.reportCspViolation(
+        `${e.violatedDirective} blocked ${e.blockedURI || "inline"} at ${e.sourceFile}:${e.lineNumber} on ${location.pathname}`));""")
+    page.on("console", lambda message: page.csp_violations.append(
+        f"{message.text} ({message.location.get('url')}:{message.location.get('lineNumber')})")
+            if "Content Security Policy" in message.text else None)
 
 
 def log_in(page, live_server, user) -> None:
@@ -117,6 +130,7 @@ def test_a_user_runs_a_job_from_the_browser(browser_page, live_server, owner, jo
     page.wait_for_selector("#chart-scatter[data-rendered=true] .main-svg")
     page.wait_for_selector("#chart-bars[data-rendered=true] .main-svg")
     page.screenshot(path=str(ARTIFACTS / "04-compare.png"), full_page=True)
+    assert page.csp_violations == [], "\n".join(page.csp_violations)  # the form, the live job page, both plotly charts, the compare page
 
 
 def test_hostile_text_stays_text_in_the_browser(browser_page, live_server, owner):
@@ -236,3 +250,32 @@ def test_results_progress_and_compare_pages_tell_the_truth(browser_page, live_se
     assert page.locator("#compare-table tbody tr").count() == 2
     page.screenshot(path=str(ARTIFACTS / "10-compare-filtered.png"), full_page=True)
     assert csp == [], csp
+
+
+def test_every_page_keeps_to_the_content_security_policy(browser_page, live_server, owner):
+    """The pages without a running job (their scripts, plotly, Swagger UI) under the real policy; and the
+    API token is shown once, on the page that created it."""
+    from jobs.middleware import content_security_policy
+    from tests.jobs.factories import make_job
+
+    page = browser_page
+    job = make_job(owner, name="queued one")
+    log_in(page, live_server, owner)
+    for path in ["/", "/jobs/new/", f"/jobs/{job.id}/", "/compare/", "/calibration/"]:
+        response = page.goto(f"{live_server.url}{path}")
+        assert response.headers["content-security-policy"] == content_security_policy(), path
+        page.wait_for_load_state("networkidle")
+    page.goto(f"{live_server.url}/api/docs")
+    page.wait_for_selector(".swagger-ui .info .title")  # Swagger UI started from its script file
+    assert "Compressor API" in page.text_content(".swagger-ui .info .title")
+
+    page.goto(f"{live_server.url}/account/api-token/")
+    page.click("button[value=create]")
+    page.wait_for_selector("#token-key")
+    from rest_framework.authtoken.models import Token
+
+    key = Token.objects.get(user=owner).key
+    assert page.input_value("#token-key") == key
+    page.goto(f"{live_server.url}/account/api-token/")
+    assert key not in page.content() and "You have an API token" in page.text_content("main")
+    assert page.csp_violations == [], "\n".join(page.csp_violations)
