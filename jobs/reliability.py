@@ -242,8 +242,8 @@ def fail_unclaimed(now=None, snapshot: BrokerSnapshot | None = None,
         if waited <= deadline_s:
             continue
         message = (f"a worker took this job from the queue {waited:.0f} s ago but never started it (claim "
-                   f"deadline COMPRESSOR_CLAIM_DEADLINE_S={deadline_s} s; the worker's pool process was "
-                   "stuck). The job did not run; resubmit it.")
+                   f"deadline COMPRESSOR_CLAIM_DEADLINE_S={deadline_s} s; the worker's pool process was stuck "
+                   "or the worker died). The job did not run; resubmit it.")
         if Job.fail(job_id, CLAIM_TIMEOUT, message, from_status=(Status.QUEUED,)):
             JobEvent.objects.create(job_id=job_id, stage="failed", level="error", message=message)
             log.error("job %s failed: %s", job_id, message)
