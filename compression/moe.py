@@ -83,7 +83,8 @@ class PerExpertLinears(nn.Module):
         # the family's own gating (transformers' experts classes define ``_apply_gate(self, gate_up_out)``)
         self._apply_gate_impl = getattr(type(fused), "_apply_gate", None)
         self.calibrate_all_experts = False
-        self.routed_tokens = torch.zeros(self.num_experts, dtype=torch.long)
+        self.routed_tokens = torch.zeros(self.num_experts, dtype=torch.long)  # per expert, since reset
+        self.tokens = 0  # tokens that entered the block since reset
         transposed = bool(getattr(fused, "is_transposed", False))
         gate_up, down = fused.gate_up_proj, fused.down_proj
         if transposed:  # [E, H, 2I] / [E, I, H]
@@ -98,6 +99,14 @@ class PerExpertLinears(nn.Module):
                                  (down[e], None if down_bias is None else down_bias[e])):
                 linears.append(_linear(weight, bias))
             self.add_module(str(e), ExpertMLP(names, *linears))
+
+    def reset_counts(self) -> None:
+        self.routed_tokens.zero_()
+        self.tokens = 0
+
+    def seen_tokens(self, index: int) -> int:
+        """Calibration tokens expert ``index``'s statistics saw since the last reset."""
+        return self.tokens if self.calibrate_all_experts else int(self.routed_tokens[index])
 
     def expert(self, index: int) -> ExpertMLP:
         return getattr(self, str(index))
@@ -117,6 +126,7 @@ class PerExpertLinears(nn.Module):
         with torch.no_grad():
             hits = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).sum(dim=(0, 1))
             self.routed_tokens += hits.to(self.routed_tokens.device, torch.long)
+            self.tokens += int(hidden_states.shape[0])
         for e in range(self.num_experts):
             token_idx, slot = torch.where(top_k_index == e)
             if self.calibrate_all_experts:

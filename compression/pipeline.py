@@ -202,7 +202,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         staged = _FinetuneStage(spec, recipe, model, tokenizer, data_dir, calibration_spec, progress, should_stop)
         with _timed(timings, "compress_s"):
             report = compress_model(model, staged.before, calibration, device=device,
-                                    progress=_engine_progress(progress, *staged.prune_span), should_stop=should_stop)
+                                    progress=_engine_progress(progress, *staged.prune_span), should_stop=should_stop,
+                                    calibrate_all_experts=bool(calibration_spec.get("calibrate_all_experts")))
         check_stop()
         if staged.modifier is not None:
             report = staged.run(model, report, calibration, device, timings)

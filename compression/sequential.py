@@ -274,7 +274,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             layer.to(device)
             plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names)
             stats = _collect_statistics(layer, index, plans, inputs)
-            _expert_fallbacks(layer, plans, stats, min_expert_tokens, calibrate_all_experts)
+            _expert_fallbacks(layer, plans, stats, min_expert_tokens)
             recon = _reconstruction_settings(plans) if inputs else None
             targets = (reconstruction_targets(layer, inputs.pairs(index), dense_inputs.pairs(index), recon)
                        if recon else None)
@@ -321,42 +321,40 @@ def _experts_of(root: torch.nn.Module) -> list[tuple[str, PerExpertLinears]]:
     return [(n, m) for n, m in root.named_modules() if isinstance(m, PerExpertLinears)]
 
 
-def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[str, dict], min_tokens: int,
-                      calibrate_all: bool) -> None:
-    """Mark the plans of experts that saw fewer than ``min_tokens`` calibration tokens.
+def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[str, dict], min_tokens: int) -> None:
+    """Mark the plans of experts whose statistics saw fewer than ``min_tokens`` calibration tokens.
 
     Their weights get round-to-nearest (no GPTQ) / magnitude pruning (no SparseGPT), and a static
     input scale is the largest one of the same projection among this layer's other experts.
     """
     by_local = {p.local: p for p in plans}
     for path, experts in _experts_of(layer):
-        counts = experts.routed_tokens.tolist()
-        for e, routed in enumerate(counts):
-            seen = max(counts) if calibrate_all else routed
-            if seen >= min_tokens:
+        seen = [experts.seen_tokens(e) for e in range(experts.num_experts)]
+        for e, tokens in enumerate(seen):
+            if tokens >= min_tokens:
                 continue
             for proj in experts.expert(e).names:
                 plan = by_local.get(f"{path}.{e}.{proj}")
                 if plan is None:
                     continue
-                plan.fallback = (f"expert {e} received {routed} calibration tokens (< {min_tokens}): "
+                plan.fallback = (f"expert {e} received {tokens} calibration tokens (< {min_tokens}): "
                                  "round-to-nearest weights / magnitude pruning, without GPTQ/SparseGPT compensation")
                 entry = stats.get(plan.name, {})
                 entry.pop("hessian", None)
                 if "absmax" in entry:
-                    peers = [stats[p.name]["absmax"] for k in range(len(counts)) if k != e and counts[k] >= min_tokens
+                    peers = [stats[p.name]["absmax"] for k in range(len(seen)) if k != e and seen[k] >= min_tokens
                              and (p := by_local.get(f"{path}.{k}.{proj}")) is not None and "absmax" in stats.get(p.name, {})]
                     if peers:
                         entry["absmax"] = torch.stack(peers).amax()
                         plan.fallback += "; static input scale from the layer's other experts"
-        experts.routed_tokens.zero_()
+        experts.reset_counts()
 
 
 def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
                         inputs: LayerInputs) -> dict[str, dict]:
     """Run every sample through the (still uncompressed) layer; hooks record H and input absmax."""
     for _, experts in _experts_of(layer):
-        experts.routed_tokens.zero_()
+        experts.reset_counts()
     wanted = [p for p in plans if p.needs_hessian or p.needs_absmax]
     if not wanted or not inputs:
         return {}

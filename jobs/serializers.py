@@ -74,6 +74,9 @@ class CalibrationInputSerializer(StrictSerializer):
                                    help_text="A data-directory file or a Hugging Face dataset id")
     samples = serializers.IntegerField(required=False, allow_null=True)
     seqlen = serializers.IntegerField(required=False, allow_null=True)
+    calibrate_all_experts = serializers.BooleanField(
+        required=False, help_text="MoE models: every expert's statistics see every calibration token (true) "
+                                  "instead of only the tokens routed to it (false, the default)")
 
 
 class EvaluationInputSerializer(StrictSerializer):

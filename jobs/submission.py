@@ -83,9 +83,14 @@ def clean_calibration(raw: dict | None, owner: Any = None, *, needs_calibration:
     """Calibration settings with a checked source: ``upload:<id>`` (one of the owner's uploads), a
     file inside the data directory, or a Hub dataset id ``org/name[:split]``."""
     raw = dict(raw or {})
-    unknown = set(raw) - {"source", "samples", "seqlen"}
+    unknown = set(raw) - {"source", "samples", "seqlen", "calibrate_all_experts"}
     if unknown:
-        raise SubmissionError(f"calibration.{sorted(unknown)[0]}", "unknown field; allowed: source, samples, seqlen")
+        raise SubmissionError(f"calibration.{sorted(unknown)[0]}",
+                              "unknown field; allowed: source, samples, seqlen, calibrate_all_experts")
+    all_experts = raw.get("calibrate_all_experts", False)
+    if not isinstance(all_experts, bool):
+        raise SubmissionError("calibration.calibrate_all_experts", "must be true or false (MoE models: every "
+                              "expert's statistics see every calibration token)")
     given = raw.get("source")
     source = given or default_calibration_source()
     if not isinstance(source, str) or len(source) > 300:
@@ -97,7 +102,8 @@ def clean_calibration(raw: dict | None, owner: Any = None, *, needs_calibration:
         check_calibration_available(source)
     return {"source": source,
             "samples": _bounded_int(raw.get("samples"), "calibration.samples", 128),
-            "seqlen": _bounded_int(raw.get("seqlen"), "calibration.seqlen", 512)}
+            "seqlen": _bounded_int(raw.get("seqlen"), "calibration.seqlen", 512),
+            **({"calibrate_all_experts": True} if all_experts else {})}
 
 
 def check_calibration_source(source: str, owner: Any) -> None:

@@ -49,3 +49,16 @@ def test_it_refuses_a_model_whose_experts_it_cannot_split(api, sent, settings, t
     assert response.status_code == 400
     assert "interleaved" in errors(response)["model"]
     assert not Job.objects.exists() and sent == []
+
+
+def test_calibrate_all_experts_is_a_calibration_option_checked_by_type(api, sent, settings, tmp_path):
+    settings.COMPRESSOR_MODEL_ROOTS = [str(tmp_path)]
+    model = _model_dir(tmp_path, "qwen3-moe", tiny_family_config("qwen3_moe"))
+    body = {"model": model, "recipe": {"preset": "W4A16", "group_size": 32}, "evaluation": EVALUATION,
+            "calibration": {"samples": 16, "seqlen": 64, "calibrate_all_experts": "maybe"}}
+    refused = api.post(URL, body, format="json")
+    assert refused.status_code == 400 and "calibration.calibrate_all_experts" in errors(refused)
+    body["calibration"]["calibrate_all_experts"] = True
+    ok = api.post(URL, body, format="json")
+    assert ok.status_code == 201, ok.content
+    assert Job.objects.get(pk=ok.json()["id"]).calibration["calibrate_all_experts"] is True
