@@ -138,3 +138,27 @@ def test_a_missing_bucket_at_start_up_names_the_setting(s3_server, settings, mon
     with pytest.raises(ImproperlyConfigured) as caught:
         storage.check_store()
     assert "refused access to the bucket" in str(caught.value) and "COMPRESSOR_ARTIFACT_STORE" in str(caught.value)
+
+
+@pytest.mark.django_db
+def test_a_job_stored_in_the_bucket_can_be_pushed_to_the_hub(bucket, settings, owner, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from jobs.hub_push import push_job
+    from tests.fake_hub import FakeHub
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    settings.VAR_DIR = tmp_path / "var"
+    hub = FakeHub().start()
+    try:
+        hub.tokens["hf_writeTokenOfAlice1234"] = ("alice", [], "write")
+        settings.COMPRESSOR_HF_ENDPOINT = hub.url
+        results = storage.commit_artifact("j4", artifact_dir(tmp_path), {"artifact": {}})
+        job = make_job(owner, status=Status.SUCCEEDED, artifact_dir="j4", results=results)
+        result = push_job(job, repo_id="alice/from-bucket", token="hf_writeTokenOfAlice1234", owner=owner)
+        assert result.files == 3
+        assert hub.repos["alice/from-bucket"]["files"]["README.md"] == b"# card\n"
+    finally:
+        hub.stop()
