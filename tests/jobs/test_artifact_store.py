@@ -162,3 +162,20 @@ def test_a_job_stored_in_the_bucket_can_be_pushed_to_the_hub(bucket, settings, o
         assert hub.repos["alice/from-bucket"]["files"]["README.md"] == b"# card\n"
     finally:
         hub.stop()
+
+
+def test_a_web_server_with_an_unreachable_store_does_not_start(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "COMPRESSOR_ARTIFACT_STORE": "s3://nowhere", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y", "COMPRESSOR_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+           "COMPRESSOR_WARM_DEMO_CONFIG": "0", "COMPRESSOR_VAR_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "manage.py", "runserver", f"127.0.0.1:{free_port()}", "--noreload"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ImproperlyConfigured: cannot reach the object store s3://nowhere" in proc.stderr
+    assert "COMPRESSOR_ARTIFACT_STORE" in proc.stderr and "COMPRESSOR_S3_ENDPOINT_URL" in proc.stderr
