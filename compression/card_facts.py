@@ -107,7 +107,8 @@ def as_eval_result(results: dict, evaluation: dict) -> dict:
     for task, metrics in results.items():
         if task.startswith("_"):
             continue
-        source = lm.get("sources", {}).get(task, "local" if task == "wikitext2_ppl" else None)
+        source = lm.get("sources", {}).get(task, (results.get("_perplexity") or {}).get("source", "local")
+                                            if task == "wikitext2_ppl" else None)
         shots = (lm.get("num_fewshot") or {}).get(task)
         if shots is None:  # the job's setting, else the local tasks' own 0-shot definition
             shots = (lm.get("settings") or {}).get("num_fewshot")

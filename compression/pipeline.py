@@ -309,6 +309,9 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
         ppl = wikitext_perplexity(model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]),
                                   max_windows=int(evaluation["windows"]), should_stop=should_stop)
         results["wikitext2_ppl"] = {"perplexity": {"value": ppl, "higher_is_better": False}}
+        from .data_sources import PERPLEXITY_TASK, eval_option
+
+        results["_perplexity"] = {"source": eval_option(PERPLEXITY_TASK, data_dir or None).source}  # local | hub
     if lm_tasks:
         from .evaluation import EvalSettings, evaluate
 

@@ -8,6 +8,7 @@ from compression.eval_backend import BackendError, number_sources, select_backen
 from compression.pipeline import run_job
 from compression.recipe import Recipe
 from tests.eval.facts import facts
+from tests.hub_fixtures import go_online, point_hub_at_fixtures
 from tests.tiny import save_tiny_llama
 
 
@@ -54,13 +55,21 @@ def test_the_card_says_whether_the_checkpoint_loaded_in_vllm():
 
 
 def test_a_cpu_job_records_its_backend_and_the_source_of_every_number(tmp_path, monkeypatch):
+    """No data directory, worker online: WikiText-2 comes from the Hub (its download pointed at a fixture)."""
     monkeypatch.delenv("COMPRESSOR_EVAL_BACKEND", raising=False)
+    go_online(monkeypatch)
+    calls = point_hub_at_fixtures(monkeypatch)
     model_dir = save_tiny_llama(tmp_path / "m")
     spec = {"model": str(model_dir), "allowed_roots": [str(tmp_path)], "device": "cpu", "data_dir": "",
-            "recipe": Recipe.from_preset("FP8_DYNAMIC").to_dict(), "evaluation": {"tasks": [], "speed": False}}
+            "recipe": Recipe.from_preset("FP8_DYNAMIC").to_dict(),
+            "evaluation": {"tasks": ["wikitext2_ppl"], "windows": 2, "seqlen": 16, "speed": False}}
     results = run_job(spec, tmp_path / "out")
+    assert ("Salesforce/wikitext", "wikitext-2-raw-v1", "test") in calls
+    assert results["evaluation"]["baseline"]["_perplexity"] == {"source": "hub"}
     assert results["evaluation"]["backend"] == {"name": "hf", "reason": "the worker evaluates on CPU"}
-    assert results["evaluation"]["vllm"] is None and results["evaluation"]["number_sources"] == {}
+    assert results["evaluation"]["vllm"] is None
+    assert results["evaluation"]["number_sources"]["wikitext2_ppl"]["compressed"] == \
+        "our perplexity loop on the compressed runtime (kernels/)"
     assert "Not loaded in vLLM by the compressing worker (the worker evaluates on CPU)" in results["model_card"]
 
 
