@@ -67,3 +67,32 @@ def wikitext_perplexity(model, tokenizer, data_dir: str | Path, *, seqlen: int =
     """WikiText-2 test perplexity of `model` on the first `max_windows` windows of `seqlen` tokens."""
     windows = wikitext_windows(tokenizer, data_dir, seqlen=seqlen, max_windows=max_windows)
     return perplexity_on_windows(model, windows, batch_size=batch_size, should_stop=should_stop)
+
+
+PPL_CACHE_VERSION = "wikitext2_ppl-1"
+
+
+def cached_wikitext_perplexity(model, tokenizer, data_dir: str | Path, *, seqlen: int, max_windows: int | None,
+                               cache_dir: str | Path, model_identity: dict | str,
+                               should_stop: Callable[[], bool] | None = None) -> tuple[float, bool]:
+    """:func:`wikitext_perplexity` cached like the lm-eval baselines: one JSON entry per model
+    identity (+ dtype), window size/count and the exact test text. Returns (perplexity, cache_hit)."""
+    import hashlib
+    import json
+
+    from .data_sources import wikitext2_test_text
+    from .evaluation import _cache_read, _cache_write, _model_key
+
+    text, _where = wikitext2_test_text(data_dir)
+    parts = {"model": _model_key(model, model_identity), "task": "wikitext2_ppl", "seqlen": seqlen,
+             "windows": max_windows, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+             "version": PPL_CACHE_VERSION}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    cache = Path(cache_dir)
+    hit = _cache_read(cache, key)
+    if hit is not None and isinstance(hit.get("perplexity"), (int, float)):
+        return float(hit["perplexity"]), True
+    ppl = wikitext_perplexity(model, tokenizer, data_dir, seqlen=seqlen, max_windows=max_windows,
+                              should_stop=should_stop)
+    _cache_write(cache, key, parts, {"perplexity": ppl})
+    return ppl, False

@@ -171,7 +171,12 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         check_stop()
 
         baseline_stage = _Stage(progress, "baseline")
-        baseline_stage("evaluating the uncompressed model")
+        from .placement import place_for_eval, release_device_memory
+
+        placement = place_for_eval(model, device)  # the job's device: whole, or layer by layer
+        devices = {"baseline_eval": placement.as_dict(), "dense_speed": None, "compress": device,
+                   "compressed_eval": device, "compressed_speed": None}
+        baseline_stage(f"evaluating the uncompressed model on {placement.device} ({placement.mode})")
         with _timed(timings, "baseline_eval_s"):
             baseline = _evaluate(model, tokenizer, evaluation, data_dir, cache_dir=spec.get("cache_dir"),
                                  model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)},
@@ -181,6 +186,8 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             baseline_stage("measuring the uncompressed model's speed and memory", 0.9)
             with _timed(timings, "baseline_speed_s"):
                 dense_speed = _measure(model, baseline_stage)
+            devices["dense_speed"] = placement.as_dict()
+        placement.restore(model)  # back to the CPU: compression moves one layer at a time itself
         baseline_stage("baseline evaluated", 1.0)
         check_stop()
 
@@ -225,8 +232,11 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
         # compared with the source checkpoint as published, not with the dtype this worker ran in
         dense_bytes = source_checkpoint_bytes(loaded.source, model, stored_dtype)
         dense_dtype = str(stored_dtype).removeprefix("torch.")
+        dtype = next(model.parameters()).dtype
+        model = loaded.model = None  # the dense (fake-quantized) model is freed before the compressed one loads
+        release_device_memory(device)
         with _timed(timings, "compressed_load_s"):
-            model, runtime = _compressed_model_for_eval(model, tmp_dir, device)
+            model, runtime = _compressed_model_for_eval(tmp_dir, device, dtype)
         eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
         with _timed(timings, "compressed_eval_s"):
             compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop,
@@ -236,6 +246,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             eval_stage("measuring the compressed model's speed and memory", 0.9)
             with _timed(timings, "compressed_speed_s"):
                 compressed_speed = _measure(model, eval_stage)
+            devices["compressed_speed"] = {"device": device, "mode": "whole"}
             speed = speed_summary(dense_speed, compressed_speed, device, f"{recipe.preset or 'custom'} via {runtime}")
         eval_stage("compressed model evaluated", 1.0)
         check_stop()
@@ -261,6 +272,7 @@ def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None
             "recipe_yaml": recipe.to_yaml(),
             "recipe_summary": recipe.describe(),
             "device": device,
+            "devices": devices,
             "evaluation": {"settings": evaluation, "baseline": baseline, "compressed": compressed,
                            "compressed_runtime": runtime, "backend": backend.as_dict(), "vllm": vllm_record,
                            "number_sources": number_sources(list(evaluation["tasks"]), backend,
@@ -306,9 +318,16 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
     results: dict[str, Any] = {}
     lm_tasks = [t for t in evaluation["tasks"] if t != "wikitext2_ppl"]
     if "wikitext2_ppl" in evaluation["tasks"]:
-        ppl = wikitext_perplexity(model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]),
-                                  max_windows=int(evaluation["windows"]), should_stop=should_stop)
-        results["wikitext2_ppl"] = {"perplexity": {"value": ppl, "higher_is_better": False}}
+        if cache_dir and model_identity:  # the baseline: cached per model identity like lm-eval's
+            from .perplexity import cached_wikitext_perplexity
+
+            ppl, hit = cached_wikitext_perplexity(
+                model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]), max_windows=int(evaluation["windows"]),
+                cache_dir=cache_dir, model_identity=model_identity, should_stop=should_stop)
+        else:
+            ppl, hit = wikitext_perplexity(model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]),
+                                           max_windows=int(evaluation["windows"]), should_stop=should_stop), False
+        results["wikitext2_ppl"] = {"perplexity": {"value": ppl, "higher_is_better": False, "cache_hit": hit}}
         from .data_sources import PERPLEXITY_TASK, eval_option
 
         results["_perplexity"] = {"source": eval_option(PERPLEXITY_TASK, data_dir or None).source}  # local | hub
@@ -387,16 +406,11 @@ def _vllm_evaluation(backend, model, checkpoint_dir: Path, evaluation: dict, dat
         return {"load": {"loaded": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}"}, "tasks": {}}
 
 
-def _compressed_model_for_eval(model, checkpoint_dir: Path, device: str):
+def _compressed_model_for_eval(checkpoint_dir: Path, device: str, dtype: torch.dtype):
     """The exported checkpoint loaded through our compressed runtime (kernels/), so what is
-    evaluated is what a user deploys. The in-memory fake-quantized model is freed first."""
-    import gc
-
+    evaluated is what a user deploys (the caller has freed the fake-quantized model)."""
     from .runtime import load_compressed_model
 
-    dtype = next(model.parameters()).dtype
-    del model
-    gc.collect()
     compressed = load_compressed_model(checkpoint_dir, device=device, dtype=dtype)
     return compressed, "compressed runtime (kernels/)"
 

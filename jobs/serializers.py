@@ -79,6 +79,20 @@ class CalibrationInputSerializer(StrictSerializer):
                                   "instead of only the tokens routed to it (false, the default)")
 
 
+class IntOrAuto(serializers.Field):
+    """An integer or the string "auto" (range checks happen in jobs.submission)."""
+
+    def to_internal_value(self, data):
+        if data == "auto":
+            return data
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise serializers.ValidationError('an integer or "auto"')
+        return data
+
+    def to_representation(self, value):
+        return value
+
+
 class EvaluationInputSerializer(StrictSerializer):
     tasks = serializers.ListField(child=serializers.CharField(), required=False, max_length=20,
                                   help_text="Task names; wikitext2_ppl is the quick perplexity")
@@ -86,7 +100,8 @@ class EvaluationInputSerializer(StrictSerializer):
     seqlen = serializers.IntegerField(required=False, allow_null=True)
     limit = serializers.IntegerField(required=False, allow_null=True)
     num_fewshot = serializers.IntegerField(required=False, allow_null=True)
-    batch_size = serializers.IntegerField(required=False, allow_null=True)
+    batch_size = IntOrAuto(required=False, allow_null=True,
+                           help_text="lm-eval batch size: an integer, or \"auto\" (the largest that fits)")
     apply_chat_template = serializers.BooleanField(required=False)
     data_source = serializers.ChoiceField(choices=["auto", "local", "hub"], required=False)
     speed = serializers.BooleanField(required=False, help_text="Measure prefill/decode speed and memory of the "

@@ -205,10 +205,22 @@ def clean_evaluation(raw: dict | None) -> dict:
         "seqlen": _bounded_int(raw.get("seqlen"), "evaluation.seqlen", 512),
         "limit": _bounded_int(raw.get("limit"), "evaluation.limit", None),
         "num_fewshot": _bounded_int(raw.get("num_fewshot"), "evaluation.num_fewshot", None),
-        "batch_size": _bounded_int(raw.get("batch_size"), "evaluation.batch_size", 1),
+        "batch_size": _batch_size(raw.get("batch_size")),
         "apply_chat_template": chat,
         "data_source": data_source,
     }
+
+
+def _batch_size(value: Any) -> int | str:
+    """lm-eval's batch size: an integer in range, or "auto" (lm-eval finds the largest that fits)."""
+    if value == "auto":
+        return "auto"
+    try:
+        return _bounded_int(value, "evaluation.batch_size", 1)
+    except SubmissionError as exc:
+        lo, hi = LIMITS["evaluation.batch_size"]
+        raise SubmissionError("evaluation.batch_size", f'must be an integer between {lo} and {hi}, or "auto"'
+                              + ("" if "integer" in exc.message else f" ({exc.message})")) from None
 
 
 def check_tasks_available(tasks: list[str], data_source: str) -> None:
