@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import save_file
 
 from compression.moe import CheckpointNames
-from compression.quant import QuantArgs, pack_int
+from compression.quant import QuantArgs
 from compression.recipe import Recipe, matches_any
 from compression.sequential import CompressionReport, ModuleRecord
+from kernels.packing import pack_int
 
 
 # Artifact permissions, chosen for a web server and a worker running as different users that share

@@ -28,11 +28,12 @@ import torch
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
 from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, round_to_nearest
 from compression.moe import CheckpointNames, PerExpertLinears, is_router, router_names, unfuse_experts
-from compression.quant import FP8_MAX, QuantArgs, check_24_pattern, fake_quantize_activation
+from compression.quant import FP8_MAX, QuantArgs, fake_quantize_activation
 from compression.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.sparsegpt import magnitude_prune, sparsegpt_prune
 from compression.walk import LayerInputs, capture_layer_inputs, decoder_layers
+from kernels.packing import is_24_sparse
 
 __all__ = ["CompressionReport", "ModuleRecord", "compress_model", "decoder_layers"]
 
@@ -464,7 +465,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         if fallback and fallback != record.fallback:
             record.fallback = fallback if not record.fallback else f"{record.fallback}; {fallback}"
         record.losses[kind] = loss
-        if mask is not None and record.mask_structure == "2:4" and not check_24_pattern(module.weight.data):
+        if mask is not None and record.mask_structure == "2:4" and not is_24_sparse(module.weight.data):
             raise SparsityPatternError(f"{plan.name} lost its 2:4 pattern after {modifier.kind} ({path})")
         emit({"stage": "compress", "layer": index, "layers": layers, "module": plan.local, "loss": loss,
               "seconds": time.perf_counter() - t0, "memory_mb": _memory_mb(device),
@@ -499,7 +500,7 @@ def _reconstruct(layer, plans, masks, inputs, targets, settings, report, emit, i
     result = reconstruct_layer(layer, inputs, targets, weights, settings, should_stop=should_stop)
     for name, (module, _) in weights.items():
         record = report.modules[name]
-        if record.mask_structure == "2:4" and not check_24_pattern(module.weight.data):
+        if record.mask_structure == "2:4" and not is_24_sparse(module.weight.data):
             raise SparsityPatternError(f"{name} lost its 2:4 pattern in layer-wise reconstruction")
     report.reconstruction[index] = result.to_dict()
     emit({"stage": "compress", "kind": "reconstruction", "layer": index, "layers": layers,

@@ -1,4 +1,5 @@
-"""Load-time layouts the kernels read: INT4 words (as exported) and the compact 2:4 form. Torch only.
+"""The one home of the packed layouts: INT4/INT8 words (what export writes and the kernels read) and
+the compact 2:4 form, plus the 2:4 pattern check used by the engine and the loader. Torch only.
 
 INT4 (compressed-tensors ``pack-quantized``, reference doc §2.4), for a row of signed codes
 q[0..K) in [-8, 7]::
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-INT4_PER_WORD = 8
 META_PER_WORD = 16
 
 
@@ -32,28 +32,46 @@ def _to_int32_words(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
 
+def pack_int(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Signed b-bit codes int8 [N, K] (b = 4 or 8) → int32 [N, ceil(K·b/32)] (compressed-tensors
+    ``pack_to_int32``): u = q + 2^(b-1); column k of a row lands at bit k·b of the row's bit string,
+    so for 4 bits column 8j+i sits in bits [4i, 4i+4) of word j (layout in the module docstring).
+    A row is zero-padded (u = 0) up to a whole word; :func:`unpack_int` drops the padding."""
+    assert bits in (4, 8), bits
+    assert q.dim() == 2 and q.dtype == torch.int8, (q.shape, q.dtype)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert q.numel() == 0 or (int(q.min()) >= lo and int(q.max()) <= hi), f"int{bits} codes must lie in [{lo}, {hi}]"
+    per_word = 32 // bits
+    rows, cols = q.shape
+    u = q.to(torch.int64) - lo
+    pad = (-cols) % per_word
+    if pad:
+        u = torch.nn.functional.pad(u, (0, pad))
+    u = u.reshape(rows, -1, per_word)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=q.device)
+    return _to_int32_words((u << shifts).sum(dim=2)).contiguous()  # disjoint bits: the sum is an or
+
+
+def unpack_int(packed: torch.Tensor, cols: int, bits: int = 4) -> torch.Tensor:
+    """int32 [N, ceil(cols·b/32)] → signed codes int8 [N, cols]; exact inverse of :func:`pack_int`."""
+    assert bits in (4, 8), bits
+    assert packed.dim() == 2 and packed.dtype == torch.int32, (packed.shape, packed.dtype)
+    per_word = 32 // bits
+    assert packed.shape[1] == -(-cols // per_word), (packed.shape, cols)
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=packed.device)
+    u = (words.unsqueeze(2) >> shifts) & (2 ** bits - 1)
+    return (u.reshape(packed.shape[0], -1)[:, :cols] - 2 ** (bits - 1)).to(torch.int8)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Signed codes int8 [N, K] in [-8, 7] → int32 [N, ceil(K/8)] (layout in the module docstring)."""
-    assert q.dim() == 2 and q.dtype == torch.int8, (q.shape, q.dtype)
-    assert q.numel() == 0 or (int(q.min()) >= -8 and int(q.max()) <= 7), "int4 codes must lie in [-8, 7]"
-    rows, cols = q.shape
-    u = q.to(torch.int64) + 8
-    pad = (-cols) % INT4_PER_WORD
-    if pad:
-        u = torch.nn.functional.pad(u, (0, pad))  # u = 0 ↔ q = -8, truncated on unpack
-    u = u.reshape(rows, -1, INT4_PER_WORD)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=q.device)
-    return _to_int32_words((u << shifts).sum(dim=2)).contiguous()
+    return pack_int(q, 4)
 
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """int32 [N, ceil(cols/8)] → signed codes int8 [N, cols]; exact inverse of :func:`pack_int4`."""
-    assert packed.dim() == 2 and packed.dtype == torch.int32, (packed.shape, packed.dtype)
-    assert packed.shape[1] == -(-cols // INT4_PER_WORD), (packed.shape, cols)
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=packed.device)
-    u = (words.unsqueeze(2) >> shifts) & 0xF
-    return (u.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+    return unpack_int(packed, cols, 4)
 
 
 def _nonzero(w: torch.Tensor) -> torch.Tensor:

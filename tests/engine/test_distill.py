@@ -7,7 +7,7 @@ import torch
 from compression.distill import (CHECKPOINT_META, FinetuneSettings, MaskedAdamW, check_memory, finetune,
                                  load_training_windows, parse_settings)
 from compression.errors import CalibrationError, JobCancelled, RecipeError
-from compression.quant import check_24_pattern
+from kernels.packing import is_24_sparse as check_24_pattern
 from compression.recipe import Recipe, finetune_split
 from compression.sparsegpt import magnitude_mask_24
 from tests.tiny import demo_tokenizer, tiny_llama, tiny_llama_config

@@ -7,7 +7,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from compression.export import export_checkpoint
-from compression.quant import FP8_DTYPE, check_24_pattern, unpack_int4
+from compression.quant import FP8_DTYPE
+from kernels.packing import is_24_sparse as check_24_pattern, unpack_int4
 from compression.recipe import PRESETS, Recipe
 from compression.sequential import compress_model
 from tests.engine.conftest import random_calibration

@@ -4,7 +4,8 @@ import torch
 
 from compression import gptq as gptq_mod
 from compression.gptq import HessianAccumulator, gptq_quantize, inverse_hessian_upper, quadratic_loss, round_to_nearest
-from compression.quant import QuantArgs, check_24_pattern, expand_scale
+from compression.quant import QuantArgs, expand_scale
+from kernels.packing import is_24_sparse as check_24_pattern
 from compression.sparsegpt import magnitude_mask_24, sparsegpt_prune
 from tests.engine.conftest import correlated_inputs
 

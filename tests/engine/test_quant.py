@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from compression.quant import (FP8_DTYPE, QuantArgs, check_24_pattern, compute_scale, dequantize, fake_quantize,
-                               minmax_scale, mse_scale, pack_int, pack_int4, quantize, unpack_int, unpack_int4)
+from compression.quant import (FP8_DTYPE, QuantArgs, compute_scale, dequantize, fake_quantize, minmax_scale, mse_scale,
+                               quantize)
+from kernels.packing import is_24_sparse as check_24_pattern, pack_int, pack_int4, unpack_int, unpack_int4
 
 INT4_G32 = QuantArgs(num_bits=4, type="int", strategy="group", group_size=32)
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from compression.errors import JobCancelled, RecipeError
-from compression.quant import check_24_pattern
+from kernels.packing import is_24_sparse as check_24_pattern
 from compression.reconstruction import (ReconstructionSettings, layer_outputs, output_error, reconstruct_layer)
 from compression.recipe import Recipe
 from compression.sequential import compress_model

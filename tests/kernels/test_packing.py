@@ -1,12 +1,12 @@
 """The load-time layouts agree bit for bit with packers written from the documentation."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
-from kernels.packing import compress_24, decompress_24, is_24_sparse, meta_positions, pack_int4, unpack_int4
+from kernels.packing import (compress_24, decompress_24, is_24_sparse, meta_positions, pack_int, pack_int4, unpack_int,
+                             unpack_int4)
 from tests.kernels.helpers import meta_by_hand, pack_int4_by_hand, random_24_mask
 
 
@@ -20,15 +20,17 @@ def test_int4_packing_matches_the_documented_layout_bit_for_bit(cols: int) -> No
     assert (packed < 0).any(), "words with a top nibble ≥ 8 must read as negative int32"
 
 
-def test_int4_packing_agrees_with_the_engine_packer() -> None:
-    if importlib.util.find_spec("compression.quant") is None:  # pragma: no cover - engine not merged
-        pytest.skip("compression.quant not present")
-    from compression.quant import pack_int4 as engine_pack
+def test_the_engine_exports_with_the_one_packer_the_kernels_read() -> None:
+    import compression.export
+    import compression.quant
 
+    assert compression.export.pack_int is pack_int
+    assert not hasattr(compression.quant, "pack_int") and not hasattr(compression.quant, "check_24_pattern")
     g = torch.Generator().manual_seed(3)
-    q = torch.randint(-8, 8, (24, 136), generator=g, dtype=torch.int8)
-    assert torch.equal(pack_int4(q), engine_pack(q))
-    assert torch.equal(unpack_int4(engine_pack(q), 136), q)
+    q8 = torch.randint(-128, 128, (24, 20), generator=g, dtype=torch.int8)
+    assert torch.equal(unpack_int(pack_int(q8, 8), 20, 8), q8)  # W8 weight-only, 4 codes per word
+    q4 = torch.randint(-8, 8, (24, 136), generator=g, dtype=torch.int8)
+    assert torch.equal(pack_int(q4, 4), pack_int4(q4))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8])
