@@ -27,7 +27,7 @@ import torch
 
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
 from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, round_to_nearest
-from compression.moe import CheckpointNames, PerExpertLinears, is_router, router_names, unfuse_experts
+from compression.moe import CheckpointNames, is_router, per_expert_modules, router_names, unfuse_experts
 from compression.quant import FP8_MAX, QuantArgs, fake_quantize_activation
 from compression.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
@@ -262,7 +262,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     home = next(model.parameters()).device
     use_model_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
-    experts = [m for _, m in _experts_of(model)]
+    experts = [m for _, m in per_expert_modules(model)]
     report.experts = sum(m.num_experts for m in experts)
     try:
         for m in experts:
@@ -318,10 +318,6 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     return report
 
 
-def _experts_of(root: torch.nn.Module) -> list[tuple[str, PerExpertLinears]]:
-    return [(n, m) for n, m in root.named_modules() if isinstance(m, PerExpertLinears)]
-
-
 def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[str, dict], min_tokens: int) -> None:
     """Mark the plans of experts whose statistics saw fewer than ``min_tokens`` calibration tokens.
 
@@ -329,7 +325,7 @@ def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[st
     input scale is the largest one of the same projection among this layer's other experts.
     """
     by_local = {p.local: p for p in plans}
-    for path, experts in _experts_of(layer):
+    for path, experts in per_expert_modules(layer):
         seen = [experts.seen_tokens(e) for e in range(experts.num_experts)]
         for e, tokens in enumerate(seen):
             if tokens >= min_tokens:
@@ -354,7 +350,7 @@ def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[st
 def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
                         inputs: LayerInputs) -> dict[str, dict]:
     """Run every sample through the (still uncompressed) layer; hooks record H and input absmax."""
-    for _, experts in _experts_of(layer):
+    for _, experts in per_expert_modules(layer):
         experts.reset_counts()
     wanted = [p for p in plans if p.needs_hessian or p.needs_absmax]
     if not wanted or not inputs:
