@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -246,8 +247,18 @@ def _dir_fingerprint(path: Path) -> str:
 CONFIG_CACHE_ENV = "COMPRESSOR_CONFIG_CACHE_DIR"
 
 
-@functools.lru_cache(maxsize=1)
+_DEMO_CONFIG_LOCK = threading.Lock()
+
+
 def _demo_config():
+    """The demo model's config, read by one thread at a time: a submission arriving while the
+    start-up warm-up still parses the GGUF waits for it instead of parsing it a second time."""
+    with _DEMO_CONFIG_LOCK:
+        return _demo_config_once()
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_config_once():
     """The demo model's config. Parsing the GGUF file takes tens of seconds, so it happens once:
     the result is kept in memory and, with $COMPRESSOR_CONFIG_CACHE_DIR, as JSON keyed by the file's
     fingerprint, which later processes (each web worker) read in milliseconds."""

@@ -15,17 +15,18 @@ class JobsConfig(AppConfig):
         # the demo model's config, parsed from its GGUF file once, is shared by every process as JSON
         os.environ.setdefault("COMPRESSOR_CONFIG_CACHE_DIR", str(settings.CACHE_ROOT / "model-configs"))
         if should_warm(sys.argv):
-            threading.Thread(target=_warm, name="warm-demo-config", daemon=True).start()
+            # Imports first, in this thread: a request importing transformers while another thread is
+            # half-way through importing it gets "cannot import name 'AutoConfig'". Only the slow
+            # GGUF parse runs in the background (a submission meanwhile waits on its lock).
+            from transformers import AutoConfig  # noqa: F401  (resolves the lazy module now)
+
+            from compression.loading import warm_demo_config
+
+            threading.Thread(target=warm_demo_config, name="warm-demo-config", daemon=True).start()
         if serves_jobs(sys.argv):  # an unreachable object store stops the process, naming the setting
             from .storage import check_store
 
             check_store()
-
-
-def _warm() -> None:
-    from compression.loading import warm_demo_config  # imports torch: in the thread, not at start-up
-
-    warm_demo_config()
 
 
 def serves_jobs(argv: list[str]) -> bool:
