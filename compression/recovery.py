@@ -217,7 +217,9 @@ def warnings(rows: list[dict]) -> list[str]:
             out.append(f"{name}: the compressed model keeps only {r['recovery_pct']:.1f}% of the baseline — "
                        "poor recovery; this recipe loses much of the model's quality.")
         elif r.get("level") == "warn":
-            out.append(f"{name}: {r['recovery_pct']:.1f}% recovery, a noticeable loss beyond the evaluation noise.")
+            noise = ("beyond the evaluation noise" if r.get("within_noise") is False
+                     else "(no standard error was measured, so the noise is unknown)")
+            out.append(f"{name}: {r['recovery_pct']:.1f}% recovery, a noticeable loss {noise}.")
     return out
 
 
