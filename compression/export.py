@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from compression.moe import CheckpointNames
-from compression.quant import QuantArgs
+from compression.quant import QuantArgs, pack_fp4
 from compression.recipe import Recipe, matches_any
 from compression.sequential import CompressionReport, ModuleRecord
 from kernels.packing import pack_int
@@ -63,6 +63,8 @@ DEFAULT_SHARD_BYTES = 2 * 2 ** 30
 
 def checkpoint_format(weights: QuantArgs, acts: QuantArgs | None) -> str:
     """compressed-tensors format name for one scheme (priority order of doc §2.2)."""
+    if weights.is_fp4:
+        return "nvfp4-pack-quantized"
     if weights.type == "int":
         return "int-quantized" if acts is not None else "pack-quantized"
     return "float-quantized" if acts is not None and acts.type == "float" else "naive-quantized"
@@ -74,7 +76,7 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
     formats: list[str] = []
     ignore: list[str] = []
     for m in recipe.modifiers:
-        if not m.quantizes:
+        if not m.quantizes or m.superseded_by is not None:  # a QM whose scheme a later GPTQ solves
             continue
         for g in m.config_groups.values():
             fmt = checkpoint_format(g.weights, g.input_activations)
@@ -84,7 +86,7 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
                 "input_activations": g.input_activations.checkpoint_dict() if g.input_activations else None,
                 "output_activations": None, "format": fmt}
         ignore.extend(x for x in m.ignore if x not in ignore)
-    if not groups:
+    if not groups and recipe.kv_cache is None:
         return None
     quantized = {name for name, r in report.modules.items() if r.codes is not None}
     names = CheckpointNames.for_model(model)
@@ -95,12 +97,12 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
                 ignore, name, type(module).__name__):
             ignore.append(name)
     ignore.extend(r for r in report.routers if not matches_any(ignore, r, ""))  # MoE routers stay 16-bit
-    top = formats[0] if len(set(formats)) == 1 else "mixed-precision"
+    top = (formats[0] if len(set(formats)) == 1 else "mixed-precision") if formats else "dense"
     if top != "mixed-precision":
         for g in groups.values():
             g.pop("format")
     return {"quant_method": "compressed-tensors", "format": top, "quantization_status": "compressed",
-            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None,
+            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": _kv_cache_scheme(recipe),
             "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
             "version": EXPORTER_VERSION}
 
@@ -185,22 +187,41 @@ def checkpoint_config(model: torch.nn.Module, recipe: Recipe, report: Compressio
         config["quantization_config"] = qconfig
     config["compressor"] = compressor_meta
     return config
+def _kv_cache_scheme(recipe: Recipe) -> dict | None:
+    kv = recipe.kv_cache
+    return None if kv is None else kv.checkpoint_dict()
 
 
 def _module_tensors(record: ModuleRecord, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One compressed Linear's tensors, named and typed as compressed-tensors 0.20 writes them."""
     p = record.name
     w = record.weights
     fmt = checkpoint_format(w, record.input_activations)
-    scale = record.scale.to(dtype).contiguous()
+    scale_dtype = getattr(torch, w.scale_dtype) if w.scale_dtype else dtype
+    scale = record.scale.to(scale_dtype).contiguous()
     out: dict[str, torch.Tensor] = {}
-    if fmt == "pack-quantized":
+    if fmt == "nvfp4-pack-quantized":
+        out[f"{p}.weight_packed"] = pack_fp4(record.codes)
+        out[f"{p}.weight_global_scale"] = record.global_scale.float().reshape(1).contiguous()
+        if record.input_global_scale is not None:
+            out[f"{p}.input_global_scale"] = record.input_global_scale.float().reshape(1).contiguous()
+    elif fmt == "pack-quantized":
         out[f"{p}.weight_packed"] = pack_int(record.codes, w.num_bits)
         out[f"{p}.weight_shape"] = torch.tensor(record.shape, dtype=torch.int64)
     else:
         out[f"{p}.weight"] = record.codes.contiguous()
     out[f"{p}.weight_scale"] = scale
+    if record.zero_point is not None:
+        zp = record.zero_point.to(torch.int8)
+        # pack-quantized packs zero points along the output dimension: [ceil(out / (32 / bits)), groups]
+        out[f"{p}.weight_zero_point"] = (pack_int(zp.t().contiguous(), w.num_bits).t().contiguous()
+                                         if fmt == "pack-quantized" else zp.contiguous())
+    if record.g_idx is not None:
+        out[f"{p}.weight_g_idx"] = record.g_idx.to(torch.int32).contiguous()
     if record.input_scale is not None:
         out[f"{p}.input_scale"] = record.input_scale.to(dtype).reshape(1).contiguous()
+    if record.input_zero_point is not None:
+        out[f"{p}.input_zero_point"] = record.input_zero_point.to(torch.int8).reshape(1).contiguous()
     return out
 
 
@@ -232,6 +253,8 @@ def checkpoint_state_dict(model: torch.nn.Module, report: CompressionReport,
             continue
         tensors.pop(f"{record.name}.weight", None)
         tensors.update(_module_tensors(record, dtype))
+    for name, scale in getattr(report, "kv_scales", {}).items():  # <attention>.k_scale / .v_scale
+        tensors[name] = scale.to(dtype).reshape(1).contiguous()
     return tensors
 
 

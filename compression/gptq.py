@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.quant import QuantArgs, compute_scale, dequantize, expand_scale, int_range, quantize
+from compression.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, compute_qparams, dequantize, expand_scale,
+                               fp4_global_scale, int_range, quantize, round_to_e2m1)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,10 @@ def inverse_hessian_upper(hessian: torch.Tensor, dampening_frac: float) -> tuple
 
 @dataclass
 class QuantResult:
-    """What compressing one Linear produced; ``weight`` is the dequantized (fake-quant) weight."""
+    """What compressing one Linear produced; ``weight`` is the dequantized (fake-quant) weight.
+
+    ``zero_point`` (asymmetric int), ``global_scale`` (NVFP4) and ``g_idx`` (act-order "group":
+    column j uses scale column g_idx[j]) are None when the scheme has none."""
 
     weight: torch.Tensor
     codes: torch.Tensor
@@ -110,6 +114,9 @@ class QuantResult:
     dead_columns: int = 0
     dampening_frac: float | None = None
     fallback: str | None = None
+    zero_point: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
 
 
 def quadratic_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -118,15 +125,24 @@ def quadratic_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     return 0.5 * float(torch.sum((delta @ hessian) * delta))
 
 
+def quantize_weight(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
+                    mask: torch.Tensor | None = None) -> QuantResult:
+    """Round-to-nearest for any weight scheme (int sym/asym, FP8 tensor/channel/block, NVFP4)."""
+    if mask is not None:
+        weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for every format
+    gscale = fp4_global_scale(weight) if args.is_fp4 else None
+    scale, zp = compute_qparams(weight, args, scale_dtype, global_scale=gscale)
+    codes = quantize(weight, scale, args, zero_point=zp, global_scale=gscale)
+    deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale)
+    return QuantResult(deq, codes, scale, 0.0, zero_point=zp, global_scale=gscale)
+
+
 def round_to_nearest(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
                      mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN baseline: (codes, scale, dequantized weight in weight.dtype); masked entries stay zero."""
-    if mask is not None:
-        weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for int and FP8 alike
     with sweep_threads(weight.device):  # the MSE search is many mid-sized ops too
-        scale = compute_scale(weight, args, scale_dtype)
-        codes = quantize(weight, scale, args)
-    return codes, scale, dequantize(codes, scale, weight.dtype)
+        r = quantize_weight(weight, args, scale_dtype, mask)
+    return r.codes, r.scale, r.weight
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
@@ -134,53 +150,81 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
                   scale_dtype: torch.dtype | None = None) -> QuantResult:
     """Quantize ``weight`` [out, in] column by column, compensating each error on the later columns.
 
-    Static groups: scales come from the (dead-column-cleaned) original weight before the sweep, so
-    with ``actorder="static"`` the columns are visited by decreasing diag(H) while every group
-    keeps its scale in column order (no g_idx). ``mask`` (True = pruned) keeps those weights at
-    exactly zero. On Cholesky failure (after dampening retries) falls back to round-to-nearest and
-    says so in ``fallback``. The loss is Σ (w - q)² / (2 U_ii²) = ½ Σ δ H_damped δᵀ.
+    Static groups: scales (and zero points) come from the (dead-column-cleaned) original weight
+    before the sweep, so with ``actorder="static"`` the columns are visited by decreasing diag(H)
+    while every group keeps its scale in column order (no g_idx). ``actorder="group"`` forms the
+    groups in that visiting order instead and returns ``g_idx`` (compressed-tensors' GROUP
+    act-order). ``mask`` (True = pruned) keeps those weights at exactly zero. Any weight format
+    works (int with or without zero points, FP8, NVFP4): each column is fake-quantized with its own
+    scale. On Cholesky failure (after dampening retries) falls back to round-to-nearest and says so
+    in ``fallback``. The loss is Σ (w - q)² / (2 U_ii²) = ½ Σ δ H_damped δᵀ.
     """
     assert weight.dim() == 2 and hessian.shape == (weight.shape[1],) * 2, (weight.shape, hessian.shape)
-    assert args.type == "int" and args.symmetric, "GPTQ implements symmetric integer weights"
     assert block_size > 0
     disable_tf32()
     scale_dtype = scale_dtype or weight.dtype
     h, w, n_dead = prepare_hessian(hessian, weight)
     if mask is not None:
         w = w.masked_fill(mask, 0.0)
-    with sweep_threads(w.device):
-        scale = compute_scale(w, args, scale_dtype)
     perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
+    group_order = actorder == "group" and args.strategy == "group"
+    gscale = fp4_global_scale(w) if args.is_fp4 else None
+    # scales from the original weight: in column order, or in visiting order for act-order "group"
+    with sweep_threads(w.device):  # the MSE search is many mid-sized ops too
+        scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale)
     try:
         upper_full, used = inverse_hessian_upper(h[perm][:, perm] if perm is not None else h, dampening_frac)
     except CholeskyFailed as exc:
-        codes, scale, deq = round_to_nearest(w, args, scale_dtype, mask)
-        reason = f"GPTQ Cholesky failed ({exc}); used round-to-nearest"
-        return QuantResult(deq.to(weight.dtype), codes, scale, quadratic_loss(deq.float() - weight.float(), h),
-                           n_dead, None, reason)
+        r = quantize_weight(w, args, scale_dtype, mask)
+        r.weight = r.weight.to(weight.dtype)
+        r.loss = quadratic_loss(r.weight.float() - weight.float(), h)
+        r.dead_columns, r.fallback = n_dead, f"GPTQ Cholesky failed ({exc}); used round-to-nearest"
+        return r
 
-    col_scale = expand_scale(scale, w.shape).float()
-    qmin, qmax = int_range(args.num_bits)
+    block = args.block_structure if args.strategy == "block" else None
+    eff = scale.float() / gscale if gscale is not None else scale.float()
+    col_scale = expand_scale(eff, w.shape, block=block)  # visiting order already when group_order
+    col_zp = expand_scale(zp.float(), w.shape, block=block) if zp is not None else None
     m = mask
     if perm is not None:
-        w, col_scale = w[:, perm], col_scale[:, perm]
+        w = w[:, perm]
         m = mask[:, perm] if mask is not None else None
+        if not group_order:
+            col_scale = col_scale[:, perm]
+            col_zp = col_zp[:, perm] if col_zp is not None else None
     rows, cols = w.shape
     q_all = torch.zeros_like(w)
     losses = torch.zeros(rows, device=w.device)
     with sweep_threads(w.device):
-        _gptq_sweep(w, upper_full, col_scale, m, q_all, losses, block_size, qmin, qmax)
+        _gptq_sweep(w, upper_full, col_scale, m, q_all, losses, block_size, _column_quantizer(args, col_zp))
+    g_idx = None
     if perm is not None:
-        q_all = q_all[:, torch.argsort(perm)]
-    codes = quantize(q_all, scale, args)
+        inverse = torch.argsort(perm)
+        q_all = q_all[:, inverse]
+        if group_order:
+            g_idx = (inverse // args.group_size).to(torch.int32)
+    codes = quantize(q_all, scale, args, zero_point=zp, global_scale=gscale, g_idx=g_idx)
     if mask is not None:
-        codes = codes.masked_fill(mask, 0)
-    deq = dequantize(codes, scale, weight.dtype)
-    return QuantResult(deq, codes, scale, float(losses.sum()), n_dead, used, None)
+        codes = codes.masked_fill(mask, 0) if codes.dtype != FP8_DTYPE else codes.view(torch.uint8).masked_fill(
+            mask, 0).view(FP8_DTYPE)
+    deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale, g_idx=g_idx)
+    return QuantResult(deq, codes, scale, float(losses.sum()), n_dead, used, None, zp, gscale, g_idx)
+
+
+def _column_quantizer(args: QuantArgs, col_zp: torch.Tensor | None):
+    """fq(column, scale column, column index) for the sweep, in fp32."""
+    if args.is_fp4:
+        return lambda col, s, j: round_to_e2m1(col / s) * s
+    if args.type == "float":
+        return lambda col, s, j: torch.clamp(col / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s
+    qmin, qmax = int_range(args.num_bits)
+    if col_zp is None:
+        return lambda col, s, j: torch.clamp(torch.round(col / s), qmin, qmax) * s
+    return lambda col, s, j: (torch.clamp(torch.round(col / s) + col_zp[:, j], qmin, qmax) - col_zp[:, j]) * s
 
 
 def _gptq_sweep(w: torch.Tensor, upper_full: torch.Tensor, col_scale: torch.Tensor, m: torch.Tensor | None,
-                q_all: torch.Tensor, losses: torch.Tensor, block_size: int, qmin: int, qmax: int) -> None:
+                q_all: torch.Tensor, losses: torch.Tensor, block_size: int, fq) -> None:
     """The blocked GPTQ column loop (in place on ``w``, ``q_all``, ``losses``)."""
     cols = w.shape[1]
     for i1 in range(0, cols, block_size):
@@ -190,7 +234,7 @@ def _gptq_sweep(w: torch.Tensor, upper_full: torch.Tensor, col_scale: torch.Tens
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             col, d, s = w1[:, i], u1[i, i], col_scale[:, i1 + i]
-            q = torch.clamp(torch.round(col / s), qmin, qmax) * s
+            q = fq(col, s, i1 + i)
             if m is not None:
                 q = q.masked_fill(m[:, i1 + i], 0.0)
             err = (col - q) / d

@@ -161,6 +161,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     """Raise ``RecipeError`` for an unwalkable model, targets that match nothing, or incompatible
     shapes; otherwise return estimates (see module doc)."""
     layout = model_layout(model_config, trust_remote_code=trust_remote_code)
+    _check_kv_cache(model_config, recipe)
     config = _as_config(model_config)
     text = getattr(config, "get_text_config", lambda: config)()
     hidden = int(_cfg(text, "hidden_size") or 0)
@@ -195,6 +196,8 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             if group is not None and group.weights is not None and group.weights.strategy == "group" \
                     and s.in_features % group.weights.group_size:
                 raise RecipeError("recipe.group_size", _group_message(group.weights.group_size, hits, s))
+            if group is not None and group.weights is not None:
+                _check_parity_shapes(group, s.local, s.in_features)
             targeted[s.name] = s
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):
                 hessian_bytes[s.layer] = hessian_bytes.get(s.layer, 0) + s.in_features ** 2 * 4
@@ -294,3 +297,28 @@ def _group_message(size: int, hits: list[LinearSlot], slot: LinearSlot) -> str:
     options = ", ".join(str(g) for g in working) + (" or " if working else "") + "per-channel"
     return (f"group size {size} does not divide the input width {slot.in_features} of {slot.local}; "
             f"group sizes that work for this model: {options}")
+
+
+def _check_parity_shapes(g, local: str, in_f: int) -> None:
+    """NVFP4 groups of 16 and per-token-group activation scales (FP8_BLOCK) must tile the input width."""
+    if g.weights.strategy == "tensor_group" and in_f % g.weights.group_size:
+        raise RecipeError("recipe.group_size", f"NVFP4 groups of {g.weights.group_size} do not divide the input "
+                          f"width {in_f} of {local}; use an FP8 or INT scheme for this model (or ignore {local})")
+    acts = g.input_activations
+    if acts is not None and acts.strategy in ("group", "tensor_group") and in_f % acts.group_size:
+        raise RecipeError("recipe.input_activations.group_size",
+                          f"activation groups of {acts.group_size} do not divide the input width {in_f} of "
+                          f"{local}; FP8_BLOCK needs input widths that are multiples of {acts.group_size}")
+
+
+def _check_kv_cache(model_config: Any, recipe: Recipe) -> None:
+    """kv_cache_scheme needs decoder attention with a KV cache (not an attention-free or encoder model)."""
+    if recipe.kv_cache is None:
+        return
+    config = _as_config(model_config)
+    text = getattr(config, "get_text_config", lambda: config)()
+    model_type = str(_cfg(text, "model_type", "") or _cfg(config, "model_type", "") or "")
+    no_cache = model_type in ("mamba", "mamba2", "falcon_mamba", "rwkv", "bert", "roberta", "t5encoder")
+    if no_cache or _cfg(text, "use_cache", True) is False or not _cfg(text, "num_attention_heads"):
+        raise RecipeError("recipe.kv_cache_scheme", f"this model ({model_type or 'unknown type'}) has no attention "
+                          "KV cache to quantize; remove kv_cache_scheme")

@@ -1,19 +1,26 @@
 """Quantization arithmetic as pure functions (compressed-tensors conventions, reference doc §2.4).
 
 Every quantizer comes as a pair ``quantize_*`` / ``dequantize_*`` that asserts its own
-preconditions. Weights are ``[out, in]``; a scale is ``[1]`` (tensor), ``[out, 1]`` (channel)
-or ``[out, in // group_size]`` (group). Only symmetric schemes are implemented: zero points are
-always 0 and never stored.
+preconditions. Weights are ``[out, in]``; a scale is ``[1]`` (tensor), ``[out, 1]`` (channel),
+``[out, in // group_size]`` (group, and NVFP4's tensor_group) or ``[ceil(out / bo), ceil(in / bi)]``
+(block). Asymmetric integer schemes carry an int8 zero point shaped like the scale
+(``q = clamp(round(w / s) + zp)``, ``w ≈ (q - zp) · s``); NVFP4 (FP4 E2M1 values, FP8 group scales)
+carries a float32 global scale ``g`` and dequantizes as ``q · (s / g)`` like compressed-tensors.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
-STRATEGIES = ("tensor", "channel", "group", "token")
+FP4_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 E2M1 magnitudes by 3-bit code
+STRATEGIES = ("tensor", "channel", "group", "block", "tensor_group", "token")
+# llm-compressor's MSE observer search (observers/mse.py): shrink factors 1 - i/grid for
+# i < maxshrink·grid, error |x - fq(x)|^norm, stop after `patience` steps without improvement.
+MSE_DEFAULTS = {"maxshrink": 0.20, "grid": 100.0, "norm": 2.4, "patience": 5}
 
 
 @dataclass(frozen=True)
@@ -25,18 +32,41 @@ class QuantArgs:
     symmetric: bool = True
     strategy: str = "channel"
     group_size: int | None = None
-    dynamic: bool = False
+    dynamic: bool | str = False  # True, False, or "local" (NVFP4 activations: per-group scales on the fly)
     actorder: str | None = None
     observer: str = "minmax"  # "minmax" | "mse"
+    block_structure: tuple[int, int] | None = None  # strategy "block": [rows, cols]
+    scale_dtype: str | None = None  # e.g. "float8_e4m3fn" (scales rounded to and stored in it)
+    zp_dtype: str | None = None  # asymmetric: the zero point's dtype (int8 for int schemes)
+    observer_kwargs: dict = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.block_structure is not None:
+            object.__setattr__(self, "block_structure", tuple(int(v) for v in self.block_structure))
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.type == "float" and self.num_bits == 4
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["block_structure"] = list(self.block_structure) if self.block_structure else None
+        return out
 
     def checkpoint_dict(self) -> dict:
-        """The minimal QuantizationArgs fields valid for compressed-tensors 0.11 → 0.20 (doc §2.8)."""
-        return {"num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
-                "strategy": self.strategy, "group_size": self.group_size, "dynamic": self.dynamic,
-                "actorder": self.actorder, "observer": self.observer, "observer_kwargs": {}}
+        """QuantizationArgs fields valid for compressed-tensors 0.11 → 0.20 (doc §2.8); the newer
+        optional ones (block_structure, scale_dtype, zp_dtype) only when they carry a value."""
+        out = {"num_bits": self.num_bits, "type": self.type, "symmetric": self.symmetric,
+               "strategy": self.strategy, "group_size": self.group_size, "dynamic": self.dynamic,
+               "actorder": self.actorder, "observer": self.observer,
+               "observer_kwargs": dict(self.observer_kwargs)}
+        if self.block_structure:
+            out["block_structure"] = list(self.block_structure)
+        if self.scale_dtype:
+            out["scale_dtype"] = f"torch.{self.scale_dtype}"
+        if not self.symmetric:
+            out["zp_dtype"] = f"torch.{self.zp_dtype or 'int8'}"
+        return out
 
 
 def int_range(bits: int) -> tuple[int, int]:
@@ -47,47 +77,159 @@ def int_range(bits: int) -> tuple[int, int]:
 
 def _half_range(args: QuantArgs) -> float:
     if args.type == "float":
-        assert args.num_bits == 8, "only FP8 E4M3 floats are implemented"
-        return FP8_MAX
+        assert args.num_bits in (4, 8), "floats are FP8 E4M3 or FP4 E2M1"
+        return FP4_MAX if args.num_bits == 4 else FP8_MAX
     qmin, qmax = int_range(args.num_bits)
     return (qmax - qmin) / 2  # int4: 7.5, int8: 127.5
 
 
-def _grouped_absmax(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """absmax of w per tensor / row / group, shaped like the scale."""
-    w = w.float().abs()
+def _q_range(args: QuantArgs) -> tuple[float, float]:
+    if args.type == "float":
+        half = _half_range(args)
+        return -half, half
+    qmin, qmax = int_range(args.num_bits)
+    return float(qmin), float(qmax)
+
+
+def _groups(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """``w`` [out, in] viewed as [*scale_shape, elements per scale entry] (blocks zero-padded)."""
+    rows, cols = w.shape
     if args.strategy == "tensor":
-        return w.amax().reshape(1)
+        return w.reshape(1, -1)
     if args.strategy == "channel":
-        return w.amax(dim=1, keepdim=True)
-    if args.strategy == "group":
-        rows, cols = w.shape
+        return w.unsqueeze(1)
+    if args.strategy in ("group", "tensor_group"):
         g = args.group_size
         assert g and cols % g == 0, f"group_size {g} must divide in-features {cols}"
-        return w.reshape(rows, cols // g, g).amax(dim=2)
+        return w.reshape(rows, cols // g, g)
+    if args.strategy == "block":
+        bo, bi = args.block_structure
+        pr, pc = (-rows) % bo, (-cols) % bi
+        if pr or pc:
+            w = torch.nn.functional.pad(w, (0, pc, 0, pr))
+        r, c = w.shape
+        return w.reshape(r // bo, bo, c // bi, bi).transpose(1, 2).reshape(r // bo, c // bi, bo * bi)
     raise ValueError(f"weight strategy {args.strategy!r} not supported")
 
 
-def expand_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
-    """Broadcast a tensor/channel/group scale to a full ``[out, in]`` weight shape."""
+def _grouped_absmax(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """absmax of w per tensor / row / group / block, shaped like the scale."""
+    return _groups(w.float().abs(), args).amax(dim=-1)
+
+
+def expand_scale(scale: torch.Tensor, shape: torch.Size | tuple[int, int], *,
+                 block: tuple[int, int] | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Broadcast a tensor/channel/group/block scale (or zero point) to a full ``[out, in]`` shape.
+
+    ``g_idx`` (act-order "group"): column j uses scale column ``g_idx[j]``.
+    """
     rows, cols = shape
     if scale.numel() == 1:
         return scale.reshape(1, 1).expand(rows, cols)
+    if block is not None:
+        bo, bi = block
+        return scale.repeat_interleave(bo, dim=0)[:rows].repeat_interleave(bi, dim=1)[:, :cols]
+    if g_idx is not None:
+        return scale[:, g_idx.long()]
     if scale.shape[1] == 1:
         return scale.expand(rows, cols)
     group = cols // scale.shape[1]
     return scale.repeat_interleave(group, dim=1)
 
 
+def _block(args: QuantArgs | None) -> tuple[int, int] | None:
+    return args.block_structure if args is not None and args.strategy == "block" else None
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if name else None
+
+
 def _clean_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Cast to the storage dtype and replace zero scales by that dtype's eps (doc §2.4)."""
     scale = scale.to(dtype)
-    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(dtype).eps), scale)
+    eps = torch.finfo(dtype).eps
+    if dtype == FP8_DTYPE:  # torch.where does not take float8; go through float32
+        f = scale.float()
+        return torch.where(f == 0, torch.full_like(f, eps), f).to(dtype)
+    return torch.where(scale == 0, torch.full_like(scale, eps), scale)
+
+
+def fp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """NVFP4 global scale 448 · 6 / absmax(x) (float32 [1]): maps the largest group scale onto FP8's range."""
+    absmax = x.float().abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return (FP8_MAX * FP4_MAX / absmax).reshape(1)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, dtype: torch.dtype, *,
+                       global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero point or None) for observed ranges [lo, hi] (compressed-tensors calculate_qparams).
+
+    0 is always representable (lo ≤ 0 ≤ hi). Symmetric: absmax / half range. Asymmetric:
+    (hi - lo) / (qmax - qmin), zp = clamp(round(qmin - lo / scale)). NVFP4 (tensor_group with a
+    global scale): global · absmax / 6, rounded to FP8 E4M3 (the stored scale dtype).
+    """
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    qmin, qmax = _q_range(args)
+    if args.symmetric:
+        scale = torch.maximum(lo.abs(), hi) / _half_range(args)
+        zp = None
+    else:
+        assert args.type == "int", "asymmetric quantization is integer-only"
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(torch.finfo(torch.float32).eps)
+        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(_torch_dtype(args.zp_dtype) or torch.int8)
+    if global_scale is not None:
+        scale = scale * global_scale.float()
+    store = _torch_dtype(args.scale_dtype) or (FP8_DTYPE if args.is_fp4 else dtype)
+    return _clean_scale(scale, store), zp
+
+
+def _observe(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = _groups(w.float(), args)
+    return groups.amin(dim=-1), groups.amax(dim=-1)
+
+
+def compute_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None, *,
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero point or None) for a weight, with the observer ``args.observer`` picks."""
+    dtype = dtype or w.dtype
+    lo, hi = _observe(w, args)
+    if args.observer in ("mse", "memoryless_mse"):
+        return _mse_search(w, args, dtype, lo, hi, global_scale)
+    return qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
+
+
+def _mse_search(w, args, dtype, lo, hi, global_scale):
+    opts = {**MSE_DEFAULTS, **(args.observer_kwargs or {})}
+    grid, norm, patience = float(opts["grid"]), float(opts["norm"]), int(opts["patience"])
+    steps = int(float(opts["maxshrink"]) * grid)
+    wf = w.float()
+    best = qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
+    best_err = torch.full(lo.shape, float("inf"))
+    stale = 0
+    for i in range(max(steps, 1)):
+        p = 1 - i / grid
+        scale, zp = qparams_from_range(lo * p, hi * p, args, dtype, global_scale=global_scale)
+        deq = fake_quantize(wf, scale, args, zero_point=zp, global_scale=global_scale)
+        err = _groups((deq - wf).abs().pow(norm), args).sum(dim=-1)
+        better = err < best_err
+        if bool(better.any()):
+            best_err = torch.where(better, err, best_err)
+            s_best = torch.where(better, scale.float(), best[0].float()).to(scale.dtype)
+            z_best = None if zp is None else torch.where(better, zp, best[1])
+            best = (s_best, z_best)
+            stale = 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    return best
 
 
 def minmax_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Symmetric scale from the absolute maximum: absmax / 7.5 (int4), / 127.5 (int8), / 448 (FP8)."""
-    assert args.symmetric, "asymmetric quantization is not implemented"
+    assert args.symmetric, "minmax_scale is the symmetric scale; use compute_qparams for zero points"
     return _clean_scale(_grouped_absmax(w, args) / _half_range(args), dtype or w.dtype)
 
 
@@ -145,85 +287,166 @@ def _entry_errors(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs, norm: f
 
 
 def _reduce_like_scale(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    if args.strategy == "tensor":
-        return x.sum().reshape(1)
-    if args.strategy == "channel":
-        return x.sum(dim=1, keepdim=True)
-    rows, cols = x.shape
-    return x.reshape(rows, cols // args.group_size, args.group_size).sum(dim=2)
+    return _groups(x, args).sum(dim=-1)
 
 
 def compute_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight scale chosen by ``args.observer`` ("minmax" or "mse"), in ``dtype``."""
-    if args.observer == "mse":
-        return mse_scale(w, args, dtype)
-    return minmax_scale(w, args, dtype)
+    """The symmetric weight scale chosen by ``args.observer`` ("minmax" or "mse"), in ``dtype``.
+
+    "mse" here uses the search range the caller put in ``observer_kwargs`` (llm-compressor's
+    by default, :data:`MSE_DEFAULTS`)."""
+    return compute_qparams(w, args, dtype)[0]
 
 
-def quantize_int(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """q = clamp(round(w / scale), qmin, qmax) as int8; ``scale`` broadcastable or tensor/channel/group."""
+def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Nearest FP4 E2M1 value (ties as compressed-tensors' cast_to_fp4), saturating at ±6."""
+    a = x.abs()
+    out = torch.zeros_like(a)
+    bounds = ((0.25, 0.5, False), (0.75, 1.0, True), (1.25, 1.5, False), (1.75, 2.0, True),
+              (2.5, 3.0, False), (3.5, 4.0, True), (5.0, 6.0, False))
+    for edge, value, inclusive in bounds:
+        out = torch.where((a >= edge) if inclusive else (a > edge), torch.full_like(a, value), out)
+    return out * torch.sign(x)
+
+
+def quantize_int(w: torch.Tensor, scale: torch.Tensor, bits: int, zero_point: torch.Tensor | None = None, *,
+                 block: tuple[int, int] | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """q = clamp(round(w / scale) + zp, qmin, qmax) as int8; scale tensor/channel/group/block."""
     assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
     qmin, qmax = int_range(bits)
-    s = expand_scale(scale, w.shape)
-    return torch.clamp(torch.round(w.float() / s.float()), qmin, qmax).to(torch.int8)
+    s = expand_scale(scale, w.shape, block=block, g_idx=g_idx)
+    q = torch.round(w.float() / s.float())
+    if zero_point is not None:
+        q = q + expand_scale(zero_point, w.shape, block=block, g_idx=g_idx).float()
+    return torch.clamp(q, qmin, qmax).to(torch.int8)
 
 
-def dequantize_int(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(q - 0) · scale, computed in the scale's dtype like compressed-tensors does."""
+def dequantize_int(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None,
+                   zero_point: torch.Tensor | None = None, *, block: tuple[int, int] | None = None,
+                   g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """(q - zp) · scale, computed in the scale's dtype like compressed-tensors does."""
     assert q.dtype in (torch.int8, torch.int32), q.dtype
-    s = expand_scale(scale, q.shape)
-    return (q.to(s.dtype) * s).to(dtype or s.dtype)
+    s = expand_scale(scale, q.shape, block=block, g_idx=g_idx)
+    v = q.to(s.dtype)
+    if zero_point is not None:
+        v = v - expand_scale(zero_point, q.shape, block=block, g_idx=g_idx).to(s.dtype)
+    return (v * s).to(dtype or s.dtype)
 
 
-def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int] | None = None) -> torch.Tensor:
     """float8_e4m3fn(clamp(w / scale, ±448))."""
     assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
-    s = expand_scale(scale, w.shape)
+    s = expand_scale(scale, w.shape, block=block)
     return torch.clamp(w.float() / s.float(), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None, *,
+                   block: tuple[int, int] | None = None) -> torch.Tensor:
     """q · scale in the scale's dtype."""
     assert q.dtype == FP8_DTYPE, q.dtype
-    s = expand_scale(scale, q.shape)
+    s = expand_scale(scale, q.shape, block=block)
     return (q.to(s.dtype) * s).to(dtype or s.dtype)
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
-    """Integer (int8 container) or float8 codes of ``w``."""
+def _fp4_effective_scale(scale: torch.Tensor, global_scale: torch.Tensor, shape) -> torch.Tensor:
+    return expand_scale(scale.float() / global_scale.float(), shape)
+
+
+def quantize_fp4(w: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """E2M1 values (float32, in {0, ±0.5, …, ±6}) of w / (scale / global_scale)."""
+    return round_to_e2m1(w.float() / _fp4_effective_scale(scale, global_scale, w.shape))
+
+
+def dequantize_fp4(q: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    return (q.float() * _fp4_effective_scale(scale, global_scale, q.shape)).to(dtype or torch.float32)
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs, *, zero_point: torch.Tensor | None = None,
+             global_scale: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer (int8 container), float8 or E2M1 (float32 values) codes of ``w``."""
+    if args.is_fp4:
+        assert global_scale is not None, "NVFP4 needs its global scale"
+        return quantize_fp4(w, scale, global_scale)
     if args.type == "float":
-        return quantize_fp8(w, scale)
-    return quantize_int(w, scale, args.num_bits)
+        return quantize_fp8(w, scale, block=_block(args))
+    return quantize_int(w, scale, args.num_bits, zero_point, block=_block(args), g_idx=g_idx)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None, *,
+               args: QuantArgs | None = None, zero_point: torch.Tensor | None = None,
+               global_scale: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    if global_scale is not None or (args is not None and args.is_fp4):
+        return dequantize_fp4(q, scale, global_scale, dtype)
     if q.dtype == FP8_DTYPE:
-        return dequantize_fp8(q, scale, dtype)
-    return dequantize_int(q, scale, dtype)
+        return dequantize_fp8(q, scale, dtype, block=_block(args))
+    return dequantize_int(q, scale, dtype, zero_point, block=_block(args), g_idx=g_idx)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs, *, zero_point: torch.Tensor | None = None,
+                  global_scale: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """dequantize(quantize(w)) in ``w``'s dtype."""
-    return dequantize(quantize(w, scale, args), scale, w.dtype)
+    q = quantize(w, scale, args, zero_point=zero_point, global_scale=global_scale, g_idx=g_idx)
+    return dequantize(q, scale, w.dtype, args=args, zero_point=zero_point, global_scale=global_scale, g_idx=g_idx)
 
 
-def fake_quantize_activation(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None
-                             ) -> torch.Tensor:
-    """Quantize-dequantize an activation: dynamic per token / per tensor, or static with ``input_scale``."""
-    half = _half_range(args)
+def fake_quantize_activation(x: torch.Tensor, args: QuantArgs, input_scale: torch.Tensor | None = None,
+                             input_zero_point: torch.Tensor | None = None,
+                             global_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize an activation like compressed-tensors' forward.
+
+    Dynamic: per token, per tensor, or per group of ``group_size`` channels of each token
+    (FP8_BLOCK; NVFP4's "local" groups with the static ``global_scale``); symmetric or with a
+    zero point. Static: the calibrated ``input_scale`` (and ``input_zero_point``).
+    """
+    shape = x.shape
+    grouped = args.strategy in ("group", "tensor_group")
+    v = x.unflatten(-1, (shape[-1] // args.group_size, args.group_size)) if grouped else x
+    zp = None
     if args.dynamic:
-        if args.strategy == "token":
-            absmax = x.abs().amax(dim=-1, keepdim=True)
+        if args.strategy == "tensor":
+            lo, hi = v.amin().reshape(1), v.amax().reshape(1)
         else:
-            absmax = x.abs().amax()
-        scale = absmax / half
-        scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(x.dtype).eps), scale)
+            lo, hi = v.amin(dim=-1, keepdim=True), v.amax(dim=-1, keepdim=True)
+        scale, zp = qparams_from_range(lo, hi, args, torch.float32, global_scale=global_scale)
+        scale = scale.float()
     else:
         assert input_scale is not None, "static activation quantization needs an input_scale"
-        scale = input_scale.to(device=x.device, dtype=x.dtype)
-    if args.type == "float":
-        q = torch.clamp(x / scale, -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        scale = input_scale.to(device=x.device, dtype=torch.float32)
+        zp = input_zero_point
+    if global_scale is not None:
+        scale = scale / global_scale.float()
+    qmin, qmax = _q_range(args)
+    y = v.float() / scale
+    if args.is_fp4:
+        q = round_to_e2m1(y)
+    elif args.type == "float":
+        q = torch.clamp(y, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
     else:
-        qmin, qmax = int_range(args.num_bits)
-        q = torch.clamp(torch.round(x / scale), qmin, qmax)
-    return q.to(x.dtype) * scale
+        if zp is not None:
+            y = y + zp.float()
+        q = torch.clamp(torch.round(y), qmin, qmax)
+        if zp is not None:
+            q = q - zp.float()
+    return (q * scale).reshape(shape).to(x.dtype)
+
+
+def pack_fp4(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 values [out, in] (in even) → uint8 [out, in / 2]: column 2j in the low nibble, 2j+1 in the
+    high one; a nibble is the magnitude's 3-bit code plus the sign in bit 3 (compressed-tensors layout)."""
+    assert values.dim() == 2 and values.shape[1] % 2 == 0, values.shape
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    mags = values.float().abs()
+    codes = torch.argmin((mags.unsqueeze(-1) - grid).abs(), dim=-1)
+    assert torch.equal(grid[codes], mags), "values must lie on the E2M1 grid"
+    nib = (codes + (torch.signbit(values.float()).to(torch.long) << 3)).reshape(values.shape[0], -1, 2)
+    return (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).contiguous()
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_fp4`: uint8 [out, in / 2] → float32 E2M1 values [out, in]."""
+    assert packed.dtype == torch.uint8, packed.dtype
+    p = packed.to(torch.long)
+    nib = torch.stack((p & 0xF, p >> 4), dim=-1).reshape(packed.shape[0], -1)
+    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+    return grid[nib & 7] * torch.where((nib & 8) != 0, -1.0, 1.0)

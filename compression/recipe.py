@@ -42,12 +42,23 @@ PRESETS: dict[str, str] = {
     "2:4+FP8_DYNAMIC": "SparseGPT 2:4, then FP8 per-channel weights with per-token dynamic FP8 activations",
     "2:4+W4A16": "SparseGPT 2:4, then per-channel INT4 GPTQ that keeps every pruned weight at zero",
     "W8A8": "INT8 per-channel weights with GPTQ, INT8 per-token dynamic activations",
+    "W4A16_ASYM": "INT4 asymmetric weights (zero points, MSE scales) with GPTQ, group 128 default, 16-bit activations",
+    "AWQ+W4A16_ASYM": "AWQ activation-aware scaling, then INT4 asymmetric group weights (group 128 default)",
+    "SQ+W8A8": "SmoothQuant (strength 0.8) moves activation outliers into weights, then INT8 W8A8 with GPTQ",
+    "FP8+KV_FP8": "FP8 per-tensor weights and static activations, plus an FP8 KV cache with calibrated K/V scales",
+    "FP8_BLOCK": "FP8 weights in 128x128 blocks, FP8 dynamic activations per 128-channel token group; no calibration",
+    "NVFP4": "FP4 E2M1 weights and activations in groups of 16 with FP8 scales and a global scale (Blackwell)",
+    "NVFP4A16": "FP4 E2M1 weights in groups of 16 with FP8 scales and a global scale, 16-bit activations",
 }
 
 _FP8_W = dict(num_bits=8, type="float", symmetric=True)
+_NVFP4_W = dict(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16,
+                scale_dtype="float8_e4m3fn")
 SCHEME_PRESETS: dict[str, dict[str, dict | None]] = {
     "W4A16": {"weights": dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128),
               "input_activations": None},
+    "W4A16_ASYM": {"weights": dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128),
+                   "input_activations": None},
     "W8A16": {"weights": dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
               "input_activations": None},
     "W8A8": {"weights": dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
@@ -56,19 +67,43 @@ SCHEME_PRESETS: dict[str, dict[str, dict | None]] = {
             "input_activations": dict(_FP8_W, strategy="tensor", dynamic=False)},
     "FP8_DYNAMIC": {"weights": dict(_FP8_W, strategy="channel"),
                     "input_activations": dict(_FP8_W, strategy="token", dynamic=True)},
+    "FP8_BLOCK": {"weights": dict(_FP8_W, strategy="block", block_structure=[128, 128]),
+                  "input_activations": dict(_FP8_W, strategy="group", group_size=128, dynamic=True)},
+    "NVFP4A16": {"weights": dict(_NVFP4_W), "input_activations": None},
+    "NVFP4": {"weights": dict(_NVFP4_W), "input_activations": dict(_NVFP4_W, dynamic="local")},
 }
+SCHEME_ALIASES = {"INT8": "W8A8"}
+KV_CACHE_FIELDS = {"num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "observer",
+                   "observer_kwargs", "scale_dtype", "zp_dtype", "block_structure", "actorder"}
 
+_QUANT_MIXIN = {"targets", "ignore", "scheme", "config_groups", "kv_cache_scheme", "weight_observer",
+                "input_observer", "output_observer", "observer", "bypass_divisibility_checks"}
 MODIFIER_FIELDS = {
-    "QuantizationModifier": {"targets", "ignore", "scheme", "config_groups"},
-    "GPTQModifier": {"targets", "ignore", "scheme", "config_groups", "block_size", "dampening_frac", "actorder"},
-    "SparseGPTModifier": {"targets", "ignore", "sparsity", "mask_structure", "block_size", "dampening_frac"},
+    "QuantizationModifier": set(_QUANT_MIXIN),
+    "GPTQModifier": _QUANT_MIXIN | {"block_size", "dampening_frac", "actorder", "batched_quantization",
+                                    "sequential_targets", "offload_hessians"},
+    "SparseGPTModifier": {"targets", "ignore", "sparsity", "mask_structure", "block_size", "dampening_frac",
+                          "preserve_sparsity_mask", "sequential_targets", "offload_hessians", "sequential_update"},
+    "AWQModifier": {"mappings", "duo_scaling", "n_grid", "offload_device", "ignore", "sequential_targets"},
+    "SmoothQuantModifier": {"smoothing_strength", "mappings", "ignore", "num_calibration_steps"},
 }
 MODIFIER_FIELDS["SparseGPTModifier"] = MODIFIER_FIELDS["SparseGPTModifier"] | {"reconstruction"}
 MODIFIER_FIELDS[FINETUNE] = set(FinetuneSettings.__dataclass_fields__)  # its own stage; see compression.distill
+TRANSFORMS = ("AWQModifier", "SmoothQuantModifier")
 ARGS_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder",
                "observer", "observer_kwargs", "block_structure", "scale_dtype", "zp_dtype"}
+OBSERVERS = {"minmax": "minmax", "static_minmax": "minmax", "memoryless_minmax": "minmax",
+             "memoryless": "minmax", "mse": "mse", "memoryless_mse": "mse"}
+OBSERVER_KWARGS = {"maxshrink", "grid", "norm", "patience", "averaging_constant"}
+SCALE_DTYPES = ("float8_e4m3fn", "float16", "bfloat16", "float32")
+# sequential_targets: the engine always works one decoder layer at a time, so only the decoder
+# layer classes of the supported families are honoured (anything else is refused).
+DECODER_LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                         "Qwen2MoeDecoderLayer", "Qwen3MoeDecoderLayer", "MixtralDecoderLayer",
+                         "Gemma2DecoderLayer", "Gemma3DecoderLayer", "Phi3DecoderLayer")
 GROUP_FIELDS = {"targets", "weights", "input_activations", "output_activations", "format"}
 PRESET_GROUP_SIZES = (32, 64, 128)
+_NOTES: set[str] = set()  # filled while one recipe is parsed (see Recipe.from_dict), then moved to .notes
 
 
 @dataclass
@@ -101,10 +136,24 @@ class Modifier:
     mask_structure: str = "2:4"
     reconstruction: ReconstructionSettings | None = None  # SparseGPTModifier: layer-wise fit after pruning
     finetune: FinetuneSettings | None = None  # DistillationFinetuneModifier's arguments
+    kv_cache: QuantArgs | None = None  # kv_cache_scheme: FP8 per-tensor K/V scales
+    preserve_sparsity_mask: bool = False
+    sequential_targets: list[str] | None = None
+    inherits_scheme: bool = False  # GPTQModifier without a scheme: the preceding QuantizationModifier's
+    superseded_by: "Modifier | None" = field(default=None, repr=False, compare=False)  # that QM: GPTQ solves
+    extra: dict = field(default_factory=dict)  # accepted options kept for the round trip (see _parse_extra)
+    mappings: list | None = None  # AWQ: [{smooth_layer, balance_layers}], SmoothQuant: [[balance], smooth]
+    duo_scaling: bool | str = True
+    n_grid: int = 20
+    smoothing_strength: float = 0.5
 
     @property
     def quantizes(self) -> bool:
         return self.kind in ("QuantizationModifier", "GPTQModifier")
+
+    @property
+    def transforms(self) -> bool:
+        return self.kind in TRANSFORMS
 
     def scheme_for(self, name: str, class_name: str) -> SchemeGroup | None:
         """The config group whose targets match this module (first match wins)."""
@@ -116,9 +165,18 @@ class Modifier:
     def to_dict(self) -> dict:
         if self.finetune is not None:
             return self.finetune.to_dict()
+        if self.transforms:
+            return _transform_dict(self)
         out: dict[str, Any] = {"targets": list(self.targets), "ignore": list(self.ignore)}
-        if self.quantizes:
+        if self.quantizes and not self.inherits_scheme:
             out["config_groups"] = {k: g.to_dict() for k, g in self.config_groups.items()}
+        if self.kv_cache is not None:
+            out["kv_cache_scheme"] = self.kv_cache.to_dict()
+        if self.preserve_sparsity_mask:
+            out["preserve_sparsity_mask"] = True
+        if self.sequential_targets:
+            out["sequential_targets"] = list(self.sequential_targets)
+        out.update(copy.deepcopy(self.extra))
         if self.kind in ("GPTQModifier", "SparseGPTModifier"):
             out["block_size"] = self.block_size
             out["dampening_frac"] = self.dampening_frac
@@ -216,6 +274,7 @@ class Recipe:
         self.stages = stages
         self.preset = preset
         self.preset_options = dict(preset_options or {})
+        self.notes: list[str] = []  # how accepted llm-compressor options were mapped (shown in describe())
 
     # constructors -----------------------------------------------------------------------
     @classmethod
@@ -242,6 +301,7 @@ class Recipe:
         if not isinstance(data, dict) or not data:
             raise RecipeError("recipe", "must be a mapping of stages, e.g. quant_stage: {quant_modifiers: {...}}")
         stages: list[Stage] = []
+        _NOTES.clear()
         for i, (stage_name, body) in enumerate(data.items()):
             path = f"stages[{i}]"
             if not isinstance(body, dict) or len(body) != 1:
@@ -253,6 +313,8 @@ class Recipe:
                          for j, (kind, args) in enumerate(mods.items())]
             stages.append(Stage(str(stage_name), str(group_name), modifiers))
         recipe = cls(stages, preset=preset, preset_options=preset_options)
+        recipe.notes = sorted(_NOTES)
+        _NOTES.clear()
         recipe._validate_order()
         return recipe
 
@@ -276,9 +338,10 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         for m in self.modifiers:
-            if m.kind in ("GPTQModifier", "SparseGPTModifier"):
+            if m.kind in ("GPTQModifier", "SparseGPTModifier") or m.transforms or m.kv_cache is not None:
                 return True
-            if any(g.input_activations and not g.input_activations.dynamic for g in m.config_groups.values()):
+            if any(g.input_activations and (not g.input_activations.dynamic or g.input_activations.is_fp4)
+                   for g in m.config_groups.values()):
                 return True
         return False
 
@@ -288,6 +351,16 @@ class Recipe:
             if m.finetune is not None:
                 parts.append(m.finetune.describe())
                 continue
+            if m.kind == "AWQModifier":
+                parts.append(f"AWQ scaling (duo_scaling {m.duo_scaling}, {m.n_grid}-point grid)")
+                continue
+            if m.kind == "SmoothQuantModifier":
+                parts.append(f"SmoothQuant (strength {m.smoothing_strength:g})")
+                continue
+            if m.kv_cache is not None:
+                parts.append("FP8 KV cache (per-tensor K/V scales)")
+            if m.superseded_by is not None:
+                continue  # its scheme is solved by the GPTQModifier that follows
             if m.kind == "SparseGPTModifier":
                 parts.append((f"SparseGPT {m.mask_structure} ({m.sparsity:.0%})" if m.mask_structure != "0:0"
                               else f"SparseGPT unstructured {m.sparsity:.0%}")
@@ -295,7 +368,7 @@ class Recipe:
                 continue
             for g in m.config_groups.values():
                 parts.append(("GPTQ " if m.kind == "GPTQModifier" else "") + _describe_group(g, m))
-        text = " → ".join(parts)
+        text = " → ".join(parts) + "".join(f" [{n}]" for n in self.notes)
         return f"{self.preset}: {text}" if self.preset else text
 
     def _validate_finetune(self) -> None:
@@ -310,14 +383,49 @@ class Recipe:
     def _validate_order(self) -> None:
         self._validate_finetune()
         seen_quant = False
+        last_quant: Modifier | None = None
         for i, stage in enumerate(self.stages):
             for j, m in enumerate(stage.modifiers):
+                path = f"stages[{i}].modifiers[{j}]"
                 if m.quantizes:
+                    if m.inherits_scheme:
+                        _inherit_scheme(m, last_quant, path)
                     seen_quant = True
+                    last_quant = m
                 elif seen_quant:
-                    raise RecipeError(f"stages[{i}].modifiers[{j}]",
-                                      "SparseGPTModifier must come before quantization modifiers "
-                                      "(pruning quantized weights would move them off the grid)")
+                    raise RecipeError(path, f"{m.kind} must come before quantization modifiers "
+                                      + ("(pruning quantized weights would move them off the grid)"
+                                         if m.kind == "SparseGPTModifier" else
+                                         "(it rescales weights that are then quantized)"))
+        kv = [m for m in self.modifiers if m.kv_cache is not None]
+        if len(kv) > 1 and any(k.kv_cache != kv[0].kv_cache for k in kv):
+            raise RecipeError("kv_cache_scheme", "two modifiers set different kv_cache_scheme values; set it once")
+        for i, stage in enumerate(self.stages):
+            for j, m in enumerate(stage.modifiers):
+                if m.kind == "AWQModifier" and not any(q.quantizes and q.config_groups for q in self.modifiers):
+                    raise RecipeError(f"stages[{i}].modifiers[{j}]", "AWQModifier only rescales weights for a "
+                                      "quantization scheme: add a QuantizationModifier or GPTQModifier after it")
+
+    @property
+    def kv_cache(self) -> QuantArgs | None:
+        """The recipe's kv_cache_scheme (FP8 per-tensor K/V scales), if any."""
+        return next((m.kv_cache for m in self.modifiers if m.kv_cache is not None), None)
+
+
+def _inherit_scheme(m: Modifier, source: Modifier | None, path: str) -> None:
+    """GPTQModifier without a scheme reuses the preceding QuantizationModifier's (llm-compressor
+    applies the earlier scheme to the modules and GPTQ then solves for them)."""
+    if source is None or not source.config_groups:
+        raise RecipeError(path, "GPTQModifier needs 'scheme' or 'config_groups' (or a preceding "
+                          "QuantizationModifier whose scheme it reuses)")
+    m.config_groups = {k: SchemeGroup(list(g.targets), g.weights, g.input_activations)
+                       for k, g in source.config_groups.items()}
+    if source.kind == "QuantizationModifier":
+        source.superseded_by = m
+    if not m.targets or m.targets == ["Linear"]:
+        m.targets = list(source.targets)
+    m.ignore = list(dict.fromkeys(list(m.ignore) + list(source.ignore)))
+    _check_groups(m, path)
 
 
 def _finetune_modifier(args: dict, path: str) -> Modifier:
@@ -363,16 +471,23 @@ def _describe_group(g: SchemeGroup, m: Modifier) -> str:
     w = g.weights
     text = "weights unquantized"
     if w:
-        kind = "FP8" if w.type == "float" else f"INT{w.num_bits}"
-        gran = f"group {w.group_size}" if w.strategy == "group" else f"per-{w.strategy}"
+        kind = ("NVFP4" if w.is_fp4 else "FP8") if w.type == "float" else f"INT{w.num_bits}"
+        if w.type == "int" and not w.symmetric:
+            kind += " asymmetric"
+        gran = (f"group {w.group_size}" if w.strategy in ("group", "tensor_group") else
+                f"{w.block_structure[0]}x{w.block_structure[1]} blocks" if w.strategy == "block" else
+                f"per-{w.strategy}")
         text = f"{kind} weights ({gran}"
         if m.kind == "GPTQModifier" and m.actorder:
             text += f", act-order {m.actorder}"
         text += ")"
     a = g.input_activations
     if a:
-        kind = "FP8" if a.type == "float" else f"INT{a.num_bits}"
-        text += f", {kind} activations ({'dynamic' if a.dynamic else 'static'} per-{a.strategy})"
+        kind = ("FP4" if a.is_fp4 else "FP8") if a.type == "float" else f"INT{a.num_bits}"
+        if not a.symmetric:
+            kind += " asymmetric"
+        gran = f"per-{a.group_size} group" if a.strategy in ("group", "tensor_group") else f"per-{a.strategy}"
+        text += f", {kind} activations ({'dynamic' if a.dynamic else 'static'} {gran})"
     else:
         text += ", 16-bit activations"
     return text
@@ -466,15 +581,20 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
     if kind == FINETUNE:
         return _finetune_modifier(args, path)
     m = Modifier(kind)
+    if kind in TRANSFORMS:
+        return _parse_transform(m, args, path)
     m.targets = _str_list(args.get("targets", ["Linear"]), f"{path}.targets")
     m.ignore = _str_list(args.get("ignore", ["lm_head"]), f"{path}.ignore")
+    _parse_extra(m, args, path)
     if "block_size" in args:
         m.block_size = _int(args["block_size"], f"{path}.block_size", lo=4)
         if m.block_size % 4:
             raise RecipeError(f"{path}.block_size", "must be a multiple of 4 (2:4 groups may not straddle blocks)")
-    if "dampening_frac" in args:
+    if args.get("dampening_frac") is not None:
         m.dampening_frac = _float(args["dampening_frac"], f"{path}.dampening_frac", 0.0, 1.0)
     if kind == "GPTQModifier":
+        if args.get("actorder") in ("group", "dynamic", True):
+            _NOTES.add(ACTORDER_GROUP_NOTE)
         m.actorder = _actorder(args.get("actorder", "static"), f"{path}.actorder")
     if kind == "SparseGPTModifier":
         m.mask_structure = str(args.get("mask_structure", "2:4"))
@@ -488,27 +608,27 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
         if not 0 < m.sparsity < 1:
             raise RecipeError(f"{path}.sparsity", "must be strictly between 0 and 1")
         m.reconstruction = _parse_reconstruction(args.get("reconstruction"), f"{path}.reconstruction")
+        m.preserve_sparsity_mask = _bool(args.get("preserve_sparsity_mask", False), f"{path}.preserve_sparsity_mask")
     if m.quantizes:
         has_scheme, has_groups = "scheme" in args, "config_groups" in args
-        if has_scheme == has_groups:
-            raise RecipeError(path, f"{kind} needs exactly one of 'scheme' (a preset name: "
-                              f"{', '.join(SCHEME_PRESETS)}) or 'config_groups'")
-        if has_scheme:
+        if has_scheme and has_groups:
+            raise RecipeError(path, f"{kind} takes one of 'scheme' or 'config_groups', not both")
+        if not (has_scheme or has_groups):
+            if kind == "QuantizationModifier" and args.get("kv_cache_scheme") is None:
+                raise RecipeError(path, f"{kind} needs 'scheme' (a preset name: {', '.join(SCHEME_PRESETS)}), "
+                                  "'config_groups' or 'kv_cache_scheme'")
+            m.inherits_scheme = kind == "GPTQModifier"  # resolved against the preceding QuantizationModifier
+        elif has_scheme:
             m.config_groups = _scheme_groups(args["scheme"], m.targets, f"{path}.scheme")
         else:
             groups = args["config_groups"]
             if not isinstance(groups, dict) or not groups:
                 raise RecipeError(f"{path}.config_groups", "must be a non-empty mapping group_0: {...}")
             m.config_groups = {str(k): _parse_group(v, f"{path}.config_groups.{k}") for k, v in groups.items()}
-        for gname, g in m.config_groups.items():
-            gpath = f"{path}.config_groups.{gname}"
-            if kind == "GPTQModifier" and (g.weights is None or g.weights.type != "int"):
-                raise RecipeError(f"{gpath}.weights", "GPTQModifier needs integer weights (num_bits 4 or 8, "
-                                  "type int); use QuantizationModifier for FP8")
-            if kind == "QuantizationModifier" and g.weights and g.weights.actorder:
-                raise RecipeError(f"{gpath}.weights.actorder", "act-order only applies to GPTQModifier")
-            if kind == "GPTQModifier" and g.weights and g.weights.actorder is None and m.actorder:
-                g.weights = _replace(g.weights, actorder=m.actorder)
+        _apply_observers(m, args, path)
+        if args.get("kv_cache_scheme") is not None:
+            m.kv_cache = _parse_kv_cache(args["kv_cache_scheme"], f"{path}.kv_cache_scheme")
+        _check_groups(m, path)
     return m
 
 
@@ -544,19 +664,196 @@ def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
     return ReconstructionSettings(**values)
 
 
+def _check_groups(m: Modifier, path: str) -> None:
+    for gname, g in m.config_groups.items():
+        gpath = f"{path}.config_groups.{gname}"
+        if m.kind == "GPTQModifier" and g.weights is None:
+            raise RecipeError(f"{gpath}.weights", "GPTQModifier needs quantized weights")
+        if m.kind == "QuantizationModifier" and g.weights and g.weights.actorder:
+            raise RecipeError(f"{gpath}.weights.actorder", "act-order only applies to GPTQModifier")
+        if m.kind == "GPTQModifier" and g.weights and g.weights.actorder is None and m.actorder:
+            g.weights = _replace(g.weights, actorder=m.actorder)
+
+
+def _parse_extra(m: Modifier, args: dict, path: str) -> None:
+    """Options that are accepted but change nothing in the result; kept so the recipe round-trips."""
+    for key in ("batched_quantization", "offload_hessians", "sequential_update", "bypass_divisibility_checks"):
+        if key not in args:
+            continue
+        value = args[key]
+        if key == "bypass_divisibility_checks" and value:
+            raise RecipeError(f"{path}.{key}", "the engine cannot bypass divisibility checks; use false")
+        if key == "sequential_update" and value not in (None, False, True):
+            raise RecipeError(f"{path}.{key}", "must be true or false")
+        m.extra[key] = value
+    if args.get("sequential_targets") is not None:
+        targets = _str_list(args["sequential_targets"], f"{path}.sequential_targets")
+        bad = [t for t in targets if t not in DECODER_LAYER_CLASSES]
+        if bad:
+            raise RecipeError(f"{path}.sequential_targets",
+                              f"{bad[0]!r}: the engine compresses one decoder layer at a time; allowed: "
+                              f"{', '.join(DECODER_LAYER_CLASSES)}")
+        m.sequential_targets = targets
+
+
+def _apply_observers(m: Modifier, args: dict, path: str) -> None:
+    """llm-compressor's weight_observer / input_observer / observer {weights: .., input: ..} overrides."""
+    chosen: dict[str, str] = {}
+    obs = args.get("observer")
+    if obs is not None:
+        if not isinstance(obs, dict) or not set(obs) <= {"weights", "input", "output"}:
+            raise RecipeError(f"{path}.observer", "must be a mapping {weights: <observer>, input: <observer>}")
+        chosen.update({k: v for k, v in obs.items() if v is not None})
+    for key, role in (("weight_observer", "weights"), ("input_observer", "input"), ("output_observer", "output")):
+        if args.get(key) is not None:
+            chosen[role] = args[key]
+    for role, name in chosen.items():
+        field_path = f"{path}.{'observer.' + role if obs and role in obs else role.rstrip('s') + '_observer'}"
+        if role == "output":
+            raise RecipeError(field_path, "output activations are not quantized here; use null")
+        if name not in OBSERVERS:
+            raise RecipeError(field_path, f"allowed: {', '.join(OBSERVERS)}")
+        for g in m.config_groups.values():
+            if role == "weights" and g.weights is not None:
+                g.weights = _replace(g.weights, observer=OBSERVERS[name])
+            elif role == "input" and g.input_activations is not None and not g.input_activations.dynamic:
+                g.input_activations = _replace(g.input_activations, observer=OBSERVERS[name])
+    for key in ("observer", "weight_observer", "input_observer"):
+        if args.get(key) is not None:
+            m.extra[key] = copy.deepcopy(args[key])
+
+
+def _parse_kv_cache(raw: Any, path: str) -> QuantArgs:
+    """kv_cache_scheme: FP8 E4M3 (or INT8) per-tensor static K/V scales, the form vLLM reads."""
+    if not isinstance(raw, dict):
+        raise RecipeError(path, "must be a mapping of QuantizationArgs, e.g. {num_bits: 8, type: float, "
+                          "strategy: tensor, dynamic: false, symmetric: true}")
+    unknown = sorted(set(raw) - KV_CACHE_FIELDS)
+    if unknown:
+        raise RecipeError(f"{path}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(KV_CACHE_FIELDS))}")
+    if raw.get("type", "int") != "float" or raw.get("num_bits", 8) != 8:
+        raise RecipeError(f"{path}.type", "only FP8 KV caches are supported: num_bits 8, type float")
+    if raw.get("strategy", "tensor") != "tensor":
+        raise RecipeError(f"{path}.strategy", "only per-tensor K/V scales are supported (what vLLM reads); "
+                          "use 'tensor'")
+    if raw.get("dynamic", False) is not False:
+        raise RecipeError(f"{path}.dynamic", "K/V scales are calibrated on data; use false")
+    if raw.get("symmetric", True) is not True:
+        raise RecipeError(f"{path}.symmetric", "FP8 K/V scales are symmetric; use true")
+    for key in ("group_size", "block_structure", "actorder", "zp_dtype"):
+        if raw.get(key) is not None:
+            raise RecipeError(f"{path}.{key}", "not used by per-tensor K/V scales; use null")
+    observer = raw.get("observer") or "minmax"
+    if observer not in OBSERVERS or OBSERVERS[observer] != "minmax":
+        raise RecipeError(f"{path}.observer", "K/V scales use the min-max observer; allowed: minmax, static_minmax")
+    return QuantArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False,
+                     scale_dtype=_scale_dtype(raw.get("scale_dtype"), f"{path}.scale_dtype"))
+
+
+def _parse_transform(m: Modifier, args: dict, path: str) -> Modifier:
+    """AWQModifier / SmoothQuantModifier: mappings (or the family defaults) and their options."""
+    m.targets = []
+    m.ignore = _str_list(args.get("ignore") or [], f"{path}.ignore") if args.get("ignore") else []
+    if m.kind == "AWQModifier":
+        _parse_extra(m, args, path)
+        if "offload_device" in args:
+            m.extra["offload_device"] = args["offload_device"]
+        duo = args.get("duo_scaling", True)
+        if duo not in (True, False, "both"):
+            raise RecipeError(f"{path}.duo_scaling", "allowed: true, false or 'both'")
+        m.duo_scaling = duo
+        m.n_grid = _int(args.get("n_grid", 20), f"{path}.n_grid", lo=2)
+        raw = args.get("mappings")
+        if raw is not None:
+            if not isinstance(raw, list) or not raw:
+                raise RecipeError(f"{path}.mappings", "must be a list of {smooth_layer, balance_layers}")
+            mappings = []
+            for i, item in enumerate(raw):
+                ipath = f"{path}.mappings[{i}]"
+                if not isinstance(item, dict) or not {"smooth_layer", "balance_layers"} <= set(item) or not set(
+                        item) <= {"smooth_layer", "balance_layers", "activation_hook_target"}:
+                    raise RecipeError(ipath, "must be a mapping with smooth_layer and balance_layers")
+                if item.get("activation_hook_target") is not None:
+                    raise RecipeError(f"{ipath}.activation_hook_target",
+                                      "parallel-block hook targets are not supported; use null")
+                smooth = _str_list(item["smooth_layer"], f"{ipath}.smooth_layer")
+                if len(smooth) != 1:
+                    raise RecipeError(f"{ipath}.smooth_layer", "must be one name or 're:' pattern")
+                mappings.append({"smooth_layer": smooth[0],
+                                 "balance_layers": _str_list(item["balance_layers"], f"{ipath}.balance_layers")})
+            m.mappings = mappings
+    else:
+        m.smoothing_strength = _float(args.get("smoothing_strength", 0.5), f"{path}.smoothing_strength", 0.0, 1.0)
+        if args.get("num_calibration_steps") is not None:
+            m.extra["num_calibration_steps"] = _int(args["num_calibration_steps"], f"{path}.num_calibration_steps",
+                                                    lo=1)
+        raw = args.get("mappings")
+        if raw is not None:
+            if not isinstance(raw, list) or not raw:
+                raise RecipeError(f"{path}.mappings", "must be a list of [[balance layers], smooth layer]")
+            mappings = []
+            for i, item in enumerate(raw):
+                ipath = f"{path}.mappings[{i}]"
+                if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[1], str):
+                    raise RecipeError(ipath, "must be [[balance layers], smooth layer]")
+                mappings.append([_str_list(item[0], f"{ipath}[0]"), _str_list(item[1], f"{ipath}[1]")[0]])
+            m.mappings = mappings
+    return m
+
+
+def _transform_dict(m: Modifier) -> dict:
+    out: dict[str, Any] = {}
+    if m.kind == "AWQModifier":
+        out.update({"duo_scaling": m.duo_scaling, "n_grid": m.n_grid})
+        if m.mappings is not None:
+            out["mappings"] = copy.deepcopy(m.mappings)
+        if m.sequential_targets:
+            out["sequential_targets"] = list(m.sequential_targets)
+    else:
+        out["smoothing_strength"] = m.smoothing_strength
+        if m.mappings is not None:
+            out["mappings"] = [[list(b), s] for b, s in m.mappings]
+    if m.ignore:
+        out["ignore"] = list(m.ignore)
+    out.update(copy.deepcopy(m.extra))
+    return out
+
+
+def _bool(value: Any, path: str) -> bool:
+    if value not in (True, False):
+        raise RecipeError(path, "must be true or false")
+    return bool(value)
+
+
+def _scale_dtype(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in SCALE_DTYPES:
+        raise RecipeError(path, f"allowed: {', '.join(SCALE_DTYPES)} (or null for the model dtype)")
+    return name
+
+
 def _scheme_groups(scheme: Any, targets: list[str], path: str) -> dict[str, SchemeGroup]:
+    """``scheme``: a preset name, {preset name: [targets]}, or a QuantizationScheme body
+    ({weights: ..., input_activations: ...}) applied to the modifier's targets."""
     if isinstance(scheme, str):
-        if scheme not in SCHEME_PRESETS:
+        name = SCHEME_ALIASES.get(scheme.upper(), scheme.upper())
+        if name not in SCHEME_PRESETS:
             raise RecipeError(path, f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEME_PRESETS)}")
-        return {"group_0": _preset_group(scheme, targets)}
+        return {"group_0": _preset_group(name, targets)}
+    if isinstance(scheme, dict) and scheme and set(scheme) <= GROUP_FIELDS - {"targets"}:
+        return {"group_0": _parse_group({**scheme, "targets": list(targets)}, path)}
     if isinstance(scheme, dict) and scheme:
         out = {}
         for i, (name, tgts) in enumerate(scheme.items()):
-            if name not in SCHEME_PRESETS:
+            key = SCHEME_ALIASES.get(str(name).upper(), str(name).upper())
+            if key not in SCHEME_PRESETS:
                 raise RecipeError(f"{path}.{name}", f"unknown scheme; allowed: {', '.join(SCHEME_PRESETS)}")
-            out[f"group_{i}"] = _preset_group(name, _str_list(tgts, f"{path}.{name}"))
+            out[f"group_{i}"] = _preset_group(key, _str_list(tgts, f"{path}.{name}"))
         return out
-    raise RecipeError(path, "must be a scheme name or a mapping {scheme name: [targets]}")
+    raise RecipeError(path, "must be a scheme name, a mapping {scheme name: [targets]}, or "
+                      "{weights: ..., input_activations: ...}")
 
 
 def _preset_group(name: str, targets: list[str]) -> SchemeGroup:
@@ -578,10 +875,13 @@ def _parse_group(raw: Any, path: str) -> SchemeGroup:
     acts = _parse_args(raw.get("input_activations"), f"{path}.input_activations", weights=False)
     if weights is None:
         raise RecipeError(f"{path}.weights", "weights must be quantized (activation-only schemes are not supported)")
+    if acts is not None and acts.is_fp4 != weights.is_fp4:
+        raise RecipeError(f"{path}.input_activations", "FP4 activations go with FP4 (NVFP4) weights only")
     return SchemeGroup(targets, weights, acts)
 
 
 def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
+    """One QuantizationArgs mapping, checked against what the engine and its export implement."""
     if raw is None:
         return None
     if not isinstance(raw, dict):
@@ -589,65 +889,130 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     unknown = sorted(set(raw) - ARGS_FIELDS)
     if unknown:
         raise RecipeError(f"{path}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(ARGS_FIELDS))}")
-    for key in ("block_structure", "scale_dtype", "zp_dtype"):
-        if raw.get(key) is not None:
-            raise RecipeError(f"{path}.{key}", "not supported by this engine; use null")
-    if raw.get("observer_kwargs"):
-        raise RecipeError(f"{path}.observer_kwargs", "observer options are not supported; use {}")
     typ = raw.get("type", "int")
     if typ not in ("int", "float"):
         raise RecipeError(f"{path}.type", "allowed: 'int' or 'float'")
     bits = _int(raw.get("num_bits", 8), f"{path}.num_bits", lo=1)
-    if typ == "float" and bits != 8:
-        raise RecipeError(f"{path}.num_bits", "float quantization supports only 8 bits (FP8 E4M3)")
+    if typ == "float" and bits not in (4, 8):
+        raise RecipeError(f"{path}.num_bits", "float quantization is FP8 E4M3 (8) or FP4 E2M1 (4, NVFP4)")
     if typ == "int" and bits not in ((4, 8) if weights else (8,)):
         raise RecipeError(f"{path}.num_bits", "allowed: 4 or 8 for int weights, 8 for int activations")
-    if raw.get("symmetric", True) is not True:
-        raise RecipeError(f"{path}.symmetric", "only symmetric quantization is supported; use true")
+    fp4 = typ == "float" and bits == 4
+    symmetric = raw.get("symmetric", True)
+    if symmetric not in (True, False):
+        raise RecipeError(f"{path}.symmetric", "must be true or false")
+    if not symmetric and typ != "int":
+        raise RecipeError(f"{path}.symmetric", "asymmetric (zero-point) quantization is integer-only; use true")
     group_size = raw.get("group_size")
     strategy = raw.get("strategy")
     if strategy is None:
         strategy = "tensor" if group_size is None else ("channel" if group_size == -1 else "group")
     if group_size == -1:
         group_size = None
-    allowed = ("tensor", "channel", "group") if weights else ("tensor", "token")
+    allowed = ("tensor", "channel", "group", "block", "tensor_group") if weights else (
+        "tensor", "token", "group", "tensor_group")
     if strategy not in allowed:
         raise RecipeError(f"{path}.strategy", f"allowed: {', '.join(allowed)}")
-    if strategy == "group":
+    if fp4 and strategy != "tensor_group":
+        raise RecipeError(f"{path}.strategy", "FP4 (NVFP4) uses strategy 'tensor_group' (group 16 + a global scale)")
+    if strategy == "tensor_group" and not fp4:
+        raise RecipeError(f"{path}.strategy", "'tensor_group' is NVFP4's strategy: num_bits 4, type float")
+    block = raw.get("block_structure")
+    if strategy == "block":
+        if not (isinstance(block, (list, tuple)) and len(block) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in block)):
+            raise RecipeError(f"{path}.block_structure", "strategy 'block' needs [rows, cols], e.g. [128, 128]")
+        if typ != "float":
+            raise RecipeError(f"{path}.strategy", "block scales are implemented for FP8 weights (FP8_BLOCK)")
+    elif block is not None:
+        raise RecipeError(f"{path}.block_structure", f"only used with strategy 'block' (strategy is {strategy!r})")
+    if strategy in ("group", "tensor_group"):
         group_size = _int(group_size, f"{path}.group_size", lo=1) if group_size is not None else None
         if group_size is None:
-            raise RecipeError(f"{path}.group_size", "strategy 'group' needs a positive group_size (32, 64 or 128)")
-        if typ == "float":
-            raise RecipeError(f"{path}.strategy", "FP8 weights support 'tensor' or 'channel' only")
+            raise RecipeError(f"{path}.group_size", f"strategy '{strategy}' needs a positive group_size")
+        if fp4 and group_size != 16:
+            raise RecipeError(f"{path}.group_size", "NVFP4 uses group_size 16 (FP8 scale per 16 values)")
+        if weights and typ == "float" and not fp4:
+            raise RecipeError(f"{path}.strategy", "FP8 weights support 'tensor', 'channel' or 'block'")
     elif group_size is not None:
         raise RecipeError(f"{path}.group_size", f"only used with strategy 'group' (strategy is {strategy!r})")
     dynamic = raw.get("dynamic", False)
-    if dynamic not in (True, False):
-        raise RecipeError(f"{path}.dynamic", "must be true or false")
+    if dynamic not in (True, False, "local"):
+        raise RecipeError(f"{path}.dynamic", "must be true, false or 'local' (NVFP4 activations)")
     if weights and dynamic:
         raise RecipeError(f"{path}.dynamic", "weights are always static; use false")
-    if strategy == "token" and not dynamic:
-        raise RecipeError(f"{path}.dynamic", "strategy 'token' requires dynamic: true")
-    if not weights and not dynamic and (typ != "float"):
-        raise RecipeError(f"{path}.dynamic", "static activation quantization is only supported for FP8")
+    if not weights:
+        if dynamic == "local" and not fp4:
+            raise RecipeError(f"{path}.dynamic", "'local' is only for NVFP4 (tensor_group) activations")
+        if fp4 and dynamic != "local":
+            raise RecipeError(f"{path}.dynamic", "NVFP4 activations use dynamic: local (group scales per token, "
+                              "a calibrated global scale)")
+        if strategy == "token" and not dynamic:
+            raise RecipeError(f"{path}.dynamic", "strategy 'token' requires dynamic: true")
+        if strategy == "group" and not dynamic:
+            raise RecipeError(f"{path}.dynamic", "per-token-group activation scales are dynamic; use true")
+        if strategy == "group" and typ != "float":
+            raise RecipeError(f"{path}.strategy", "per-token-group activations are implemented for FP8 (FP8_BLOCK)")
     actorder = raw.get("actorder")
     if actorder is not None and not weights:
         raise RecipeError(f"{path}.actorder", "actorder only applies to weights")
+    if actorder in ("group", "dynamic", True):
+        _NOTES.add(ACTORDER_GROUP_NOTE)
     actorder = _actorder(actorder, f"{path}.actorder")
     observer = raw.get("observer") or "minmax"
-    if observer not in ("minmax", "mse"):
-        raise RecipeError(f"{path}.observer", "allowed: 'minmax' or 'mse'")
-    return QuantArgs(num_bits=bits, type=typ, symmetric=True, strategy=strategy, group_size=group_size,
-                     dynamic=bool(dynamic), actorder=actorder, observer=observer)
+    if observer not in OBSERVERS:
+        raise RecipeError(f"{path}.observer", f"allowed: {', '.join(OBSERVERS)}")
+    kwargs = raw.get("observer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise RecipeError(f"{path}.observer_kwargs", "must be a mapping")
+    bad = sorted(set(kwargs) - OBSERVER_KWARGS)
+    if bad:
+        raise RecipeError(f"{path}.observer_kwargs.{bad[0]}", f"allowed: {', '.join(sorted(OBSERVER_KWARGS))}")
+    for key, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise RecipeError(f"{path}.observer_kwargs.{key}", "must be a positive number")
+    if kwargs.get("maxshrink", 0) >= 1:
+        raise RecipeError(f"{path}.observer_kwargs.maxshrink", "must be below 1 (the share of the range to search)")
+    scale_dtype = _scale_dtype(raw.get("scale_dtype"), f"{path}.scale_dtype")
+    if fp4 and scale_dtype not in (None, "float8_e4m3fn"):
+        raise RecipeError(f"{path}.scale_dtype", "NVFP4 group scales are float8_e4m3fn")
+    if fp4:
+        scale_dtype = "float8_e4m3fn"
+    zp_dtype = raw.get("zp_dtype")
+    if zp_dtype is not None:
+        name = str(zp_dtype).removeprefix("torch.")
+        if symmetric:
+            if not (fp4 and name == "float8_e4m3fn"):
+                raise RecipeError(f"{path}.zp_dtype", "symmetric schemes have no zero point; use null")
+            zp_dtype = None
+        elif name != "int8":
+            raise RecipeError(f"{path}.zp_dtype", "integer zero points are stored as int8")
+        else:
+            zp_dtype = "int8"
+    return QuantArgs(num_bits=bits, type=typ, symmetric=bool(symmetric), strategy=strategy, group_size=group_size,
+                     dynamic=dynamic if dynamic == "local" else bool(dynamic), actorder=actorder,
+                     observer=OBSERVERS[observer], block_structure=tuple(block) if strategy == "block" else None,
+                     scale_dtype=scale_dtype, zp_dtype=zp_dtype if not symmetric else None,
+                     observer_kwargs=dict(kwargs))
+
+
+ACTORDER_GROUP_NOTE = ("actorder 'group' ran as 'weight' (static) ordering: compressed-tensors 0.20 removed "
+                       "g_idx group ordering, so a g_idx checkpoint would not load in vLLM/transformers")
 
 
 def _actorder(value: Any, path: str) -> str | None:
+    """'static'/'weight': visit columns by decreasing activation energy, groups stay in column order.
+
+    'group'/'dynamic'/true are mapped to that same 'weight' ordering (stated in ``describe()``):
+    compressed-tensors 0.20 (what llm-compressor 0.14 writes with) refuses g_idx group ordering.
+    The engine's ``gptq_quantize(actorder="group")`` can still produce g_idx, and the runtime
+    loads older g_idx checkpoints."""
     if value in (None, False):
         return None
-    if value in ("static", "weight"):
+    if value in ("static", "weight", "group", "dynamic", True):
         return "static"
-    raise RecipeError(path, "allowed: 'static' (groups stay in column order) or null; "
-                      "'group'/'dynamic' act-order (g_idx) is not supported")
+    raise RecipeError(path, "allowed: 'static'/'weight', 'group'/'dynamic' (run as 'weight'; compressed-tensors "
+                      "0.20 removed g_idx groups) or null")
 
 
 def _str_list(value: Any, path: str) -> list[str]:
@@ -690,7 +1055,62 @@ _PRESET_OPTIONS = {
     "2:4+FP8_DYNAMIC": {"ignore", "dampening_frac", "block_size", "reconstruction"},
     "2:4+W4A16": {"ignore", "group_size", "actorder", "dampening_frac", "block_size", "reconstruction"},
     "W8A8": {"ignore", "actorder", "dampening_frac", "block_size"},
+    "W4A16_ASYM": {"ignore", "group_size", "actorder", "dampening_frac", "block_size"},
+    "AWQ+W4A16_ASYM": {"ignore", "group_size", "duo_scaling"},
+    "SQ+W8A8": {"ignore", "smoothing_strength", "actorder", "dampening_frac", "block_size"},
+    "FP8+KV_FP8": {"ignore"},
+    "FP8_BLOCK": {"ignore"},
+    "NVFP4": {"ignore"},
+    "NVFP4A16": {"ignore"},
 }
+PARITY_PRESETS = ("W4A16_ASYM", "AWQ+W4A16_ASYM", "SQ+W8A8", "FP8+KV_FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16")
+_KV_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
+def _group_weights(scheme: str, group_size: Any, default: int = 128) -> dict:
+    weights = dict(SCHEME_PRESETS[scheme]["weights"])
+    group_size = default if group_size is None else group_size
+    if group_size in ("channel", -1):
+        weights.update(strategy="channel", group_size=None)
+    elif group_size in PRESET_GROUP_SIZES:
+        weights.update(strategy="group", group_size=group_size)
+    else:
+        raise RecipeError("group_size", "allowed: 32, 64, 128 or 'channel' (one scale per output row)")
+    return weights
+
+
+def _parity_preset_stages(name: str, options: dict) -> dict:
+    """Stages of the presets that mirror llm-compressor's newer examples (AWQ, SmoothQuant, zero
+    points, KV cache, FP8 blocks, NVFP4)."""
+    common = {"targets": ["Linear"], "ignore": options.get("ignore", ["lm_head"])}
+    solver = {k: options[k] for k in ("dampening_frac", "block_size") if k in options}
+
+    def quant(kind: str, weights: dict, acts: dict | None, **extra: Any) -> dict:
+        group = {"targets": ["Linear"], "weights": weights, "input_activations": acts}
+        return {kind: {**common, **extra, "config_groups": {"group_0": group}}}
+
+    if name == "W4A16_ASYM":
+        weights = dict(_group_weights("W4A16_ASYM", options.get("group_size")), observer="mse")
+        mods = quant("GPTQModifier", weights, None, **solver, actorder=options.get("actorder", "static"))
+    elif name == "AWQ+W4A16_ASYM":
+        duo = options.get("duo_scaling", True)
+        mods = {"AWQModifier": {"duo_scaling": duo},
+                **quant("QuantizationModifier", _group_weights("W4A16_ASYM", options.get("group_size")), None)}
+    elif name == "SQ+W8A8":
+        strength = options.get("smoothing_strength", 0.8)
+        p = SCHEME_PRESETS["W8A8"]
+        mods = {"SmoothQuantModifier": {"smoothing_strength": strength},
+                **quant("GPTQModifier", dict(p["weights"]), dict(p["input_activations"]), **solver,
+                        actorder=options.get("actorder", "static"))}
+    elif name == "FP8+KV_FP8":
+        p = SCHEME_PRESETS["FP8"]
+        mods = quant("QuantizationModifier", dict(p["weights"]), dict(p["input_activations"]),
+                     kv_cache_scheme=dict(_KV_FP8))
+    else:  # FP8_BLOCK, NVFP4, NVFP4A16: the compressed-tensors preset schemes as they are
+        p = SCHEME_PRESETS[name]
+        mods = quant("QuantizationModifier", dict(p["weights"]),
+                     dict(p["input_activations"]) if p["input_activations"] else None)
+    return {"quant_stage": {"quant_modifiers": mods}}
 
 
 PRESET_RECONSTRUCTION = False  # 2:4 presets: layer-wise reconstruction unless the option says otherwise
@@ -710,6 +1130,8 @@ def _preset_stages(name: str, options: dict) -> dict:
     if unknown:
         raise RecipeError(unknown[0], f"not an option of preset {name}; allowed: "
                           f"{', '.join(sorted(_PRESET_OPTIONS[name]))}")
+    if name in PARITY_PRESETS:
+        return _parity_preset_stages(name, options)
     ignore = options.get("ignore", ["lm_head"])
     common = {"targets": ["Linear"], "ignore": ignore}
     solver = {k: options[k] for k in ("dampening_frac", "block_size") if k in options}
@@ -725,6 +1147,7 @@ def _preset_stages(name: str, options: dict) -> dict:
         weights = dict(SCHEME_PRESETS[quant]["weights"])
         if quant == "FP8_DYNAMIC":
             weights["observer"] = "mse"  # the sparse FP8-dynamic card: scales by minimizing MSE
+            weights["observer_kwargs"] = {"grid": 20, "maxshrink": 0.8, "patience": 1000}  # 1.0 … 0.25 · absmax
         group = {"targets": ["Linear"], "weights": weights,
                  "input_activations": SCHEME_PRESETS[quant]["input_activations"]}
         stages["quant_stage"] = {"quant_modifiers": {"QuantizationModifier": {

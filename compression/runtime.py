@@ -29,7 +29,104 @@ log = logging.getLogger(__name__)
 
 _OTHER_WEIGHT_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack")
 _LINEAR_SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                    "weight_g_idx", "input_scale", "input_zero_point", "bias")
+                    "weight_g_idx", "weight_global_scale", "input_scale", "input_zero_point", "input_global_scale",
+                    "bias")
+
+
+class DequantLinear(nn.Module):
+    """A format with no kernel on this device (zero points, act-order g_idx, NVFP4, FP8 block scales,
+    INT8 weight-only, asymmetric or grouped activations): the weight is dequantized once at load time
+    (exactly what compressed-tensors' decompression computes) and the activations are
+    fake-quantized per the scheme, so the numerics equal the deployed format's."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, acts=None, input_scale=None,
+                 input_zero_point=None, input_global_scale=None, kind: str = "") -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("bias", bias)
+        self.acts, self.kind = acts, kind
+        self.register_buffer("input_scale", input_scale)
+        self.register_buffer("input_zero_point", input_zero_point)
+        self.register_buffer("input_global_scale", input_global_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.acts is not None:
+            from compression.quant import fake_quantize_activation
+
+            x = fake_quantize_activation(x, self.acts, self.input_scale, self.input_zero_point,
+                                         self.input_global_scale)
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dequantized from {self.kind}"
+
+
+def _quant_args(raw: dict | None):
+    """compressed-tensors QuantizationArgs dict → our QuantArgs (None stays None)."""
+    if not raw:
+        return None
+    from compression.quant import QuantArgs
+
+    dynamic = raw.get("dynamic", False)
+    return QuantArgs(num_bits=int(raw.get("num_bits", 8)), type=raw.get("type", "int"),
+                     symmetric=bool(raw.get("symmetric", True)), strategy=raw.get("strategy") or "tensor",
+                     group_size=raw.get("group_size"), dynamic=dynamic if dynamic == "local" else bool(dynamic),
+                     block_structure=raw.get("block_structure"),
+                     scale_dtype=(raw.get("scale_dtype") or "").removeprefix("torch.") or None)
+
+
+def _needs_dequant(scheme: dict | None, t: dict[str, torch.Tensor]) -> str | None:
+    """Why no kernel module fits this Linear (then it is dequantized), or None."""
+    weights = (scheme or {}).get("weights") or {}
+    acts = (scheme or {}).get("input_activations") or {}
+    if "weight_zero_point" in t:
+        return "asymmetric weights (zero points)"
+    if "weight_g_idx" in t:
+        return "act-order g_idx"
+    if "weight_global_scale" in t or (weights.get("type") == "float" and weights.get("num_bits") == 4):
+        return "NVFP4"
+    if weights.get("strategy") == "block":
+        return "FP8 block scales"
+    if "weight_packed" in t and weights.get("num_bits", 4) != 4:
+        return f"pack-quantized INT{weights.get('num_bits')}"
+    if acts and (not acts.get("symmetric", True) or acts.get("strategy") in ("group", "tensor_group")):
+        return "asymmetric or grouped activations"
+    if "weight" in t and t["weight"].dtype in (torch.float8_e4m3fn, torch.int8) and not acts:
+        return "8-bit weight-only"
+    if "weight" in t and t["weight"].dtype == torch.int8 and acts and not acts.get("dynamic", False):
+        return "static INT8 activations"
+    return None
+
+
+def _dequantized_linear(name: str, scheme: dict, t: dict[str, torch.Tensor], dtype: torch.dtype,
+                        why: str) -> DequantLinear:
+    from compression.quant import dequantize, unpack_fp4
+    from kernels.packing import unpack_int
+
+    args = _quant_args(scheme.get("weights"))
+    if args is None:
+        raise CheckpointError(f"{name}: quantized tensors but no weights scheme in quantization_config")
+    scale = t["weight_scale"]
+    zp = t.get("weight_zero_point")
+    g_idx = t.get("weight_g_idx")
+    if args.is_fp4:
+        codes = unpack_fp4(t["weight_packed"])
+        weight = dequantize(codes, scale.float(), torch.float32, args=args,
+                            global_scale=t["weight_global_scale"].float())
+    else:
+        if "weight_packed" in t:
+            out_f, in_f = (int(v) for v in t["weight_shape"])
+            codes = unpack_int(t["weight_packed"], in_f, args.num_bits)
+            if zp is not None:  # packed along the output dimension
+                zp = unpack_int(zp.t().contiguous(), out_f, args.num_bits).t()
+        else:
+            codes = t["weight"]
+        weight = dequantize(codes, scale.float(), torch.float32, args=args, zero_point=zp, g_idx=g_idx)
+    bias = t["bias"].to(dtype) if "bias" in t else None
+    acts = _quant_args(scheme.get("input_activations"))
+    return DequantLinear(weight.to(dtype), bias, acts, t.get("input_scale"), t.get("input_zero_point"),
+                         t.get("input_global_scale"), why)
 
 
 class CheckpointError(ValueError):
@@ -89,9 +186,9 @@ def _build_linear(name: str, linear: nn.Linear, scheme: dict | None, t: dict[str
                   dtype: torch.dtype) -> nn.Module | None:
     """A compressed replacement for one Linear from its checkpoint tensors, or None to keep it dense."""
     bias = t["bias"].to(dtype) if "bias" in t else None
-    if "weight_zero_point" in t or "weight_g_idx" in t:
-        raise CheckpointError(f"{name}: asymmetric or act-order g_idx weights are not supported; "
-                              "export a symmetric scheme with static groups")
+    why = _needs_dequant(scheme, t)
+    if why is not None:
+        return _dequantized_linear(name, scheme or {}, t, dtype, why)
     if "weight_packed" in t:
         weights = (scheme or {}).get("weights") or {}
         bits = weights.get("num_bits", 4)
@@ -162,6 +259,7 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
     location = {key: h for h in handles for key in h.keys()}
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     consumed: set[str] = set()
+    kv_scales: dict[str, torch.Tensor] = {}
     kinds: dict[str, int] = {}
     for name, linear in linears.items():
         cname = names.checkpoint(name)
@@ -175,11 +273,16 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement.to(device))
         consumed.update(f"{cname}.{s}" for s in tensors)
-        kind = type(replacement).__name__ + (f"[{replacement.value_kind}]" if isinstance(replacement, Sparse24Linear) else "")
+        kind = type(replacement).__name__ + (f"[{replacement.value_kind}]" if isinstance(replacement, Sparse24Linear)
+                                             else f"[{replacement.kind}]" if isinstance(replacement, DequantLinear)
+                                             else "")
         kinds[kind] = kinds.get(kind, 0) + 1
 
     for key, handle in location.items():
         if key in consumed:
+            continue
+        if key.endswith((".k_scale", ".v_scale")):
+            kv_scales[key] = handle.get_tensor(key)  # FP8 KV cache: simulated by compression.kvcache
             continue
         tensor = handle.get_tensor(key)
         if tensor.is_floating_point():
@@ -194,6 +297,11 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
     model.to(device)
+    if kv_scales:
+        from compression.kvcache import attach_all
+
+        attach_all(model, kv_scales)
+        kinds["FP8 KV cache (simulated)"] = len(kv_scales) // 2
     model.eval()
     log.info("loaded %s on %s: %s", root, device, ", ".join(f"{v}× {k}" for k, v in sorted(kinds.items())) or "dense")
     return model

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
-from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, round_to_nearest
+from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, quantize_weight
 from compression.moe import CheckpointNames, is_router, per_expert_modules, router_names, unfuse_experts
-from compression.quant import FP8_MAX, QuantArgs, fake_quantize_activation
+from compression.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
 from compression.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.sparsegpt import magnitude_prune, sparsegpt_prune
@@ -51,9 +51,14 @@ class ModuleRecord:
     shape: tuple[int, int]
     weights: QuantArgs | None = None
     input_activations: QuantArgs | None = None
-    codes: torch.Tensor | None = None  # int8 (int schemes) or float8_e4m3fn, [out, in]
+    codes: torch.Tensor | None = None  # int8 (int schemes), float8_e4m3fn, or E2M1 values (NVFP4), [out, in]
     scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None  # asymmetric int weights, shaped like scale (int8)
+    global_scale: torch.Tensor | None = None  # NVFP4 weights (float32 [1])
+    g_idx: torch.Tensor | None = None  # act-order "group": column → scale column (int32 [in])
+    input_zero_point: torch.Tensor | None = None  # static asymmetric activations
+    input_global_scale: torch.Tensor | None = None  # NVFP4 activations (float32 [1])
     mask_structure: str | None = None
     sparsity: float | None = None
     losses: dict[str, float] = field(default_factory=dict)
@@ -79,6 +84,8 @@ class CompressionReport:
     calibrate_all_experts: bool = False
     hooks: list = field(default_factory=list, repr=False)
     reconstruction: dict[int, dict] = field(default_factory=dict)  # layer index -> ReconstructionResult.to_dict()
+    kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # "<attention>.k_scale" → [1]
+    smoothing: list[dict] = field(default_factory=list)  # AWQ / SmoothQuant per mapping
 
     @property
     def fallbacks(self) -> list[dict]:
@@ -98,6 +105,8 @@ class CompressionReport:
         return {"layers": self.layers, "samples": self.samples, "seconds": round(self.seconds, 3),
                 "fallbacks": self.fallbacks, "sparsity": self.sparsity_stats(), "routers": list(self.routers),
                 "experts": self.experts, "calibrate_all_experts": self.calibrate_all_experts,
+                "smoothing": self.smoothing,
+                "kv_cache_scales": {k: float(v.float().reshape(-1)[0]) for k, v in self.kv_scales.items()},
                 "modules": [r.summary() for r in self.modules.values()],
                 **({"reconstruction": [{"layer": i, **r} for i, r in sorted(self.reconstruction.items())]}
                    if self.reconstruction else {})}
@@ -135,7 +144,9 @@ class _Plan:
 
     @property
     def needs_absmax(self) -> bool:
-        return any(g is not None and g.input_activations is not None and not g.input_activations.dynamic
+        """Static activation scales (or NVFP4's static global input scale) need the input range."""
+        return any(g is not None and g.input_activations is not None
+                   and (not g.input_activations.dynamic or g.input_activations.is_fp4)
                    for _, _, g in self.steps)
 
 
@@ -154,12 +165,17 @@ def _steps(recipe: Recipe, name: str, cls: str) -> list[tuple[str, Modifier, Sch
     steps = []
     for i, stage in enumerate(recipe.stages):
         for j, m in enumerate(stage.modifiers):
+            if m.transforms:
+                continue  # AWQ / SmoothQuant act on whole layers (compression.smoothing)
             if not matches_any(m.targets, name, cls) or matches_any(m.ignore, name, cls):
                 continue
             group = m.scheme_for(name, cls) if m.quantizes else None
             if m.quantizes and group is None:
                 continue
             steps.append((f"stages[{i}].modifiers[{j}]", m, group))
+    # a QuantizationModifier whose scheme a later GPTQModifier reuses: GPTQ alone quantizes the module
+    solvers = {id(m) for _, m, _ in steps}
+    steps = [st for st in steps if st[1].superseded_by is None or id(st[1].superseded_by) not in solvers]
     if sum(1 for _, m, _ in steps if m.quantizes) > 1:
         raise RecipeError(steps[-1][0], f"{name} would be quantized twice; target each module once")
     return steps
@@ -218,9 +234,12 @@ def _example_names(model: torch.nn.Module, prefix: str, names: CheckpointNames) 
     return ", ".join(example_names([names.checkpoint(n) for n, _ in _linears(model) if n.startswith(prefix + ".")]))
 
 
-def _attach_activation_quant(module: torch.nn.Linear, args: QuantArgs, input_scale: torch.Tensor | None):
+def _attach_activation_quant(module: torch.nn.Linear, args: QuantArgs, input_scale: torch.Tensor | None,
+                             input_zero_point: torch.Tensor | None = None,
+                             global_scale: torch.Tensor | None = None):
     def hook(mod, inputs):
-        return (fake_quantize_activation(inputs[0], args, input_scale),) + tuple(inputs[1:])
+        return (fake_quantize_activation(inputs[0], args, input_scale, input_zero_point, global_scale),) + tuple(
+            inputs[1:])
 
     return module.register_forward_pre_hook(hook)
 
@@ -274,7 +293,19 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             layer_start = time.perf_counter()
             layer.to(device)
             plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names)
-            stats = _collect_statistics(layer, index, plans, inputs)
+            if inputs and any(m.transforms for m in recipe.modifiers):
+                from compression.smoothing import smooth_layer
+
+                smooth_layer(recipe, f"{prefix}.{index}", layer, inputs.pairs(index), report, emit, index,
+                             len(layers))
+            kv = _KVRecorder(recipe.kv_cache, f"{prefix}.{index}", layer) if recipe.kv_cache is not None else None
+            stats = _collect_statistics(layer, index, plans, inputs, kv=kv)
+            if kv is not None and inputs:
+                layer_kv = kv.scales()
+                report.kv_scales.update(layer_kv)
+                from compression.kvcache import attach_all
+
+                report.hooks.extend(attach_all(model, layer_kv))  # FP8 K/V from here on, like a deployment
             _expert_fallbacks(layer, plans, stats, min_expert_tokens)
             recon = _reconstruction_settings(plans) if inputs else None
             targets = (reconstruction_targets(layer, inputs.pairs(index), dense_inputs.pairs(index), recon)
@@ -294,8 +325,9 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             for plan in plans:
                 record = report.modules[plan.name]
                 if record.input_activations is not None:
-                    report.hooks.append(_attach_activation_quant(plan.module, record.input_activations,
-                                                                 record.input_scale))
+                    report.hooks.append(_attach_activation_quant(
+                        plan.module, record.input_activations, record.input_scale, record.input_zero_point,
+                        record.input_global_scale))
             del stats
             if inputs and index + 1 < len(layers):  # the compressed layer's outputs feed the next layer
                 inputs = inputs.advanced(inputs.forward(layer, index))
@@ -347,13 +379,46 @@ def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[st
         experts.reset_counts()
 
 
+class _KVRecorder:
+    """A stand-in for the layer's KV cache during the statistics pass: the attention hands it the
+    key/value states (after RoPE, as vLLM caches them) and it records their absmax."""
+
+    def __init__(self, kv_args: QuantArgs | None, prefix: str, layer: torch.nn.Module):
+        self.args, self.prefix = kv_args, prefix
+        self.key_absmax = self.value_absmax = None
+        self.attention = next((n for n, m in layer.named_modules() if n.split(".")[-1] in (
+            "self_attn", "attention", "attn")), None)
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        k, v = key_states.detach().abs().amax().float(), value_states.detach().abs().amax().float()
+        self.key_absmax = k if self.key_absmax is None else torch.maximum(self.key_absmax, k)
+        self.value_absmax = v if self.value_absmax is None else torch.maximum(self.value_absmax, v)
+        return key_states, value_states
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return 0
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        prefix = self.prefix
+        if self.key_absmax is None or self.attention is None:
+            raise RecipeError("kv_cache_scheme", f"{prefix} never wrote a KV cache during calibration: this "
+                              "model has no attention KV cache to quantize; remove kv_cache_scheme")
+        from compression.quant import FP8_MAX
+
+        tiny = torch.finfo(torch.float32).tiny
+        return {f"{prefix}.{self.attention}.k_scale": (self.key_absmax.clamp_min(tiny) / FP8_MAX).reshape(1).cpu(),
+                f"{prefix}.{self.attention}.v_scale": (self.value_absmax.clamp_min(tiny) / FP8_MAX).reshape(1).cpu()}
+
+
 def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
-                        inputs: LayerInputs) -> dict[str, dict]:
-    """Run every sample through the (still uncompressed) layer; hooks record H and input absmax."""
+                        inputs: LayerInputs, kv: "_KVRecorder | None" = None) -> dict[str, dict]:
+    """Run every sample through the (still uncompressed) layer; hooks record H and input ranges,
+    and (kv_cache_scheme) a recorder standing in for the KV cache sees the key/value states."""
     for _, experts in per_expert_modules(layer):
         experts.reset_counts()
     wanted = [p for p in plans if p.needs_hessian or p.needs_absmax]
-    if not wanted or not inputs:
+    want_kv = kv is not None and kv.args is not None
+    if (not wanted and not want_kv) or not inputs:
         return {}
     stats: dict[str, dict] = {}
     # One Hessian per distinct input tensor: q/k/v (and gate/up) receive the very same tensor, so
@@ -368,6 +433,8 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
             entry["hessian"] = HessianAccumulator(plan.module.in_features, plan.module.weight.device)
         if plan.needs_absmax:
             entry["absmax"] = torch.zeros((), device=plan.module.weight.device)
+            entry["lo"] = torch.zeros((), device=plan.module.weight.device)  # zero-point schemes
+            entry["hi"] = torch.zeros((), device=plan.module.weight.device)
         stats[plan.name] = entry
 
         def hook(mod, args, out, entry=entry):
@@ -376,10 +443,16 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
                 _add_shared(entry, x, call_inputs)
             if "absmax" in entry:
                 entry["absmax"] = torch.maximum(entry["absmax"], x.detach().abs().amax().float())
+                entry["lo"] = torch.minimum(entry["lo"], x.detach().amin().float())
+                entry["hi"] = torch.maximum(entry["hi"], x.detach().amax().float())
 
         handles.append(plan.module.register_forward_hook(hook))
     try:
-        inputs.forward(layer, index)
+        if kv is None:
+            inputs.forward(layer, index)
+        else:
+            for hidden, kwargs in inputs.pairs(index):
+                layer(hidden, **{**kwargs, "past_key_values": kv})
     finally:
         for h in handles:
             h.remove()
@@ -402,6 +475,27 @@ def _add_shared(entry: dict, x: torch.Tensor, call_inputs: dict) -> None:
         raise RuntimeError("modules that shared an input tensor received different inputs in one layer call")
     acc.add(x)
     fed.append(acc)
+
+
+def _input_qparams(record: ModuleRecord, acts: QuantArgs | None, stats: dict, name: str,
+                   dtype: torch.dtype) -> None:
+    """Static input scale / zero point, or NVFP4's global input scale, from the observed input range."""
+    if acts is None or (acts.dynamic and not acts.is_fp4):
+        return
+    if "absmax" not in stats:
+        raise CalibrationError(f"{name}: static activation scales need calibration samples")
+    # "absmax" may come from the layer's other experts (an under-used expert's fallback)
+    absmax = stats["absmax"].float().reshape(1)
+    lo, hi = stats.get("lo", -absmax).float().reshape(1), stats.get("hi", absmax).float().reshape(1)
+    if acts.is_fp4:
+        record.input_global_scale = fp4_global_scale(absmax).cpu()
+        return
+    tiny = torch.finfo(torch.float32).tiny
+    if acts.symmetric:
+        lo, hi = -absmax, absmax.clamp_min(tiny)
+    scale, zp = qparams_from_range(lo, hi.clamp_min(tiny), acts, torch.float32)
+    record.input_scale = scale.reshape(1).to(dtype).cpu()
+    record.input_zero_point = None if zp is None else zp.reshape(1).cpu()
 
 
 def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: Progress,
@@ -429,7 +523,8 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         elif modifier.kind == "SparseGPTModifier":
             result = sparsegpt_prune(weight, hessian, sparsity=modifier.sparsity,
                                      mask_structure=modifier.mask_structure, block_size=modifier.block_size,
-                                     dampening_frac=modifier.dampening_frac)
+                                     dampening_frac=modifier.dampening_frac,
+                                     preserve=(weight == 0) if modifier.preserve_sparsity_mask else None)
             module.weight.data = result.weight.to(dtype)
             mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
@@ -442,22 +537,20 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                 result = gptq_quantize(weight, hessian, args, block_size=modifier.block_size,
                                        dampening_frac=modifier.dampening_frac,
                                        actorder=args.actorder or modifier.actorder, mask=mask, scale_dtype=dtype)
-                codes, scale, deq, loss, fallback = result.codes, result.scale, result.weight, result.loss, result.fallback
+                loss, fallback = result.loss, result.fallback
                 record.dead_columns = max(record.dead_columns, result.dead_columns)
                 kind = "gptq"
             else:
-                codes, scale, deq = round_to_nearest(weight, args, dtype, mask)
-                loss = quadratic_loss(deq.float() - weight.float(), hessian) if hessian is not None else float(
-                    torch.mean((deq.float() - weight.float()) ** 2))
+                result = quantize_weight(weight, args, dtype, mask)
+                loss = quadratic_loss(result.weight.float() - weight.float(), hessian) if hessian is not None else float(
+                    torch.mean((result.weight.float() - weight.float()) ** 2))
                 fallback, kind = (plan.fallback if modifier.kind == "GPTQModifier" else None), "rtn"
-            module.weight.data = deq.to(dtype)
-            record.codes, record.scale = codes.cpu(), scale.cpu()
-            acts = group.input_activations
-            if acts is not None and not acts.dynamic:
-                if "absmax" not in stats:
-                    raise CalibrationError(f"{plan.name}: static activation scales need calibration samples")
-                absmax = stats["absmax"].float().clamp_min(torch.finfo(torch.float32).tiny)
-                record.input_scale = (absmax / FP8_MAX).reshape(1).to(dtype).cpu()
+            module.weight.data = result.weight.to(dtype)
+            record.codes, record.scale = result.codes.cpu(), result.scale.cpu()
+            record.zero_point = None if result.zero_point is None else result.zero_point.cpu()
+            record.global_scale = None if result.global_scale is None else result.global_scale.cpu()
+            record.g_idx = None if result.g_idx is None else result.g_idx.cpu()
+            _input_qparams(record, group.input_activations, stats, plan.name, dtype)
         if fallback and fallback != record.fallback:
             record.fallback = fallback if not record.fallback else f"{record.fallback}; {fallback}"
         record.losses[kind] = loss

@@ -60,13 +60,15 @@ def magnitude_prune(weight: torch.Tensor, *, sparsity: float = 0.5, mask_structu
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.5,
                     mask_structure: str = "2:4", block_size: int = 128,
-                    dampening_frac: float = 0.01) -> PruneResult:
+                    dampening_frac: float = 0.01, preserve: torch.Tensor | None = None) -> PruneResult:
     """Prune ``weight`` [out, in] to ``mask_structure`` ("2:4" or "0:0" = unstructured at ``sparsity``).
 
     2:4: when the sweep reaches column i (i % 4 == 0), each row prunes the 2 of columns i..i+3 with
     the smallest w²/U_jj² (current, already compensated values). Unstructured: at each block start
     prune the ``sparsity`` fraction with the smallest saliency over the whole block. Pruned
     weights are exactly +0.0. Falls back to magnitude pruning if the Cholesky inverse fails.
+    ``preserve`` (llm-compressor's ``preserve_sparsity_mask``): entries that are pruned already and
+    stay pruned; the mask is extended around them to reach the target.
     """
     assert weight.dim() == 2 and hessian.shape == (weight.shape[1],) * 2, (weight.shape, hessian.shape)
     n_of_m = mask_structure == "2:4"
@@ -79,7 +81,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     try:
         upper, used = inverse_hessian_upper(h, dampening_frac)
     except CholeskyFailed as exc:
-        mask = _magnitude_mask(w, sparsity, n_of_m)
+        mask = _magnitude_mask(w.masked_fill(preserve, 0.0) if preserve is not None else w, sparsity, n_of_m)
         pruned = w.masked_fill(mask, 0.0).to(weight.dtype)
         reason = f"SparseGPT Cholesky failed ({exc}); used magnitude pruning without compensation"
         return PruneResult(pruned, mask, quadratic_loss(pruned.float() - weight.float(), h), n_dead, None, reason)
@@ -87,13 +89,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     losses = torch.zeros(rows, device=w.device)
     with sweep_threads(w.device):
-        _sweep(w, upper, mask, losses, sparsity, n_of_m, block_size)
+        _sweep(w, upper, mask, losses, sparsity, n_of_m, block_size, preserve)
     pruned = w.masked_fill(mask, 0.0).to(weight.dtype)  # +0.0, never -0.0
     return PruneResult(pruned, mask, float(losses.sum()), n_dead, used, None)
 
 
 def _sweep(w: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, losses: torch.Tensor, sparsity: float,
-           n_of_m: bool, block_size: int) -> None:
+           n_of_m: bool, block_size: int, preserve: torch.Tensor | None = None) -> None:
     """The blocked SparseGPT column loop (in place on ``w``, ``mask``, ``losses``)."""
     cols = w.shape[1]
     for i1 in range(0, cols, block_size):
@@ -103,8 +105,11 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, losses: tor
         diag_sq = torch.diag(u1) ** 2
         err1 = torch.zeros_like(w1)
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        keep1 = preserve[:, i1:i2] if preserve is not None else None
         if not n_of_m:
             saliency = w1 ** 2 / diag_sq.unsqueeze(0)
+            if keep1 is not None:
+                saliency = saliency.masked_fill(keep1, -1.0)  # already pruned: always below the threshold
             k = int(saliency.numel() * sparsity)
             if k > 0:
                 thresh = torch.sort(saliency.flatten())[0][k - 1]
@@ -112,6 +117,8 @@ def _sweep(w: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, losses: tor
         for i in range(i2 - i1):
             if n_of_m and i % 4 == 0:
                 saliency = w1[:, i:i + 4] ** 2 / diag_sq[i:i + 4].unsqueeze(0)
+                if keep1 is not None:
+                    saliency = saliency.masked_fill(keep1[:, i:i + 4], -1.0)
                 idx = torch.topk(saliency, 2, dim=1, largest=False).indices
                 mask1[:, i:i + 4].scatter_(1, idx, True)
             col, d = w1[:, i], u1[i, i]

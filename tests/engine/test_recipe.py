@@ -61,8 +61,9 @@ def test_every_preset_round_trips_through_dict_and_yaml(name):
 
 
 def test_presets_say_whether_they_need_calibration():
-    assert not Recipe.from_preset("FP8_DYNAMIC").needs_calibration
-    assert all(Recipe.from_preset(n).needs_calibration for n in PRESETS if n != "FP8_DYNAMIC")
+    data_free = ("FP8_DYNAMIC", "FP8_BLOCK", "NVFP4A16")  # weights-only RTN or dynamic activations
+    assert not any(Recipe.from_preset(n).needs_calibration for n in data_free)
+    assert all(Recipe.from_preset(n).needs_calibration for n in PRESETS if n not in data_free)
 
 
 def test_w4a16_group_size_and_solver_options_are_selectable():
@@ -99,7 +100,7 @@ def test_it_rejects_options_a_preset_does_not_have():
 
 def test_it_rejects_unknown_modifiers():
     with pytest.raises(RecipeError) as exc:
-        Recipe.from_yaml("s:\n  m_modifiers:\n    SmoothQuantModifier: {smoothing_strength: 0.8}\n")
+        Recipe.from_yaml("s:\n  m_modifiers:\n    WandaPruningModifier: {sparsity: 0.5}\n")
     assert exc.value.field == "stages[0].modifiers[0]"
     assert "GPTQModifier" in exc.value.message and str(exc.value).startswith("stages[0].modifiers[0]: ")
 
@@ -115,14 +116,12 @@ def test_it_rejects_unknown_fields_with_their_path():
 
 
 @pytest.mark.parametrize("yaml_args,field,hint", [
-    ("{scheme: W4A16, actorder: group}", "actorder", "static"),
+    ("{scheme: W4A16, actorder: sideways}", "actorder", "static"),
     ("{scheme: W9}", "scheme", "W4A16"),
     ("{config_groups: {g: {targets: [Linear], weights: {num_bits: 4, strategy: group}}}}",
      "config_groups.g.weights.group_size", "group_size"),
-    ("{config_groups: {g: {targets: [Linear], weights: {num_bits: 4, symmetric: false, strategy: channel}}}}",
-     "config_groups.g.weights.symmetric", "symmetric"),
-    ("{config_groups: {g: {targets: [Linear], weights: {num_bits: 8, type: float, strategy: channel}}}}",
-     "config_groups.g.weights", "QuantizationModifier"),
+    ("{config_groups: {g: {targets: [Linear], weights: {num_bits: 8, type: float, symmetric: false}}}}",
+     "config_groups.g.weights.symmetric", "integer-only"),
     ("{scheme: W4A16, targets: ['re:(']}", "targets", "regular expression"),
     ("{scheme: W4A16, block_size: 30}", "block_size", "multiple of 4"),
 ])

@@ -1,0 +1,128 @@
+"""AWQ (Lin et al.) scale search as plain functions, following llm-compressor 0.14's AWQModifier.
+
+One smoothing group = a smooth layer (norm or Linear) whose output feeds the balance Linears, and
+the parent module whose output the search watches (the lowest common ancestor of the balance
+layers: ``self_attn`` for q/k/v, ``mlp`` for gate/up, ``down_proj`` itself for up→down).
+
+For every grid point ``ratio`` in [0, 1] the candidate per-input-channel scales are
+``x_mean^ratio / (w_mean^(1-ratio) + 1e-4)`` (duo scaling) or ``x_mean^ratio`` (activations only),
+normalised by ``sqrt(max · min)``; the balance weights become ``Q(W · s) / s`` (Q = round-to-nearest
+with the balance layer's own quantization scheme, min-max scales) and the parent is re-run on the
+cached calibration inputs. The scales with the smallest mean squared error against the float
+parent output win and are folded into the smooth layer (÷ s) and the balance layers (× s).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from compression.quant import QuantArgs, compute_qparams, fake_quantize, fp4_global_scale
+
+DEFAULT_MAPPINGS = [
+    {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]},
+    {"smooth_layer": "re:.*v_proj$", "balance_layers": ["re:.*o_proj$"]},
+    {"smooth_layer": "re:.*post_attention_layernorm$", "balance_layers": ["re:.*gate_proj$", "re:.*up_proj$"]},
+    {"smooth_layer": "re:.*up_proj$", "balance_layers": ["re:.*down_proj$"]},
+]
+MOE_MAPPINGS = [
+    DEFAULT_MAPPINGS[0], DEFAULT_MAPPINGS[1],
+    {"smooth_layer": "re:.*post_attention_layernorm$",
+     "balance_layers": ["re:.*mlp.gate$", "re:.*mlp.experts.*.gate_proj$", "re:.*mlp.experts.*.up_proj$"]},
+    DEFAULT_MAPPINGS[3],
+]
+PHI3_MAPPINGS = [
+    {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*qkv_proj$"]},
+    {"smooth_layer": "re:.*qkv_proj$", "balance_layers": ["re:.*o_proj$"]},
+    {"smooth_layer": "re:.*post_attention_layernorm$", "balance_layers": ["re:.*gate_up_proj$"]},
+    {"smooth_layer": "re:.*gate_up_proj$", "balance_layers": ["re:.*down_proj$"]},
+]
+
+
+def grid_points(n_grid: int, duo_scaling: bool | str) -> list[tuple[float, bool]]:
+    """(ratio, use duo scaling) pairs searched, as llm-compressor 0.14 orders them."""
+    if duo_scaling == "both":
+        n = n_grid // 2
+        return [(i / (n - 1), duo) for i in range(n) for duo in (False, True)]
+    if duo_scaling:
+        return [(0.0, False)] + [(i / (n_grid - 2), True) for i in range(n_grid - 1)]
+    return [(i / (n_grid - 1), False) for i in range(n_grid)]
+
+
+def weight_means(weights: list[torch.Tensor], args: list[QuantArgs | None]) -> torch.Tensor:
+    """Mean over all output rows of |W| normalised by its quantization group's max, per input channel."""
+    total, rows = 0.0, 0
+    for w, a in zip(weights, args):
+        w = w.detach().float().abs()
+        out_f, in_f = w.shape
+        if a is None or a.strategy == "tensor":
+            chunk = w.numel()
+        elif a.strategy in ("group", "tensor_group"):
+            chunk = a.group_size
+        else:
+            chunk = in_f
+        g = w.reshape(-1, chunk)
+        g = (g / (g.amax(dim=1, keepdim=True) + 1e-6)).reshape(out_f, in_f)
+        total = total + g.sum(dim=0)
+        rows += out_f
+    return total / rows
+
+
+def _fake_quant(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Round-to-nearest with min-max scales (the search's memoryless observer)."""
+    minmax = QuantArgs(**{**args.to_dict(), "observer": "minmax", "actorder": None})
+    g = fp4_global_scale(w) if minmax.is_fp4 else None
+    scale, zp = compute_qparams(w, minmax, torch.float32, global_scale=g)
+    return fake_quantize(w.float(), scale, minmax, zero_point=zp, global_scale=g)
+
+
+@dataclass
+class AWQResult:
+    scales: torch.Tensor
+    ratio: float
+    duo: bool
+    initial_error: float
+    best_error: float
+
+
+@torch.no_grad()
+def awq_search(x_mean: torch.Tensor, balance: list[torch.nn.Linear], schemes: list[QuantArgs | None],
+               run_parent: Callable[[], list[torch.Tensor]], *, n_grid: int = 20,
+               duo_scaling: bool | str = True) -> AWQResult:
+    """Grid-search the smoothing scales for one group; leaves the balance weights as they were.
+
+    ``run_parent()`` re-runs the parent module on its cached inputs and returns its outputs.
+    """
+    originals = [layer.weight.data.clone() for layer in balance]
+    float_out = [o.float() for o in run_parent()]
+    w_mean = weight_means(originals, schemes) if duo_scaling else None
+    x_mean = x_mean.float()
+    best: AWQResult | None = None
+    initial = None
+    try:
+        for ratio, duo in grid_points(n_grid, duo_scaling):
+            if duo:
+                scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+            else:
+                scales = x_mean.pow(ratio).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            scales[~torch.isfinite(scales)] = 1.0
+            for layer, w, args in zip(balance, originals, schemes):
+                scaled = w.float() * scales.to(w.device).unsqueeze(0)
+                q = _fake_quant(scaled, args) if args is not None else scaled
+                layer.weight.data = (q / scales.to(w.device).unsqueeze(0)).to(w.dtype)
+            out = run_parent()
+            err_sum = sum(float((o.float() - f).pow(2).sum()) for o, f in zip(out, float_out))
+            error = err_sum / max(sum(f.numel() for f in float_out), 1)
+            if initial is None:
+                initial = error
+            if best is None or error < best.best_error:
+                best = AWQResult(scales.clone(), ratio, duo, initial, error)
+    finally:
+        for layer, w in zip(balance, originals):
+            layer.weight.data = w
+    if best is None or not torch.isfinite(best.scales).all():
+        raise ValueError("AWQ found no finite loss: the parent module produced NaN/inf on the calibration data")
+    best.initial_error = initial
+    return best

@@ -1,0 +1,47 @@
+"""SmoothQuant (Xiao et al.) as plain functions: per-channel smoothing scales and their folding.
+
+For a smoothing group (one norm or Linear whose output feeds the balance Linears) with per-input-
+channel activation absmax ``a`` and weight absmax ``w`` (max over the balance layers):
+``s = a^α / w^(1-α)``; the smooth layer's output is divided by ``s`` and the balance layers' input
+columns multiplied by ``s``, so the float model computes exactly the same function while the
+activation outliers move into the weights (where per-channel weight scales absorb them).
+"""
+from __future__ import annotations
+
+import torch
+
+DEFAULT_MAPPINGS = [
+    [["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"], "re:.*input_layernorm$"],
+    [["re:.*gate_proj$", "re:.*up_proj$"], "re:.*post_attention_layernorm$"],
+]
+PHI3_MAPPINGS = [
+    [["re:.*qkv_proj$"], "re:.*input_layernorm$"],
+    [["re:.*gate_up_proj$"], "re:.*post_attention_layernorm$"],
+]
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, balance_weights: list[torch.Tensor], strength: float
+                       ) -> torch.Tensor:
+    """s = act_absmax^α / weight_absmax^(1-α) per input channel (1 where either side is all zero)."""
+    assert 0.0 <= strength <= 1.0, strength
+    w_absmax = torch.stack([w.detach().float().abs().amax(dim=0) for w in balance_weights]).amax(dim=0)
+    a = act_absmax.float()
+    scales = a.pow(strength) / w_absmax.pow(1 - strength)
+    ok = (a > 0) & (w_absmax > 0) & torch.isfinite(scales)
+    return torch.where(ok, scales, torch.ones_like(scales)).clamp_min(1e-5)
+
+
+@torch.no_grad()
+def fold_scales(smooth: torch.nn.Module, balance: list[torch.nn.Linear], scales: torch.Tensor) -> None:
+    """Divide the smooth layer's output channels by ``scales`` and multiply the balance layers' input
+    columns by them (a norm's weight, or a Linear's output rows and bias)."""
+    s = scales.to(smooth.weight.device, torch.float32)
+    if isinstance(smooth, torch.nn.Linear):
+        smooth.weight.data = (smooth.weight.data.float() / s.unsqueeze(1)).to(smooth.weight.dtype)
+    else:  # RMSNorm / LayerNorm: one weight per channel
+        smooth.weight.data = (smooth.weight.data.float() / s).to(smooth.weight.dtype)
+    if getattr(smooth, "bias", None) is not None:
+        smooth.bias.data = (smooth.bias.data.float() / s).to(smooth.bias.dtype)
+    for layer in balance:
+        layer.weight.data = (layer.weight.data.float() * s.to(layer.weight.device).unsqueeze(0)).to(
+            layer.weight.dtype)
