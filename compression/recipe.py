@@ -1063,6 +1063,11 @@ _PRESET_OPTIONS = {
     "NVFP4": {"ignore"},
     "NVFP4A16": {"ignore"},
 }
+def presets_with_option(option: str) -> list[str]:
+    """Preset names that take ``option`` (e.g. "group_size"), in PRESETS order."""
+    return [name for name in PRESETS if option in _PRESET_OPTIONS.get(name, ())]
+
+
 PARITY_PRESETS = ("W4A16_ASYM", "AWQ+W4A16_ASYM", "SQ+W8A8", "FP8+KV_FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16")
 _KV_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 

@@ -210,7 +210,8 @@ def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Ch
                 hit = True
         targeted += hit
     for k, count in enumerate(matched):
-        if not count and recipe.modifiers[k].kind != FINETUNE:  # fine-tuning trains every layer
+        # fine-tuning trains every layer; AWQ / SmoothQuant resolve their own mappings
+        if not count and recipe.modifiers[k].kind != FINETUNE and not recipe.modifiers[k].transforms:
             m = recipe.modifiers[k]
             raise RecipeError(f"{_modifier_path(recipe, k)}.targets",
                               f"{m.targets} (ignoring {m.ignore}) matches no Linear of the decoder layers of "

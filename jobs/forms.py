@@ -100,8 +100,11 @@ class JobForm(forms.Form):
         yaml_text = (data.get("recipe_yaml") or "").strip()
         options = {}
         if data.get("group_size") and not yaml_text:
-            if not data["preset"].endswith("W4A16"):
-                self.add_error("group_size", "a group size applies only to the W4A16 presets")
+            from compression.recipe import presets_with_option
+
+            if data["preset"] not in presets_with_option("group_size"):
+                self.add_error("group_size", "a group size applies only to the presets "
+                               + ", ".join(presets_with_option("group_size")))
                 return data
             options["group_size"] = None if data["group_size"] == "channel" else int(data["group_size"])
         source = (data.get("calibration_source") or "").strip() or None

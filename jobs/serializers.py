@@ -12,7 +12,8 @@ from rest_framework.reverse import reverse
 
 from .models import CalibrationUpload, Job, JobEvent, Status
 
-PRESET_OPTIONS = ("group_size", "actorder", "dampening_frac", "block_size", "ignore")
+PRESET_OPTIONS = ("group_size", "actorder", "dampening_frac", "block_size", "ignore", "smoothing_strength",
+                  "duo_scaling")
 MAX_ROW_NUMBER = 2 ** 63 - 1  # offsets and ids beyond a signed 64-bit integer overflow the database driver
 RECIPE_FORMS = ("preset", "yaml", "recipe")
 
@@ -52,6 +53,9 @@ class RecipeInputSerializer(StrictSerializer):
                                      "group, weight or null")
     dampening_frac = serializers.FloatField(required=False, min_value=0.0, max_value=1.0)
     block_size = serializers.IntegerField(required=False, min_value=1, max_value=4096)
+    smoothing_strength = serializers.FloatField(required=False, min_value=0.0, max_value=1.0,
+                                                help_text="SQ+W8A8: SmoothQuant alpha (default 0.8)")
+    duo_scaling = serializers.JSONField(required=False, help_text="AWQ+W4A16_ASYM: true, false or 'both'")
     ignore = serializers.ListField(child=serializers.CharField(), required=False, max_length=200,
                                    help_text="Module names or re: patterns left uncompressed")
     yaml = serializers.CharField(required=False, trim_whitespace=False, max_length=100_000,  # recipe.MAX_YAML_CHARS

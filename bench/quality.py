@@ -1,0 +1,171 @@
+"""Side-by-side quality: the same llm-compressor recipe through this engine and through llm-compressor 0.14.
+
+    python bench/quality.py [--samples 128] [--seqlen 512] [--max-windows N] [--only ROW ...]
+                            [--out bench/results/quality.json]
+
+Both tools start from the same weights (bench/peer.py's bf16 demo checkpoint), calibrate on the
+same WikiText-2 chunks and are scored by the same perplexity code over the same held-out windows
+(bench/peer.py: ``article_split`` / ``calibration_samples`` / ``perplexity``). Each row's recipe
+is one llm-compressor YAML text, given unchanged to ``oneshot`` in the peer virtualenv and to
+``Recipe.from_yaml`` here. Both checkpoints of a row are loaded by the same loader: transformers
+(compressed-tensors decompression) — except asymmetric pack-quantized rows, which transformers 5.23
++ compressed-tensors 0.20 refuse for every producer (their empty module expects the zero point
+unpacked, every checkpoint holds it packed), so both tools' checkpoints of those rows go through
+``compression.runtime.load_compressed_model`` (compressed-tensors' dequantization arithmetic).
+
+Writes bench/results/quality.json: the split, the dense perplexity, and per row and tool the
+perplexity, its ratio to dense, and the compression / scoring seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import peer  # noqa: E402
+
+_W4 = "{{num_bits: 4, type: int, symmetric: {sym}, strategy: group, group_size: 64}}"
+
+
+def _quant(modifier: str, weights: str, extra: str = "") -> str:
+    return (f"    {modifier}:\n      ignore: [lm_head]\n{extra}      config_groups:\n        group_0:\n"
+            f"          targets: [Linear]\n          weights: {weights}\n")
+
+
+ROWS: dict[str, str] = {
+    "W4A16 g64 GPTQ": "quant_stage:\n  quant_modifiers:\n" + _quant("GPTQModifier", _W4.format(sym="true")),
+    "W4A16_ASYM g64 GPTQ": "quant_stage:\n  quant_modifiers:\n" + _quant("GPTQModifier", _W4.format(sym="false")),
+    "W4A16_ASYM g64 AWQ": ("quant_stage:\n  quant_modifiers:\n    AWQModifier: {duo_scaling: true}\n"
+                           + _quant("QuantizationModifier", _W4.format(sym="false"))),
+    "FP8_DYNAMIC": ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n"
+                    "      targets: [Linear]\n      scheme: FP8_DYNAMIC\n"),
+    "W8A8 + SmoothQuant": ("quant_stage:\n  quant_modifiers:\n    SmoothQuantModifier: {smoothing_strength: 0.8}\n"
+                           "    GPTQModifier:\n      ignore: [lm_head]\n      targets: [Linear]\n      scheme: W8A8\n"),
+    "2:4 SparseGPT": ("sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n"
+                      "      mask_structure: '2:4'\n      targets: [Linear]\n      ignore: [lm_head]\n"),
+    "2:4 + FP8_DYNAMIC": ("sparsity_stage:\n  sparsity_modifiers:\n    SparseGPTModifier:\n      sparsity: 0.5\n"
+                          "      mask_structure: '2:4'\n      targets: [Linear]\n      ignore: [lm_head]\n"
+                          "quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n"
+                          "      targets: [Linear]\n      scheme: FP8_DYNAMIC\n"),
+}
+ASYMMETRIC = ("W4A16_ASYM g64 GPTQ", "W4A16_ASYM g64 AWQ")
+
+
+def _score(directory: Path, split, max_windows: int | None, ours_loader: bool) -> dict:
+    if not ours_loader:
+        return peer.score_checkpoint(directory, split, max_windows=max_windows)
+    from compression.runtime import load_compressed_model
+
+    t0 = time.perf_counter()
+    model = load_compressed_model(directory, dtype=torch.float32)
+    ppl = peer.perplexity(model, split.evaluation, max_windows=max_windows)
+    windows = min(split.evaluation.shape[0], max_windows or split.evaluation.shape[0])
+    return {"perplexity": ppl, "windows": windows, "tokens": windows * split.seqlen,
+            "seconds": round(time.perf_counter() - t0, 1), "loader": "compression.runtime"}
+
+
+def run_ours(recipe_yaml: str, out_dir: Path, split, model_dir: Path) -> dict:
+    """This engine: load the bf16 demo checkpoint, compress with the row's recipe, export."""
+    from transformers import AutoModelForCausalLM
+
+    from compression.export import export_checkpoint
+    from compression.recipe import Recipe
+    from compression.sequential import compress_model
+
+    recipe = Recipe.from_yaml(recipe_yaml)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    model.eval()
+    tokenizer = peer.load_tokenizer(model_dir)
+    t0 = time.perf_counter()
+    report = compress_model(model, recipe, peer.calibration_samples(split))
+    seconds = time.perf_counter() - t0
+    export_checkpoint(model, tokenizer, recipe, report, out_dir)
+    return {"compress_s": round(seconds, 1), "recipe": recipe.describe(), "fallbacks": report.fallbacks}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="row names (default: every row)")
+    parser.add_argument("--work", default=str(peer.VAR / "quality"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    args = parser.parse_args(argv)
+    rows = args.only or list(ROWS)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+
+    peer.ensure_peer_venv()
+    model_dir = peer.demo_dense_dir()
+    split = peer.article_split(peer.load_tokenizer(model_dir), samples=args.samples, seqlen=args.seqlen)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out_path = Path(args.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results.update({
+        "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other agents' work)",
+        "split": split.describe(), "samples": args.samples, "seqlen": args.seqlen, "max_windows": args.max_windows})
+    if "dense" not in results or results["dense"].get("windows") != min(
+            split.evaluation.shape[0], args.max_windows or split.evaluation.shape[0]):
+        results["dense"] = peer.score_checkpoint(model_dir, split, max_windows=args.max_windows)
+    dense = results["dense"]["perplexity"]
+    results.setdefault("rows", {})
+    for row in rows:
+        recipe = ROWS[row]
+        entry: dict = {"recipe_yaml": recipe}
+        slug = row.replace(" ", "_").replace(":", "").replace("+", "plus")
+        for tool in ("ours", "llmcompressor"):
+            target = work / f"{slug}-{tool}"
+            shutil.rmtree(target, ignore_errors=True)
+            try:
+                if tool == "ours":
+                    info = run_ours(recipe, target, split, model_dir)
+                else:
+                    info = peer.run_llmcompressor(recipe, target, split=split, model_dir=model_dir)
+                score = _score(target, split, args.max_windows, ours_loader=row in ASYMMETRIC)
+                entry[tool] = {**info, **score, "ratio": round(score["perplexity"] / dense, 4)}
+            except Exception as exc:  # a row that one tool cannot run is recorded, not fatal
+                entry[tool] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"{row} [{tool}]: {json.dumps({k: v for k, v in entry[tool].items() if k != 'fallbacks'})[:400]}",
+                  flush=True)
+        results["rows"][row] = entry
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    """The markdown table for docs/benchmarks.md."""
+    dense = results["dense"]["perplexity"]
+    lines = [f"dense perplexity {dense:.3f} over {results['dense']['windows']} held-out windows of "
+             f"{results['seqlen']} tokens", "",
+             "| recipe | ours ppl | ours ratio | llm-compressor ppl | llm-compressor ratio | ours compress s |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row, entry in results.get("rows", {}).items():
+        cells = []
+        for tool in ("ours", "llmcompressor"):
+            e = entry.get(tool, {})
+            cells += ([f"{e['perplexity']:.3f}", f"{e['ratio']:.4f}"] if "perplexity" in e
+                      else [f"error: {e.get('error', 'not run')[:60]}", "—"])
+        ours_s = entry.get("ours", {}).get("compress_s", "—")
+        lines.append(f"| {row} | {' | '.join(cells)} | {ours_s} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
