@@ -284,10 +284,11 @@ def example_names(names: list[str], limit: int = 8) -> list[str]:
 
 
 def _modifiers(recipe: Recipe):
-    """(path, modifier) of the modifiers that target modules (a fine-tune stage trains them all)."""
+    """(path, modifier) of the modifiers that target modules (a fine-tune stage trains them all;
+    AWQ / SmoothQuant resolve their own mappings per layer)."""
     for i, stage in enumerate(recipe.stages):
         for j, m in enumerate(stage.modifiers):
-            if m.kind != FINETUNE:
+            if m.kind != FINETUNE and not m.transforms:
                 yield f"stages[{i}].modifiers[{j}]", m
 
 
