@@ -103,8 +103,8 @@ class JobForm(forms.Form):
             from compression.recipe import presets_with_option
 
             if data["preset"] not in presets_with_option("group_size"):
-                self.add_error("group_size", "a group size applies only to the presets "
-                               + ", ".join(presets_with_option("group_size")))
+                self.add_error("group_size", "a group size applies only to the W4A16 presets ("
+                               + ", ".join(presets_with_option("group_size")) + ")")
                 return data
             options["group_size"] = None if data["group_size"] == "channel" else int(data["group_size"])
         source = (data.get("calibration_source") or "").strip() or None
