@@ -11,6 +11,11 @@ from tests.kernels.helpers import assert_close
 from tests.tiny import demo_tokenizer, tiny_llama
 
 CASES = {"W4A16": W4A16Linear, "W8A8": W8A8Linear, "2:4+FP8_DYNAMIC": Sparse24Linear}
+# W8A8 on the CPU runs torch's int8 weight-only matmul, which scales after accumulating (the engine's
+# fake-quantized model scales the weight first). The ~1e-7 difference can move one activation across
+# an int8 rounding boundary in the next layer's per-token quantization: one activation step, which a
+# tiny random model carries to its logits as up to ~0.3% of the largest logit.
+RTOL = {"W4A16": 1e-3, "W8A8": 5e-3, "2:4+FP8_DYNAMIC": 1e-3}
 
 
 @pytest.mark.parametrize("preset", list(CASES))
@@ -32,4 +37,4 @@ def test_engine_checkpoint_round_trips_through_the_runtime(preset: str, tmp_path
     assert len(layers) == 14
     ids = torch.randint(3, 512, (1, 9), generator=g)
     with torch.no_grad():
-        assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-3, name=preset)
+        assert_close(loaded(ids).logits, model(ids).logits, rtol=RTOL[preset], name=preset)
