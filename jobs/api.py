@@ -30,6 +30,7 @@ from .serializers import (CalibrationUploadListSerializer, CalibrationUploadRequ
                           EventPageSerializer, EventSerializer, JobCreateSerializer, JobDetailSerializer,
                           JobFilterSerializer, JobPageSerializer, PresetListSerializer,
                           _links)
+from .storage import download_response
 from .submission import SubmissionError, create_job, validate_submission
 from .uploads import UploadInUse, UploadTooLarge, delete_upload, store_request_upload
 
@@ -216,8 +217,6 @@ def job_card(request: Request, job_id: UUID) -> HttpResponse:
 @api_view(["GET"])
 def job_artifact(request: Request, job_id: UUID) -> StreamingHttpResponse:
     job = _own_job(request, job_id)
-    from .storage import download_response
-
     if (stored := download_response(job, f"compressor-{job.id}.tar")) is not None:
         return stored  # bucket: redirect to a presigned URL, or stream the object
     path = artifact_path(job)

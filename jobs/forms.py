@@ -5,8 +5,10 @@ from __future__ import annotations
 from django import forms
 from django.conf import settings
 
+from .models import CalibrationUpload
 from .submission import (JobRequest, SubmissionError, default_calibration_source, eval_task_options,
                          validate_submission)
+from .uploads import store_request_upload
 
 GROUP_SIZE_CHOICES = [("", "preset default"), ("32", "32"), ("64", "64"), ("128", "128"),
                       ("channel", "per output channel")]
@@ -128,8 +130,6 @@ class JobForm(forms.Form):
     def _store_upload(self):
         """Keep an uploaded calibration file (it becomes one of the user's uploads whatever happens to
         the rest of the form) and point the source field at it, so a re-rendered form needs no re-upload."""
-        from .uploads import store_request_upload
-
         upload = store_request_upload(self.http_request, self.user, "calibration_file", required=False)
         if upload is None:
             return None
@@ -145,8 +145,6 @@ class JobForm(forms.Form):
         """(value, label) suggestions: data-directory calibration files, the built-in set, the Hub
         defaults when the worker is online, then the user's uploads."""
         from compression.data_sources import calibration_suggestions
-
-        from .models import CalibrationUpload
 
         options = calibration_suggestions(settings.COMPRESSOR_DATA_DIR or None)
         if self.user is not None:

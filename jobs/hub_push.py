@@ -26,7 +26,9 @@ from typing import Any
 
 from django.conf import settings
 
+from .archive import artifact_path
 from .models import Job, JobEvent, Status
+from .storage import local_copy, stored_object
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,6 @@ def check_token_syntax(token: Any) -> str:
 
 def check_request(job: Job, *, repo_id: Any, private: Any, token: Any, owner: Any) -> tuple[str, bool, str, Path | None]:
     """(repo id, private, token, local artifact dir or None when it is in the bucket) or PushError naming the field; nothing touches the Hub."""
-    from .archive import artifact_path
-    from .storage import stored_object
-
     if job.status != Status.SUCCEEDED:
         raise PushError("job", f"only a succeeded job can be pushed; this one is {job.status}", 409)
     artifact = artifact_path(job)
@@ -207,8 +206,6 @@ def push_job(job: Job, *, repo_id: Any, private: Any = True, token: Any = None, 
                 raise PushError("repo_id", f"this token may not create repos in {namespace!r}") from None
             raise
         created = True
-        from .storage import local_copy
-
         with local_copy(job) as artifact:  # the bucket's tar, extracted to a temporary directory
             if artifact is None:
                 raise PushError("job", "this job's artifact is no longer in the artifact store", 409)

@@ -11,6 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from .api_errors import error_response
+from .hub_push import PushError, push_job
 from .models import Job
 from .serializers import ErrorSerializer
 
@@ -50,8 +51,6 @@ def _error(description: str) -> OpenApiResponse:
                503: _error("The Hub is switched off on this server")})
 @api_view(["POST"])
 def job_push(request: Request, job_id: UUID) -> Response:
-    from .hub_push import PushError, push_job
-
     job = Job.objects.filter(owner=request.user, pk=job_id).first()
     if job is None:
         raise exceptions.NotFound("no job with this id")

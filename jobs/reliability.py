@@ -34,6 +34,7 @@ from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from .models import Job, JobEvent, Status
+from .queue import enqueue
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ def _job_ids_in_message(raw: bytes) -> list[str]:
 
 def requeue_missing_queued(now=None, snapshot: BrokerSnapshot | None = None) -> list[str]:
     """Re-send queued jobs that the broker no longer holds (e.g. after a Redis restart)."""
-    from .tasks import enqueue
-
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.COMPRESSOR_REQUEUE_AFTER_S)
     candidates = list(Job.objects.filter(status=Status.QUEUED, created_at__lt=cutoff))

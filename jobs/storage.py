@@ -25,6 +25,8 @@ from typing import Any, Iterator
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from .archive import artifact_path, stream_tar
+
 log = logging.getLogger(__name__)
 
 PART_BYTES = 8 * 1024 * 1024  # S3 parts are at least 5 MiB, except the last
@@ -103,8 +105,6 @@ def commit_artifact(job_id: Any, local_dir: Path, results: dict) -> dict:
     if store is None:
         return results
     import shutil
-
-    from .archive import stream_tar
 
     key = store.key(job_id)
     size = upload_stream(store, key, stream_tar(local_dir, f"compressor-{job_id}"))
@@ -190,8 +190,6 @@ def download_response(job: Any, filename: str):
 def local_copy(job: Any) -> Iterator[Path | None]:
     """The job's artifact as a local directory: the real one for the local store, a temporary
     extraction of the bucket's tar otherwise (regular files only, nothing outside the temp dir)."""
-    from .archive import artifact_path
-
     obj = stored_object(job)
     if obj is None:
         yield artifact_path(job)

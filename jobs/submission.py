@@ -13,7 +13,10 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
-from .models import ACTIVE, Job
+from .errors import SubmissionError
+from .models import ACTIVE, CalibrationUpload, Job
+from .queue import enqueue
+from .uploads import resolve_source
 
 DEFAULT_CALIBRATION_SOURCE = "calibration/self_instruct_seed_tasks.jsonl"
 PERPLEXITY_TASK = "wikitext2_ppl"
@@ -29,13 +32,6 @@ LIMITS = {  # field -> (min, max)
     "evaluation.num_fewshot": (0, 25),
     "evaluation.batch_size": (1, 512),
 }
-
-
-class SubmissionError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass
@@ -113,9 +109,6 @@ def check_calibration_source(source: str, owner: Any) -> None:
     from compression.calibration import classify_source
     from compression.errors import CalibrationError
 
-    from .models import CalibrationUpload
-    from .uploads import resolve_source
-
     if source.startswith(CalibrationUpload.SOURCE_PREFIX):
         if owner is None or resolve_source(owner.pk, source) is None:
             raise SubmissionError("calibration.source", f"{source!r} names none of your uploaded calibration files")
@@ -145,8 +138,6 @@ def check_calibration_available(source: str) -> None:
     data-directory file with no data directory configured, a Hub dataset while the Hub is off."""
     from compression.data_sources import (BUILTIN_CALIBRATION, DataUnavailable, builtin_path, is_builtin,
                                           offline_reason)
-
-    from .models import CalibrationUpload
 
     if is_builtin(source):
         try:
@@ -328,8 +319,6 @@ def create_job(request: JobRequest) -> Job:
     """
     from django.contrib.auth import get_user_model
 
-    from .tasks import enqueue
-
     with transaction.atomic():
         list(get_user_model().objects.select_for_update().filter(pk=request.owner.pk).values_list("pk"))
         check_active_limit(request.owner)
@@ -351,9 +340,6 @@ def check_finetune(recipe, model_config, owner) -> None:
     from compression.distill import check_memory
     from compression.errors import CalibrationError, RecipeError
     from compression.recipe import FINETUNE
-
-    from .models import CalibrationUpload
-    from .uploads import resolve_source
 
     for i, stage in enumerate(recipe.stages):
         m = stage.modifiers[0]

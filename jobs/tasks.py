@@ -14,7 +14,10 @@ from django.conf import settings
 from django.db import connections
 
 from .models import CalibrationUpload, Job, JobEvent, Status
+from .queue import enqueue  # noqa: F401 (jobs.tasks.enqueue, as callers have always imported it)
 from .reliability import Heartbeat, Watchdog, fail_lost_job
+from .storage import commit_artifact
+from .uploads import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,6 @@ def job_spec(job: Job) -> dict[str, Any]:
     """
     from compression.errors import CalibrationError
 
-    from .uploads import resolve_source
 
     calibration = dict(job.calibration or {})
     calibration_dir = None
@@ -61,7 +63,6 @@ def finetune_data(job: Job) -> dict | None:
     (``compression.pipeline`` reads it instead of the recipe's ``upload:<id>``)."""
     from compression.errors import CalibrationError
 
-    from .uploads import resolve_source
 
     for stage in (job.recipe or {}).get("stages", {}).values():
         for mods in (stage or {}).values():
@@ -144,8 +145,6 @@ def run_job(job_id: str) -> None:
         JobEvent.objects.create(job_id=job_id, stage="failed", level="error", message=message[:2000])
         raise
     try:  # a configured bucket gets the artifact before the job may succeed (jobs.storage)
-        from .storage import commit_artifact
-
         results = commit_artifact(job.id, out_dir, results)
     except Exception as exc:
         log.exception("job %s: artifact could not be stored", job_id)
@@ -164,21 +163,6 @@ def run_job(job_id: str) -> None:
         log.warning("job %s changed state while running; results discarded", job_id)
         return
     JobEvent.objects.create(job_id=job_id, stage="done", message="job succeeded")
-
-
-def enqueue(job: Job, *, fail_if_unreachable: bool = True) -> None:
-    """Send the job to the `gpu` queue. If the broker refuses, the job fails visibly (or, for the
-    watchdog's re-sends, stays queued for the next attempt)."""
-    try:
-        run_job.apply_async(args=[str(job.id)], queue="gpu", retry=True,
-                            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
-    except Exception as exc:  # kombu raises several connection error types
-        log.exception("could not enqueue job %s", job.id)
-        if fail_if_unreachable:
-            Job.fail(job.id, "BrokerUnavailable",
-                     f"the job queue (Redis at {settings.REDIS_URL}) is unreachable: {exc}")
-    else:
-        log.info("queued job %s", job.id)
 
 
 @signals.task_failure.connect

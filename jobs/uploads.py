@@ -22,8 +22,8 @@ from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import SkipFile, TemporaryFileUploadHandler
 from django.db import transaction
 
-from .models import CalibrationUpload
-from .submission import SubmissionError
+from .errors import SubmissionError, UploadInUse
+from .models import ACTIVE, CalibrationUpload, Job
 
 ALLOWED_SUFFIXES = (".jsonl", ".json", ".txt")
 # Written by the web server, read by the worker: the same shared-group policy as the artifacts
@@ -154,15 +154,9 @@ def resolve_source(owner_id: Any, source: str) -> CalibrationUpload | None:
     return CalibrationUpload.objects.filter(pk=upload_id, owner_id=owner_id).first()
 
 
-class UploadInUse(Exception):
-    """An upload a queued or running job still needs."""
-
-
 def delete_upload(upload: CalibrationUpload) -> None:
     """Delete an upload (row, then its file once the deletion is committed), unless a queued or
     running job of its owner still calibrates on it."""
-    from .models import ACTIVE, Job
-
     users = Job.objects.filter(owner_id=upload.owner_id, status__in=ACTIVE, calibration__source=upload.source)
     if job := users.first():
         raise UploadInUse(f"job {job.id} ({job.status}) still uses this file; wait for it or cancel it first")

@@ -16,11 +16,17 @@ from django.utils.text import Truncator
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+# jobs.charts is imported where a figure is drawn: it imports plotly, a second of start-up that most
+# requests never need.
 from .archive import artifact_path, stream_tar, tar_size
-from .storage import download_response, stored_object
+from .eta import estimate, human, stage_durations
 from .forms import JobForm
+from .hub_push import PushError, has_token, last_push, push_job
 from .models import CalibrationUpload, Job, JobEvent, Status
+from .results_view import results_table
+from .storage import download_response, stored_object
 from .submission import SubmissionError, create_job
+from .uploads import UploadInUse, delete_upload, limit_text, resolve_source, store_request_upload
 
 EVENTS_TAIL = 30
 JOBS_PER_PAGE = 50
@@ -45,8 +51,6 @@ def _calibration_label(job: Job) -> str | None:
         return None
     source = str((job.calibration or {}).get("source") or "")
     if source.startswith(CalibrationUpload.SOURCE_PREFIX):
-        from .uploads import resolve_source
-
         upload = resolve_source(job.owner_id, source)
         return upload.label if upload else f"{source} (deleted upload)"
     return source or None
@@ -55,8 +59,6 @@ def _calibration_label(job: Job) -> str | None:
 def _detail_context(job: Job) -> dict:
     events = list(job.events.order_by("-id")[:EVENTS_TAIL])  # newest first: what is happening now
     results = job.results or {}
-    from .results_view import results_table
-
     metrics = results.get("evaluation", {}).get("metrics", [])
     return {"job": job, "events": events, "results": results, "eta": _eta_seconds(job),
             "metrics": metrics, "table": results_table(metrics, results.get("model")),
@@ -67,8 +69,6 @@ def _detail_context(job: Job) -> dict:
 def _eta_seconds(job: Job) -> dict | None:
     """Time left from measured stage rates and an earlier run of the same settings (jobs/eta.py)."""
     from compression.recipe import Recipe, RecipeError
-
-    from .eta import estimate, human, stage_durations
 
     if job.status != Status.RUNNING or not job.progress:
         return None
@@ -239,8 +239,6 @@ def job_artifact(request: HttpRequest, job_id: UUID) -> StreamingHttpResponse:
 
 
 def push_context(job: Job, user) -> dict:
-    from .hub_push import has_token, last_push
-
     return {"available": job.status == Status.SUCCEEDED and (artifact_path(job) is not None
                                                             or stored_object(job) is not None),
             "last": last_push(job), "has_token": has_token(user)}
@@ -250,8 +248,6 @@ def push_context(job: Job, user) -> dict:
 @require_POST
 def job_push(request: HttpRequest, job_id: UUID) -> HttpResponse:
     """The job page's push button: the same jobs.hub_push.push_job as POST /api/jobs/<id>/push."""
-    from .hub_push import PushError, push_job
-
     job = _own_job(request, job_id)
     try:
         result = push_job(job, repo_id=request.POST.get("repo_id", ""), private=bool(request.POST.get("private")),
@@ -368,9 +364,6 @@ def compare(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def calibration_files(request: HttpRequest) -> HttpResponse:
     """The user's calibration uploads: list, upload (size-limited while streaming), delete."""
-    from .submission import SubmissionError
-    from .uploads import limit_text, store_request_upload
-
     error = None
     if request.method == "POST":
         try:
@@ -388,8 +381,6 @@ def calibration_files(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def calibration_delete(request: HttpRequest, upload_id: UUID) -> HttpResponse:
-    from .uploads import UploadInUse, delete_upload
-
     upload = get_object_or_404(CalibrationUpload, pk=upload_id, owner=request.user)
     try:
         delete_upload(upload)
