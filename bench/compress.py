@@ -101,7 +101,7 @@ def run_engine_against(name: str, out_dir: str, dtype: str, threads: int) -> dic
     started = time.perf_counter()
     import torch
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/kernels.py must not shadow kernels/
     import peer
 
     from compression.export import export_checkpoint
@@ -132,7 +132,7 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
     import torch
     import transformers
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/kernels.py must not shadow kernels/
     import peer
 
     from compression.recipe import Recipe
