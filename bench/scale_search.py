@@ -22,24 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compression.quant import (QuantArgs, _grouped_absmax, _half_range, _reduce_like_scale,  # noqa: E402
-                               fake_quantize, mse_scale)
+from compression.quant import QuantArgs, mse_scale, mse_scale_reference  # noqa: E402
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
           "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
 SCHEMES = {"FP8 channel": QuantArgs(num_bits=8, type="float", strategy="channel", observer="mse"),
            "INT4 group 64": QuantArgs(num_bits=4, strategy="group", group_size=64, observer="mse")}
-
-
-def candidate_loop(w, args, grid=20, max_shrink=0.8, norm=2.4):
-    absmax = _grouped_absmax(w, args)
-    best_err, best = torch.full_like(absmax, float("inf")), None
-    for i in range(int(max_shrink * grid)):
-        candidate = absmax * (1 - i / grid) / _half_range(args)
-        err = _reduce_like_scale((fake_quantize(w, candidate, args) - w).abs().pow(norm), args)
-        best = candidate if best is None else torch.where(err < best_err, candidate, best)
-        best_err = torch.minimum(err, best_err)
-    return best
 
 
 def main() -> None:
@@ -53,7 +41,7 @@ def main() -> None:
     for scheme, qargs in SCHEMES.items():
         times = {"loop": [], "pruned": []}
         for _ in range(args.repeats):
-            for label, fn in (("loop", candidate_loop), ("pruned", lambda w, a: mse_scale(w, a, torch.float32))):
+            for label, fn in (("loop", mse_scale_reference), ("pruned", lambda w, a: mse_scale(w, a, torch.float32))):
                 t0 = time.perf_counter()
                 results = {name: fn(w, qargs) for name, w in weights.items()}
                 times[label].append(time.perf_counter() - t0)

@@ -274,6 +274,20 @@ def mse_scale(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None
     return chosen.reshape(absmax.shape)
 
 
+
+def mse_scale_reference(w: torch.Tensor, args: QuantArgs, *, grid: int = 20, max_shrink: float = 0.8,
+                        norm: float = 2.4) -> torch.Tensor:
+    """The plain search ``mse_scale`` must agree with: every candidate scored on every entry (fp32 scales).
+    Used by the tests and bench/scale_search.py, never by the engine."""
+    absmax = _grouped_absmax(w, args)
+    best_err, best = torch.full_like(absmax, float("inf")), None
+    for i in range(int(max_shrink * grid)):
+        candidate = absmax * (1 - i / grid) / _half_range(args)
+        err = _reduce_like_scale((fake_quantize(w, candidate, args) - w).abs().pow(norm), args)
+        best = candidate if best is None else torch.where(err < best_err, candidate, best)
+        best_err = torch.minimum(err, best_err)
+    return best
+
 def _entry_errors(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs, norm: float) -> torch.Tensor:
     """Σ |w - fq(w)|^norm per row of w [E, width] with one scale per row (scale [E], fp32)."""
     s = scale.unsqueeze(1)

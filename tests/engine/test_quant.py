@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from compression.quant import (FP8_DTYPE, QuantArgs, compute_scale, dequantize, fake_quantize, minmax_scale, mse_scale,
-                               quantize)
+                               mse_scale_reference, quantize)
 from kernels.packing import is_24_sparse as check_24_pattern, pack_int, pack_int4, unpack_int, unpack_int4
 
 INT4_G32 = QuantArgs(num_bits=4, type="int", strategy="group", group_size=32)
@@ -85,20 +85,6 @@ def test_24_pattern_check_counts_nonzeros_per_group_of_four():
     assert not check_24_pattern(torch.ones(2, 6))
 
 
-def _mse_scale_one_candidate_at_a_time(w, args, grid=20, max_shrink=0.8, norm=2.4):
-    """The plain loop the vectorised search must agree with (fp32 scales)."""
-    from compression.quant import _grouped_absmax, _half_range, _reduce_like_scale
-
-    absmax = _grouped_absmax(w, args)
-    best_err, best = torch.full_like(absmax, float("inf")), None
-    for i in range(int(max_shrink * grid)):
-        candidate = absmax * (1 - i / grid) / _half_range(args)
-        err = _reduce_like_scale((fake_quantize(w, candidate, args) - w).abs().pow(norm), args)
-        best = candidate if best is None else torch.where(err < best_err, candidate, best)
-        best_err = torch.minimum(err, best_err)
-    return best
-
-
 def test_vectorised_mse_search_picks_the_same_scales_as_the_candidate_loop():
     torch.manual_seed(3)
     w = torch.randn(37, 192) * torch.rand(37, 1) * 3
@@ -107,5 +93,5 @@ def test_vectorised_mse_search_picks_the_same_scales_as_the_candidate_loop():
                  QuantArgs(num_bits=4, strategy="channel", observer="mse"),
                  QuantArgs(num_bits=8, strategy="tensor", observer="mse"),
                  QuantArgs(num_bits=8, type="float", strategy="channel", observer="mse")):
-        expected = _mse_scale_one_candidate_at_a_time(w, args)
+        expected = mse_scale_reference(w, args)
         assert torch.equal(mse_scale(w, args, torch.float32), expected), args
