@@ -32,3 +32,13 @@ def correlated_inputs(tokens: int = 512, cols: int = 64, seed: int = 0) -> torch
     mix = torch.randn(cols, cols, generator=gen) * 0.3 + torch.eye(cols)
     scales = torch.linspace(0.2, 3.0, cols)
     return (torch.randn(tokens, cols, generator=gen) * scales) @ mix
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test (tiny-model tests are thousands of tiny ops: OpenMP hand-offs
+    on a busy machine cost 10x more than the math). Opt in with pytest.mark.usefixtures."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,13 +29,7 @@ RECIPES = {"W4A16": {"group_size": 32}, "FP8_DYNAMIC": {}, "2:4+FP8_DYNAMIC": {}
 ROUTER_SUFFIXES = (".gate.weight", ".gate.e_score_correction_bias", ".shared_expert_gate.weight")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thousands of tiny ops: OpenMP hand-offs on a busy machine cost 10x more than the math.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _read(out_dir) -> dict[str, torch.Tensor]:

@@ -10,12 +10,7 @@ from tests.engine.conftest import random_calibration
 from tests.tiny import tiny_family_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama", "mixtral", "deepseek_v3"])
