@@ -12,7 +12,7 @@ COPY . .
 RUN COMPRESSOR_VAR_DIR=/tmp/build python manage.py collectstatic --noinput -v 0
 # Web and worker run as different users sharing the group "compressor" (docker-compose sets `user:`).
 # The worker owns artifacts/ and cache/, the web server owns uploads/; each writes its files 0640 in
-# 0750 folders (compression.export.ARTIFACT_FILE_MODE, jobs.uploads.UPLOAD_FILE_MODE) and the other
+# 0750 folders (compression.model_io.export.ARTIFACT_FILE_MODE, jobs.uploads.UPLOAD_FILE_MODE) and the other
 # reads them through the group. The set-group-id bit (2xxx) makes everything created below inherit
 # the group. A named volume copies this layout (owners and modes) from the image when first created.
 RUN groupadd --gid 10000 compressor \

@@ -52,7 +52,7 @@ from django.contrib.auth.models import User
 from django.contrib.sessions.backends.db import SessionStore
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
-from compression.card import build_model_card
+from compression.card.model_card import build_model_card
 from compression.recipe import Recipe
 from jobs.models import Job, JobEvent, Status
 from tests.eval.facts import FACTS

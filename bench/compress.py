@@ -47,14 +47,14 @@ CASES = {  # row name → (preset, options); SmolLM2's 576-wide inputs rule out 
 
 
 def _load():
-    from compression.loading import load_model
+    from compression.model_io.loading import load_model
 
     loaded = load_model("demo", allowed_roots=[])
     return loaded.model, loaded.tokenizer
 
 
 def _ppl(model, tokenizer, seqlen: int, windows: int) -> float:
-    from compression.perplexity import wikitext_perplexity
+    from compression.evaluation.perplexity import wikitext_perplexity
 
     return wikitext_perplexity(model, tokenizer, DATA_DIR, seqlen=seqlen, max_windows=windows)
 
@@ -69,7 +69,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
     import torch
 
     from compression.calibration import load_calibration
-    from compression.export import export_checkpoint
+    from compression.model_io.export import export_checkpoint
     from compression.recipe import Recipe
     from compression.sequential import compress_model
 
@@ -104,8 +104,8 @@ def run_engine_against(name: str, out_dir: str, dtype: str, threads: int) -> dic
     sys.path.append(str(ROOT / "bench"))  # after the repo root: bench/kernels.py must not shadow kernels/
     import peer
 
-    from compression.export import export_checkpoint
-    from compression.loading import load_model
+    from compression.model_io.export import export_checkpoint
+    from compression.model_io.loading import load_model
     from compression.recipe import Recipe
     from compression.sequential import compress_model
 
@@ -246,7 +246,7 @@ def main() -> None:
     import transformers
 
     from compression.errors import RecipeError
-    from compression.loading import load_config
+    from compression.model_io.loading import load_config
     from compression.preflight import preflight
     from compression.recipe import Recipe
 

@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from compression.evaluation import EvalSettings, evaluate  # noqa: E402
-from compression.recovery import AVERAGE, recovery_table  # noqa: E402
+from compression.evaluation.harness import EvalSettings, evaluate  # noqa: E402
+from compression.evaluation.recovery import AVERAGE, recovery_table  # noqa: E402
 
 log = logging.getLogger("bench.eval")
 DEFAULT_DATA = REPO.parent / "shared" / "data"
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from compression.calibration import load_calibration
-    from compression.loading import load_model
+    from compression.model_io.loading import load_model
     from compression.recipe import Recipe
     from compression.sequential import compress_model
 

@@ -60,7 +60,7 @@ def preflight_rows() -> list[dict]:
 def family_rows() -> list[dict]:
     import torch
 
-    from compression.export import export_checkpoint
+    from compression.model_io.export import export_checkpoint
     from compression.recipe import Recipe
     from compression.sequential import compress_model
     from tests.engine.conftest import random_calibration

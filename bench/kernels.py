@@ -179,11 +179,11 @@ def _e2e_one(name: str, model, prompt_len: int, new_tokens: int) -> dict:
 
 
 def e2e_rows(dense: str, checkpoints: list[str], prompt_len: int, new_tokens: int) -> list[dict]:
-    from compression.runtime import load_compressed_model
+    from compression.model_io.runtime import load_compressed_model
 
     rows = []
     if dense:
-        from compression.loading import load_model
+        from compression.model_io.loading import load_model
 
         model = load_model(dense, allowed_roots=[str(ROOT)], dtype=torch.bfloat16).model.to("cuda").eval()
         rows.append(_e2e_one("dense", model, prompt_len, new_tokens))

@@ -28,7 +28,7 @@ API (all paths are ``pathlib.Path``)::
     calibration_samples(split) -> list[{"input_ids": [1, T], "attention_mask": [1, T]}]
         Split.calibration in the engine's calibration format (compression.sequential.compress_model).
     perplexity(model, windows, batch_size=4, max_windows=None) -> float
-        exp(mean next-token NLL) over the windows: compression.perplexity.perplexity_on_windows,
+        exp(mean next-token NLL) over the windows: compression.evaluation.perplexity.perplexity_on_windows,
         the product's own code, so the product's numbers and the bench's are the same measure.
     score_checkpoint(checkpoint_dir, split=None, *, max_windows=None, dtype=torch.float32) -> dict
         Load any checkpoint directory (dense, or compressed-tensors from either tool) through
@@ -118,7 +118,7 @@ def demo_dense_dir() -> Path:
     marker = DEMO_DENSE / ".complete"
     with _locked("demo-bf16"):
         if not marker.exists():
-            from compression.loading import load_model
+            from compression.model_io.loading import load_model
 
             loaded = load_model("demo", allowed_roots=[], dtype=torch.bfloat16)
             tmp = Path(tempfile.mkdtemp(prefix=".demo-bf16-", dir=VAR))
@@ -202,7 +202,7 @@ def calibration_samples(split: Split) -> list[dict[str, torch.Tensor]]:
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, max_windows: int | None = None) -> float:
-    from compression.perplexity import perplexity_on_windows
+    from compression.evaluation.perplexity import perplexity_on_windows
 
     if max_windows is not None:
         windows = windows[:max_windows]

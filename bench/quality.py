@@ -11,7 +11,7 @@ is one llm-compressor YAML text, given unchanged to ``oneshot`` in the peer virt
 (compressed-tensors decompression) — except asymmetric pack-quantized rows, which transformers 5.23
 + compressed-tensors 0.20 refuse for every producer (their empty module expects the zero point
 unpacked, every checkpoint holds it packed), so both tools' checkpoints of those rows go through
-``compression.runtime.load_compressed_model`` (compressed-tensors' dequantization arithmetic).
+``compression.model_io.runtime.load_compressed_model`` (compressed-tensors' dequantization arithmetic).
 
 Writes bench/results/quality.json: the split, the dense perplexity, and per row and tool the
 perplexity, its ratio to dense, and the compression / scoring seconds.
@@ -65,21 +65,21 @@ ASYMMETRIC = ("W4A16_ASYM g64 GPTQ", "W4A16_ASYM g64 AWQ")
 def _score(directory: Path, split, max_windows: int | None, ours_loader: bool) -> dict:
     if not ours_loader:
         return peer.score_checkpoint(directory, split, max_windows=max_windows)
-    from compression.runtime import load_compressed_model
+    from compression.model_io.runtime import load_compressed_model
 
     t0 = time.perf_counter()
     model = load_compressed_model(directory, dtype=torch.float32)
     ppl = peer.perplexity(model, split.evaluation, max_windows=max_windows)
     windows = min(split.evaluation.shape[0], max_windows or split.evaluation.shape[0])
     return {"perplexity": ppl, "windows": windows, "tokens": windows * split.seqlen,
-            "seconds": round(time.perf_counter() - t0, 1), "loader": "compression.runtime"}
+            "seconds": round(time.perf_counter() - t0, 1), "loader": "compression.model_io.runtime"}
 
 
 def run_ours(recipe_yaml: str, out_dir: Path, split, model_dir: Path) -> dict:
     """This engine: load the bf16 demo checkpoint, compress with the row's recipe, export."""
     from transformers import AutoModelForCausalLM
 
-    from compression.export import export_checkpoint
+    from compression.model_io.export import export_checkpoint
     from compression.recipe import Recipe
     from compression.sequential import compress_model
 

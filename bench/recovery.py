@@ -11,8 +11,8 @@ part; distillation trains on packed chunks of the same part (never on held-out t
 
 Rows (each also followed by FP8_DYNAMIC and per-channel W4A16 GPTQ that keep the 2:4 zeros):
   2:4 one-shot            SparseGPT 2:4
-  2:4 + reconstruction    SparseGPT 2:4 with layer-wise reconstruction (compression/reconstruction.py)
-  2:4 + recon + distill   the previous model fine-tuned against the dense teacher (compression/distill.py)
+  2:4 + reconstruction    SparseGPT 2:4 with layer-wise reconstruction (compression/algorithms/reconstruction.py)
+  2:4 + recon + distill   the previous model fine-tuned against the dense teacher (compression/algorithms/distill.py)
 
 The models are evaluated in memory (fake-quantized weights, activation fake-quant hooks), the same
 forward the pipeline's exported checkpoints reproduce. Results are merged into ``--out`` row by row,
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     from bench import peer
-    from compression.distill import FinetuneSettings, finetune
-    from compression.loading import load_model
+    from compression.algorithms.distill import FinetuneSettings, finetune
+    from compression.model_io.loading import load_model
     from compression.recipe import Recipe
     from compression.sequential import compress_model, sparsity_masks
 

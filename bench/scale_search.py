@@ -2,7 +2,7 @@
 
     python bench/scale_search.py [--repeats 3]
 
-Times ``compression.quant.mse_scale`` (the pruned, exact search) against the plain loop that scores
+Times ``compression.algorithms.quant.mse_scale`` (the pruned, exact search) against the plain loop that scores
 all 16 shrink candidates on every row (the previous implementation, re-stated here), single-threaded
 as the engine runs it, on random weights of SmolLM2-135M's seven Linear shapes (one decoder layer),
 for FP8 per-channel (FP8_DYNAMIC / FP8 presets) and INT4 group-64. Asserts both give the same scales.
@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compression.quant import QuantArgs, mse_scale, mse_scale_reference  # noqa: E402
+from compression.algorithms.quant import QuantArgs, mse_scale, mse_scale_reference  # noqa: E402
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
           "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # transformers' lazy imports (AutoConfig's first use costs seconds on its own) happen before the clock
 # starts: the web process pays them once, in the start-up warm-up, whichever way the config is read.
-CODE = ("import time; from compression.loading import load_config; from transformers import AutoConfig; "
+CODE = ("import time; from compression.model_io.loading import load_config; from transformers import AutoConfig; "
         "AutoConfig.for_model('llama'); t = time.perf_counter(); load_config('demo'); print(time.perf_counter() - t)")
 
 

@@ -64,7 +64,7 @@ def load_recipe(value: str, group_size: str | None = None) -> Recipe:
 
 
 def build_spec(args: argparse.Namespace) -> dict:
-    from .data_sources import default_calibration_source
+    from compression.data_sources import default_calibration_source
 
     source = args.calibration or default_calibration_source(args.data_dir)
     spec = {"model": args.model, "recipe": load_recipe(args.recipe, args.group_size).to_dict(),

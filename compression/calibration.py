@@ -155,7 +155,7 @@ def _load_hub_dataset(source: str, split: str, seed: int, limit: int) -> list[An
     The download goes through datasets' remote-only ``hf://datasets/`` form (see hub_load_dataset): a
     bare ``org/name`` that exists as a directory relative to the working directory would be loaded
     from there instead."""
-    from .data_sources import hub_load_dataset
+    from compression.data_sources import hub_load_dataset
 
     if not HUB_DATASET_ID.match(source):
         raise CalibrationError(f"{source!r} is not a Hub dataset id like org/name")
@@ -169,13 +169,13 @@ def _load_hub_dataset(source: str, split: str, seed: int, limit: int) -> list[An
 
 def is_builtin(source: str) -> bool:
     """``builtin:<name>``: a calibration set shipped inside this package (compression/builtin_data)."""
-    from .data_sources import is_builtin as _is_builtin
+    from compression.data_sources import is_builtin as _is_builtin
 
     return _is_builtin(source)
 
 
 def _builtin_records(source: str) -> list[Any]:
-    from .data_sources import DataUnavailable, builtin_records
+    from compression.data_sources import DataUnavailable, builtin_records
 
     try:
         return builtin_records(source)

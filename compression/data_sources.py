@@ -168,13 +168,13 @@ class EvalOption:
 
 def task_names() -> list[str]:
     """Every task the form knows: perplexity, the Open LLM v1 set, then the other local tasks."""
-    from .lm_eval_tasks import LOCAL_TASKS
+    from compression.evaluation.lm_eval_tasks import LOCAL_TASKS
 
     return [PERPLEXITY_TASK, *OPEN_LLM_V1, *(n for n in LOCAL_TASKS if n not in OPEN_LLM_V1)]
 
 
 def eval_option(name: str, data_dir: str | os.PathLike | None, *, online: bool | None = None) -> EvalOption:
-    from .lm_eval_tasks import LOCAL_TASKS, resolve_local_name
+    from compression.evaluation.lm_eval_tasks import LOCAL_TASKS, resolve_local_name
 
     online = hub_online() if online is None else online
     offline = offline_reason() or "the Hub is switched off"
@@ -210,7 +210,7 @@ def default_eval_tasks(data_dir: str | os.PathLike | None) -> list[str]:
 def check_eval_tasks(tasks: list[str], data_source: str, data_dir: str | os.PathLike | None) -> None:
     """Raise DataUnavailable for the first task this install cannot run (missing data, Hub switched
     off, or a name lm-eval does not know), naming the task, what is missing and what can run."""
-    from .evaluation import EvalError, resolve_sources
+    from compression.evaluation.harness import EvalError, resolve_sources
 
     if PERPLEXITY_TASK in tasks:
         option = eval_option(PERPLEXITY_TASK, data_dir)

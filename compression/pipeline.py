@@ -2,9 +2,8 @@
 
     run_job(spec, out_dir, progress=..., should_stop=...) -> results (JSON-able dict)
 
-Stages and their share of the progress bar:
-    load 0-5%, baseline evaluation 5-20%, calibration data 20-25%, compression 25-75%
-    (one decoder layer at a time), export 75-80%, compressed evaluation 80-97%, finish 97-100%.
+run_job is one short function over stage functions (_load_stage, _baseline_stage, ...), each
+taking and returning plain data; their shares of the progress bar are in compression.progress.
 
 Everything is written into a temporary sibling of `out_dir` that is renamed into place only when
 the job completes; on any failure or cancellation the temporary directory is removed, so the
@@ -12,34 +11,25 @@ artifact root never holds partial output.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import shutil
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from .eval_backend import number_sources
-from .speed import measure_speed, speed_summary
+from compression.errors import JobCancelled
+from compression.finetune_stage import FinetuneStage
+from compression.progress import Progress, Stage, engine_progress, timed
+from compression.evaluation.backend import number_sources
+from compression.evaluation.speed import measure_speed, speed_summary
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[dict], None]
-
-STAGES = {  # stage -> (start, end) fraction of the whole job
-    "load": (0.0, 0.05),
-    "baseline": (0.05, 0.20),
-    "calibration": (0.20, 0.25),
-    "compress": (0.25, 0.75),
-    "finetune": (0.40, 0.70),  # a recipe with a fine-tune stage: prune 25-40%, fine-tune, quantize 70-75%
-    "export": (0.75, 0.80),
-    "evaluate": (0.80, 0.97),
-    "finish": (0.97, 1.0),
-}
 
 # results["timings"] keys in job order, with the name the job page and the card show for each
 STAGE_TIMES = (
@@ -77,17 +67,7 @@ def stage_times(timings: dict[str, float]) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
-    """Record the wall time of the block under ``timings[key]`` (seconds)."""
-    t0 = time.monotonic()
-    try:
-        yield
-    finally:
-        timings[key] = time.monotonic() - t0
-
-
-def _measure(model: Any, stage: "_Stage") -> dict | None:
+def _measure(model: Any, stage: "Stage") -> dict | None:
     """Speed and memory of ``model``; a model that cannot be timed (no KV cache, say) costs the job
     its speed table, with a warning, never its results."""
     try:
@@ -98,208 +78,287 @@ def _measure(model: Any, stage: "_Stage") -> dict | None:
         return None
 
 
-class _Stage:
-    """Emits progress events with the job-wide fraction for one stage."""
-
-    def __init__(self, progress: Progress, stage: str):
-        self.progress, self.stage = progress, stage
-        self.start, self.end = STAGES[stage]
-
-    def __call__(self, message: str, within: float = 0.0, **extra: Any) -> None:
-        within = min(max(within, 0.0), 1.0)
-        fraction = self.start + (self.end - self.start) * within
-        self.progress({"stage": self.stage, "fraction": round(fraction, 4), "within": round(within, 4),
-                       "message": message, **extra})
-
-
-def _engine_progress(progress: Progress, lo: float = 0.0, hi: float = 1.0) -> Progress:
-    """Map the engine's per-layer events into the compress stage's share of the bar (its ``lo``-``hi`` part)."""
-    stage = _Stage(progress, "compress")
-
-    def forward(event: dict) -> None:
-        layers = max(int(event.get("layers") or 1), 1)
-        layer = int(event.get("layer") or 0)
-        done = layer + (1 if "module" not in event else 0.5)
-        extra = {k: v for k, v in event.items() if k not in ("stage", "message", "fraction")}
-        stage(event.get("message") or f"layer {layer + 1}/{layers}", lo + (hi - lo) * done / layers, **extra)
-
-    return forward
-
-
 def run_job(spec: dict, out_dir: str | Path, *, progress: Progress | None = None,
             should_stop: Callable[[], bool] | None = None) -> dict:
     """Run one job described by `spec` (see jobs.tasks.job_spec) and write its artifact to `out_dir`."""
-    from .card_facts import as_eval_result
-    from .errors import JobCancelled
-    from .loading import load_model
-    from .recovery import recovery_table
-    from .recipe import Recipe
+    job = _prepare(spec, Path(out_dir), progress or (lambda event: None), should_stop or (lambda: False))
+    try:
+        job.tmp_dir.mkdir()
+        source = _load_stage(job)
+        baseline = _baseline_stage(job, source)
+        calibration = _calibration_stage(job, source.tokenizer)
+        compressed = _compress_stage(job, source, calibration)
+        checkpoint = _export_stage(job, source, compressed)
+        evaluated = _compressed_eval_stage(job, source, checkpoint, baseline)
+        return _finish_stage(job, source, baseline, compressed, checkpoint, evaluated)
+    except BaseException:
+        shutil.rmtree(job.tmp_dir, ignore_errors=True)  # fine-tune checkpoints stay (outside it) for a resume
+        raise
 
-    progress = progress or (lambda event: None)
-    should_stop = should_stop or (lambda: False)
-    out_dir = Path(out_dir)
+
+@dataclass
+class _Job:
+    """The settings of one job, resolved once, and what every stage shares (progress, timings)."""
+    spec: dict
+    out_dir: Path
+    tmp_dir: Path
+    recipe: Any
+    evaluation: dict
+    calibration_spec: dict
+    device: str
+    backend: Any
+    data_dir: str
+    progress: Progress
+    should_stop: Callable[[], bool]
+    started: float = field(default_factory=time.monotonic)
+    timings: dict[str, float] = field(default_factory=dict)
+    devices: dict[str, Any] = field(default_factory=dict)
+
+    def check_stop(self) -> None:
+        if self.should_stop():
+            raise JobCancelled("cancelled by the user")
+
+    def stage(self, name: str) -> "Stage":
+        return Stage(self.progress, name)
+
+    def timed(self, key: str):
+        return timed(self.timings, key)
+
+
+@dataclass
+class _Baseline:
+    metrics: dict
+    speed: dict | None
+
+
+@dataclass
+class _Compressed:
+    report: Any
+    finetune: "FinetuneStage"
+    calibrated: bool
+
+
+@dataclass
+class _Checkpoint:
+    export: Any
+    architecture: str
+    dense_bytes: int
+    dense_dtype: str
+    dtype: torch.dtype
+
+
+@dataclass
+class _Evaluated:
+    model: Any
+    runtime: str
+    metrics: dict
+    speed: dict | None
+    vllm: dict | None
+
+
+def _prepare(spec: dict, out_dir: Path, progress: Progress, should_stop: Callable[[], bool]) -> _Job:
+    """Resolve the job's settings and check the worker can run it, before any work or any file."""
+    from compression.data_sources import default_calibration_source
+    from compression.recipe import Recipe
+
     if out_dir.exists():
         raise FileExistsError(f"artifact directory {out_dir} already exists")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}"
-    started = time.monotonic()
-    timings: dict[str, float] = {}
-
-    def check_stop() -> None:
-        if should_stop():
-            raise JobCancelled("cancelled by the user")
-
-    recipe = Recipe.from_dict(spec["recipe"])
-    evaluation = {**DEFAULT_EVALUATION, **(spec.get("evaluation") or {})}
     calibration_spec = {**DEFAULT_CALIBRATION, **(spec.get("calibration") or {})}
-    device = resolve_device(spec.get("device"))
-    backend = _select_backend(device)  # a worker that cannot use the configured backend fails before any work
     data_dir = spec.get("data_dir") or ""
     if not calibration_spec.get("source"):
-        from .data_sources import default_calibration_source
-
         calibration_spec["source"] = default_calibration_source(data_dir)
-    try:
-        tmp_dir.mkdir()
-        load = _Stage(progress, "load")
-        load(f"loading {spec['model']}")
-        with _timed(timings, "load_s"):
-            loaded = load_model(spec["model"], allowed_roots=spec.get("allowed_roots") or (),
-                                trust_remote_code=bool(spec.get("trust_remote_code")), device=device)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        load("model loaded", 1.0)
-        check_stop()
+    device = resolve_device(spec.get("device"))
+    return _Job(spec=spec, out_dir=out_dir, tmp_dir=out_dir.parent / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}",
+                recipe=Recipe.from_dict(spec["recipe"]),
+                evaluation={**DEFAULT_EVALUATION, **(spec.get("evaluation") or {})},
+                calibration_spec=calibration_spec, device=device,
+                backend=_select_backend(device),  # a worker that cannot use the configured backend fails here
+                data_dir=data_dir, progress=progress, should_stop=should_stop)
 
-        baseline_stage = _Stage(progress, "baseline")
-        from .placement import place_for_eval, release_device_memory
 
-        placement = place_for_eval(model, device)  # the job's device: whole, or layer by layer
-        devices = {"baseline_eval": placement.as_dict(), "dense_speed": None, "compress": device,
-                   "compressed_eval": device, "compressed_speed": None}
-        baseline_stage(f"evaluating the uncompressed model on {placement.device} ({placement.mode})")
-        with _timed(timings, "baseline_eval_s"):
-            baseline = _evaluate(model, tokenizer, evaluation, data_dir, cache_dir=spec.get("cache_dir"),
-                                 model_identity={**loaded.identity, "dtype": str(next(model.parameters()).dtype)},
-                                 should_stop=should_stop, progress=_eval_progress(baseline_stage, 0.05, 0.85))
-        dense_speed = None
-        if evaluation.get("speed", True):
-            baseline_stage("measuring the uncompressed model's speed and memory", 0.9)
-            with _timed(timings, "baseline_speed_s"):
-                dense_speed = _measure(model, baseline_stage)
-            devices["dense_speed"] = placement.as_dict()
-        placement.restore(model)  # back to the CPU: compression moves one layer at a time itself
-        baseline_stage("baseline evaluated", 1.0)
-        check_stop()
+def _load_stage(job: _Job):
+    """The dense model and tokenizer (compression.model_io.loading.LoadedModel), on the CPU."""
+    from compression.model_io.loading import load_model
 
-        calibration: list[dict] = []
-        if recipe.needs_calibration:
-            from .calibration import load_calibration
+    load = job.stage("load")
+    load(f"loading {job.spec['model']}")
+    with job.timed("load_s"):
+        loaded = load_model(job.spec["model"], allowed_roots=job.spec.get("allowed_roots") or (),
+                            trust_remote_code=bool(job.spec.get("trust_remote_code")), device=job.device)
+    load("model loaded", 1.0)
+    job.check_stop()
+    return loaded
 
-            calib_stage = _Stage(progress, "calibration")
-            calib_stage(f"tokenizing {calibration_spec['samples']} calibration samples")
-            with _timed(timings, "calibration_s"):
-                calibration = load_calibration(
-                    calibration_spec["source"], tokenizer, samples=int(calibration_spec["samples"]),
-                    seqlen=int(calibration_spec["seqlen"]), data_dir=spec.get("calibration_dir") or data_dir)
-            calib_stage(f"{len(calibration)} calibration samples ready", 1.0)
 
-        from .export import apply_artifact_modes, export_checkpoint
-        from .sequential import compress_model
+def _baseline_stage(job: _Job, source) -> _Baseline:
+    """The dense model's metrics and speed, measured on the job's device (whole, or layer by layer)."""
+    from compression.model_io.placement import place_for_eval
 
-        staged = _FinetuneStage(spec, recipe, model, tokenizer, data_dir, calibration_spec, progress, should_stop)
-        with _timed(timings, "compress_s"):
-            report = compress_model(model, staged.before, calibration, device=device,
-                                    progress=_engine_progress(progress, *staged.prune_span), should_stop=should_stop,
-                                    calibrate_all_experts=bool(calibration_spec.get("calibrate_all_experts")))
-        check_stop()
-        if staged.modifier is not None:
-            report = staged.run(model, report, calibration, device, timings)
-            check_stop()
+    model = source.model
+    stage = job.stage("baseline")
+    placement = place_for_eval(model, job.device)
+    job.devices.update({"baseline_eval": placement.as_dict(), "dense_speed": None, "compress": job.device,
+                        "compressed_eval": job.device, "compressed_speed": None})
+    stage(f"evaluating the uncompressed model on {placement.device} ({placement.mode})")
+    with job.timed("baseline_eval_s"):
+        metrics = _evaluate(model, source.tokenizer, job.evaluation, job.data_dir, cache_dir=job.spec.get("cache_dir"),
+                            model_identity={**source.identity, "dtype": str(next(model.parameters()).dtype)},
+                            should_stop=job.should_stop, progress=_eval_progress(stage, 0.05, 0.85))
+    speed = None
+    if job.evaluation.get("speed", True):
+        stage("measuring the uncompressed model's speed and memory", 0.9)
+        with job.timed("baseline_speed_s"):
+            speed = _measure(model, stage)
+        job.devices["dense_speed"] = placement.as_dict()
+    placement.restore(model)  # back to the CPU: compression moves one layer at a time itself
+    stage("baseline evaluated", 1.0)
+    job.check_stop()
+    return _Baseline(metrics=metrics, speed=speed)
 
-        export_stage = _Stage(progress, "export")
-        export_stage("writing the compressed-tensors checkpoint")
-        from .source_facts import source_checkpoint_bytes, source_dtype
 
-        stored_dtype = source_dtype(loaded.source, model)  # unquantized tensors as the source stores them
-        with _timed(timings, "export_s"):
-            exported = export_checkpoint(model, tokenizer, recipe, report, tmp_dir, dtype=stored_dtype)
-        export_stage("checkpoint written", 1.0)
-        check_stop()
+def _calibration_stage(job: _Job, tokenizer) -> list[dict]:
+    """Tokenized calibration samples; none for a data-free recipe."""
+    from compression.calibration import load_calibration
 
-        eval_stage = _Stage(progress, "evaluate")
-        eval_stage("loading the exported checkpoint through the compressed runtime")
-        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if not job.recipe.needs_calibration:
+        return []
+    spec = job.calibration_spec
+    stage = job.stage("calibration")
+    stage(f"tokenizing {spec['samples']} calibration samples")
+    with job.timed("calibration_s"):
+        calibration = load_calibration(spec["source"], tokenizer, samples=int(spec["samples"]),
+                                       seqlen=int(spec["seqlen"]),
+                                       data_dir=job.spec.get("calibration_dir") or job.data_dir)
+    stage(f"{len(calibration)} calibration samples ready", 1.0)
+    return calibration
+
+
+def _compress_stage(job: _Job, source, calibration: list[dict]) -> _Compressed:
+    """Every recipe stage, one decoder layer at a time; a fine-tune stage between pruning and quantization."""
+    from compression.sequential import compress_model
+
+    staged = FinetuneStage(job.spec, job.recipe, source.model, source.tokenizer, job.data_dir,
+                            job.calibration_spec, job.progress, job.should_stop)
+    with job.timed("compress_s"):
+        report = compress_model(source.model, staged.before, calibration, device=job.device,
+                                progress=engine_progress(job.progress, *staged.prune_span),
+                                should_stop=job.should_stop,
+                                calibrate_all_experts=bool(job.calibration_spec.get("calibrate_all_experts")))
+    job.check_stop()
+    if staged.modifier is not None:
+        report = staged.run(source.model, report, calibration, job.device, job.timings)
+        job.check_stop()
+    return _Compressed(report=report, finetune=staged, calibrated=bool(calibration))
+
+
+def _export_stage(job: _Job, source, compressed: _Compressed) -> _Checkpoint:
+    """The compressed-tensors checkpoint in the job's temporary directory; the dense model is freed after it."""
+    from compression.model_io.export import export_checkpoint
+    from compression.model_io.placement import release_device_memory
+    from compression.model_io.source_facts import source_checkpoint_bytes, source_dtype
+
+    model = source.model
+    stage = job.stage("export")
+    stage("writing the compressed-tensors checkpoint")
+    stored_dtype = source_dtype(source.source, model)  # unquantized tensors as the source stores them
+    with job.timed("export_s"):
+        exported = export_checkpoint(model, source.tokenizer, job.recipe, compressed.report, job.tmp_dir,
+                                     dtype=stored_dtype)
+    stage("checkpoint written", 1.0)
+    job.check_stop()
+    checkpoint = _Checkpoint(
+        export=exported, architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
         # compared with the source checkpoint as published, not with the dtype this worker ran in
-        dense_bytes = source_checkpoint_bytes(loaded.source, model, stored_dtype)
-        dense_dtype = str(stored_dtype).removeprefix("torch.")
-        dtype = next(model.parameters()).dtype
-        model = loaded.model = None  # the dense (fake-quantized) model is freed before the compressed one loads
-        release_device_memory(device)
-        with _timed(timings, "compressed_load_s"):
-            model, runtime = _compressed_model_for_eval(tmp_dir, device, dtype)
-        eval_stage(f"evaluating the compressed model ({runtime})", 0.1)
-        with _timed(timings, "compressed_eval_s"):
-            compressed = _evaluate(model, tokenizer, evaluation, data_dir, should_stop=should_stop,
-                                   progress=_eval_progress(eval_stage, 0.1, 0.85))
-        speed = None
-        if dense_speed:
-            eval_stage("measuring the compressed model's speed and memory", 0.9)
-            with _timed(timings, "compressed_speed_s"):
-                compressed_speed = _measure(model, eval_stage)
-            devices["compressed_speed"] = {"device": device, "mode": "whole"}
-            speed = speed_summary(dense_speed, compressed_speed, device, f"{recipe.preset or 'custom'} via {runtime}")
-        eval_stage("compressed model evaluated", 1.0)
-        check_stop()
-        vllm_record = _vllm_evaluation(backend, model, tmp_dir, evaluation, data_dir, eval_stage)
+        dense_bytes=source_checkpoint_bytes(source.source, model, stored_dtype),
+        dense_dtype=str(stored_dtype).removeprefix("torch."), dtype=next(model.parameters()).dtype)
+    source.model = model = None  # the dense (fake-quantized) model is freed before the compressed one loads
+    release_device_memory(job.device)
+    return checkpoint
 
-        finish = _Stage(progress, "finish")
-        weight_bytes = sum(p.stat().st_size for p in tmp_dir.glob("*.safetensors"))
-        size = {"dense_bytes": dense_bytes, "dense_dtype": dense_dtype, "compressed_weight_bytes": weight_bytes,
-                "ratio": round(dense_bytes / weight_bytes, 3) if weight_bytes else None}
-        bits = quantized_bits_per_param(tmp_dir)
-        timings["total_s"] = time.monotonic() - started  # the card lists every stage before it
-        with _timed(timings, "card_s"):
-            card_text = _model_card(spec, recipe, model, architecture, loaded.identity, evaluation, baseline,
-                                    compressed, size, bits, out_dir, calibration_spec if calibration else None,
-                                    speed, source=loaded.source, stage_times=stage_times(timings),
-                                    creation_steps=staged.creation_steps(calibration_spec, report),
-                                    vllm={**(vllm_record or {}), "backend": backend.as_dict()})
-            (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
-        timings["total_s"] = time.monotonic() - started
-        results = {
-            "model": loaded.identity,
-            "recipe": recipe.to_dict(),
-            "recipe_yaml": recipe.to_yaml(),
-            "recipe_summary": recipe.describe(),
-            "device": device,
-            "devices": devices,
-            "evaluation": {"settings": evaluation, "baseline": baseline, "compressed": compressed,
-                           "compressed_runtime": runtime, "backend": backend.as_dict(), "vllm": vllm_record,
-                           "number_sources": number_sources(list(evaluation["tasks"]), backend,
-                                                            list((vllm_record or {}).get("tasks") or {})),
-                           "metrics": recovery_table(as_eval_result(baseline, evaluation),
-                                                      as_eval_result(compressed, evaluation))},
-            "size": size,
-            "speed": speed,
-            "bits_per_param": bits,
-            "compression": _report_summary(report),
-            "finetune": staged.summary(),
-            "artifact": {"files": sorted(p.name for p in tmp_dir.iterdir()), "bytes": _dir_bytes(tmp_dir),
-                         "export": _jsonable(exported)},
-            "model_card": card_text,
-            "timings": {k: round(v, 2) for k, v in timings.items()},
-            "stage_times": stage_times(timings),
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        finish("moving the artifact into place", 0.5)
-        apply_artifact_modes(tmp_dir)
-        tmp_dir.rename(out_dir)
-        staged.cleanup()
-        finish("done", 1.0)
-        return results
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # fine-tune checkpoints stay (outside it) for a resume
-        raise
+
+def _compressed_eval_stage(job: _Job, source, checkpoint: _Checkpoint, baseline: _Baseline) -> _Evaluated:
+    """The exported checkpoint loaded through the compressed runtime, scored and timed like the baseline."""
+    stage = job.stage("evaluate")
+    stage("loading the exported checkpoint through the compressed runtime")
+    with job.timed("compressed_load_s"):
+        model, runtime = _compressed_model_for_eval(job.tmp_dir, job.device, checkpoint.dtype)
+    stage(f"evaluating the compressed model ({runtime})", 0.1)
+    with job.timed("compressed_eval_s"):
+        metrics = _evaluate(model, source.tokenizer, job.evaluation, job.data_dir, should_stop=job.should_stop,
+                            progress=_eval_progress(stage, 0.1, 0.85))
+    speed = None
+    if baseline.speed:
+        stage("measuring the compressed model's speed and memory", 0.9)
+        with job.timed("compressed_speed_s"):
+            compressed_speed = _measure(model, stage)
+        job.devices["compressed_speed"] = {"device": job.device, "mode": "whole"}
+        speed = speed_summary(baseline.speed, compressed_speed, job.device,
+                              f"{job.recipe.preset or 'custom'} via {runtime}")
+    stage("compressed model evaluated", 1.0)
+    job.check_stop()
+    vllm = _vllm_evaluation(job.backend, model, job.tmp_dir, job.evaluation, job.data_dir, stage)
+    return _Evaluated(model=model, runtime=runtime, metrics=metrics, speed=speed, vllm=vllm)
+
+
+def _finish_stage(job: _Job, source, baseline: _Baseline, compressed: _Compressed, checkpoint: _Checkpoint,
+                  evaluated: _Evaluated) -> dict:
+    """Model card, results record, then the artifact renamed into place (the job's only visible write)."""
+    from compression.card.facts import as_eval_result
+    from compression.evaluation.recovery import recovery_table
+    from compression.model_io.export import apply_artifact_modes
+
+    finish = job.stage("finish")
+    recipe, evaluation, tmp_dir = job.recipe, job.evaluation, job.tmp_dir
+    weight_bytes = sum(p.stat().st_size for p in tmp_dir.glob("*.safetensors"))
+    size = {"dense_bytes": checkpoint.dense_bytes, "dense_dtype": checkpoint.dense_dtype,
+            "compressed_weight_bytes": weight_bytes,
+            "ratio": round(checkpoint.dense_bytes / weight_bytes, 3) if weight_bytes else None}
+    bits = quantized_bits_per_param(tmp_dir)
+    timings = job.timings
+    timings["total_s"] = time.monotonic() - job.started  # the card lists every stage before it
+    staged = compressed.finetune
+    with job.timed("card_s"):
+        card_text = _model_card(job.spec, recipe, evaluated.model, checkpoint.architecture, source.identity,
+                                evaluation, baseline.metrics, evaluated.metrics, size, bits, job.out_dir,
+                                job.calibration_spec if compressed.calibrated else None, evaluated.speed,
+                                source=source.source, stage_times=stage_times(timings),
+                                creation_steps=staged.creation_steps(job.calibration_spec, compressed.report),
+                                vllm={**(evaluated.vllm or {}), "backend": job.backend.as_dict()})
+        (tmp_dir / "README.md").write_text(card_text, encoding="utf-8")
+    timings["total_s"] = time.monotonic() - job.started
+    vllm = evaluated.vllm
+    results = {
+        "model": source.identity,
+        "recipe": recipe.to_dict(),
+        "recipe_yaml": recipe.to_yaml(),
+        "recipe_summary": recipe.describe(),
+        "device": job.device,
+        "devices": job.devices,
+        "evaluation": {"settings": evaluation, "baseline": baseline.metrics, "compressed": evaluated.metrics,
+                       "compressed_runtime": evaluated.runtime, "backend": job.backend.as_dict(), "vllm": vllm,
+                       "number_sources": number_sources(list(evaluation["tasks"]), job.backend,
+                                                        list((vllm or {}).get("tasks") or {})),
+                       "metrics": recovery_table(as_eval_result(baseline.metrics, evaluation),
+                                                  as_eval_result(evaluated.metrics, evaluation))},
+        "size": size,
+        "speed": evaluated.speed,
+        "bits_per_param": bits,
+        "compression": _report_summary(compressed.report),
+        "finetune": staged.summary(),
+        "artifact": {"files": sorted(p.name for p in tmp_dir.iterdir()), "bytes": _dir_bytes(tmp_dir),
+                     "export": _jsonable(checkpoint.export)},
+        "model_card": card_text,
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "stage_times": stage_times(timings),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    finish("moving the artifact into place", 0.5)
+    apply_artifact_modes(tmp_dir)
+    tmp_dir.rename(job.out_dir)
+    staged.cleanup()
+    finish("done", 1.0)
+    return results
 
 
 def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: str | None = None,
@@ -310,16 +369,16 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
     ``requests_done``/``requests_total`` events.
 
     `wikitext2_ppl` is our quick token-level WikiText-2 perplexity; every other task runs through
-    lm-eval (compression.evaluation) on the model object in memory. With `cache_dir` and
+    lm-eval (compression.evaluation.harness) on the model object in memory. With `cache_dir` and
     `model_identity` (the baseline), lm-eval results are cached and reused across jobs.
     """
-    from .perplexity import wikitext_perplexity
+    from compression.evaluation.perplexity import wikitext_perplexity
 
     results: dict[str, Any] = {}
     lm_tasks = [t for t in evaluation["tasks"] if t != "wikitext2_ppl"]
     if "wikitext2_ppl" in evaluation["tasks"]:
         if cache_dir and model_identity:  # the baseline: cached per model identity like lm-eval's
-            from .perplexity import cached_wikitext_perplexity
+            from compression.evaluation.perplexity import cached_wikitext_perplexity
 
             ppl, hit = cached_wikitext_perplexity(
                 model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]), max_windows=int(evaluation["windows"]),
@@ -328,11 +387,11 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
             ppl, hit = wikitext_perplexity(model, tokenizer, data_dir, seqlen=int(evaluation["seqlen"]),
                                            max_windows=int(evaluation["windows"]), should_stop=should_stop), False
         results["wikitext2_ppl"] = {"perplexity": {"value": ppl, "higher_is_better": False, "cache_hit": hit}}
-        from .data_sources import PERPLEXITY_TASK, eval_option
+        from compression.data_sources import PERPLEXITY_TASK, eval_option
 
         results["_perplexity"] = {"source": eval_option(PERPLEXITY_TASK, data_dir or None).source}  # local | hub
     if lm_tasks:
-        from .evaluation import EvalSettings, evaluate
+        from compression.evaluation.harness import EvalSettings, evaluate
 
         settings = EvalSettings(
             tasks=lm_tasks, num_fewshot=evaluation.get("num_fewshot"), limit=evaluation.get("limit"),
@@ -351,7 +410,7 @@ def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: s
     return results
 
 
-def _eval_progress(stage: "_Stage", start: float, end: float) -> Progress:
+def _eval_progress(stage: "Stage", start: float, end: float) -> Progress:
     """lm-eval's request counts as progress events of `stage`, between `start` and `end` of it."""
     def forward(event: dict) -> None:
         done, total = event.get("requests_done"), event.get("requests_total")
@@ -364,7 +423,7 @@ def _eval_progress(stage: "_Stage", start: float, end: float) -> Progress:
 
 
 def _select_backend(device: str):
-    from .eval_backend import select_backend
+    from compression.evaluation.backend import select_backend
 
     return select_backend(device)
 
@@ -377,7 +436,7 @@ def _vllm_evaluation(backend, model, checkpoint_dir: Path, evaluation: dict, dat
         return None
     import gc
 
-    from .eval_backend import vllm_lm, vllm_load_check
+    from compression.evaluation.backend import vllm_lm, vllm_load_check
 
     stage("loading the exported checkpoint in vLLM", 0.95)
     try:
@@ -390,7 +449,7 @@ def _vllm_evaluation(backend, model, checkpoint_dir: Path, evaluation: dict, dat
         record = {"load": facts, "tasks": {}}
         lm_tasks = [t for t in evaluation["tasks"] if t != "wikitext2_ppl"]
         if lm_tasks:
-            from .evaluation import EvalSettings, evaluate
+            from compression.evaluation.harness import EvalSettings, evaluate
 
             settings = EvalSettings(
                 tasks=lm_tasks, num_fewshot=evaluation.get("num_fewshot"), limit=evaluation.get("limit"),
@@ -409,7 +468,7 @@ def _vllm_evaluation(backend, model, checkpoint_dir: Path, evaluation: dict, dat
 def _compressed_model_for_eval(checkpoint_dir: Path, device: str, dtype: torch.dtype):
     """The exported checkpoint loaded through our compressed runtime (kernels/), so what is
     evaluated is what a user deploys (the caller has freed the fake-quantized model)."""
-    from .runtime import load_compressed_model
+    from compression.model_io.runtime import load_compressed_model
 
     compressed = load_compressed_model(checkpoint_dir, device=device, dtype=dtype)
     return compressed, "compressed runtime (kernels/)"
@@ -454,9 +513,9 @@ def _numel(shape: list[int]) -> int:
 def _card_calibration(calibration: dict, spec: dict) -> dict:
     """How the card names the calibration data: the upload's own name, the data-directory file, or
     the Hub dataset (which also goes into the card's `datasets` metadata)."""
-    from .calibration import is_local_source
+    from compression.calibration import is_local_source
 
-    from .data_sources import builtin_records, is_builtin
+    from compression.data_sources import builtin_records, is_builtin
 
     source = calibration["source"]
     if is_builtin(source):
@@ -473,9 +532,9 @@ def _model_card(spec, recipe, model, architecture, identity, evaluation, baselin
                 final_dir: Path, calibration: dict | None, speed: dict | None = None, source: Any = None,
                 stage_times: list[dict] | None = None, creation_steps: list[str] | None = None,
                 vllm: dict | None = None) -> str:
-    from .card import build_model_card
-    from .card_facts import collect_facts
-    from .source_facts import source_metadata
+    from compression.card.model_card import build_model_card
+    from compression.card.facts import collect_facts
+    from compression.model_io.source_facts import source_metadata
 
     facts = collect_facts(
         spec=spec, recipe=recipe, model=model, identity=identity, evaluation=evaluation, baseline=baseline,
@@ -523,141 +582,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-# fine-tune stage (compression/distill.py) -----------------------------------------------------------
-class _FinetuneStage:
-    """A recipe's DistillationFinetuneModifier stage around compress_model: before pruning the
-    training data is tokenized (a dataset too small fails here, before any work) and the dense
-    teacher copied; after pruning the student is fine-tuned with the mask held, then the stages
-    after it (quantization) run with the same masks. Without a fine-tune stage it does nothing."""
-
-    def __init__(self, spec, recipe, model, tokenizer, data_dir, calibration_spec, progress, should_stop):
-        from .recipe import finetune_split
-
-        self.spec, self.recipe, self.progress, self.should_stop = spec, recipe, progress, should_stop
-        before, self.modifier, self.after = finetune_split(recipe)
-        self.before = before if self.modifier is not None else recipe
-        self.result = None
-        self.checkpoint_dir = None
-        self.windows = self.teacher = None
-        self.prune_span = (0.0, 1.0)
-        if self.modifier is None:
-            return
-        self.prune_span = (0.0, 0.3)
-        settings = self.modifier.finetune
-        index = next(i for i, st in enumerate(recipe.stages) if st.modifiers[0] is self.modifier)
-        self.path = f"recipe.stages[{index}].modifiers[0]"
-        data = spec.get("finetune_data") or {}
-        stage = _Stage(progress, "calibration")
-        stage(f"tokenizing {settings.windows_needed} fine-tuning windows of {settings.seq_len} tokens", 1.0)
-        from .distill import load_training_windows
-
-        self.windows = load_training_windows(
-            data.get("source") or settings.dataset, tokenizer, windows=settings.windows_needed,
-            seq_len=settings.seq_len, data_dir=data.get("data_dir") or data_dir, seed=settings.seed,
-            field=f"{self.path}.dataset")
-        self.dataset_label = data.get("label") or settings.dataset
-        self.teacher = _copy_model(model)
-        self.fingerprint = _fingerprint(spec, calibration_spec)
-        if spec.get("cache_dir"):
-            self.checkpoint_dir = Path(spec["cache_dir"]) / "finetune" / self.fingerprint[:32]
-
-    def run(self, model, report, calibration, device, timings):
-        from .distill import finetune
-        from .sequential import compress_model, merge_reports, sparsity_masks
-
-        settings = self.modifier.finetune
-        masks = sparsity_masks(model, report)
-        module_masks = sparsity_masks(model, report, by_module=True)
-        stage = _Stage(self.progress, "finetune")
-        stage(f"fine-tuning against the dense teacher: {settings.describe()}")
-
-        def forward(event: dict) -> None:
-            extra = {k: v for k, v in event.items() if k not in ("stage", "message", "fraction")}
-            stage(event.get("message", ""), (event.get("step") or 0) / max(settings.total_steps, 1), **extra)
-
-        with _timed(timings, "finetune_s"):
-            self.result = finetune(model, self.teacher, self.windows, module_masks, settings, progress=forward,
-                                   should_stop=self.should_stop, checkpoint_dir=self.checkpoint_dir,
-                                   fingerprint=self.fingerprint)
-        self.teacher = self.windows = None
-        stage("fine-tune done", 1.0)
-        if self.after is None:
-            return report
-        with _timed(timings, "quantize_s"):
-            second = compress_model(model, self.after, calibration, device=device,
-                                    progress=_engine_progress(self.progress, 0.9, 1.0),
-                                    should_stop=self.should_stop, held_masks=masks)
-        return merge_reports(report, second)
-
-    def summary(self) -> dict | None:
-        if self.result is None:
-            return None
-        out = self.result.summary()
-        losses = out.pop("losses")
-        stride = max(1, len(losses) // 500)  # at most ~500 points of the curve in the results
-        out["loss_curve"] = [[r["step"], r["loss"]] for r in losses[::stride]]
-        out["settings"] = self.modifier.finetune.to_dict()
-        out["dataset"] = self.dataset_label
-        return out
-
-    def creation_steps(self, calibration_spec: dict, report) -> list[str]:
-        """One sentence per step of the recipe for the card's Creation section (data and budgets)."""
-        steps = []
-        calib = f"{calibration_spec.get('label') or calibration_spec['source']}, {calibration_spec['samples']} " \
-                f"samples of up to {calibration_spec['seqlen']} tokens"
-        for m in self.recipe.modifiers:
-            if m.kind == "SparseGPTModifier":
-                steps.append(f"Pruning: SparseGPT {m.mask_structure if m.mask_structure != '0:0' else 'unstructured'} "
-                             f"({m.sparsity:.0%} of the targeted weights), calibrated on {calib}.")
-                if m.reconstruction is not None:
-                    r = m.reconstruction
-                    layers = getattr(report, "reconstruction", {}) or {}
-                    gain = ""
-                    if layers:
-                        kept = sum(1 for v in layers.values() if v.get("kept"))
-                        gain = f" It lowered the output error in {kept} of {len(layers)} layers."
-                    steps.append(f"Recovery: layer-wise reconstruction of every pruned decoder layer, {r.steps} Adam "
-                                 f"steps (lr {r.lr:g}, {r.batch_size} calibration samples per step, target: "
-                                 f"{'dense model activations' if r.target == 'dense' else 'dense layer output'}) "
-                                 f"on the same calibration data, pruned weights held at zero.{gain}")
-            elif m.finetune is not None:
-                f = m.finetune
-                done = f" ({self.result.tokens:,} tokens in {self.result.seconds / 60:.1f} min)" if self.result else ""
-                steps.append(f"Recovery: distillation fine-tuning against the dense model (KL on logits"
-                             + (f" + {f.layer_loss_weight:g} × per-layer output MSE" if f.layer_loss_weight else "")
-                             + f") on {getattr(self, 'dataset_label', f.dataset)}: {f.total_steps} steps of "
-                             f"{f.batch_size} × {f.seq_len} tokens × {f.grad_accum} accumulation = "
-                             f"{f.total_steps * f.tokens_per_step:,} tokens{done}, lr {f.lr:g}, 2:4 mask held.")
-            elif m.quantizes:
-                from .recipe import Recipe, Stage
-
-                one = Recipe([Stage("s", "quant_modifiers", [m])])
-                what = one.describe()
-                data = f", calibrated on {calib}" if one.needs_calibration else " (no calibration data)"
-                steps.append(f"Quantization: {'GPTQ ' if m.kind == 'GPTQModifier' else ''}{what}{data}"
-                             + (", pruned weights kept at zero." if any(x.kind == "SparseGPTModifier"
-                                                                     for x in self.recipe.modifiers) else "."))
-        return steps
-
-    def cleanup(self) -> None:
-        from .distill import remove_checkpoints
-
-        remove_checkpoints(self.checkpoint_dir)
-
-
-def _copy_model(model):
-    import copy
-
-    return copy.deepcopy(model)
-
-
-def _fingerprint(spec: dict, calibration_spec: dict) -> str:
-    """Same owner, model, recipe and data → same fine-tune checkpoints (a resubmitted job resumes)."""
-    import hashlib
-    import json
-
-    key = {k: spec.get(k) for k in ("owner_id", "model", "recipe", "finetune_data", "data_dir")}
-    key["calibration"] = calibration_spec
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()

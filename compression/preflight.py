@@ -1,7 +1,7 @@
 """Check a recipe against a model's transformers config before any weights are loaded.
 
 The model is built from its config on the meta device (no memory, no weights) and walked the way
-the engine will walk it (:mod:`compression.walk`, :mod:`compression.moe`): a model whose decoder
+the engine will walk it (:mod:`compression.model_io.walk`, :mod:`compression.model_io.moe`): a model whose decoder
 layers or experts the engine cannot walk is refused here, naming what is missing. Every Linear of
 the decoder layers (fused projections such as Phi-3's ``qkv_proj`` are one Linear; each MoE expert
 contributes its own gate/up/down; routers never count) is matched by its checkpoint name against
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from compression.errors import RecipeError, UnsupportedModelError
-from compression.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
+from compression.model_io.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
 from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, pattern_matches
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
@@ -109,7 +109,7 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         kind = getattr(config, "model_type", type(config).__name__)
         raise RecipeError("model", f"transformers cannot build a causal LM from this config (model_type "
                           f"{kind!r}): {exc}") from exc
-    from compression.walk import decoder_layers
+    from compression.model_io.walk import decoder_layers
 
     try:
         prefix, layers = decoder_layers(model)

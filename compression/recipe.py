@@ -28,9 +28,9 @@ import regex
 import yaml
 
 from compression.errors import RecipeError
-from compression.quant import QuantArgs
-from compression.distill import MODIFIER as FINETUNE, FinetuneSettings, parse_settings as _parse_finetune
-from compression.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
+from compression.algorithms.quant import QuantArgs
+from compression.algorithms.distill import MODIFIER as FINETUNE, FinetuneSettings, parse_settings as _parse_finetune
+from compression.algorithms.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
 
 __all__ = ["PRESETS", "Modifier", "Recipe", "RecipeError", "SchemeGroup", "SCHEME_PRESETS"]
 
@@ -88,7 +88,7 @@ MODIFIER_FIELDS = {
     "SmoothQuantModifier": {"smoothing_strength", "mappings", "ignore", "num_calibration_steps"},
 }
 MODIFIER_FIELDS["SparseGPTModifier"] = MODIFIER_FIELDS["SparseGPTModifier"] | {"reconstruction"}
-MODIFIER_FIELDS[FINETUNE] = set(FinetuneSettings.__dataclass_fields__)  # its own stage; see compression.distill
+MODIFIER_FIELDS[FINETUNE] = set(FinetuneSettings.__dataclass_fields__)  # its own stage; see compression.algorithms.distill
 TRANSFORMS = ("AWQModifier", "SmoothQuantModifier")
 ARGS_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder",
                "observer", "observer_kwargs", "block_structure", "scale_dtype", "zp_dtype"}
@@ -634,7 +634,7 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
 
 def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
     """SparseGPTModifier ``reconstruction``: null/false (off), true (defaults) or a mapping of
-    steps, lr, batch_size, optimizer, target (see compression.reconstruction)."""
+    steps, lr, batch_size, optimizer, target (see compression.algorithms.reconstruction)."""
     if raw is None or raw is False:
         return None
     if raw is True:

@@ -1,8 +1,8 @@
 """Layer-by-layer compression with forward hooks only (no tracing).
 
 0. Fused MoE experts (transformers 5's 3-D parameters) become per-expert Linears
-   (:mod:`compression.moe`); targets, ``ignore`` and report names are the family's checkpoint names.
-1. Capture the inputs of every decoder layer (:func:`compression.walk.capture_layer_inputs`): the
+   (:mod:`compression.model_io.moe`); targets, ``ignore`` and report names are the family's checkpoint names.
+1. Capture the inputs of every decoder layer (:func:`compression.model_io.walk.capture_layer_inputs`): the
    hidden states entering layer 0, and per layer the mask and position embeddings of its own
    attention type (Gemma 2/3 sliding vs full, Gemma 3 local vs global RoPE).
 2. For each decoder layer: move it to ``device``; hooks on its targeted Linears accumulate fp32
@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
-from compression.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, quantize_weight
-from compression.moe import CheckpointNames, is_router, per_expert_modules, router_names, unfuse_experts
-from compression.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
-from compression.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
+from compression.algorithms.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, quantize_weight
+from compression.model_io.moe import CheckpointNames, is_router, per_expert_modules, router_names, unfuse_experts
+from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
+from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
-from compression.sparsegpt import magnitude_prune, sparsegpt_prune
-from compression.walk import LayerInputs, capture_layer_inputs, decoder_layers
+from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune
+from compression.model_io.walk import LayerInputs, capture_layer_inputs, decoder_layers
 from kernels.packing import is_24_sparse
 
 __all__ = ["CompressionReport", "ModuleRecord", "compress_model", "decoder_layers"]
@@ -166,7 +166,7 @@ def _steps(recipe: Recipe, name: str, cls: str) -> list[tuple[str, Modifier, Sch
     for i, stage in enumerate(recipe.stages):
         for j, m in enumerate(stage.modifiers):
             if m.transforms:
-                continue  # AWQ / SmoothQuant act on whole layers (compression.smoothing)
+                continue  # AWQ / SmoothQuant act on whole layers (compression.algorithms.smoothing)
             if not matches_any(m.targets, name, cls) or matches_any(m.ignore, name, cls):
                 continue
             group = m.scheme_for(name, cls) if m.quantizes else None
@@ -295,7 +295,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             layer.to(device)
             plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names)
             if inputs and any(m.transforms for m in recipe.modifiers):
-                from compression.smoothing import smooth_layer
+                from compression.algorithms.smoothing import smooth_layer
 
                 smooth_layer(recipe, f"{prefix}.{index}", layer, inputs.pairs(index), report, emit, index,
                              len(layers))
@@ -304,7 +304,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             if kv is not None and inputs:
                 layer_kv = kv.scales()
                 report.kv_scales.update(layer_kv)
-                from compression.kvcache import attach_all
+                from compression.algorithms.kvcache import attach_all
 
                 report.hooks.extend(attach_all(model, layer_kv))  # FP8 K/V from here on, like a deployment
             _expert_fallbacks(layer, plans, stats, min_expert_tokens)
@@ -404,7 +404,7 @@ class _KVRecorder:
         if self.key_absmax is None or self.attention is None:
             raise RecipeError("kv_cache_scheme", f"{prefix} never wrote a KV cache during calibration: this "
                               "model has no attention KV cache to quantize; remove kv_cache_scheme")
-        from compression.quant import FP8_MAX
+        from compression.algorithms.quant import FP8_MAX
 
         tiny = torch.finfo(torch.float32).tiny
         return {f"{prefix}.{self.attention}.k_scale": (self.key_absmax.clamp_min(tiny) / FP8_MAX).reshape(1).cpu(),
@@ -562,7 +562,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
               "message": f"{modifier.kind} {plan.local}" + (f" (fallback: {fallback})" if fallback else "")})
 
 
-# layer-wise reconstruction (compression/reconstruction.py) -----------------------------------------
+# layer-wise reconstruction (compression/algorithms/reconstruction.py) -----------------------------------------
 def _is_sparsity(modifier: Modifier) -> bool:
     return modifier.kind == "SparseGPTModifier"
 

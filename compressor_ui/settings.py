@@ -71,7 +71,7 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 ARTIFACT_ROOT = Path(env_str("ARTIFACT_ROOT", str(VAR_DIR / "artifacts")))
 CACHE_ROOT = Path(env_str("COMPRESSOR_CACHE_DIR", str(VAR_DIR / "cache")))
 # memory of the worker's training device (GPU memory, or RAM on a CPU worker): fine-tune budgets
-# that would not fit are refused at submission (compression.distill.check_memory)
+# that would not fit are refused at submission (compression.algorithms.distill.check_memory)
 COMPRESSOR_WORKER_MEMORY_GB = float(env_str("COMPRESSOR_WORKER_MEMORY_GB", "80"))
 COMPRESSOR_MODEL_ROOTS = env_list("COMPRESSOR_MODEL_ROOTS", "")
 COMPRESSOR_DATA_DIR = env_str("COMPRESSOR_DATA_DIR", _default_data_dir())
@@ -88,7 +88,7 @@ COMPRESSOR_ARTIFACT_STORE = env_str("COMPRESSOR_ARTIFACT_STORE", "local")
 COMPRESSOR_S3_ENDPOINT_URL = env_str("COMPRESSOR_S3_ENDPOINT_URL", "")
 COMPRESSOR_S3_REGION = env_str("COMPRESSOR_S3_REGION", "")
 COMPRESSOR_S3_PRESIGN_SECONDS = env_int("COMPRESSOR_S3_PRESIGN_SECONDS", 3600)
-# Evaluation backend of the worker (compression/eval_backend.py reads it from the environment): auto | hf | vllm.
+# Evaluation backend of the worker (compression/evaluation/backend.py reads it from the environment): auto | hf | vllm.
 COMPRESSOR_EVAL_BACKEND = env_str("COMPRESSOR_EVAL_BACKEND", "auto")
 # Where "Push to the Hub" sends checkpoints (a local server in the tests).
 COMPRESSOR_HF_ENDPOINT = env_str("COMPRESSOR_HF_ENDPOINT", os.environ.get("HF_ENDPOINT") or "https://huggingface.co")

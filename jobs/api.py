@@ -319,7 +319,7 @@ def _compare_row(job: Job, request: Request) -> dict[str, Any]:
     results = job.results if isinstance(job.results, dict) else {}
     evaluation = results.get("evaluation") if isinstance(results.get("evaluation"), dict) else {}
     metrics = evaluation.get("metrics") if isinstance(evaluation.get("metrics"), list) else []
-    from compression.recovery import headline
+    from compression.evaluation.recovery import headline
 
     head = headline([row for row in metrics if isinstance(row, dict)]) or {}
     recovery = _number(head.get("recovery_pct"))

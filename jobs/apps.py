@@ -20,7 +20,7 @@ class JobsConfig(AppConfig):
             # GGUF parse runs in the background (a submission meanwhile waits on its lock).
             from transformers import AutoConfig  # noqa: F401  (resolves the lazy module now)
 
-            from compression.loading import warm_demo_config
+            from compression.model_io.loading import warm_demo_config
 
             threading.Thread(target=warm_demo_config, name="warm-demo-config", daemon=True).start()
         if serves_jobs(sys.argv):  # an unreachable object store stops the process, naming the setting

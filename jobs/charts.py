@@ -7,7 +7,7 @@ without hovering: titles, axis titles with units and value labels on bars and po
 web app serves it from its own static files (no CDN).
 
 Inputs:
-* `recovery_bars(rows)`: rows of `compression.recovery.recovery_table`.
+* `recovery_bars(rows)`: rows of `compression.evaluation.recovery.recovery_table`.
 * `layer_loss(events)`: engine progress events
   ``{"stage": "compress", "layer": i, "layers": N, "module": "self_attn.q_proj", "loss": float}``.
 * `compare_scatter(points)`: one dict per finished job of one base model:
@@ -103,10 +103,10 @@ def _recovery_panel(fig: Any, rows: list[dict], row: int) -> None:
 
 
 def recovery_color(row: dict) -> str:
-    """Bar colour by the row's recovery level (compression.recovery.recovery_level): green, amber, red, grey."""
+    """Bar colour by the row's recovery level (compression.evaluation.recovery.recovery_level): green, amber, red, grey."""
     level = row.get("level")
     if level is None:  # rows stored before levels existed
-        from compression.recovery import recovery_level
+        from compression.evaluation.recovery import recovery_level
 
         level = recovery_level(row.get("recovery_pct") if _finite(row.get("recovery_pct")) else None,
                                row.get("within_noise"))

@@ -1,6 +1,6 @@
 """Time left for a running job, from measured rates, never from the job-wide bar alone.
 
-The progress bar's stages have fixed shares (compression.pipeline.STAGES) that are nothing like
+The progress bar's stages have fixed shares (compression.progress.STAGES) that are nothing like
 their real durations, so "elapsed x (1 - fraction) / fraction" is wrong in both directions. Instead:
 
 * the current stage: its own measured rate, ``elapsed_in_stage x (1 - within) / within``, where

@@ -1,4 +1,4 @@
-"""The job page's results table, made from the stored recovery rows (compression.recovery).
+"""The job page's results table, made from the stored recovery rows (compression.evaluation.recovery).
 
 Rows stored by older versions lack the stderr / level fields; they are recomputed here where the
 values allow, so every page shows the same kind of table. Accuracies print as percentages with
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compression.recovery import (AVERAGE, PERPLEXITY, average_row, headline, noise_band, recovery_level, recovery_note,
+from compression.evaluation.recovery import (AVERAGE, PERPLEXITY, average_row, headline, noise_band, recovery_level, recovery_note,
                                   warnings)
 
 
@@ -53,7 +53,7 @@ def complete_row(row: dict) -> dict:
 
 def results_table(metrics: list[dict], identity: dict | None = None) -> dict:
     """Context for templates/jobs/_results.html: display rows, warnings, the headline, the baseline label."""
-    from compression.card_facts import baseline_note
+    from compression.card.facts import baseline_note
 
     rows = [r for r in metrics or [] if isinstance(r, dict)]
     if any(r.get("task") == AVERAGE and "kind" not in r for r in rows):

@@ -247,7 +247,7 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                         calibration: dict | None = None, evaluation: dict | None = None,
                         trust_remote_code: bool = False, name: str = "") -> JobRequest:
     """Validate everything about a new job, including the pre-flight check against the model's config."""
-    from compression.loading import ModelSourceError, check_model_source, load_config
+    from compression.model_io.loading import ModelSourceError, check_model_source, load_config
     from compression.preflight import preflight
     from compression.recipe import RecipeError, pattern_time_budget
 
@@ -337,7 +337,7 @@ def check_finetune(recipe, model_config, owner) -> None:
     budget (UTF-8 bytes + one separator per record bound the token count from above), and the
     budget fits the worker's memory (COMPRESSOR_WORKER_MEMORY_GB). Raises RecipeError naming the field."""
     from compression.calibration import classify_source, parse_records, record_text
-    from compression.distill import check_memory
+    from compression.algorithms.distill import check_memory
     from compression.errors import CalibrationError, RecipeError
     from compression.recipe import FINETUNE
 

@@ -193,7 +193,7 @@ def _preload_engine(**kwargs) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     import compression.pipeline  # noqa: F401
-    import compression.runtime  # noqa: F401
+    import compression.model_io.runtime  # noqa: F401
 
     connections.close_all()  # nothing opened here may be inherited by the pool children
 

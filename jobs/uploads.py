@@ -27,7 +27,7 @@ from .models import ACTIVE, CalibrationUpload, Job
 
 ALLOWED_SUFFIXES = (".jsonl", ".json", ".txt")
 # Written by the web server, read by the worker: the same shared-group policy as the artifacts
-# (compression.export.ARTIFACT_FILE_MODE; docs/architecture.md, "File permissions").
+# (compression.model_io.export.ARTIFACT_FILE_MODE; docs/architecture.md, "File permissions").
 UPLOAD_FILE_MODE = 0o640
 UPLOAD_DIR_MODE = 0o750
 OVERSIZE_ATTR = "compressor_oversized_uploads"

@@ -110,7 +110,7 @@ def _charts(job: Job) -> dict:
 
 def _card_html(job: Job) -> str:
     """The sanitised HTML of the job's model card, cached per process (the card of a job never changes)."""
-    from compression.card import card_to_html
+    from compression.card.model_card import card_to_html
 
     key = f"job-card:{job.id}:{job.finished_at and job.finished_at.timestamp()}"
     html = cache.get(key)
@@ -305,7 +305,7 @@ def evaluation_group(job: Job) -> tuple[str, str]:
 def compare_points(jobs: list[Job]) -> tuple[list[dict], list[dict]]:
     """(scatter points, bar groups) for the finished jobs of one base model: one colour per job,
     the recipe, and the evaluation group each job's numbers belong to."""
-    from compression.recovery import headline
+    from compression.evaluation.recovery import headline
 
     from .charts import job_colors
 

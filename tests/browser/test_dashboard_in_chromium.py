@@ -164,7 +164,7 @@ def _csp_errors(page) -> list[str]:
 
 
 def _finished_job(owner, name, evaluation, baseline, compressed, recipe_name="W4A16"):
-    from compression.recovery import recovery_table
+    from compression.evaluation.recovery import recovery_table
     from tests.jobs.factories import make_job
 
     def result(acc, ppl):

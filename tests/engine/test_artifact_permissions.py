@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from compression.export import ARTIFACT_DIR_MODE, ARTIFACT_FILE_MODE, apply_artifact_modes
+from compression.model_io.export import ARTIFACT_DIR_MODE, ARTIFACT_FILE_MODE, apply_artifact_modes
 from tests.tiny import save_tiny_llama
 
 

@@ -17,7 +17,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from compression.export import export_checkpoint, portable_config
+from compression.model_io.export import export_checkpoint, portable_config
 from compression.recipe import PRESETS, Recipe
 from compression.sequential import compress_model
 from tests.engine.conftest import random_calibration

@@ -11,7 +11,7 @@ from compression.data_sources import (BUILTIN_CALIBRATION, DATA_DIR_CALIBRATION,
                                       PERPLEXITY_TASK, DataUnavailable, check_eval_tasks, default_calibration_source,
                                       eval_options, wikitext2_test_text)
 from compression.errors import CalibrationError
-from compression.perplexity import wikitext_windows
+from compression.evaluation.perplexity import wikitext_windows
 from tests.hub_fixtures import go_online, point_hub_at_fixtures
 from tests.tiny import demo_tokenizer
 

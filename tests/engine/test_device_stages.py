@@ -9,8 +9,8 @@ import weakref
 
 import torch
 
-from compression import placement as placement_mod
-from compression.placement import place_for_eval
+from compression.model_io import placement as placement_mod
+from compression.model_io.placement import place_for_eval
 from tests.tiny import save_tiny_llama, tiny_llama
 
 
@@ -72,7 +72,8 @@ def _spec(tmp_path, cache_dir):
 
 def test_a_job_records_each_stages_device_frees_the_dense_model_and_caches_the_wikitext_baseline(
         tmp_path, monkeypatch):
-    from compression import loading, pipeline
+    from compression.model_io import loading
+    from compression import pipeline
 
     dense = {}
     real_load, real_compressed = loading.load_model, pipeline._compressed_model_for_eval

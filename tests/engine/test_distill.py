@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from compression.distill import (CHECKPOINT_META, FinetuneSettings, MaskedAdamW, check_memory, finetune,
+from compression.algorithms.distill import (CHECKPOINT_META, FinetuneSettings, MaskedAdamW, check_memory, finetune,
                                  load_training_windows, parse_settings)
 from compression.errors import CalibrationError, JobCancelled, RecipeError
 from kernels.packing import is_24_sparse as check_24_pattern
 from compression.recipe import Recipe, finetune_split
-from compression.sparsegpt import magnitude_mask_24
+from compression.algorithms.sparsegpt import magnitude_mask_24
 from tests.tiny import demo_tokenizer, tiny_llama, tiny_llama_config
 
 DATA = "calibration/self_instruct_seed_tasks.jsonl"

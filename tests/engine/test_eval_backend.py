@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from compression.card import build_model_card
-from compression.eval_backend import BackendError, number_sources, select_backend
+from compression.card.model_card import build_model_card
+from compression.evaluation.backend import BackendError, number_sources, select_backend
 from compression.pipeline import run_job
 from compression.recipe import Recipe
 from tests.eval.facts import facts

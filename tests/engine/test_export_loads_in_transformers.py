@@ -6,8 +6,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from compression.export import export_checkpoint
-from compression.quant import FP8_DTYPE
+from compression.model_io.export import export_checkpoint
+from compression.algorithms.quant import FP8_DTYPE
 from kernels.packing import is_24_sparse as check_24_pattern, unpack_int4
 from compression.recipe import PRESETS, Recipe
 from compression.sequential import compress_model

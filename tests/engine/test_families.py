@@ -2,7 +2,7 @@
 
 Tiny random models built from transformers' own config classes (tests/tiny.py: 2 layers, hidden
 64, 4 experts). For each family and recipe the export must load in transformers (with
-compressed-tensors) and through our runtime (compression/runtime.py, kernels/ modules), give our
+compressed-tensors) and through our runtime (compression/model_io/runtime.py, kernels/ modules), give our
 fake-quantized model's logits, stay close to the dense model,
 and hold every targeted weight in compressed form — counted against the weight names transformers
 itself writes for the dense model (``save_pretrained``), so a weight the engine skipped (such as
@@ -15,11 +15,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from compression.export import export_checkpoint
-from compression.quant import FP8_DTYPE
+from compression.model_io.export import export_checkpoint
+from compression.algorithms.quant import FP8_DTYPE
 from kernels.packing import is_24_sparse, unpack_int4
 from compression.recipe import Recipe
-from compression.runtime import load_compressed_model
+from compression.model_io.runtime import load_compressed_model
 from compression.sequential import compress_model
 from tests.engine.conftest import random_calibration
 from kernels.modules import Sparse24Linear, W4A16Linear, W8A8Linear

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from compression import gptq as gptq_mod
-from compression.gptq import HessianAccumulator, gptq_quantize, inverse_hessian_upper, quadratic_loss, round_to_nearest
-from compression.quant import QuantArgs, expand_scale
+from compression.algorithms import gptq as gptq_mod
+from compression.algorithms.gptq import HessianAccumulator, gptq_quantize, inverse_hessian_upper, quadratic_loss, round_to_nearest
+from compression.algorithms.quant import QuantArgs, expand_scale
 from kernels.packing import is_24_sparse as check_24_pattern
-from compression.sparsegpt import magnitude_mask_24, sparsegpt_prune
+from compression.algorithms.sparsegpt import magnitude_mask_24, sparsegpt_prune
 from tests.engine.conftest import correlated_inputs
 
 INT4_G16 = QuantArgs(num_bits=4, strategy="group", group_size=16)

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from compression.moe import PerExpertLinears, unfuse_experts
+from compression.model_io.moe import PerExpertLinears, unfuse_experts
 from compression.recipe import Recipe
 from compression.sequential import compress_model
-from compression.walk import capture_layer_inputs, decoder_layers
+from compression.model_io.walk import capture_layer_inputs, decoder_layers
 from tests.engine.conftest import random_calibration
 from tests.tiny import tiny_family_model
 

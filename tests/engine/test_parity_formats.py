@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from compression.export import export_checkpoint
-from compression.gptq import HessianAccumulator, gptq_quantize, quantize_weight
-from compression.quant import (FP8_DTYPE, QuantArgs, compute_qparams, fake_quantize, fp4_global_scale, minmax_scale,
+from compression.model_io.export import export_checkpoint
+from compression.algorithms.gptq import HessianAccumulator, gptq_quantize, quantize_weight
+from compression.algorithms.quant import (FP8_DTYPE, QuantArgs, compute_qparams, fake_quantize, fp4_global_scale, minmax_scale,
                                pack_fp4, qparams_from_range, unpack_fp4)
 from compression.recipe import Recipe
-from compression.runtime import DequantLinear, load_compressed_model
+from compression.model_io.runtime import DequantLinear, load_compressed_model
 from compression.sequential import compress_model
 from tests.engine.conftest import correlated_inputs, random_calibration
 from tests.tiny import demo_tokenizer, tiny_llama
@@ -290,8 +290,8 @@ def _layer_logits_error(model, reference, calib):
 
 def test_smoothquant_folding_keeps_the_float_model_and_flattens_activations():
     from compression.sequential import CompressionReport
-    from compression.smoothing import smooth_layer
-    from compression.walk import capture_layer_inputs
+    from compression.algorithms.smoothing import smooth_layer
+    from compression.model_io.walk import capture_layer_inputs
 
     model = tiny_llama(vocab=2048)
     reference = tiny_llama(vocab=2048)
@@ -315,7 +315,7 @@ def test_smoothquant_folding_keeps_the_float_model_and_flattens_activations():
 
 
 def test_awq_search_never_loses_to_plain_rounding_and_the_pipeline_runs_it():
-    from compression.awq import awq_search
+    from compression.algorithms.awq import awq_search
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32, bias=False)

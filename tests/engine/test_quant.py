@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from compression.quant import (FP8_DTYPE, QuantArgs, compute_scale, dequantize, fake_quantize, minmax_scale, mse_scale,
+from compression.algorithms.quant import (FP8_DTYPE, QuantArgs, compute_scale, dequantize, fake_quantize, minmax_scale, mse_scale,
                                mse_scale_reference, quantize)
 from kernels.packing import is_24_sparse as check_24_pattern, pack_int, pack_int4, unpack_int, unpack_int4
 

@@ -4,12 +4,12 @@ import torch
 
 from compression.errors import JobCancelled, RecipeError
 from kernels.packing import is_24_sparse as check_24_pattern
-from compression.reconstruction import (ReconstructionSettings, layer_outputs, output_error, reconstruct_layer)
+from compression.algorithms.reconstruction import (ReconstructionSettings, layer_outputs, output_error, reconstruct_layer)
 from compression.recipe import Recipe
 from compression.sequential import compress_model
-from compression.sparsegpt import magnitude_mask_24
+from compression.algorithms.sparsegpt import magnitude_mask_24
 from tests.engine.conftest import random_calibration
-from compression.walk import capture_layer_inputs
+from compression.model_io.walk import capture_layer_inputs
 from tests.tiny import tiny_llama
 
 

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from compression import gptq as gptq_mod
+from compression.algorithms import gptq as gptq_mod
 from compression.errors import CalibrationError, JobCancelled, RecipeError, UnsupportedModelError
 from compression.recipe import Recipe
 from compression.sequential import compress_model
-from compression.walk import capture_layer_inputs
+from compression.model_io.walk import capture_layer_inputs
 from tests.engine.conftest import random_calibration
 
 
@@ -96,9 +96,9 @@ def test_it_fails_clearly_on_a_model_it_cannot_walk():
 
 
 def _layer0_stats(model, calibration, batch_tokens):
-    from compression.moe import CheckpointNames
+    from compression.model_io.moe import CheckpointNames
     from compression.sequential import _collect_statistics, _plan_layer
-    from compression.walk import decoder_layers
+    from compression.model_io.walk import decoder_layers
 
     recipe = Recipe.from_preset("W4A16", group_size=64)
     prefix, layers = decoder_layers(model)
@@ -128,7 +128,7 @@ def test_modules_with_one_input_share_one_hessian_and_batching_changes_nothing(m
     for name, entry in batched.items():
         assert entry["hessian"].samples == len(calibration)
         torch.testing.assert_close(entry["hessian"].hessian, single[name]["hessian"].hessian, rtol=1e-4, atol=1e-5)
-    from compression.walk import decoder_layers
+    from compression.model_io.walk import decoder_layers
 
     layer = decoder_layers(model)[1][0]
     for a, b in zip(batched_inputs.forward(layer, 0), single_inputs.forward(layer, 0)):

@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from compression.loading import ModelSource
-from compression.source_facts import (metadata_from_card, parameters_bytes, source_checkpoint_bytes,
+from compression.model_io.loading import ModelSource
+from compression.model_io.source_facts import (metadata_from_card, parameters_bytes, source_checkpoint_bytes,
                                       source_dtype, source_metadata)
 from compression.units import format_bytes
 from tests.tiny import tiny_llama

@@ -11,7 +11,7 @@ import pytest
 from compression import calibration as calib_mod
 from compression.calibration import classify_source, load_calibration
 from compression.errors import CalibrationError
-from compression.loading import ModelSourceError, check_model_source, hub_snapshot, load_config, load_model
+from compression.model_io.loading import ModelSourceError, check_model_source, hub_snapshot, load_config, load_model
 from tests.tiny import demo_tokenizer, save_tiny_llama
 
 SECRET = [{"text": f"another user's private ticket {i}: the password is hunter2"} for i in range(4)]

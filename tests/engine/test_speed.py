@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from compression.speed import measure_speed, speed_summary, weight_bytes
+from compression.evaluation.speed import measure_speed, speed_summary, weight_bytes
 from tests.tiny import save_tiny_llama, tiny_llama
 
 

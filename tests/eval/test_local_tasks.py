@@ -6,8 +6,8 @@ import math
 import pytest
 import yaml
 
-from compression import lm_eval_tasks
-from compression.evaluation import EvalSettings, evaluate
+from compression.evaluation import lm_eval_tasks
+from compression.evaluation.harness import EvalSettings, evaluate
 
 EXPECTED_METRICS = {
     "hellaswag": {"acc", "acc_norm"}, "arc_easy": {"acc", "acc_norm"}, "arc_challenge": {"acc", "acc_norm"},

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from compression.recovery import (AVERAGE, headline, primary_metric, recovery, recovery_level, recovery_table,
+from compression.evaluation.recovery import (AVERAGE, headline, primary_metric, recovery, recovery_level, recovery_table,
                                   warnings)
 from tests.eval.facts import BASELINE, COMPRESSED
 

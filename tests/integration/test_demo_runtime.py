@@ -1,7 +1,7 @@
 """The compressed runtime on the real demo model (SmolLM2-135M): same logits as the dequantized checkpoint.
 
 Each case compresses the demo model with the engine (`compress_model`), exports a compressed-tensors
-checkpoint (`export_checkpoint`) and loads it twice: with `compression.runtime.load_compressed_model`
+checkpoint (`export_checkpoint`) and loads it twice: with `compression.model_io.runtime.load_compressed_model`
 (our `kernels` modules, holding only compressed buffers) and with transformers + compressed-tensors,
 which dequantizes the same files to dense weights (and fake-quantizes activations for FP8) - the
 "dequantized model", written by someone else. Both run on the CPU in float32.
@@ -56,7 +56,7 @@ class _Stop(Exception):
 @pytest.fixture(scope="module")
 def demo():
     """The demo model exactly as a job loads it (GGUF dequantized to float32), its tokenizer, the prompt."""
-    from compression.loading import load_model
+    from compression.model_io.loading import load_model
 
     loaded = load_model("demo")
     ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -66,7 +66,7 @@ def demo():
 
 
 def _export(demo, recipe_dict: dict, out: Path, calibration: list | None = None) -> Path:
-    from compression.export import export_checkpoint
+    from compression.model_io.export import export_checkpoint
     from compression.sequential import compress_model
 
     loaded = demo[0]
@@ -81,7 +81,7 @@ def _load_both(path: Path) -> tuple[nn.Module, nn.Module]:
     """(our runtime model, the transformers + compressed-tensors dequantized model) of one checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from compression.runtime import load_compressed_model
+    from compression.model_io.runtime import load_compressed_model
 
     runtime = load_compressed_model(path)
     dequantized = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

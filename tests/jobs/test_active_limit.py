@@ -72,7 +72,7 @@ def test_parallel_api_submissions_never_exceed_the_limit(owner, settings, redis_
     # Warm what a long-running server has long cached: the demo model's config (seconds to build the
     # first time) and transformers' lazy module, which is not safe to import from several threads at
     # once the first time (ImportError for AutoConfig).
-    from compression.loading import load_config
+    from compression.model_io.loading import load_config
 
     load_config("demo", allowed_roots=[])
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config_in_fresh_process(cache_dir: Path) -> dict:
-    code = ("import json, time; from compression.loading import load_config; t = time.monotonic(); "
+    code = ("import json, time; from compression.model_io.loading import load_config; t = time.monotonic(); "
             "c = load_config('demo'); print(json.dumps({'hidden': c.hidden_size, 'layers': c.num_hidden_layers, "
             "'type': c.model_type, 'arch': type(c).__name__}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from compression.recovery import recovery_table
+from compression.evaluation.recovery import recovery_table
 from jobs.models import Job
 
 from .factories import make_job

@@ -20,9 +20,9 @@ RTOL = {"W4A16": 1e-3, "W8A8": 5e-3, "2:4+FP8_DYNAMIC": 1e-3}
 
 @pytest.mark.parametrize("preset", list(CASES))
 def test_engine_checkpoint_round_trips_through_the_runtime(preset: str, tmp_path: Path) -> None:
-    export = pytest.importorskip("compression.export")
+    export = pytest.importorskip("compression.model_io.export")
     from compression.recipe import Recipe
-    from compression.runtime import load_compressed_model
+    from compression.model_io.runtime import load_compressed_model
     from compression.sequential import compress_model
 
     model = tiny_llama(seed=4, vocab=512)

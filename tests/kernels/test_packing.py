@@ -21,11 +21,11 @@ def test_int4_packing_matches_the_documented_layout_bit_for_bit(cols: int) -> No
 
 
 def test_the_engine_exports_with_the_one_packer_the_kernels_read() -> None:
-    import compression.export
-    import compression.quant
+    import compression.model_io.export
+    import compression.algorithms.quant
 
-    assert compression.export.pack_int is pack_int
-    assert not hasattr(compression.quant, "pack_int") and not hasattr(compression.quant, "check_24_pattern")
+    assert compression.model_io.export.pack_int is pack_int
+    assert not hasattr(compression.algorithms.quant, "pack_int") and not hasattr(compression.algorithms.quant, "check_24_pattern")
     g = torch.Generator().manual_seed(3)
     q8 = torch.randint(-128, 128, (24, 20), generator=g, dtype=torch.int8)
     assert torch.equal(unpack_int(pack_int(q8, 8), 20, 8), q8)  # W8 weight-only, 4 codes per word

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from compression.runtime import CheckpointError, load_compressed_model
+from compression.model_io.runtime import CheckpointError, load_compressed_model
 from kernels.modules import Sparse24Linear, W4A16Linear, W8A8Linear
 from tests.kernels.checkpoints import SCHEMES, write_checkpoint
 from tests.kernels.helpers import assert_close

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from compression.walk import decoder_layers
+from compression.model_io.walk import decoder_layers
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.quant import QuantArgs, compute_qparams, fake_quantize, fp4_global_scale
+from compression.algorithms.quant import QuantArgs, compute_qparams, fake_quantize, fp4_global_scale
 
 DEFAULT_MAPPINGS = [
     {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]},

@@ -1,6 +1,6 @@
 """SparseGPT (Frantar & Alistarh) pruning as a plain function: 2:4 or unstructured, with compensation.
 
-Same Hessian, dampening and Cholesky machinery as GPTQ (:mod:`compression.gptq`); the per-column
+Same Hessian, dampening and Cholesky machinery as GPTQ (:mod:`compression.algorithms.gptq`); the per-column
 "quantize" step becomes "zero the masked entries" (reference doc §3.3).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.gptq import (CholeskyFailed, disable_tf32, inverse_hessian_upper, prepare_hessian, quadratic_loss,
+from compression.algorithms.gptq import (CholeskyFailed, disable_tf32, inverse_hessian_upper, prepare_hessian, quadratic_loss,
                               sweep_threads)
 
 log = logging.getLogger(__name__)

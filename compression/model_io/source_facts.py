@@ -149,7 +149,7 @@ def source_metadata(source: Any) -> dict:
     empty = {"license": None, "license_link": None, "language": None, "intended_use": None}
     try:
         if _kind(source) == "demo":
-            from .loading import DEMO_GGUF, demo_model_dir
+            from compression.model_io.loading import DEMO_GGUF, demo_model_dir
 
             return {**empty, **_gguf_metadata(demo_model_dir() / DEMO_GGUF)}
         readme = _local_file(source, "README.md")

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from compression import awq as awq_lib
-from compression import smoothquant as sq_lib
+from compression.algorithms import awq as awq_lib
+from compression.algorithms import smoothquant as sq_lib
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.recipe import Modifier, Recipe, matches_any
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .errors import JobCancelled
+from compression.errors import JobCancelled
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def wikitext_windows(tokenizer, data_dir: str | Path | None, *, seqlen: int = 51
                      max_windows: int | None = None) -> torch.Tensor:
     """Tokenize the raw WikiText-2 test split (the data directory's file, else the Hub's
     ``wikitext-2-raw-v1`` test split; see compression.data_sources) into [n, seqlen] windows."""
-    from .data_sources import wikitext2_test_text
+    from compression.data_sources import wikitext2_test_text
 
     text, where = wikitext2_test_text(data_dir)
     log.info("WikiText-2 test text from %s", where)
@@ -80,8 +80,8 @@ def cached_wikitext_perplexity(model, tokenizer, data_dir: str | Path, *, seqlen
     import hashlib
     import json
 
-    from .data_sources import wikitext2_test_text
-    from .evaluation import _cache_read, _cache_write, _model_key
+    from compression.data_sources import wikitext2_test_text
+    from compression.evaluation.harness import _cache_read, _cache_write, _model_key
 
     text, _where = wikitext2_test_text(data_dir)
     parts = {"model": _model_key(model, model_identity), "task": "wikitext2_ppl", "seqlen": seqlen,

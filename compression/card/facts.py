@@ -1,4 +1,4 @@
-"""Collect the facts of a finished job for compression.card.build_model_card.
+"""Collect the facts of a finished job for compression.card.model_card.build_model_card.
 
 Kept apart from the card text so the card never guesses: everything here is read off the recipe,
 the loaded model and the measured results.
@@ -9,7 +9,7 @@ import datetime as dt
 import re
 from typing import Any
 
-from .recipe import Recipe
+from compression.recipe import Recipe
 
 
 def scheme_summary(recipe: Recipe) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def scheme_summary(recipe: Recipe) -> dict[str, Any]:
 def collect_facts(*, spec: dict, recipe: Recipe, model, identity: dict, evaluation: dict,
                   baseline: dict, compressed: dict, size: dict, artifact_dir: str,
                   calibration: dict | None, bits_per_param: dict | None) -> dict:
-    """The `facts` dict of compression.card (see its docstring for the shape)."""
+    """The `facts` dict of compression.card.model_card (see its docstring for the shape)."""
     base = identity.get("name") or spec["model"]
     short = base.rstrip("/").split("/")[-1]
     suffix = recipe.preset or "compressed"
@@ -101,7 +101,7 @@ def portable_model(model: str) -> str:
 
 
 def as_eval_result(results: dict, evaluation: dict) -> dict:
-    """Our per-task metrics in the shape of compression.evaluation.evaluate's result."""
+    """Our per-task metrics in the shape of compression.evaluation.harness.evaluate's result."""
     lm = results.get("_lm_eval", {})
     tasks = {}
     for task, metrics in results.items():

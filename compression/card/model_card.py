@@ -63,8 +63,8 @@ from typing import Any
 
 import yaml
 
-from compression.recovery import ACCURACY, AVERAGE, PERPLEXITY, headline, recovery_table
-from compression.recovery import warnings as recovery_warnings
+from compression.evaluation.recovery import ACCURACY, AVERAGE, PERPLEXITY, headline, recovery_table
+from compression.evaluation.recovery import warnings as recovery_warnings
 from compression.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def _deployment(facts: dict) -> str:
 
 
 def _vllm_check(vllm: dict | None) -> str:
-    """What the job itself proved about vLLM (compression.eval_backend), and which engine made the numbers."""
+    """What the job itself proved about vLLM (compression.evaluation.backend), and which engine made the numbers."""
     if not vllm:
         return ""
     load = vllm.get("load") or {}

@@ -116,7 +116,7 @@ def _finish_row(row: dict) -> dict:
 
 
 def recovery_table(baseline_result: dict, compressed_result: dict) -> list[dict]:
-    """Rows comparing two `compression.evaluation.evaluate` results, plus an accuracy average row.
+    """Rows comparing two `compression.evaluation.harness.evaluate` results, plus an accuracy average row.
 
     One row per (task, metric) present in both results, in the baseline's order::
 

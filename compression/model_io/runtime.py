@@ -6,10 +6,10 @@ the safetensors shards, and the remaining tensors (embeddings, norms, ignored Li
 ``lm_head``) are loaded as ordinary parameters. Dense weights of compressed layers are only ever
 decoded on the CPU (2:4 compaction); the GPU receives compressed buffers only.
 
-MoE checkpoints hold one Linear per expert under the family's names (see :mod:`compression.moe`);
+MoE checkpoints hold one Linear per expert under the family's names (see :mod:`compression.model_io.moe`);
 the skeleton's fused experts are split into per-expert Linears first, so each expert becomes its
 own compressed module, and checkpoint names are mapped to module paths by the same
-:class:`~compression.moe.CheckpointNames` the exporter used.
+:class:`~compression.model_io.moe.CheckpointNames` the exporter used.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compression.moe import CheckpointNames, unfuse_experts
+from compression.model_io.moe import CheckpointNames, unfuse_experts
 from kernels.modules import Sparse24Linear, W4A16Linear, W8A8Linear
 from kernels.packing import is_24_sparse, unpack_int4
 
@@ -52,7 +52,7 @@ class DequantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.acts is not None:
-            from compression.quant import fake_quantize_activation
+            from compression.algorithms.quant import fake_quantize_activation
 
             x = fake_quantize_activation(x, self.acts, self.input_scale, self.input_zero_point,
                                          self.input_global_scale)
@@ -66,7 +66,7 @@ def _quant_args(raw: dict | None):
     """compressed-tensors QuantizationArgs dict → our QuantArgs (None stays None)."""
     if not raw:
         return None
-    from compression.quant import QuantArgs
+    from compression.algorithms.quant import QuantArgs
 
     dynamic = raw.get("dynamic", False)
     return QuantArgs(num_bits=int(raw.get("num_bits", 8)), type=raw.get("type", "int"),
@@ -101,7 +101,7 @@ def _needs_dequant(scheme: dict | None, t: dict[str, torch.Tensor]) -> str | Non
 
 def _dequantized_linear(name: str, scheme: dict, t: dict[str, torch.Tensor], dtype: torch.dtype,
                         why: str) -> DequantLinear:
-    from compression.quant import dequantize, unpack_fp4
+    from compression.algorithms.quant import dequantize, unpack_fp4
     from kernels.packing import unpack_int
 
     args = _quant_args(scheme.get("weights"))
@@ -282,7 +282,7 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
         if key in consumed:
             continue
         if key.endswith((".k_scale", ".v_scale")):
-            kv_scales[key] = handle.get_tensor(key)  # FP8 KV cache: simulated by compression.kvcache
+            kv_scales[key] = handle.get_tensor(key)  # FP8 KV cache: simulated by compression.algorithms.kvcache
             continue
         tensor = handle.get_tensor(key)
         if tensor.is_floating_point():
@@ -298,7 +298,7 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}")
     model.to(device)
     if kv_scales:
-        from compression.kvcache import attach_all
+        from compression.algorithms.kvcache import attach_all
 
         attach_all(model, kv_scales)
         kinds["FP8 KV cache (simulated)"] = len(kv_scales) // 2

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, compute_qparams, dequantize, expand_scale,
+from compression.algorithms.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, compute_qparams, dequantize, expand_scale,
                                fp4_global_scale, int_range, quantize, round_to_e2m1)
 
 log = logging.getLogger(__name__)

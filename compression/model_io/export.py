@@ -10,7 +10,7 @@ a CPU). 2:4 weights stay dense with +0.0 zeros and are described by a compressed
 ignore), for a 2:4-only model inside a ``quantization_config`` of format ``dense`` with no config
 groups. config.json names the model class in ``architectures`` and carries no server paths.
 
-Tensor names are the family's checkpoint names (:class:`compression.moe.CheckpointNames`): MoE
+Tensor names are the family's checkpoint names (:class:`compression.model_io.moe.CheckpointNames`): MoE
 experts are written one Linear per expert (``model.layers.0.block_sparse_moe.experts.3.w1`` for
 Mixtral, ``model.layers.0.mlp.experts.3.gate_proj`` for the Qwen-MoE/OLMoE/DeepSeek family), as
 the family's own checkpoints and vLLM's loaders name them, and transformers fuses them on load.
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from compression.moe import CheckpointNames
-from compression.quant import QuantArgs, pack_fp4
+from compression.model_io.moe import CheckpointNames
+from compression.algorithms.quant import QuantArgs, pack_fp4
 from compression.recipe import Recipe, matches_any
 from compression.sequential import CompressionReport, ModuleRecord
 from kernels.packing import pack_int
@@ -287,7 +287,7 @@ def export_checkpoint(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, re
     """Write the checkpoint into ``out_dir`` (created). Returns {"files": [...], "bytes": int, "format": str}.
 
     ``dtype``: storage dtype of the unquantized tensors and scales, normally the source checkpoint's
-    (`compression.loading.source_dtype`); default the model's own."""
+    (`compression.model_io.loading.source_dtype`); default the model's own."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from compression.quant import FP8_DTYPE, FP8_MAX
+from compression.algorithms.quant import FP8_DTYPE, FP8_MAX
 
 
 def fake_quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

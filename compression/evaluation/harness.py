@@ -5,7 +5,7 @@
 and runs `lm_eval.simple_evaluate`.
 
 Task sources, per task (`EvalSettings.data_source`):
-* ``"local"``: the task built from the files in `data_dir` (see `compression.lm_eval_tasks`),
+* ``"local"``: the task built from the files in `data_dir` (see `compression.evaluation.lm_eval_tasks`),
   with the Hub switched off (`HF_HUB_OFFLINE` / `HF_DATASETS_OFFLINE`) while it runs;
 * ``"hub"``: lm-eval's built-in task (downloads its dataset; groups such as ``leaderboard``);
 * ``"auto"``: local when `data_dir` has the task's file, otherwise hub. A task with neither
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from compression import lm_eval_tasks
+from compression.evaluation import lm_eval_tasks
 from compression.data_sources import fewshot_for
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ def _run_lm_eval(model: Any, tokenizer: Any, lm_tasks: list[str], settings: Eval
 
     from lm_eval.api.model import LM
 
-    if isinstance(model, LM):  # already an lm-eval model, e.g. its vLLM backend (compression.eval_backend)
+    if isinstance(model, LM):  # already an lm-eval model, e.g. its vLLM backend (compression.evaluation.backend)
         lm = model
     else:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size,
