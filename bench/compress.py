@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import machine  # noqa: E402
+
 log = logging.getLogger("bench.compress")
 DATA_DIR = os.environ.get("COMPRESSOR_DATA_DIR", "/work/shared/data")
 CALIBRATION = "calibration/self_instruct_seed_tasks.jsonl"
@@ -176,7 +178,7 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
             print(json.dumps(row), flush=True)
     command = "python bench/compress.py " + " ".join(sys.argv[1:])
     result = {"benchmark": "compress-vs-llmcompressor", "command": command.strip(),
-              "machine": "2-core CPU, 24 GB, shared with 7 other agents' work (load average 10-16)",
+              "machine": machine(),
               "date": dt.date.today().isoformat(), "split": split.describe(),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                            "peer": rows[-1].get("versions") if rows else None},
@@ -188,14 +190,10 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
 
 
 def markdown_against(result: dict) -> str:
-    lines = [f"`{result['command']}` on {result['machine']} ({result['date']})", "",
-             "| recipe | tool | wall s (process) | compress s | peak RSS GB | held-out ppl | ppl / dense |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in result["rows"]:
-        inner = r.get("compress_s", r.get("oneshot_s"))
-        lines.append(f"| {r['name']} | {r['tool']} | {r['wall_s']} | {inner} | {r['peak_rss_gb']} | "
-                     f"{r['ppl']:.2f} | {r['ppl_ratio']:.3f} |")
-    return "\n".join(lines)
+    return _table(result, ("recipe", "tool", "wall s (process)", "compress s", "peak RSS GB", "held-out ppl",
+                           "ppl / dense"),
+                  lambda r: (r["name"], r["tool"], r["wall_s"], r.get("compress_s", r.get("oneshot_s")),
+                             r["peak_rss_gb"], f"{r['ppl']:.2f}", f"{r['ppl_ratio']:.3f}"))
 
 
 def _child(flag: list[str], args: argparse.Namespace) -> dict:
@@ -267,7 +265,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     command = "python bench/compress.py " + " ".join(sys.argv[1:])
-    result = {"benchmark": "compress", "command": command.strip(), "machine": "2-core CPU, 24 GB",
+    result = {"benchmark": "compress", "command": command.strip(), "machine": machine(),
               "date": dt.date.today().isoformat(),
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
               "settings": {"calibration": CALIBRATION, "wikitext_windows": args.windows, "threads": args.threads,
@@ -279,13 +277,18 @@ def main() -> None:
 
 
 def markdown(result: dict) -> str:
+    return _table(result, ("preset", "samples used (tokens)", "wall s", "peak RSS GB", "disk MB", "ppl dense",
+                           "ppl compressed", "ratio"),
+                  lambda r: (r["name"], f"{r['calibration_samples_used']} ({r['calibration_tokens']})", r["wall_s"],
+                             r["peak_rss_gb"], r["disk_mb"], f"{r['ppl_dense']:.2f}", f"{r['ppl_compressed']:.2f}",
+                             f"{r['ppl_ratio']:.3f}"))
+
+
+def _table(result: dict, headers: tuple[str, ...], cells) -> str:
+    """The run's command line, then a Markdown table with one row per result row."""
     lines = [f"`{result['command']}` on {result['machine']} ({result['date']})", "",
-             "| preset | samples used (tokens) | wall s | peak RSS GB | disk MB | ppl dense | ppl compressed | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["rows"]:
-        lines.append(f"| {r['name']} | {r['calibration_samples_used']} ({r['calibration_tokens']}) | {r['wall_s']} | "
-                     f"{r['peak_rss_gb']} | {r['disk_mb']} | {r['ppl_dense']:.2f} | {r['ppl_compressed']:.2f} | "
-                     f"{r['ppl_ratio']:.3f} |")
+             "| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in result["rows"]]
     return "\n".join(lines)
 
 

@@ -14,7 +14,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -24,21 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.machine import machine  # noqa: E402
+
 from compression.evaluation.harness import EvalSettings, evaluate  # noqa: E402
 from compression.evaluation.recovery import AVERAGE, recovery_table  # noqa: E402
 
 log = logging.getLogger("bench.eval")
 DEFAULT_DATA = REPO.parent / "shared" / "data"
-
-
-def machine() -> str:
-    try:
-        import psutil
-
-        mem = f", {psutil.virtual_memory().total / 2**30:.0f} GB"
-    except ImportError:
-        mem = ""
-    return f"{os.cpu_count()}-core CPU{mem} ({platform.machine()})"
 
 
 def main(argv: list[str] | None = None) -> int:

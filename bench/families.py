@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine  # noqa: E402
 
 BIG = {
     "Llama-3-70B": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
@@ -89,7 +90,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     result = {"command": "nice -n 10 .venv/bin/python bench/families.py", "started": started,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with 7 other busy sessions",
+              "machine": machine(),
               "preflight": preflight_rows(), "families": family_rows()}
     out = ROOT / "bench" / "results" / "families.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine  # noqa: E402
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "compressor_ui.settings")
 
 
@@ -84,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with parallel work)",
+              "machine": machine(),
               "command": " ".join(["python", "bench/outside.py", *sys.argv[1:]]),
               "task_names": task_name_check(), "s3": s3_upload(args.mb)}
     out = ROOT / "bench" / "results" / "outside.json"

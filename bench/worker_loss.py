@@ -28,15 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+from bench.polling import wait_for  # noqa: E402
 
 
 def main() -> None:
@@ -67,7 +59,7 @@ def main() -> None:
     from django.conf import settings
     from django.contrib.auth.models import User
 
-    from jobs.models import Job, Status
+    from jobs.models import Status
     from jobs.tasks import enqueue
     from tests.jobs.factories import make_job
     from tests.tiny import save_tiny_llama
@@ -82,7 +74,7 @@ def main() -> None:
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     rows = []
     try:
-        wait(lambda: log_path.read_text().count("ready.") >= 1, 180, "the worker")
+        wait_for(lambda: log_path.read_text().count("ready.") >= 1, 180, "the worker", interval=0.2)
         for round_ in range(args.rounds):
             job = make_job(owner, model_source=str(model_dir),
                            evaluation={"tasks": ["wikitext2_ppl"], "windows": 400, "seqlen": 256})
@@ -92,19 +84,19 @@ def main() -> None:
                 job.refresh_from_db()
                 return job.status == Status.RUNNING and job.progress.get("stage") == "baseline"
 
-            wait(running, 300, "the job to run")
+            wait_for(running, 300, "the job to run")
             main_pid = psutil.Process(supervisor.pid).children()[0].pid
             readies = log_path.read_text().count("ready.")
             killed = time.monotonic()
             os.kill(main_pid, signal.SIGKILL)
-            wait(lambda: log_path.read_text().count("ready.") > readies, 300, "the restarted worker")
+            wait_for(lambda: log_path.read_text().count("ready.") > readies, 300, "the restarted worker")
             restarted = time.monotonic() - killed
 
             def finished():
                 job.refresh_from_db()
                 return job.is_finished
 
-            wait(finished, 600, "the job to be failed", interval=0.5)
+            wait_for(finished, 600, "the job to be failed", interval=0.5)
             failed = time.monotonic() - killed
             rows.append({"round": round_, "status": job.status, "error_type": job.error_type,
                          "restart_s": round(restarted, 1), "failed_after_kill_s": round(failed, 1),
