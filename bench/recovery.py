@@ -25,6 +25,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import resource
 import sys
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     results.update({
         "benchmark": "recovery",
         "command": "nice -n 10 python bench/recovery.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} CPU, 2 cores shared with 7 other parallel workers (busy), "
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other helpers' jobs, "
                    f"torch threads {torch.get_num_threads()}",
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "date": dt.date.today().isoformat(),
         "versions": {"torch": torch.__version__},
         "model": "SmolLM2-135M-Instruct (demo GGUF Q4_1 dequantized to fp32)",
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         results["rows"] = [rows[n] for n in order if n in rows]
         results["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
         results["total_s"] = round(time.perf_counter() - started, 1)
+        row["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
 

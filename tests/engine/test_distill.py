@@ -152,6 +152,7 @@ def test_prune_finetune_quantize_recipe_round_trips_and_splits():
 
 @pytest.mark.parametrize("stages, field, words", [
     ({**_ft(), **QUANT}, "stages[0].modifiers[0]", "preceding sparsity stage"),
+    ({**_ft(), **SPARSE, **QUANT}, "stages[0].modifiers[0]", "preceding sparsity stage"),  # pruned after it
     ({**SPARSE, **QUANT, **_ft()}, "stages[2].modifiers[0]", "before quantization"),
     ({**SPARSE, "ft": {"finetune_modifiers": {FT: {"dataset": DATA, "tokens": 10},
                                                "QuantizationModifier": {"scheme": "FP8_DYNAMIC"}}}},
