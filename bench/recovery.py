@@ -41,6 +41,12 @@ log = logging.getLogger("bench.recovery")
 ROWS = ("oneshot", "recon", "distill")
 
 
+def _progress(event: dict) -> None:
+    """compress_model's layer-end and reconstruction events → the log (a long run shows where it is)."""
+    if "module" not in event and "message" in event:
+        log.info("%s", event["message"])
+
+
 def _ppl(model, windows) -> float:
     from bench import peer
 
@@ -59,7 +65,7 @@ def _quant_variants(model, masks, calibration, windows, row: dict, which=QUANT) 
     for name, recipe in ((n, recipes[n]()) for n in which):
         t0 = time.perf_counter()
         quantized = copy.deepcopy(model)
-        report = compress_model(quantized, recipe, calibration, held_masks=masks)
+        report = compress_model(quantized, recipe, calibration, held_masks=masks, progress=_progress)
         ppl = _ppl(quantized, windows)
         report.remove_activation_hooks()
         row[f"+{name}"] = {"ppl": ppl, "wall_s": round(time.perf_counter() - t0, 1)}
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if "oneshot" in args.only:
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
-        report = compress_model(model, Recipe.from_preset("2:4"), calibration)
+        report = compress_model(model, Recipe.from_preset("2:4"), calibration, progress=_progress)
         row = {"name": "2:4 one-shot", "compress_s": round(time.perf_counter() - t0, 1)}
         row["ppl"] = _ppl(model, windows)
         log.info("2:4 one-shot ppl %.3f", row["ppl"])
@@ -181,13 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     if "distill" in args.only and args.distill_from == "oneshot":
         t0 = time.perf_counter()
         recon_model = copy.deepcopy(dense)
-        report = compress_model(recon_model, Recipe.from_preset("2:4"), calibration)
+        report = compress_model(recon_model, Recipe.from_preset("2:4"), calibration, progress=_progress)
         masks = sparsity_masks(recon_model, report)
         log.info("one-shot 2:4 for the fine-tune: %.0f s", time.perf_counter() - t0)
     if "recon" in args.only or ("distill" in args.only and args.distill_from == "recon"):
         t0 = time.perf_counter()
         recon_model = copy.deepcopy(dense)
-        report = compress_model(recon_model, Recipe.from_preset("2:4", reconstruction=recon), calibration)
+        report = compress_model(recon_model, Recipe.from_preset("2:4", reconstruction=recon), calibration,
+                                progress=_progress)
         recon_s = round(time.perf_counter() - t0, 1)
         masks = sparsity_masks(recon_model, report)
         row = {"name": "2:4 + reconstruction", "compress_s": recon_s, "reconstruction": recon,
