@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError, UnsupportedModelError
+from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError
 from compression.algorithms.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, quantize_weight
 from compression.model_io.moe import CheckpointNames, is_router, per_expert_modules, router_names, unfuse_experts
 from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
@@ -280,6 +280,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                                calibrate_all_experts=calibrate_all_experts)
     emit = progress or (lambda event: None)
     home = next(model.parameters()).device
+    storage = next(model.parameters()).dtype
+    wide = compute_dtype(model, device)
     use_model_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     experts = [m for _, m in per_expert_modules(model)]
@@ -289,10 +291,12 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             m.calibrate_all_experts = calibrate_all_experts
         inputs = (capture_layer_inputs(model, layers, calibration, device) if recipe.needs_calibration
                   else LayerInputs([], []))
+        if wide is not None and inputs:
+            inputs = inputs.cast(wide)
         dense_inputs = inputs  # the dense model's activation stream (layer-wise reconstruction, target "dense")
         for index, layer in enumerate(layers):
             layer_start = time.perf_counter()
-            layer.to(device)
+            layer.to(device, dtype=wide) if wide is not None else layer.to(device)
             plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names)
             if inputs and any(m.transforms for m in recipe.modifiers):
                 from compression.algorithms.smoothing import smooth_layer
@@ -314,7 +318,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             masks = {p.name: held_masks[p.name].to(device) for p in plans if p.name in (held_masks or {})}
             for plan in plans:
                 _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
-                                 masks=masks, only=_is_sparsity if recon else None)
+                                 masks=masks, only=_is_sparsity if recon else None, storage_dtype=storage)
             if recon:
                 _reconstruct(layer, plans, masks, inputs.pairs(index), targets, recon, report, emit, index,
                              len(layers), should_stop)
@@ -322,7 +326,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                     dense_inputs = dense_inputs.advanced(targets)
                 for plan in plans:
                     _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
-                                     masks=masks, only=lambda m: not _is_sparsity(m))
+                                     masks=masks, only=lambda m: not _is_sparsity(m), storage_dtype=storage)
             for plan in plans:
                 record = report.modules[plan.name]
                 if record.input_activations is not None:
@@ -332,7 +336,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             del stats
             if inputs and index + 1 < len(layers):  # the compressed layer's outputs feed the next layer
                 inputs = inputs.advanced(inputs.forward(layer, index))
-            layer.to(home)
+            layer.to(home, dtype=storage) if wide is not None else layer.to(home)
             # layer-end events carry no "module" key (the pipeline uses that to tell them apart)
             emit({"stage": "compress", "layer": index, "layers": len(layers),
                   "seconds": time.perf_counter() - layer_start, "memory_mb": _memory_mb(device),
@@ -499,13 +503,31 @@ def _input_qparams(record: ModuleRecord, acts: QuantArgs | None, stats: dict, na
     record.input_zero_point = None if zp is None else zp.reshape(1).cpu()
 
 
+def compute_dtype(model: torch.nn.Module, device: torch.device | str) -> torch.dtype | None:
+    """The dtype a layer is calibrated and compressed in when it differs from the model's: float32 for
+    a 16-bit model on the CPU (CPUs without native bf16/fp16 matmul run them several times slower than
+    float32), None elsewhere. One layer at a time is widened, so host memory stays that of the 16-bit model."""
+    dtype = next(model.parameters()).dtype
+    if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return None
+
+
 def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: Progress,
                      index: int, layers: int, device: torch.device | str, *,
                      masks: dict[str, torch.Tensor] | None = None,
-                     only: Callable[[Modifier], bool] | None = None) -> None:
-    """Run the plan's steps (those ``only`` accepts) on one Linear; a pruning mask is kept in ``masks``."""
+                     only: Callable[[Modifier], bool] | None = None, storage_dtype: torch.dtype | None = None) -> None:
+    """Run the plan's steps (those ``only`` accepts) on one Linear; a pruning mask is kept in ``masks``.
+
+    The layer may compute in a wider dtype than the model stores (``storage_dtype``, see
+    :func:`compute_dtype`): scales are made in the storage dtype and every written weight is rounded
+    through it, so the later layers calibrate on exactly the weights the checkpoint holds."""
     module = plan.module
-    dtype = module.weight.dtype
+    compute = module.weight.dtype
+    dtype = storage_dtype or compute
+
+    def stored(weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(dtype).to(compute)
     record = report.modules.setdefault(plan.name, ModuleRecord(plan.name, tuple(module.weight.shape)))
     hessian = stats["hessian"].hessian if "hessian" in stats else None
     masks = {} if masks is None else masks
@@ -517,7 +539,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         weight = module.weight.data
         if modifier.kind == "SparseGPTModifier" and hessian is None:
             result = magnitude_prune(weight, sparsity=modifier.sparsity, mask_structure=modifier.mask_structure)
-            module.weight.data = result.weight.to(dtype)
+            module.weight.data = stored(result.weight)
             mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
             loss, fallback, kind = result.loss, plan.fallback, "magnitude"
@@ -526,7 +548,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                                      mask_structure=modifier.mask_structure, block_size=modifier.block_size,
                                      dampening_frac=modifier.dampening_frac,
                                      preserve=(weight == 0) if modifier.preserve_sparsity_mask else None)
-            module.weight.data = result.weight.to(dtype)
+            module.weight.data = stored(result.weight)
             mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
             loss, fallback, record.dead_columns = result.loss, result.fallback, result.dead_columns
@@ -546,7 +568,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                 loss = quadratic_loss(result.weight.float() - weight.float(), hessian) if hessian is not None else float(
                     torch.mean((result.weight.float() - weight.float()) ** 2))
                 fallback, kind = (plan.fallback if modifier.kind == "GPTQModifier" else None), "rtn"
-            module.weight.data = result.weight.to(dtype)
+            module.weight.data = stored(result.weight)
             record.codes, record.scale = result.codes.cpu(), result.scale.cpu()
             record.zero_point = None if result.zero_point is None else result.zero_point.cpu()
             record.global_scale = None if result.global_scale is None else result.global_scale.cpu()

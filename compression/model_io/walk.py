@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,16 +52,21 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 
 def _to(obj: Any, device: torch.device | str, memo: dict[int, Any]) -> Any:
     """``obj`` with every tensor moved to ``device``; one object moved once (``memo`` by id)."""
+    return _map_tensors(obj, lambda t: t.to(device), memo)
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, Any]) -> Any:
+    """``obj`` (tensors in tuples, lists, dicts) with ``fn`` applied to every tensor, each object once."""
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        out: Any = obj.to(device)
+        out: Any = fn(obj)
     elif isinstance(obj, tuple):
-        out = tuple(_to(o, device, memo) for o in obj)
+        out = tuple(_map_tensors(o, fn, memo) for o in obj)
     elif isinstance(obj, list):
-        out = [_to(o, device, memo) for o in obj]
+        out = [_map_tensors(o, fn, memo) for o in obj]
     elif isinstance(obj, dict):
-        out = {k: _to(v, device, memo) for k, v in obj.items()}
+        out = {k: _map_tensors(v, fn, memo) for k, v in obj.items()}
     else:
         return obj
     memo[id(obj)] = out
@@ -126,6 +131,19 @@ class LayerInputs:
             for s, row in zip(group, out.split(1) if len(group) > 1 else [out]):
                 outputs[s] = row
         return outputs  # type: ignore[return-value]
+
+    def cast(self, dtype: torch.dtype) -> "LayerInputs":
+        """The same inputs with every floating-point tensor (hidden states, rotary embeddings, float
+        masks) in ``dtype``; tensors shared between samples or layers stay shared."""
+        memo: dict[int, Any] = {}
+
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            return t.to(dtype) if t.is_floating_point() else t
+
+        cast = LayerInputs([_map_tensors(h, fn, memo) for h in self.hidden],
+                           [_map_tensors(calls, fn, memo) for calls in self.calls], self.keys)
+        cast.batch_tokens = self.batch_tokens
+        return cast
 
     def advanced(self, outputs: list[torch.Tensor]) -> "LayerInputs":
         """The inputs of the next layer: ``outputs`` of this one, with the same per-layer arguments."""
