@@ -113,6 +113,7 @@ class _Job:
     started: float = field(default_factory=time.monotonic)
     timings: dict[str, float] = field(default_factory=dict)
     devices: dict[str, Any] = field(default_factory=dict)
+    memory: Any = None  # compression.model_io.streaming.MemoryPlan: in memory or streamed
 
     def check_stop(self) -> None:
         if self.should_stop():
@@ -145,6 +146,8 @@ class _Checkpoint:
     dense_bytes: int
     dense_dtype: str
     dtype: torch.dtype
+    config: Any = None
+    streamed: bool = False
 
 
 @dataclass
@@ -178,17 +181,64 @@ def _prepare(spec: dict, out_dir: Path, progress: Progress, should_stop: Callabl
 
 
 def _load_stage(job: _Job):
-    """The dense model and tokenizer (compression.model_io.loading.LoadedModel), on the CPU."""
+    """The dense model and tokenizer (compression.model_io.loading.LoadedModel), on the CPU: whole,
+    or with its decoder layers left in the safetensors shards when the memory plan streams them."""
     from compression.model_io.loading import load_model
 
     load = job.stage("load")
     load(f"loading {job.spec['model']}")
     with job.timed("load_s"):
+        job.memory = _memory_plan(job)  # None for the demo model until its config is loaded
+        streamed = job.memory is not None and job.memory.mode == "streaming"
         loaded = load_model(job.spec["model"], allowed_roots=job.spec.get("allowed_roots") or (),
-                            trust_remote_code=bool(job.spec.get("trust_remote_code")), device=job.device)
-    load("model loaded", 1.0)
+                            trust_remote_code=bool(job.spec.get("trust_remote_code")), device=job.device,
+                            streamed=streamed)
+        if job.memory is None:
+            job.memory = _memory_plan(job, loaded.model.config, "the demo model is a GGUF file")
+    load(f"model loaded ({job.memory.mode}: {job.memory.reason})", 1.0)
     job.check_stop()
     return loaded
+
+
+def _memory_plan(job: _Job, config: Any = None, can_stream: str | None = None):
+    """In memory or streamed layer by layer (compression.model_io.streaming.plan_memory), or a
+    MemoryPlanError naming the setting to change, before any weight is read."""
+    from compression.model_io import streaming
+    from compression.model_io.loading import check_model_source, model_location
+    from compression.preflight import preflight
+
+    trust = bool(job.spec.get("trust_remote_code"))
+    setting = streaming.streaming_setting(job.spec)
+    if config is None:
+        from transformers import AutoConfig
+
+        source = check_model_source(job.spec["model"], allowed_roots=job.spec.get("allowed_roots") or ())
+        if source.kind == "demo":
+            return None
+        location = model_location(source, trust_remote_code=trust)
+        config = AutoConfig.from_pretrained(location, trust_remote_code=trust)
+        if setting != "never":
+            can_stream = _stream_refusal(job, location, config)
+    samples, seqlen = int(job.calibration_spec["samples"]), int(job.calibration_spec["seqlen"])
+    report = preflight(config, job.recipe, samples=samples, seqlen=seqlen, device=job.device, trust_remote_code=trust)
+    return streaming.plan_memory(report, device=job.device, setting=setting, can_stream=can_stream,
+                                 samples=samples, seqlen=seqlen)
+
+
+def _stream_refusal(job: _Job, location, config) -> str | None:
+    """Why this job cannot stream its model (None: it can)."""
+    from compression.model_io.loading import default_dtype
+    from compression.model_io.streaming import MemoryPlanError, load_streamed
+    from compression.recipe import finetune_split
+
+    if finetune_split(job.recipe)[1] is not None:
+        return "the recipe's distillation fine-tune trains the whole model at once"
+    try:
+        load_streamed(location, dtype=default_dtype(job.device), config=config, check_only=True,
+                      trust_remote_code=bool(job.spec.get("trust_remote_code")))
+    except MemoryPlanError as exc:
+        return exc.message
+    return None
 
 
 def _baseline_stage(job: _Job, source) -> _Baseline:
@@ -197,6 +247,8 @@ def _baseline_stage(job: _Job, source) -> _Baseline:
 
     model = source.model
     stage = job.stage("baseline")
+    if source.streamed is not None:
+        return _streamed_baseline(job, source, stage)
     placement = place_for_eval(model, job.device)
     job.devices.update({"baseline_eval": placement.as_dict(), "dense_speed": None, "compress": job.device,
                         "compressed_eval": job.device, "compressed_speed": None})
@@ -215,6 +267,23 @@ def _baseline_stage(job: _Job, source) -> _Baseline:
     stage("baseline evaluated", 1.0)
     job.check_stop()
     return _Baseline(metrics=metrics, speed=speed)
+
+
+def _streamed_baseline(job: _Job, source, stage) -> _Baseline:
+    """The dense model's metrics with each decoder layer read from disk for its own forward pass;
+    no speed run (it would time the disk)."""
+    job.devices.update({"baseline_eval": {"device": job.device, "mode": "streamed"}, "dense_speed": None,
+                        "compress": job.device, "compressed_eval": job.device, "compressed_speed": None})
+    stage(f"evaluating the uncompressed model on {job.device} (layers streamed from disk)")
+    with job.timed("baseline_eval_s"), source.streamed.lazy_layers(job.device) as model:
+        metrics = _evaluate(model, source.tokenizer, job.evaluation, job.data_dir, cache_dir=job.spec.get("cache_dir"),
+                            model_identity={**source.identity, "dtype": str(source.streamed.dtype)},
+                            should_stop=job.should_stop, progress=_eval_progress(stage, 0.05, 0.85))
+    if job.evaluation.get("speed", True):
+        stage("speed and memory not measured: the model's layers are streamed from disk", 0.9, level="warning")
+    stage("baseline evaluated", 1.0)
+    job.check_stop()
+    return _Baseline(metrics=metrics, speed=None)
 
 
 def _calibration_stage(job: _Job, tokenizer) -> list[dict]:
@@ -240,11 +309,16 @@ def _compress_stage(job: _Job, source, calibration: list[dict]) -> _Compressed:
 
     staged = FinetuneStage(job.spec, job.recipe, source.model, source.tokenizer, job.data_dir,
                             job.calibration_spec, job.progress, job.should_stop)
+    if source.streamed is not None:  # each layer's tensors are written as soon as it is compressed
+        from compression.model_io.source_facts import source_dtype
+
+        source.streamed.begin_export(job.tmp_dir, source_dtype(source.source, source.model))
     with job.timed("compress_s"):
         report = compress_model(source.model, staged.before, calibration, device=job.device,
                                 progress=engine_progress(job.progress, *staged.prune_span),
                                 should_stop=job.should_stop,
-                                calibrate_all_experts=bool(job.calibration_spec.get("calibrate_all_experts")))
+                                calibrate_all_experts=bool(job.calibration_spec.get("calibrate_all_experts")),
+                                layer_io=source.streamed)
     job.check_stop()
     if staged.modifier is not None:
         report = staged.run(source.model, report, calibration, job.device, job.timings)
@@ -263,16 +337,20 @@ def _export_stage(job: _Job, source, compressed: _Compressed) -> _Checkpoint:
     stage("writing the compressed-tensors checkpoint")
     stored_dtype = source_dtype(source.source, model)  # unquantized tensors as the source stores them
     with job.timed("export_s"):
-        exported = export_checkpoint(model, source.tokenizer, job.recipe, compressed.report, job.tmp_dir,
-                                     dtype=stored_dtype)
+        if source.streamed is not None:  # the layers' shards are written; the rest, the index and config now
+            exported = source.streamed.finish_export(source.tokenizer, job.recipe, compressed.report)
+        else:
+            exported = export_checkpoint(model, source.tokenizer, job.recipe, compressed.report, job.tmp_dir,
+                                         dtype=stored_dtype)
     stage("checkpoint written", 1.0)
     job.check_stop()
     checkpoint = _Checkpoint(
         export=exported, architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
         # compared with the source checkpoint as published, not with the dtype this worker ran in
         dense_bytes=source_checkpoint_bytes(source.source, model, stored_dtype),
-        dense_dtype=str(stored_dtype).removeprefix("torch."), dtype=next(model.parameters()).dtype)
-    source.model = model = None  # the dense (fake-quantized) model is freed before the compressed one loads
+        dense_dtype=str(stored_dtype).removeprefix("torch."), dtype=next(model.parameters()).dtype,
+        config=model.config, streamed=source.streamed is not None)
+    source.model = model = source.streamed = None  # the dense (fake-quantized) model is freed before the compressed one loads
     release_device_memory(job.device)
     return checkpoint
 
@@ -280,6 +358,9 @@ def _export_stage(job: _Job, source, compressed: _Compressed) -> _Checkpoint:
 def _compressed_eval_stage(job: _Job, source, checkpoint: _Checkpoint, baseline: _Baseline) -> _Evaluated:
     """The exported checkpoint loaded through the compressed runtime, scored and timed like the baseline."""
     stage = job.stage("evaluate")
+    if checkpoint.streamed and not job.evaluation["tasks"] and not baseline.speed:
+        stage("nothing to evaluate: the compressed checkpoint is not loaded", 1.0)
+        return _Evaluated(model=None, runtime="not loaded (no evaluation)", metrics={}, speed=None, vllm=None)
     stage("loading the exported checkpoint through the compressed runtime")
     with job.timed("compressed_load_s"):
         model, runtime = _compressed_model_for_eval(job.tmp_dir, job.device, checkpoint.dtype)
@@ -319,7 +400,9 @@ def _finish_stage(job: _Job, source, baseline: _Baseline, compressed: _Compresse
     timings["total_s"] = time.monotonic() - job.started  # the card lists every stage before it
     staged = compressed.finetune
     with job.timed("card_s"):
-        card_text = _model_card(job.spec, recipe, evaluated.model, checkpoint.architecture, source.identity,
+        card_text = _model_card(job.spec, recipe, evaluated.model if evaluated.model is not None
+                                else _ConfigOnly(checkpoint.config),
+                                checkpoint.architecture, source.identity,
                                 evaluation, baseline.metrics, evaluated.metrics, size, bits, job.out_dir,
                                 job.calibration_spec if compressed.calibrated else None, evaluated.speed,
                                 source=source.source, stage_times=stage_times(timings),
@@ -335,6 +418,7 @@ def _finish_stage(job: _Job, source, baseline: _Baseline, compressed: _Compresse
         "recipe_summary": recipe.describe(),
         "device": job.device,
         "devices": job.devices,
+        "memory": job.memory.to_dict() if job.memory is not None else None,
         "evaluation": {"settings": evaluation, "baseline": baseline.metrics, "compressed": evaluated.metrics,
                        "compressed_runtime": evaluated.runtime, "backend": job.backend.as_dict(), "vllm": vllm,
                        "number_sources": number_sources(list(evaluation["tasks"]), job.backend,
@@ -359,6 +443,12 @@ def _finish_stage(job: _Job, source, baseline: _Baseline, compressed: _Compresse
     staged.cleanup()
     finish("done", 1.0)
     return results
+
+
+@dataclass
+class _ConfigOnly:
+    """What the model card reads from a model (its config), when the compressed one was not loaded."""
+    config: Any
 
 
 def _evaluate(model, tokenizer, evaluation: dict, data_dir: str, *, cache_dir: str | None = None,

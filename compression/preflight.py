@@ -11,8 +11,12 @@ group size (INT4/INT8 group quantization) and by 4 (2:4 sparsity).
 
 Estimates (rough, for planning only):
 
-* host memory  ≈ dense weights (params · bytes/param) + 1 byte/param of compressed codes
-  + captured activations (samples · seqlen · hidden · 4 B) when the compute device is the CPU;
+* host memory (:func:`host_memory_estimates`; the worker holds weights in float32 on a CPU, bfloat16
+  when it computes on a GPU): in memory ≈ process base + dense weights + 1 byte/param of codes + the
+  export's copy in the storage dtype + workspace; streamed (:mod:`compression.model_io.streaming`)
+  ≈ process base + the tensors outside the decoder layers + two copies of the largest layer + one
+  export shard + workspace. Both add the captured activations (2 · samples · seqlen · hidden · 4 B)
+  when the compute device is the CPU. Calibrated against ``bench/memory.py`` (docs/benchmarks.md);
 * device memory ≈ the largest decoder layer's weights + activations (samples · seqlen · hidden · 4 B)
   + the fp32 Hessians of that layer's targeted Linears (Σ in² · 4 B) + a 1.5x workspace factor;
 * time ≈ (forward FLOPs: 2 passes · 2 · layer params · samples · seqlen · layers
@@ -49,6 +53,8 @@ class PreflightReport:
     architecture: str = ""
     experts: int = 0  # per-expert modules (experts × MoE layers)
     routers: int = 0
+    peak_host_streaming_mb: float = 0.0  # the same job streamed layer by layer from the shards
+    activation_mb: float = 0.0  # captured calibration activations (inputs + outputs of one layer)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +79,7 @@ class ModelLayout:
     linears: list[LinearSlot]
     routers: list[str]
     experts: int
+    layer_params: list[int] = field(default_factory=list)  # every parameter of each decoder layer
 
 
 def _cfg(config: Any, name: str, default: Any = None) -> Any:
@@ -137,7 +144,8 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         if isinstance(module, torch.nn.Linear) and not name.startswith(prefix + "."):
             slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features))
     params = sum(p.numel() for p in model.parameters())
-    return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts)
+    return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts,
+                       [sum(p.numel() for p in layer.parameters()) for layer in layers])
 
 
 def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
@@ -206,9 +214,9 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     biggest_layer = max(layer_params.values(), default=0)
     act_bytes = samples * seqlen * hidden * 4 if calib else 0
     device_bytes = 1.5 * (biggest_layer * dtype_bytes + 2 * act_bytes + max(hessian_bytes.values(), default=0))
-    host_bytes = layout.params * dtype_bytes + layout.params  # dense weights + 1 byte/param of codes
-    if device == "cpu":
-        host_bytes += device_bytes
+    host_bytes, streaming_bytes = host_memory_estimates(
+        layout, device=device, storage_bytes=dtype_bytes, activation_bytes=2 * act_bytes,
+        hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=int(_cfg(text, "intermediate_size") or 0))
     forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
     seconds = (forward_flops + solver_flops) / THROUGHPUT.get(device.split(":")[0], THROUGHPUT["cpu"])
     warnings = []
@@ -217,7 +225,35 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     return PreflightReport(layers=layout.layers, params=int(layout.params), targeted_modules=len(targeted),
                            peak_host_mb=round(host_bytes / 2 ** 20, 1), peak_device_mb=round(device_bytes / 2 ** 20, 1),
                            estimated_seconds=round(seconds, 1), warnings=warnings, architecture=layout.architecture,
-                           experts=layout.experts, routers=len(layout.routers))
+                           experts=layout.experts, routers=len(layout.routers),
+                           peak_host_streaming_mb=round(streaming_bytes / 2 ** 20, 1),
+                           activation_mb=round(2 * act_bytes / 2 ** 20, 1))
+
+
+PROCESS_BASE_BYTES = 600 * 2 ** 20  # python + torch + transformers + tokenizer, measured by bench/memory.py
+
+
+def host_memory_estimates(layout: ModelLayout, *, device: str, storage_bytes: int, activation_bytes: int,
+                          hessian_bytes: float, intermediate: int) -> tuple[float, float]:
+    """(in memory, streamed) peak host bytes of a job (see the module doc)."""
+    from compression.model_io.export import DEFAULT_SHARD_BYTES
+    from compression.model_io.walk import BATCH_TOKENS
+
+    compute = 2 if device.startswith("cuda") else 4
+    params = layout.params
+    layer = max(layout.layer_params, default=0)
+    outside = max(0, params - sum(layout.layer_params))
+    on_cpu = not device.startswith("cuda")
+    # one layer's solver: Hessians + their inverse, fp32 weight copies, one batch of MLP activations
+    workspace = (2 * hessian_bytes + 3 * layer * 4 + 3 * BATCH_TOKENS * max(intermediate, 1) * 4) if on_cpu else 0
+    activations = activation_bytes if on_cpu else 0
+    in_memory = PROCESS_BASE_BYTES + params * (compute + 1 + storage_bytes) + activations + workspace
+    # the shard being filled: about one dense layer (at least 64 MiB), never more than the whole export
+    shard = min(DEFAULT_SHARD_BYTES, max(64 * 2 ** 20, layer * storage_bytes), params * storage_bytes)
+    streamed = PROCESS_BASE_BYTES + activations + max(
+        outside * compute + 2 * layer * compute + workspace + shard,  # compressing a layer
+        outside * (compute + storage_bytes) + shard)  # writing the tensors outside the layers
+    return float(in_memory), float(streamed)
 
 
 # A `re:` pattern made of these pieces only cannot match across a line break, so matching it once

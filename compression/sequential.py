@@ -64,6 +64,7 @@ class ModuleRecord:
     losses: dict[str, float] = field(default_factory=dict)
     dead_columns: int = 0
     fallback: str | None = None
+    written: bool = False  # streaming export: its tensors are in a shard already and were dropped here
 
     def summary(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "losses": self.losses,
@@ -250,7 +251,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                    device: torch.device | str = "cpu", progress: Progress | None = None,
                    should_stop: Callable[[], bool] | None = None, calibrate_all_experts: bool = False,
                    min_expert_tokens: int = MIN_EXPERT_TOKENS,
-                   held_masks: dict[str, torch.Tensor] | None = None) -> CompressionReport:
+                   held_masks: dict[str, torch.Tensor] | None = None,
+                   layer_io: Any = None) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``; see the module docstring.
 
     ``held_masks`` ({module name: bool mask, True = pruned}) are sparsity masks of an earlier
@@ -265,6 +267,10 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     ``calibrate_all_experts``: every MoE expert's statistics see every token (the layer output
     still uses the router's choice); otherwise an expert sees the tokens routed to it, and one that
     got fewer than ``min_expert_tokens`` is rounded to nearest / pruned by magnitude (a fallback).
+    ``layer_io`` (:class:`compression.model_io.streaming.StreamedModel`): the decoder layers live on
+    disk; ``layer_io.load(index, layer, device)`` brings one in instead of ``layer.to(device)`` and
+    ``layer_io.done(index, layer, report)`` writes its compressed tensors and releases it instead of
+    ``layer.to(home)``.
     """
     disable_tf32()
     started = time.perf_counter()
@@ -296,7 +302,12 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
         dense_inputs = inputs  # the dense model's activation stream (layer-wise reconstruction, target "dense")
         for index, layer in enumerate(layers):
             layer_start = time.perf_counter()
-            layer.to(device, dtype=wide) if wide is not None else layer.to(device)
+            if layer_io is None:
+                layer.to(device, dtype=wide) if wide is not None else layer.to(device)
+            else:
+                layer_io.load(index, layer, device)
+                if wide is not None:
+                    layer.to(dtype=wide)
             plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names)
             if inputs and any(m.transforms for m in recipe.modifiers):
                 from compression.algorithms.smoothing import smooth_layer
@@ -337,6 +348,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             if inputs and index + 1 < len(layers):  # the compressed layer's outputs feed the next layer
                 inputs = inputs.advanced(inputs.forward(layer, index))
             layer.to(home, dtype=storage) if wide is not None else layer.to(home)
+            if layer_io is not None:
+                layer_io.done(index, layer, report)
             # layer-end events carry no "module" key (the pipeline uses that to tell them apart)
             emit({"stage": "compress", "layer": index, "layers": len(layers),
                   "seconds": time.perf_counter() - layer_start, "memory_mb": _memory_mb(device),

@@ -88,7 +88,7 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
         ignore.extend(x for x in m.ignore if x not in ignore)
     if not groups and recipe.kv_cache is None:
         return None
-    quantized = {name for name, r in report.modules.items() if r.codes is not None}
+    quantized = {name for name, r in report.modules.items() if r.codes is not None or r.written}
     names = CheckpointNames.for_model(model)
     for name, module in model.named_modules():
         # Every Linear we did not quantize must be ignored explicitly, or loaders would expect scales.
@@ -107,12 +107,14 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
             "version": EXPORTER_VERSION}
 
 
-def sparsity_config(model: torch.nn.Module, recipe: Recipe, report: CompressionReport) -> dict | None:
+def sparsity_config(model: torch.nn.Module, recipe: Recipe, report: CompressionReport,
+                    parameter_counts: tuple[int, int] | None = None) -> dict | None:
     """compressed-tensors' ``sparsity_config`` for a pruned model stored dense, or None when nothing was pruned.
 
     ``targets``/``ignore`` are the pruning modifier's, plus every Linear it left dense (so a reader
     applying the 2:4 kernel to the targets never hits a dense matrix); ``global_sparsity`` is the
-    fraction of zeros over all of the model's parameters (tied weights once), as llm-compressor reports it.
+    fraction of zeros over all of the model's parameters (tied weights once), as llm-compressor reports it
+    (``parameter_counts``: (zeros, total) counted by the streaming export while each layer was in memory).
     """
     stats = report.sparsity_stats()
     if not stats:
@@ -129,14 +131,20 @@ def sparsity_config(model: torch.nn.Module, recipe: Recipe, report: CompressionR
         if isinstance(module, torch.nn.Linear) and name not in pruned and matches_any(
                 targets, name, type(module).__name__) and not matches_any(ignore, name, type(module).__name__):
             ignore.append(name)
-    zeros = total = 0
-    for p in model.parameters():  # parameters() yields a tied tensor once
-        total += p.numel()
-        zeros += int((p == 0).sum())
+    zeros, total = parameter_counts if parameter_counts is not None else zero_counts(model.parameters())
     structure = stats["sparsity_structure"]
     return {"format": "dense", "sparsity_structure": "unstructured" if structure == "0:0" else structure,
             "global_sparsity": round(zeros / total, 6) if total else 0.0,
             "targets": targets or ["Linear"], "ignore": ignore, "registry_requires_subclass": False}
+
+
+def zero_counts(parameters) -> tuple[int, int]:
+    """(zeros, elements) over ``parameters`` (``model.parameters()`` yields a tied tensor once)."""
+    zeros = total = 0
+    for p in parameters:
+        total += p.numel()
+        zeros += int((p == 0).sum())
+    return zeros, total
 
 
 def sparse_only_quantization_config(sparsity: dict) -> dict:
@@ -170,7 +178,8 @@ def portable_config(config: dict) -> dict:
 
 
 def checkpoint_config(model: torch.nn.Module, recipe: Recipe, report: CompressionReport,
-                      dtype: torch.dtype, compressor_meta: dict) -> dict:
+                      dtype: torch.dtype, compressor_meta: dict,
+                      parameter_counts: tuple[int, int] | None = None) -> dict:
     """config.json of the exported checkpoint: the model's config made portable, with its class in
     ``architectures``, the storage dtype, and the compressed-tensors quantization/sparsity configs."""
     config = portable_config(model.config.to_dict())
@@ -179,7 +188,7 @@ def checkpoint_config(model: torch.nn.Module, recipe: Recipe, report: Compressio
     config["architectures"] = model_architectures(model)
     config["dtype"] = str(dtype).removeprefix("torch.")
     qconfig = quantization_config(model, recipe, report)
-    sparsity = sparsity_config(model, recipe, report)
+    sparsity = sparsity_config(model, recipe, report, parameter_counts)
     if sparsity is not None:
         qconfig = qconfig or sparse_only_quantization_config(sparsity)
         qconfig["sparsity_config"] = sparsity
@@ -231,12 +240,20 @@ def checkpoint_state_dict(model: torch.nn.Module, report: CompressionReport,
 
     ``dtype`` (default: the model's) is the storage dtype of every tensor held in the model's own
     floating-point dtype and of the scales; quantized codes keep theirs."""
+    return checkpoint_tensors(model.state_dict().items(), model, report, dtype)
+
+
+def checkpoint_tensors(items, model: torch.nn.Module, report: CompressionReport, dtype: torch.dtype | None = None,
+                       *, model_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """:func:`checkpoint_state_dict` for a part of the model: ``items`` are (module path, tensor) pairs,
+    e.g. the whole ``state_dict`` or one decoder layer's (with its prefix), and only the records and
+    KV-cache scales of modules among them are written. The streaming export calls it once per layer."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     names = CheckpointNames.for_model(model)
     seen: dict[int, str] = {}
     tensors: dict[str, torch.Tensor] = {}
-    model_dtype = next(model.parameters()).dtype
-    for name, tensor in model.state_dict().items():
+    model_dtype = model_dtype or next(model.parameters()).dtype
+    for name, tensor in items:
         name = names.checkpoint(name)
         ptr = tensor.data_ptr()
         if tied and ptr in seen:  # tied lm_head: safetensors refuses shared storage; HF re-ties on load
@@ -247,38 +264,64 @@ def checkpoint_state_dict(model: torch.nn.Module, report: CompressionReport,
                 tensor = tensor.to(dtype)
             tensor = tensor + 0.0  # canonicalize -0.0 → +0.0 (2:4 zeros; vLLM PR #13198)
         tensors[name] = tensor.detach().cpu().contiguous()
-    dtype = dtype or next(model.parameters()).dtype
+    dtype = dtype or model_dtype
     for record in report.modules.values():
-        if record.codes is None:
+        if record.codes is None or f"{record.name}.weight" not in tensors:
             continue
-        tensors.pop(f"{record.name}.weight", None)
+        tensors.pop(f"{record.name}.weight")
         tensors.update(_module_tensors(record, dtype))
+    parents = {n[:i] for n in tensors for i, c in enumerate(n) if c == "."}  # every module path holding a tensor
     for name, scale in getattr(report, "kv_scales", {}).items():  # <attention>.k_scale / .v_scale
-        tensors[name] = scale.to(dtype).reshape(1).contiguous()
+        if name.rsplit(".", 1)[0] in parents:
+            tensors[name] = scale.to(dtype).reshape(1).contiguous()
     return tensors
 
 
+class ShardWriter:
+    """Safetensors shards written as tensors arrive: a shard is saved as soon as the next tensor would
+    take it past ``max_shard_bytes``, so at most one shard's tensors are held at a time. Shards are
+    numbered ``model-0000k-of-0000N.safetensors`` (renamed once N is known) with the index next to them."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.out, self.max_shard_bytes = Path(out_dir), max_shard_bytes
+        self.parts: list[tuple[Path, list[str]]] = []
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if self.buffer and self.size + nbytes > self.max_shard_bytes:
+                self._flush()
+            self.buffer[name] = t
+            self.size += nbytes
+            self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.out / f".part-{len(self.parts) + 1:05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        self.parts.append((path, list(self.buffer)))
+        self.buffer, self.size = {}, 0
+
+    def finish(self) -> list[str]:
+        if self.buffer or not self.parts:
+            self._flush()
+        n = len(self.parts)
+        weight_map, files = {}, []
+        for k, (path, names) in enumerate(self.parts, start=1):
+            fname = f"model-{k:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / fname)
+            files.append(fname)
+            weight_map.update({name: fname for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return files + ["model.safetensors.index.json"]
+
+
 def _write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[str]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    n = len(shards)
-    weight_map, files = {}, []
-    for k, shard in enumerate(shards, start=1):
-        fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(out_dir / fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return files + ["model.safetensors.index.json"]
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    writer.add(tensors)
+    return writer.finish()
 
 
 def export_checkpoint(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, report: CompressionReport,
@@ -292,10 +335,17 @@ def export_checkpoint(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, re
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or next(model.parameters()).dtype
     files = _write_shards(checkpoint_state_dict(model, report, dtype), out, max_shard_bytes)
+    return write_checkpoint_files(model, tokenizer, recipe, report, out, dtype, files)
 
+
+def write_checkpoint_files(model: torch.nn.Module, tokenizer: Any, recipe: Recipe, report: CompressionReport,
+                           out: Path, dtype: torch.dtype, files: list[str], *,
+                           parameter_counts: tuple[int, int] | None = None) -> dict:
+    """Everything of the checkpoint but its tensors (written already, ``files``): config.json with the
+    compressed-tensors configs, compressor.json, recipe.yaml, generation config and tokenizer."""
     compressor_meta = {"version": EXPORTER_VERSION, "preset": recipe.preset, "recipe": recipe.describe(),
                        "sparsity": report.sparsity_stats(), "fallbacks": report.fallbacks}
-    config = checkpoint_config(model, recipe, report, dtype, compressor_meta)
+    config = checkpoint_config(model, recipe, report, dtype, compressor_meta, parameter_counts)
     qconfig = config.get("quantization_config")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (out / "compressor.json").write_text(json.dumps({**compressor_meta, "report": report.summary()}, indent=2) + "\n")

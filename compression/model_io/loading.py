@@ -54,6 +54,7 @@ class LoadedModel:
     tokenizer: Any
     source: ModelSource
     identity: dict = field(default_factory=dict)  # {"name", "revision", "fingerprint"}
+    streamed: Any = None  # compression.model_io.streaming.StreamedModel when its layers stay on disk
 
 
 def demo_model_dir() -> Path:
@@ -166,12 +167,27 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
+def model_location(resolved: ModelSource, *, trust_remote_code: bool = False) -> Path:
+    """The directory holding a local or Hub model's files (a Hub snapshot is fetched, weights included)."""
+    if resolved.kind == "hub":
+        try:
+            return hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise _source_error(resolved, exc, "could not load") from exc
+    return Path(resolved.value)
+
+
 def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), trust_remote_code: bool = False,
-               dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
-    """Load model + tokenizer on CPU (the engine moves one decoder layer at a time to `device`)."""
+               dtype: torch.dtype | None = None, device: str = "cpu", streamed: bool = False) -> LoadedModel:
+    """Load model + tokenizer on CPU (the engine moves one decoder layer at a time to `device`).
+
+    ``streamed``: only the tensors outside the decoder layers are loaded; the layers are read from
+    the safetensors shards when used (:mod:`compression.model_io.streaming`; local and Hub sources)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = check_model_source(source, allowed_roots=allowed_roots)
+    if streamed and resolved.kind == "demo":
+        raise ModelSourceError("the demo model is a GGUF file and cannot be streamed from safetensors shards")
     dtype = dtype or default_dtype(device)
     common: dict[str, Any] = {"dtype": dtype}
     try:
@@ -187,7 +203,13 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
                 location = str(hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code))
             kwargs = dict(common, trust_remote_code=trust_remote_code, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            if streamed:
+                from compression.model_io.streaming import load_streamed
+
+                stream = load_streamed(location, dtype=dtype, trust_remote_code=trust_remote_code)
+                model = stream.model
+            else:
+                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             if resolved.kind == "local":
                 revision = "local"
                 fingerprint = _dir_fingerprint(Path(location))
@@ -202,8 +224,9 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
     model.eval()
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    log.info("loaded %s (%s) as %s", resolved.value, resolved.kind, dtype)
-    return LoadedModel(model=model, tokenizer=tokenizer, source=resolved, identity=identity)
+    log.info("loaded %s (%s) as %s%s", resolved.value, resolved.kind, dtype, " (layers streamed)" if streamed else "")
+    return LoadedModel(model=model, tokenizer=tokenizer, source=resolved, identity=identity,
+                       streamed=stream if streamed else None)
 
 
 def _source_error(source: ModelSource, exc: Exception, doing: str) -> ModelSourceError:

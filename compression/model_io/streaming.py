@@ -1,0 +1,413 @@
+"""Models larger than memory: decoder layers read lazily from the safetensors shards.
+
+:func:`load_streamed` builds the model's skeleton with its parameters on the meta device
+(``accelerate.init_empty_weights(include_buffers=False)``: no weight memory, rotary tables and other
+computed buffers real), then materializes only what lies outside the decoder layers (embeddings,
+final norm, LM head; tied weights re-tied). Each decoder layer's tensors are read from the shards
+(``safetensors.safe_open``: one memory-mapped tensor at a time, never the whole state dict) when
+the layer is needed and put back on the meta device afterwards:
+
+* compression (:func:`compression.sequential.compress_model` with ``layer_io=``): ``load`` before
+  a layer is processed, ``done`` after it: its tensors go through the export's own per-module
+  logic (:func:`compression.model_io.export.checkpoint_tensors`) into a
+  :class:`compression.model_io.export.ShardWriter` (a shard is saved as soon as it is full), its
+  codes are dropped from the report, and the layer is released;
+* evaluation (:meth:`StreamedModel.lazy_layers`): a forward pre-hook loads each layer, a forward
+  hook releases it, so lm-eval and the perplexity loop see an ordinary model object.
+
+:meth:`StreamedModel.finish_export` writes the tensors outside the layers, renames the shards
+(``model-0000k-of-0000N``), writes the index and then config.json, tokenizer, recipe exactly as
+:func:`compression.model_io.export.export_checkpoint` does. Peak host memory is the tensors outside
+the layers, two copies of one layer (the stored dtype and the compute dtype while converting), the
+calibration activations, one layer's solver workspace and one shard: it does not grow with depth.
+
+:func:`plan_memory` decides, before any work, whether a job streams (see its docstring) and
+refuses a job that cannot fit (:class:`MemoryPlanError`, naming the setting to change).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from compression.errors import RecipeError
+
+log = logging.getLogger(__name__)
+
+STREAMING_ENV = "COMPRESSOR_STREAMING"  # auto (default) | always | never
+HOST_MEMORY_ENV = "COMPRESSOR_HOST_MEMORY_BYTES"  # the worker's host-memory budget (default: what is available)
+DEVICE_MEMORY_ENV = "COMPRESSOR_DEVICE_MEMORY_BYTES"  # the compute device's budget (default: free CUDA memory)
+MIN_STREAM_SHARD_BYTES = 64 * 2 ** 20
+
+
+class MemoryPlanError(RecipeError):
+    """The job cannot fit the worker's memory plan; ``field`` names the setting to change."""
+
+
+# -- reading the source checkpoint ----------------------------------------------------------------
+class ShardReader:
+    """Tensor name → shard file of a safetensors model directory (index or single file); reads
+    tensors one at a time through ``safe_open`` (memory-mapped), each file closed after a read."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+            self.files = {str(k): self.directory / str(v) for k, v in weight_map.items()}
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            self.files = {}
+            for path in files:
+                with safe_open(str(path), framework="pt") as handle:
+                    self.files.update({name: path for name in handle.keys()})
+        self._shapes: dict[str, tuple[list[int], str]] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def headers(self) -> dict[str, tuple[list[int], str]]:
+        """name → (shape, safetensors dtype) from the files' headers (no tensor data read)."""
+        if self._shapes is None:
+            from safetensors import safe_open
+
+            shapes: dict[str, tuple[list[int], str]] = {}
+            for path in sorted(set(self.files.values())):
+                with safe_open(str(path), framework="pt") as handle:
+                    for name in handle.keys():
+                        sl = handle.get_slice(name)
+                        shapes[name] = (list(sl.get_shape()), sl.get_dtype())
+            self._shapes = shapes
+        return self._shapes
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The named tensors, floating-point ones cast to ``dtype``, on ``device``."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for path, wanted in by_file.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for name in wanted:
+                    t = handle.get_tensor(name)
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                        t = t.to(dtype)
+                    out[name] = t.to(device)
+        return out
+
+
+_ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
+def _assign(root: torch.nn.Module, path: str, tensor: torch.Tensor) -> None:
+    owner_path, _, attr = path.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    if attr in owner._parameters:
+        owner._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
+
+
+# -- the streamed model ---------------------------------------------------------------------------
+class StreamedModel:
+    """A model whose decoder layers stay on disk until used (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, reader: ShardReader, prefix: str, layers: torch.nn.ModuleList,
+                 dtype: torch.dtype):
+        self.model, self.reader, self.prefix, self.layers, self.dtype = model, reader, prefix, layers, dtype
+        self.writer = None
+        self.storage_dtype: torch.dtype | None = None
+        self.counts = [0, 0]  # zeros, elements of the parameters written (sparsity_config)
+        self.loads = 0  # layer loads so far (tests, logs)
+
+    def layer_names(self, index: int) -> list[str]:
+        return list(self.layers[index].state_dict(keep_vars=True))
+
+    def load(self, index: int, layer: torch.nn.Module, device: torch.device | str = "cpu") -> None:
+        """Read decoder layer ``index`` from the shards onto ``device`` (compute dtype)."""
+        prefix = f"{self.prefix}.{index}"
+        local = self.layer_names(index)
+        tensors = self.reader.read([f"{prefix}.{n}" for n in local], self.dtype, device)
+        for name in local:
+            _assign(layer, name, tensors.pop(f"{prefix}.{name}"))
+        self.loads += 1
+
+    def release(self, index: int, layer: torch.nn.Module) -> None:
+        """Put decoder layer ``index`` back on the meta device (its memory is freed)."""
+        for name, t in layer.state_dict(keep_vars=True).items():
+            _assign(layer, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+
+    # compression: compress_model(layer_io=self)
+    def done(self, index: int, layer: torch.nn.Module, report: Any) -> None:
+        """Layer ``index`` is compressed: write its checkpoint tensors, drop its codes, release it."""
+        if self.writer is not None:
+            from compression.model_io.export import checkpoint_tensors, zero_counts
+
+            prefix = f"{self.prefix}.{index}"
+            items = [(f"{prefix}.{n}", t) for n, t in layer.state_dict().items()]
+            self.writer.add(checkpoint_tensors(items, self.model, report, self.storage_dtype, model_dtype=self.dtype))
+            zeros, total = zero_counts(layer.parameters())
+            self.counts[0] += zeros
+            self.counts[1] += total
+            for record in report.modules.values():
+                if record.name.startswith(prefix + ".") and record.codes is not None:
+                    record.codes = record.scale = record.zero_point = record.g_idx = record.global_scale = None
+                    record.written = True
+        self.release(index, layer)
+
+    def begin_export(self, out_dir: str | os.PathLike, storage_dtype: torch.dtype,
+                     max_shard_bytes: int | None = None) -> None:
+        """Layers finished from now on are written into ``out_dir`` as they finish."""
+        from compression.model_io.export import ShardWriter
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.storage_dtype = storage_dtype
+        self.writer = ShardWriter(out, max_shard_bytes or self.shard_bytes(storage_dtype))
+
+    def shard_bytes(self, storage_dtype: torch.dtype) -> int:
+        """Shard size of a streamed export: about one dense layer in the storage dtype (at least
+        64 MiB, at most the usual 2 GiB), so the shard being filled never outgrows one layer."""
+        from compression.model_io.export import DEFAULT_SHARD_BYTES
+
+        item = torch.empty((), dtype=storage_dtype).element_size()
+        headers = self.reader.headers()
+        layer = max((sum(_numel(headers[f"{self.prefix}.{i}.{n}"][0]) for n in self.layer_names(i))
+                     for i in range(len(self.layers))), default=0)
+        return int(min(DEFAULT_SHARD_BYTES, max(MIN_STREAM_SHARD_BYTES, layer * item)))
+
+    def finish_export(self, tokenizer: Any, recipe: Any, report: Any) -> dict:
+        """The tensors outside the decoder layers, the index, then config/tokenizer/recipe files."""
+        from compression.model_io.export import checkpoint_tensors, write_checkpoint_files, zero_counts
+
+        inside = self.prefix + "."
+        items = [(n, t) for n, t in self.model.state_dict().items() if not n.startswith(inside)]
+        self.writer.add(checkpoint_tensors(items, self.model, report, self.storage_dtype, model_dtype=self.dtype))
+        zeros, total = zero_counts(p for n, p in self.model.named_parameters() if not n.startswith(inside))
+        files = self.writer.finish()
+        counts = (self.counts[0] + zeros, self.counts[1] + total)
+        return write_checkpoint_files(self.model, tokenizer, recipe, report, self.writer.out, self.storage_dtype,
+                                      files, parameter_counts=counts)
+
+    # evaluation
+    @contextmanager
+    def lazy_layers(self, device: torch.device | str = "cpu") -> Iterator[torch.nn.Module]:
+        """The model, usable as a whole: each decoder layer is read from disk (onto ``device``) right
+        before its forward pass and released right after; the rest of the model moves to ``device``."""
+        handles = []
+        for index, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(
+                lambda module, args, kwargs, i=index: self.load(i, module, device), with_kwargs=True))
+            handles.append(layer.register_forward_hook(
+                lambda module, args, kwargs, output, i=index: self.release(i, module), with_kwargs=True))
+        moved = torch.device(device).type != "cpu"
+        if moved:
+            self._outside_layers(device)
+        try:
+            yield self.model
+        finally:
+            for handle in handles:
+                handle.remove()
+            for index, layer in enumerate(self.layers):  # a forward pass that raised may leave one loaded
+                if any(t.device.type != "meta" for t in layer.state_dict().values()):
+                    self.release(index, layer)
+            if moved:
+                self._outside_layers("cpu")
+
+    def _outside_layers(self, device: torch.device | str) -> None:
+        parent_name, _, attr = self.prefix.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        setattr(parent, attr, torch.nn.ModuleList())
+        try:
+            self.model.to(device)
+        finally:
+            setattr(parent, attr, self.layers)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def streaming_refusal(model: torch.nn.Module, reader: ShardReader) -> str | None:
+    """Why this model cannot be streamed from these shards (None: it can): fused MoE experts (the
+    checkpoint stores experts one by one, transformers fuses them on load), or tensors whose names or
+    shapes in the checkpoint differ from the model's (a family transformers renames on load)."""
+    from compression.model_io.moe import is_fused_experts
+    from compression.model_io.walk import decoder_layers
+
+    prefix, layers = decoder_layers(model)
+    if any(is_fused_experts(m) for m in layers.modules()):
+        return (f"{type(model).__name__} has fused MoE experts, which transformers builds from per-expert "
+                "tensors on load; streaming reads tensors by name and does not fuse them")
+    headers = reader.headers()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name not in headers:
+            if tied and name.endswith("lm_head.weight"):
+                continue
+            return f"the checkpoint has no tensor {name!r} (its tensors are named differently from the model's)"
+        if list(headers[name][0]) != list(t.shape):
+            return f"{name} is {headers[name][0]} in the checkpoint but {list(t.shape)} in the model"
+    return None
+
+
+def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code: bool = False,
+                  config: Any = None, check_only: bool = False) -> StreamedModel | None:
+    """The model at ``location`` (a safetensors directory) with only the tensors outside its decoder
+    layers in memory; raises :class:`MemoryPlanError` (field ``model``) when it cannot be streamed.
+    ``check_only``: read the shards' headers only, return None."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from compression.model_io.walk import decoder_layers
+
+    config = config or AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.eval()
+    reader = ShardReader(location)
+    reason = streaming_refusal(model, reader)
+    if reason:
+        raise MemoryPlanError("model", f"cannot stream this model layer by layer: {reason}")
+    if check_only:
+        return None
+    prefix, layers = decoder_layers(model)
+    outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(prefix + ".") and n in reader]
+    for name, tensor in reader.read(outside, dtype).items():
+        _assign(model, name, tensor)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, t in model.state_dict(keep_vars=True).items()
+            if not n.startswith(prefix + ".") and t.device.type == "meta"]
+    if left:
+        raise MemoryPlanError("model", f"cannot stream this model: {', '.join(left[:3])} not found in the checkpoint")
+    return StreamedModel(model, reader, prefix, layers, dtype)
+
+
+# -- the memory plan ------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    """How a job will use memory, decided before any work: ``mode`` "in-memory" or "streaming"."""
+
+    mode: str
+    reason: str
+    host_budget_bytes: int
+    in_memory_bytes: int
+    streaming_bytes: int
+    device_budget_bytes: int | None = None
+    device_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def host_budget() -> int:
+    """$COMPRESSOR_HOST_MEMORY_BYTES, else what this process holds plus what the host has available."""
+    value = os.environ.get(HOST_MEMORY_ENV)
+    if value:
+        return _positive_int(value, HOST_MEMORY_ENV)
+    import psutil
+
+    return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+
+
+def device_budget(device: str) -> int | None:
+    """$COMPRESSOR_DEVICE_MEMORY_BYTES, else the free memory of a CUDA device; None for the CPU
+    (its memory is the host's, planned with the host budget)."""
+    value = os.environ.get(DEVICE_MEMORY_ENV)
+    if value:
+        return _positive_int(value, DEVICE_MEMORY_ENV)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    return None
+
+
+def _positive_int(value: str, name: str) -> int:
+    try:
+        number = int(float(value))
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise MemoryPlanError(name, f"must be a positive number of bytes, got {value!r}")
+    return number
+
+
+def streaming_setting(spec: dict) -> str:
+    value = str(spec.get("streaming") or os.environ.get(STREAMING_ENV) or "auto").lower()
+    if value not in ("auto", "always", "never"):
+        raise MemoryPlanError(STREAMING_ENV, f"must be auto, always or never, got {value!r}")
+    return value
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: str | None = None,
+                host_bytes: int | None = None, device_bytes: int | None = None, samples: int = 0,
+                seqlen: int = 0) -> MemoryPlan:
+    """Choose in-memory or streaming for a job whose pre-flight ``report`` is given, or refuse it.
+
+    ``can_stream``: None when the source can be streamed, else why not. ``setting``: ``never``
+    keeps today's in-memory path, ``always`` streams (refused when the source cannot be), ``auto``
+    streams only when the in-memory estimate exceeds the host budget and the streaming one fits
+    (streaming re-reads every layer from disk for each evaluation pass, so it is not the default).
+    Refusals (:class:`MemoryPlanError`): calibration activations that do not fit the device or the
+    host (field ``calibration.samples``, with the largest count that fits), a model that fits
+    neither way (field ``COMPRESSOR_HOST_MEMORY_BYTES``)."""
+    host = host_budget() if host_bytes is None else host_bytes
+    dev = device_budget(device) if device_bytes is None else device_bytes
+    in_memory = int(report.peak_host_mb * 2 ** 20)
+    streaming = int(report.peak_host_streaming_mb * 2 ** 20)
+    activations = int(report.activation_mb * 2 ** 20)
+    plan = MemoryPlan("in-memory", "", host, in_memory, streaming, dev, int(report.peak_device_mb * 2 ** 20))
+    if dev is not None and not device.startswith("cpu") and plan.device_bytes > dev:
+        # the device holds 1.5x (workspace factor) the activations entering and leaving a layer
+        _refuse_calibration(plan.device_bytes, int(1.5 * activations), dev, samples, seqlen, f"the {device} device")
+        raise MemoryPlanError(DEVICE_MEMORY_ENV, f"one decoder layer with its solver workspace needs about "
+                              f"{_mb(plan.device_bytes)} on {device}, more than its {_mb(dev)}; run the job on a "
+                              "device with more memory")
+    if setting == "always" and can_stream:
+        raise MemoryPlanError(STREAMING_ENV, f"{STREAMING_ENV}=always but {can_stream}")
+    stream = setting == "always" or (setting == "auto" and in_memory > host and not can_stream)
+    need = streaming if stream else in_memory
+    if need > host:
+        host_activations = activations if device.startswith("cpu") else 0
+        _refuse_calibration(need, host_activations, host, samples, seqlen, "host memory")
+        how = (f"streamed layer by layer it still needs {_mb(streaming)}" if not can_stream else
+               f"it cannot be streamed ({can_stream})")
+        raise MemoryPlanError(HOST_MEMORY_ENV, f"the job needs about {_mb(in_memory)} of host memory in memory and "
+                              f"{how}, but the worker's budget is {_mb(host)}; run it on a worker with more "
+                              f"memory (raise {HOST_MEMORY_ENV}) or choose a smaller model")
+    plan.mode = "streaming" if stream else "in-memory"
+    plan.reason = ("streaming forced by the setting" if setting == "always" else
+                   f"the in-memory estimate {_mb(in_memory)} exceeds the budget {_mb(host)}" if stream else
+                   f"the in-memory estimate {_mb(in_memory)} fits the budget {_mb(host)}")
+    return plan
+
+
+def _refuse_calibration(need: int, activations: int, budget: int, samples: int, seqlen: int, where: str) -> None:
+    """Refuse naming ``calibration.samples`` when the activations are what does not fit."""
+    if not activations or not samples or need - activations > budget:
+        return
+    per_sample = activations / samples
+    fits = max(0, int((budget - (need - activations)) // per_sample))
+    raise MemoryPlanError("calibration.samples", f"{samples} samples x {seqlen} tokens need about {_mb(activations)} "
+                          f"of activations, more than {where} can hold ({_mb(budget)} in all); use at most "
+                          f"{fits} samples or shorter ones (calibration.seqlen)")
