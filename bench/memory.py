@@ -1,0 +1,128 @@
+"""Peak host memory of a real job against model depth, streamed and in memory (issue 12, item 1).
+
+    python bench/memory.py [--layers 4 20] [--modes streaming in-memory] [--samples 16] [--seqlen 256]
+
+Builds random Llamas of one width (hidden 1024, MLP 4096, 16 heads, tied embeddings, the demo
+tokenizer's 49,152-token vocabulary) and 4 vs 20 decoder layers from ``LlamaConfig``, saved as
+bfloat16 safetensors under var/bench-memory/. Each job (W4A16 GPTQ by default, ``--recipe FP8`` for calibrated static scales without a GPTQ sweep; built-in calibration set, no
+evaluation, no speed run) runs in its own Python process through ``compression.pipeline.run_job``
+with ``streaming`` forced to each mode; the child reports its own peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and the memory plan's pre-flight estimate of the
+same path. Writes bench/results/memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "var" / "bench-memory"
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+import torch
+from compression.pipeline import run_job
+from compression.recipe import Recipe
+spec = json.loads({spec!r})
+spec["recipe"] = Recipe.from_preset(spec.pop("preset")).to_dict()
+torch.manual_seed(0)
+started = time.monotonic()
+results = run_job(spec, {out!r})
+print("RESULT " + json.dumps({{"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                              "seconds": round(time.monotonic() - started, 1), "memory": results["memory"],
+                              "compress_s": results["timings"].get("compress_s"),
+                              "export_s": results["timings"].get("export_s")}}))
+"""
+
+
+def build_model(layers: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO))
+    from tests.tiny import demo_tokenizer
+
+    path = WORK / f"llama-h1024-l{layers}"
+    if (path / "config.json").is_file():
+        return path
+    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(layers)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    demo_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(model_dir: Path, mode: str, samples: int, seqlen: int, preset: str) -> dict:
+    out = WORK / f"out-{model_dir.name}-{mode}-{os.getpid()}"
+    spec = {"preset": preset, "model": str(model_dir), "allowed_roots": [str(WORK)], "device": "cpu",
+            "streaming": "always" if mode == "streaming" else "never",
+            "calibration": {"source": "builtin:chat-v1", "samples": samples, "seqlen": seqlen},
+            "evaluation": {"tasks": [], "speed": False}}
+    code = CHILD.format(repo=str(REPO), spec=json.dumps(spec), out=str(out))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"job failed ({mode}, {model_dir.name}): {proc.stderr[-3000:]}")
+    result = json.loads(line[len("RESULT "):])
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    plan = result["memory"]
+    estimate = plan["streaming_bytes"] if mode == "streaming" else plan["in_memory_bytes"]
+    return {"model": model_dir.name, "mode": mode, "peak_rss_mb": round(result["peak_rss_bytes"] / 1e6, 1),
+            "estimate_mb": round(estimate / 1e6, 1),
+            "estimate_error": round(estimate / result["peak_rss_bytes"] - 1, 3),
+            "seconds": result["seconds"], "compress_s": result["compress_s"], "export_s": result["export_s"]}
+
+
+def _recipe_summary(preset: str) -> str:
+    sys.path.insert(0, str(REPO))
+    from compression.recipe import Recipe
+
+    return f"{preset}: " + Recipe.from_preset(preset).describe()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 20])
+    parser.add_argument("--modes", nargs="+", default=["streaming", "in-memory"], choices=["streaming", "in-memory"])
+    parser.add_argument("--recipe", default="W4A16", help="a preset (FP8: calibrated static scales, no GPTQ sweep)")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory.json"))
+    args = parser.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    rows = []
+    for mode in args.modes:
+        for layers in args.layers:
+            row = run(build_model(layers), mode, args.samples, args.seqlen, args.recipe)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    record = {"command": "python bench/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+              "recipe": _recipe_summary(args.recipe), "calibration": {"source": "builtin:chat-v1",
+                                                                   "samples": args.samples, "seqlen": args.seqlen},
+              "model": "random Llama, hidden 1024, MLP 4096, 16 heads, vocab 49152, tied, bfloat16 safetensors",
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{'model':>20} {'mode':>10} {'peak RSS MB':>12} {'estimate MB':>12} {'error':>7}")
+    for r in rows:
+        print(f"{r['model']:>20} {r['mode']:>10} {r['peak_rss_mb']:>12} {r['estimate_mb']:>12} "
+              f"{r['estimate_error']:>+7.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

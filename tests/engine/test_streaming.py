@@ -1,0 +1,191 @@
+"""Streaming (compression/model_io/streaming.py): decoder layers read lazily from the safetensors
+shards, compressed and written shard by shard. The streamed job must produce the same checkpoint as
+the in-memory one, hold at most one decoder layer at a time, and refuse what it cannot do."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from compression.model_io.streaming import MemoryPlanError, ShardReader, load_streamed, plan_memory
+from compression.pipeline import run_job
+from compression.recipe import Recipe
+from tests.engine.conftest import random_calibration
+from tests.tiny import save_tiny_llama, tiny_family_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _spec(model_dir: Path, preset: str, streaming: str, **extra) -> dict:
+    return {"job_id": "s", "model": str(model_dir), "recipe": Recipe.from_preset(preset).to_dict(),
+            "allowed_roots": [str(model_dir.parent)], "evaluation": {"tasks": [], "speed": False},
+            "streaming": streaming, "calibration": {"source": "builtin:chat-v1", "samples": 4, "seqlen": 32},
+            "device": "cpu", **extra}
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny", layers=3)
+
+
+@pytest.mark.parametrize("preset", ["W4A16", "2:4+W4A16", "FP8+KV_FP8"])
+def test_streamed_job_writes_the_same_checkpoint_as_the_in_memory_job(model_dir, tmp_path, preset):
+    torch.manual_seed(0)
+    dense = run_job(_spec(model_dir, preset, "never"), tmp_path / "dense")
+    torch.manual_seed(0)
+    streamed = run_job(_spec(model_dir, preset, "always"), tmp_path / "streamed")
+    assert dense["memory"]["mode"] == "in-memory" and streamed["memory"]["mode"] == "streaming"
+    for name in ("model.safetensors.index.json", "config.json", "recipe.yaml"):
+        assert (tmp_path / "dense" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+    shards = sorted(p.name for p in (tmp_path / "dense").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "streamed").glob("*.safetensors"))
+    for shard in shards:  # one shard each: the same tensors, hence the very same bytes
+        assert (tmp_path / "dense" / shard).read_bytes() == (tmp_path / "streamed" / shard).read_bytes()
+    assert streamed["compression"]["modules"] == dense["compression"]["modules"]
+    assert streamed["evaluation"]["compressed_runtime"].startswith("not loaded")
+
+
+def test_layers_are_read_one_at_a_time_and_released(model_dir, tmp_path):
+    from compression.sequential import compress_model
+
+    streamed = load_streamed(model_dir, dtype=torch.float32)
+    layers = streamed.layers
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    assert streamed.model.get_input_embeddings().weight.device.type == "cpu"
+    resident: list[int] = []
+
+    def watch(event: dict) -> None:
+        resident.append(sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in layers))
+
+    streamed.begin_export(tmp_path / "out", torch.float32, max_shard_bytes=200_000)  # several shards
+    report = compress_model(streamed.model, Recipe.from_preset("W4A16"), random_calibration(2, 16),
+                            progress=watch, layer_io=streamed)
+    assert resident and max(resident) == 1  # never more than the layer being compressed
+    assert streamed.loads == len(layers)
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    assert all(r.codes is None and r.written for r in report.modules.values())  # codes left with their shard
+    exported = streamed.finish_export(None, Recipe.from_preset("W4A16"), report)
+    shards = [f for f in exported["files"] if f.endswith(".safetensors")]
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    written = _tensors(tmp_path / "out")
+    assert set(index["weight_map"]) == set(written)
+    assert "model.layers.2.mlp.down_proj.weight_packed" in written and "lm_head.weight" in written
+    assert not list((tmp_path / "out").glob(".part-*"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]
+
+
+def test_lazy_layers_give_the_same_logits_as_the_loaded_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    ids = random_calibration(1, 12)[0]["input_ids"]
+    whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    streamed = load_streamed(model_dir, dtype=torch.float32)
+    with torch.no_grad(), streamed.lazy_layers("cpu") as model:
+        logits = model(input_ids=ids).logits
+    assert torch.equal(logits, whole(input_ids=ids).logits)
+    assert all(p.device.type == "meta" for p in streamed.layers.parameters())
+    assert streamed.loads == len(streamed.layers)
+
+
+def test_shard_reader_reads_single_tensors_from_an_indexed_checkpoint(model_dir):
+    reader = ShardReader(model_dir)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert name in reader and reader.headers()[name][0] == [128, 128]
+    tensor = reader.read([name], torch.float32)[name]
+    assert tensor.shape == (128, 128) and tensor.dtype == torch.float32
+
+
+def test_fused_moe_experts_are_refused_in_streaming_mode(tmp_path):
+    directory = tmp_path / "models" / "mixtral"
+    tiny_family_model("mixtral").save_pretrained(directory, safe_serialization=True)
+    with pytest.raises(MemoryPlanError) as err:
+        load_streamed(directory, dtype=torch.float32)
+    assert err.value.field == "model" and "fused MoE experts" in err.value.message
+
+
+def _no_output(tmp_path: Path, name: str) -> None:
+    assert not (tmp_path / name).exists()
+    assert not list(tmp_path.glob(f".tmp-{name}-*"))
+
+
+def test_a_model_too_large_for_the_host_budget_is_refused_before_any_work(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(50 * 2 ** 20))
+    events = []
+    with pytest.raises(MemoryPlanError) as err:
+        run_job(_spec(model_dir, "W4A16", "auto"), tmp_path / "out", progress=events.append)
+    assert err.value.field == "COMPRESSOR_HOST_MEMORY_BYTES"
+    assert "streamed layer by layer it still needs" in err.value.message
+    assert not any(e.get("stage") == "compress" for e in events)
+    _no_output(tmp_path, "out")
+
+
+def test_too_many_calibration_samples_for_the_host_name_calibration_samples(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(4 * 2 ** 30))
+    spec = _spec(model_dir, "W4A16", "auto")
+    spec["calibration"] = {"source": "builtin:chat-v1", "samples": 100_000, "seqlen": 512}
+    with pytest.raises(MemoryPlanError) as err:
+        run_job(spec, tmp_path / "out")
+    assert err.value.field == "calibration.samples"
+    assert "100000 samples" in err.value.message and "use at most" in err.value.message
+    _no_output(tmp_path, "out")
+
+
+def test_always_streaming_a_source_that_cannot_stream_is_refused(tmp_path):
+    directory = tmp_path / "models" / "mixtral"
+    tiny_family_model("mixtral").save_pretrained(directory, safe_serialization=True)
+    with pytest.raises(MemoryPlanError) as err:
+        run_job(_spec(directory, "FP8_DYNAMIC", "always"), tmp_path / "out")
+    assert err.value.field == "COMPRESSOR_STREAMING" and "fused MoE experts" in err.value.message
+    _no_output(tmp_path, "out")
+
+
+class _Report:
+    def __init__(self, host_mb, streaming_mb, device_mb=100.0, activation_mb=10.0):
+        self.peak_host_mb, self.peak_host_streaming_mb = host_mb, streaming_mb
+        self.peak_device_mb, self.activation_mb = device_mb, activation_mb
+
+
+MB = 2 ** 20
+
+
+def test_auto_streams_only_when_the_in_memory_plan_does_not_fit():
+    assert plan_memory(_Report(800, 300), device="cpu", host_bytes=1000 * MB).mode == "in-memory"
+    plan = plan_memory(_Report(1200, 300), device="cpu", host_bytes=1000 * MB)
+    assert plan.mode == "streaming" and "exceeds" in plan.reason
+    assert plan_memory(_Report(800, 300), device="cpu", setting="always", host_bytes=1000 * MB).mode == "streaming"
+    with pytest.raises(MemoryPlanError) as err:  # it would fit streamed, but this source cannot stream
+        plan_memory(_Report(1200, 300), device="cpu", can_stream="a GGUF file", host_bytes=1000 * MB)
+    assert err.value.field == "COMPRESSOR_HOST_MEMORY_BYTES" and "a GGUF file" in err.value.message
+
+
+def test_calibration_activations_too_large_for_the_device_name_calibration_samples():
+    with pytest.raises(MemoryPlanError) as err:
+        plan_memory(_Report(100, 100, device_mb=3000, activation_mb=1800), device="cuda:0",
+                    host_bytes=10_000 * MB, device_bytes=1000 * MB, samples=512, seqlen=2048)
+    assert err.value.field == "calibration.samples" and "512 samples x 2048 tokens" in err.value.message
+    fits = int(err.value.message.split("use at most ")[1].split()[0])
+    assert 0 < fits < 512
+    with pytest.raises(MemoryPlanError) as err:  # the layer itself does not fit: not the samples' fault
+        plan_memory(_Report(100, 100, device_mb=3000, activation_mb=10), device="cuda:0",
+                    host_bytes=10_000 * MB, device_bytes=1000 * MB, samples=4, seqlen=16)
+    assert err.value.field == "COMPRESSOR_DEVICE_MEMORY_BYTES"
+
+
+def test_a_bad_budget_setting_is_named(monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_HOST_MEMORY_BYTES", "lots")
+    with pytest.raises(MemoryPlanError) as err:
+        plan_memory(_Report(100, 100), device="cpu")
+    assert err.value.field == "COMPRESSOR_HOST_MEMORY_BYTES"
