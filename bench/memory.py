@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory.json"))
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO / "bench"))
+    from machine import machine
     WORK.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     rows = []
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     record = {"command": "python bench/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": {"cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+              "machine": {"description": machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
               "recipe": _recipe_summary(args.recipe), "calibration": {"source": "builtin:chat-v1",
                                                                    "samples": args.samples, "seqlen": args.seqlen},
               "model": "random Llama, hidden 1024, MLP 4096, 16 heads, vocab 49152, tied, bfloat16 safetensors",
