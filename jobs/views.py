@@ -2,18 +2,22 @@
 their own jobs: anything else is a 404, never a 403 that would confirm the job exists."""
 from __future__ import annotations
 
+import hashlib
+import json
+from html import escape  # Django's escape is this plus a lazy-string wrapper that cost a third of the list page
 from uuid import UUID
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
+from django.core.serializers.json import DjangoJSONEncoder
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
-from django.utils.text import Truncator
 from django.utils import timezone
+from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 # jobs.charts is imported where a figure is drawn: it imports plotly, a second of start-up that most
@@ -30,8 +34,10 @@ from .uploads import UploadInUse, delete_upload, limit_text, resolve_source, sto
 
 EVENTS_TAIL = 30
 JOBS_PER_PAGE = 50
-LIST_COLUMNS = ("id", "owner_id", "name", "model_source", "recipe_name", "status", "created_at")
+LIST_COLUMNS = ("id", "name", "model_source", "recipe_name", "status", "created_at")  # the cells of a row
 CHART_CACHE_S = 3600
+PARTS_VERSION = 1  # part of the parts' cache key: raise it when what they hold changes (matters with a shared cache)
+_JSON_SCRIPT_ESCAPES = {ord(">"): "\\u003E", ord("<"): "\\u003C", ord("&"): "\\u0026"}  # as Django's json_script
 _PLACEHOLDER_ID = "00000000-0000-0000-0000-000000000000"
 
 
@@ -56,14 +62,66 @@ def _calibration_label(job: Job) -> str | None:
     return source or None
 
 
-def _detail_context(job: Job) -> dict:
-    events = list(job.events.order_by("-id")[:EVENTS_TAIL])  # newest first: what is happening now
+def _detail_context(job: Job, has_artifact: bool | None = None) -> dict:
+    """What templates/jobs/_progress.html and _results.html are rendered from."""
+    # newest first: what is happening now; only the shown columns, the time formatted here once
+    events = [{"level": level, "stage": stage, "message": message,
+               "time": timezone.localtime(created).strftime("%H:%M:%S")}
+              for level, stage, message, created in JobEvent.objects.filter(job_id=job.id).order_by("-id")
+              .values_list("level", "stage", "message", "created_at")[:EVENTS_TAIL]]
     results = job.results or {}
     metrics = results.get("evaluation", {}).get("metrics", [])
+    if has_artifact is None:
+        has_artifact = artifact_path(job) is not None or stored_object(job) is not None
     return {"job": job, "events": events, "results": results, "eta": _eta_seconds(job),
             "metrics": metrics, "table": results_table(metrics, results.get("model")),
-            "has_artifact": artifact_path(job) is not None or stored_object(job) is not None,
-            "has_card": bool(results.get("model_card"))}
+            "has_artifact": has_artifact, "has_card": bool(results.get("model_card"))}
+
+
+def _parts_key(job: Job, last_event: int | None, local_artifact: bool) -> str:
+    """The cache key of a finished job's page parts: everything they are built from that can still
+    change. A finished job's row is final (every transition in jobs.models.Job is a compare-and-set
+    from an active status, and results, error and progress are written only by those), so its status
+    and finish time stand for the row; what can still change is the event log (a push to the Hub adds
+    events) and whether the artifact directory is still on disk. Progress and error are in the key
+    as well, so even a row rewritten outside those transitions cannot be shown stale."""
+    digest = hashlib.blake2b(repr((job.progress, job.error_type, job.error_message, job.cancel_requested))
+                             .encode(), digest_size=8).hexdigest()
+    finished = job.finished_at.timestamp() if job.finished_at else None
+    return f"job-parts:{PARTS_VERSION}:{job.id}:{job.status}:{finished}:{last_event}:{int(local_artifact)}:{digest}"
+
+
+def _page_parts(request: HttpRequest, job: Job) -> dict:
+    """The job page's parts that only the job's state decides, rendered: the progress and results
+    partials, the charts as JSON text and the model card's HTML. A finished job's parts are cached
+    per process under `_parts_key` (a page view then costs a few small queries instead of rendering
+    tables, a log and 200 events' worth of charts); an active job's are rendered on every request
+    (its progress, log and time estimate change while it runs)."""
+    local_artifact = artifact_path(job) is not None
+    key = None
+    if job.is_finished:
+        last_event = JobEvent.objects.filter(job_id=job.id).order_by("-id").values_list("id", flat=True).first()
+        key = _parts_key(job, last_event, local_artifact)
+        parts = cache.get(key)
+        if parts is not None:
+            return parts
+    context = _detail_context(job, local_artifact or stored_object(job) is not None)
+    push_available = job.status == Status.SUCCEEDED and context["has_artifact"]
+    parts = {"progress_html": render_to_string("jobs/_progress.html", context),
+             "results_html": render_to_string("jobs/_results.html", context),
+             "charts_json": json.dumps(_charts(job), cls=DjangoJSONEncoder),
+             "card_html": _card_html(job) if context["has_card"] else "",
+             "push_available": push_available, "last_push": last_push(job) if push_available else None}
+    if key is not None:
+        cache.set(key, parts, CHART_CACHE_S)
+    return parts
+
+
+def _json_script(json_text: str, element_id: str) -> str:
+    """What Django's json_script filter makes of the value `json_text` encodes (the same escapes, so
+    the text can never end the <script> element), from JSON text already serialized."""
+    return (f'<script id="{element_id}" type="application/json">'
+            f"{json_text.translate(_JSON_SCRIPT_ESCAPES)}</script>")
 
 
 def _eta_seconds(job: Job) -> dict | None:
@@ -141,24 +199,33 @@ def _recovery_charts(job: Job) -> dict:
 def job_list(request: HttpRequest) -> HttpResponse:
     """The user's jobs, newest first, JOBS_PER_PAGE a page (`?page=N`; a bad number shows the
     nearest page). Only the columns the table shows are read: no results, recipe or progress JSON."""
-    jobs = Job.objects.filter(owner=request.user).order_by("-created_at", "-id").only(*LIST_COLUMNS)
+    jobs = Job.objects.filter(owner=request.user).order_by("-created_at", "-id").values_list(*LIST_COLUMNS)
     page = Paginator(jobs, JOBS_PER_PAGE).get_page(request.GET.get("page"))
-    return render(request, "jobs/list.html", {"rows": _list_rows(page.object_list), "page": page})
+    return render(request, "jobs/list.html", {"rows_html": _list_rows_html(page.object_list), "page": page})
 
 
-def _list_rows(jobs) -> list[dict]:
-    """The table's cells, formatted here once rather than by template filters per cell (the
-    template still escapes them): the link, name, model, recipe, status and creation time."""
+def _truncate(text: str, length: int) -> str:
+    """`text` cut to at most `length` characters, the last one an ellipsis when cut (as Django's
+    Truncator.chars, without its per-call set-up)."""
+    return text if len(text) <= length else text[:length - 1] + "…"
+
+
+def _list_rows_html(rows) -> str:
+    """The table's rows as HTML, built here rather than by the template engine (fifty rows of six
+    cells were most of the page's cost): the link, name, model, recipe, status and creation time,
+    every value escaped."""
     link = reverse("job-detail", args=[_PLACEHOLDER_ID])
-    rows = []
-    for job in jobs:
-        job_id = str(job.id)
-        rows.append({"url": link.replace(_PLACEHOLDER_ID, job_id),
-                     "label": Truncator(job.name or job_id).chars(40),
-                     "model": Truncator(job.model_source).chars(50), "recipe": job.recipe_name,
-                     "status": job.status,
-                     "created": timezone.localtime(job.created_at).strftime("%Y-%m-%d %H:%M")})
-    return rows
+    zone = timezone.get_current_timezone()
+    html = []
+    for job_id, name, model, recipe, status, created in rows:
+        job_id = str(job_id)
+        html.append(
+            f'    <tr>\n      <td><a href="{escape(link.replace(_PLACEHOLDER_ID, job_id))}">'
+            f"{escape(_truncate(name or job_id, 40))}</a></td>\n"
+            f"      <td>{escape(_truncate(model, 50))}</td>\n      <td>{escape(recipe)}</td>\n"
+            f'      <td><span class="status {escape(status)}">{escape(status)}</span></td>\n'
+            f'      <td>{created.astimezone(zone).strftime("%Y-%m-%d %H:%M")}</td>\n    </tr>\n')
+    return mark_safe("".join(html))
 
 
 @login_required
@@ -183,29 +250,27 @@ def job_new(request: HttpRequest) -> HttpResponse:
 @require_GET
 def job_detail(request: HttpRequest, job_id: UUID) -> HttpResponse:
     job = _own_job(request, job_id)
-    context = _detail_context(job)
-    context["charts"] = _charts(job)
-    context["push"] = push_context(job, request.user)
-    context["calibration_label"] = _calibration_label(job)  # the page header only, not the polled partials
-    if context["has_card"]:
-        context["card_html"] = _card_html(job)
-    return render(request, "jobs/detail.html", context)
+    parts = _page_parts(request, job)
+    return render(request, "jobs/detail.html", {
+        "job": job, "progress_html": mark_safe(parts["progress_html"]),
+        "results_html": mark_safe(parts["results_html"]), "card_html": mark_safe(parts["card_html"]),
+        "charts_script": mark_safe(_json_script(parts["charts_json"], "job-charts")),
+        "push": {"available": parts["push_available"], "last": parts["last_push"],
+                 "has_token": parts["push_available"] and has_token(request.user)},
+        "calibration_label": _calibration_label(job)})  # the page header only, not the polled partials
 
 
 @login_required
 @require_GET
-def job_status(request: HttpRequest, job_id: UUID) -> JsonResponse:
-    """Polled by the job page: the same partials the page renders, plus the raw state."""
+def job_status(request: HttpRequest, job_id: UUID) -> HttpResponse:
+    """Polled by the job page: the same partials the page renders, plus the raw state. The charts'
+    JSON text is spliced in as it was cached, not parsed and serialized again."""
     job = _own_job(request, job_id)
-    context = _detail_context(job)
-    return JsonResponse({
-        "status": job.status,
-        "charts": _charts(job),
-        "progress": job.progress,
-        "finished": job.is_finished,
-        "progress_html": render_to_string("jobs/_progress.html", context, request=request),
-        "results_html": render_to_string("jobs/_results.html", context, request=request),
-    })
+    parts = _page_parts(request, job)
+    head = json.dumps({"status": job.status, "progress": job.progress, "finished": job.is_finished,
+                       "progress_html": parts["progress_html"], "results_html": parts["results_html"]},
+                      cls=DjangoJSONEncoder)
+    return HttpResponse(f'{head[:-1]}, "charts": {parts["charts_json"]}}}', content_type="application/json")
 
 
 @login_required
@@ -236,12 +301,6 @@ def job_artifact(request: HttpRequest, job_id: UUID) -> StreamingHttpResponse:
     response["Content-Disposition"] = f'attachment; filename="{name}.tar"'
     response["Content-Length"] = str(tar_size(path, name))
     return response
-
-
-def push_context(job: Job, user) -> dict:
-    return {"available": job.status == Status.SUCCEEDED and (artifact_path(job) is not None
-                                                            or stored_object(job) is not None),
-            "last": last_push(job), "has_token": has_token(user)}
 
 
 @login_required
