@@ -1,14 +1,17 @@
-"""Request-level guards: a body over the size limit is a 413 before it is read, and every response
-carries a Content-Security-Policy."""
+"""Request-level guards: a body over the size limit is a 413 before it is read (or, sent without a
+length, as soon as it has been counted past the limit), and every response carries a
+Content-Security-Policy."""
 from __future__ import annotations
 
 import base64
 import functools
 import hashlib
 import re
+import tempfile
 from pathlib import Path
 
 from django.conf import settings
+from django.core.handlers.wsgi import LimitedStream
 from django.http import HttpRequest, HttpResponse
 
 from .api_errors import error_response
@@ -31,13 +34,16 @@ def too_large(request: HttpRequest, limit: int) -> HttpResponse:
 
 
 class RequestSizeLimitMiddleware:
-    """Answer 413 to a request whose Content-Length is over `body_limit`, before any parser reads it.
+    """Answer 413 to a request whose body is over `body_limit`, before any parser reads it.
 
     Django's own DATA_UPLOAD_MAX_MEMORY_SIZE applies only where `request.body`/`request.POST` are read
-    (DRF's JSON parser reads the stream directly), and surfaces as a 400; a body without a length
-    (chunked) is read as empty by Django's WSGI request, so the declared length is the one to check.
-    Multipart files past COMPRESSOR_MAX_UPLOAD_BYTES are still dropped while they stream in
-    (jobs.uploads.LimitedUploadHandler)."""
+    (DRF's JSON parser reads the stream directly), and surfaces as a 400. A declared Content-Length
+    over the limit is refused at once. A chunked body (Transfer-Encoding: chunked, no length), which
+    Django's WSGI request would read as empty, is read here, counted while it streams in and
+    spooled (to disk past SPOOL_MEMORY bytes): past the limit it is a 413 without reading further,
+    otherwise the request gets the spooled body and its length, so every parser sees it as if it had
+    been declared. Multipart files past COMPRESSOR_MAX_UPLOAD_BYTES are still dropped while they
+    stream in (jobs.uploads.LimitedUploadHandler)."""
 
     def __init__(self, get_response):
         self.get_response = get_response
@@ -50,7 +56,37 @@ class RequestSizeLimitMiddleware:
         limit = body_limit(request)
         if length > limit:
             return too_large(request, limit)
-        return self.get_response(request)
+        if (length or "chunked" not in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+                or "wsgi.input" not in getattr(request, "environ", {})):
+            return self.get_response(request)
+        spool = read_chunked_body(request, limit)
+        if spool is None:
+            return too_large(request, limit)
+        with spool:
+            return self.get_response(request)
+
+
+CHUNK = 64 * 1024
+SPOOL_MEMORY = 1024 * 1024
+
+
+def read_chunked_body(request: HttpRequest, limit: int):
+    """The body of a request sent without a length, read from the WSGI input up to `limit` bytes
+    and handed to the request as its stream (with CONTENT_LENGTH set to what arrived); None, after
+    reading at most `limit` + CHUNK bytes, when the body is longer than `limit`."""
+    stream = request.environ["wsgi.input"]
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+    received = 0
+    while chunk := stream.read(CHUNK):
+        received += len(chunk)
+        if received > limit:
+            spool.close()
+            return None
+        spool.write(chunk)
+    spool.seek(0)
+    request.META["CONTENT_LENGTH"] = str(received)
+    request._stream = LimitedStream(spool, received)
+    return spool
 
 
 # Every page's scripts and styles are files served from here (static/js, static/css, plotly.js from
