@@ -36,6 +36,7 @@ EVENTS_TAIL = 30
 JOBS_PER_PAGE = 50
 LIST_COLUMNS = ("id", "name", "model_source", "recipe_name", "status", "created_at")  # the cells of a row
 CHART_CACHE_S = 3600
+MAX_COMPARED = 50  # jobs drawn at once on the compare page (its plotly figures cost ~5 ms a job to build)
 PARTS_VERSION = 1  # part of the parts' cache key: raise it when what they hold changes (matters with a shared cache)
 _JSON_SCRIPT_ESCAPES = {ord(">"): "\\u003E", ord("<"): "\\u003C", ord("&"): "\\u0026"}  # as Django's json_script
 _PLACEHOLDER_ID = "00000000-0000-0000-0000-000000000000"
@@ -387,18 +388,22 @@ def compare_points(jobs: list[Job]) -> tuple[list[dict], list[dict]]:
     return points, groups
 
 
+COMPARE_COLUMNS = ("id", "name", "model_source", "recipe_name", "evaluation", "results", "created_at")
+
+
 @login_required
 @require_GET
 def compare(request: HttpRequest) -> HttpResponse:
     """The user's succeeded jobs of one base model side by side. Jobs evaluated with other settings
     are not comparable: the page groups them (one Pareto front each), warns when several groups are
-    shown, and filters by group and by name/recipe text."""
-    from .charts import compare_bars, compare_scatter
-
+    shown, and filters by group and by name/recipe text. At most MAX_COMPARED jobs are drawn: more
+    is a 400 that says how many matched and how to narrow them (the charts' cost grows with every job).
+    The charts are cached per process under a digest of exactly what they are drawn from."""
     finished = Job.objects.filter(owner=request.user, status=Status.SUCCEEDED)
-    models = sorted(set(finished.values_list("model_source", flat=True)))
+    models = list(finished.order_by("model_source").values_list("model_source", flat=True).distinct())
     model = request.GET.get("model") or (models[0] if models else "")
-    jobs = list(finished.filter(model_source=model).order_by("created_at")[:200]) if model else []
+    jobs = list(finished.filter(model_source=model).order_by("created_at", "id").only(*COMPARE_COLUMNS)) \
+        if model else []
     all_points, all_groups = compare_points(jobs)
     settings_groups: dict[str, dict] = {}
     for p in all_points:
@@ -409,14 +414,36 @@ def compare(request: HttpRequest) -> HttpResponse:
     keep = [i for i, p in enumerate(all_points)
             if (not chosen or p["eval_key"] == chosen)
             and (not text or text in f"{p['name']} {p['recipe']} {p['recipe_summary']}".lower())]
+    too_many = None
+    if len(keep) > MAX_COMPARED:
+        too_many = (f"{len(keep)} of your succeeded jobs on {model} match; the compare page draws at most "
+                    f"{MAX_COMPARED} at once. Narrow them with the evaluation settings or the name/recipe filter.")
+        keep = []
     points = [all_points[i] for i in keep]
     groups = [all_groups[i] for i in keep]
     shown_groups = {p["eval_key"] for p in points}
-    charts = {"scatter": compare_scatter(points), "bars": compare_bars(groups)} if points else None
+    charts_script = mark_safe(_json_script(_compare_charts_json(points, groups) if points else "null",
+                                           "compare-charts"))
     return render(request, "jobs/compare.html", {
-        "models": models, "model": model, "jobs": jobs, "points": points, "charts": charts,
+        "models": models, "model": model, "jobs": jobs, "points": points, "charts_script": charts_script,
         "settings_groups": list(settings_groups.values()), "eval": chosen, "q": request.GET.get("q") or "",
-        "mixed_settings": len(shown_groups) > 1})
+        "mixed_settings": len(shown_groups) > 1, "too_many": too_many, "max_compared": MAX_COMPARED},
+        status=400 if too_many else 200)
+
+
+def _compare_charts_json(points: list[dict], groups: list[dict]) -> str:
+    """The compare charts as JSON text, cached under a digest of the points and bar groups they are
+    drawn from (a new, changed or filtered-out job changes the digest: never stale)."""
+    from .charts import compare_bars, compare_scatter
+
+    digest = hashlib.sha256(json.dumps([points, groups], sort_keys=True, default=str).encode()).hexdigest()
+    key = f"compare-charts:{PARTS_VERSION}:{digest}"
+    charts_json = cache.get(key)
+    if charts_json is None:
+        charts_json = json.dumps({"scatter": compare_scatter(points), "bars": compare_bars(groups)},
+                                 cls=DjangoJSONEncoder)
+        cache.set(key, charts_json, CHART_CACHE_S)
+    return charts_json
 
 
 @login_required

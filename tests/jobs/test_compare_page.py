@@ -69,3 +69,26 @@ def test_filtering_by_text(client, owner, jobs):
     assert [t["name"] for t in charts["scatter"]["data"] if t["mode"] == "markers"] == ["quick w4"]
     html, charts = _page(client, owner, q="nothing-like-this")
     assert "No job matches the filter." in html and charts is None
+
+
+def test_more_jobs_than_the_page_draws_is_a_400_that_says_how_to_narrow_them(client, owner, jobs, monkeypatch):
+    monkeypatch.setattr("jobs.views.MAX_COMPARED", 2)
+    client.force_login(owner)
+    response = client.get(reverse("compare"), {"model": "demo"})
+    html = response.content.decode()
+    assert response.status_code == 400 and 'id="too-many-jobs"' in html
+    assert "3 of your succeeded jobs on demo match; the compare page draws at most 2 at once" in html
+    assert 'id="compare-filters"' in html and 'id="compare-table"' not in html
+    assert 'id="compare-charts" type="application/json">null</script>' in html
+    html, charts = _page(client, owner, q="w4")  # narrowed to two: drawn
+    assert [t["name"] for t in charts["scatter"]["data"] if t["mode"] == "markers"] == ["w4 run", "quick w4"]
+
+
+def test_the_cached_compare_charts_follow_every_job_shown(client, owner, jobs):
+    _, charts = _page(client, owner)
+    assert len([t for t in charts["scatter"]["data"] if t["mode"] == "markers"]) == 3
+    _done(owner, "late run", "W8A8", PPL8, 97.0, 140_000_000)
+    _, again = _page(client, owner)
+    assert [t["name"] for t in again["scatter"]["data"] if t["mode"] == "markers"][-1] == "late run"
+    _, filtered = _page(client, owner, q="late")
+    assert [t["name"] for t in filtered["scatter"]["data"] if t["mode"] == "markers"] == ["late run"]
