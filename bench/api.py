@@ -1,5 +1,6 @@
 """Web load benchmark on loopback: p50/p99 latency and requests/s of the HTML pages (job list, one
-page of it further back, a job page and its status poll) and the REST API (job list, job detail).
+page of it further back, a job page and its status poll, the compare page) and the REST API (job
+list, job detail).
 
     python bench/api.py [--jobs 1000] [--concurrency 1,8] [--requests 400] [--max-seconds 20]
 
@@ -7,7 +8,9 @@ Starts gunicorn as `make run` does (scripts/run.sh: 2 workers x 4 threads) on a 
 port with a temporary SQLite database seeded with one user, an API token, a logged-in session and
 `--jobs` jobs; a quarter of them succeeded, each with results like a real job's (metrics, sizes, a
 model card) and 210 per-module compression events (30 layers x 7 Linears, as the demo model has).
-Runs a bounded number of requests per case (stopping early after --max-seconds), stops gunicorn,
+First measures each endpoint's CPU time per request in one process with Django's test client (no
+HTTP, no other clients: the figure that hardly depends on the machine's load), then under gunicorn
+runs a bounded number of requests per case (stopping early after --max-seconds), stops gunicorn,
 writes bench/results/api.json (shape: ../shared/BENCH_RESULTS.md), prints a Markdown table and
 checks the goals of issue 10 at 8 clients (p99 < 150 ms for list pages, < 100 ms for a job page
 and `GET /api/jobs/<id>`).
@@ -91,6 +94,39 @@ session.update({SESSION_KEY: str(user.pk), BACKEND_SESSION_KEY: "django.contrib.
 session.create()
 print(Token.objects.create(user=user).key, session.session_key, succeeded[-1].id)
 """
+
+
+IN_PROCESS = """
+import json, sys, time
+from django.test import Client
+
+token, session, requests = sys.argv[-3], sys.argv[-2], int(sys.argv[-1])
+endpoints = json.loads(sys.stdin.readline())
+client = Client(HTTP_HOST="127.0.0.1")
+client.cookies["sessionid"] = session
+out = {}
+for name, path, api in endpoints:
+    headers = {"HTTP_AUTHORIZATION": f"Token {token}"} if api else {}
+    for _ in range(5):  # imports and per-process caches, as the warm-up does for the server
+        assert client.get(path, **headers).status_code == 200, (name, path)
+    started = time.process_time()
+    for _ in range(requests):
+        client.get(path, **headers)
+    out[name] = round((time.process_time() - started) * 1000 / requests, 2)
+print(json.dumps(out))
+"""
+
+
+def in_process_cpu_ms(env: dict[str, str], token: str, session: str, endpoints: dict, requests: int) -> dict:
+    """CPU milliseconds per request of each endpoint handled in one process by Django's test client,
+    one request at a time: what the code costs without HTTP, gunicorn or other clients. Unlike
+    latency it hardly depends on what else the machine is doing."""
+    rows = [[name, path, "Authorization" in headers] for name, (path, headers) in endpoints.items()]
+    out = subprocess.run([sys.executable, "-c", "import django; django.setup(); exec(" + repr(IN_PROCESS) + ")",
+                          token, session, str(requests)],
+                         input=json.dumps(rows) + "\n", cwd=REPO, env=env, check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def seed(env: dict[str, str], jobs: int) -> tuple[str, str, str]:
@@ -196,6 +232,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000, help="jobs seeded in the database")
     parser.add_argument("--concurrency", default="1,8", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--only", default="", help="run only endpoints whose name contains this")
+    parser.add_argument("--in-process-requests", type=int, default=200,
+                        help="requests per endpoint for the in-process CPU time (Django's test client)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "api.json")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -207,8 +245,6 @@ def main() -> None:
     proc = None
     try:
         token, session, job_id = seed(env, args.jobs)
-        port = free_port()
-        proc = start_gunicorn(env, port, args.workers, args.threads, tmp / "gunicorn.log")
         api = {"Authorization": f"Token {token}", "Accept": "application/json"}
         browser = {"Cookie": f"sessionid={session}", "Accept": "text/html"}
         endpoints = {
@@ -216,20 +252,29 @@ def main() -> None:
             "GET /?page=10 (job list page 10)": ("/?page=10", browser),
             "GET /jobs/{id}/ (job page)": (f"/jobs/{job_id}/", browser),
             "GET /jobs/{id}/status.json (page poll)": (f"/jobs/{job_id}/status.json", browser),
+            # "bench job 4" names 28 succeeded jobs: all 250 would be more than the page draws (a 400)
+            "GET /compare/?q=bench+job+4 (28 jobs)": ("/compare/?model=demo&q=bench+job+4", browser),
             "GET /api/jobs?limit=50": ("/api/jobs?limit=50", api),
             "GET /api/jobs/{id}": (f"/api/jobs/{job_id}", api),
         }
+        endpoints = {name: value for name, value in endpoints.items() if args.only in name}
+        cpu = in_process_cpu_ms(env, token, session, endpoints, args.in_process_requests)
+        port = free_port()
+        proc = start_gunicorn(env, port, args.workers, args.threads, tmp / "gunicorn.log")
+        status, _ = one_status(port, "/login/", {})  # the workers have booted (imports at start-up)
+        if status != 200:
+            raise RuntimeError(f"GET /login/: HTTP {status}")
         rows = []
         for name, (path, headers) in endpoints.items():
-            if args.only not in name:
-                continue
             status, _ = one_status(port, path, headers)
             if status != 200:
                 raise RuntimeError(f"{name}: HTTP {status}")
-            run_case(port, path, headers, 4, 40, args.max_seconds)  # warm every worker (imports, caches)
+            # warm every worker (per-process caches): 8 clients, so both workers take requests
+            run_case(port, path, headers, 8, 80, max(60.0, args.max_seconds))
             for clients in concurrency:
                 result = run_case(port, path, headers, clients, args.requests, args.max_seconds, proc)
-                rows.append({"endpoint": name, "concurrency": clients, **result})
+                rows.append({"endpoint": name, "concurrency": clients, **result,
+                             "in_process_cpu_ms_per_request": cpu[name]})
                 print(f"{name:40} c={clients:<3} {result}", file=sys.stderr)
     finally:
         if proc is not None and proc.poll() is None:
@@ -249,20 +294,24 @@ def main() -> None:
         "setup": {"server": f"gunicorn, {args.workers} workers x {args.threads} threads (as scripts/run.sh), SQLite",
                   "seeded_jobs": args.jobs,
                   "client": "Python threads on the same machine, one connection per request",
+                  "in_process": f"Django test client, one request at a time, {args.in_process_requests} requests "
+                                "per endpoint after 5 warm-up requests, CPU time (time.process_time)",
                   "requests_per_case": args.requests, "max_seconds_per_case": args.max_seconds},
         "goals_p99_ms_at_8_clients": GOALS_MS,
         "rows": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/request | goal (8 clients) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/request "
+          "| in-process CPU ms/request | goal (8 clients) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         goal = GOALS_MS.get(row["endpoint"])
         verdict = ""
         if goal and row["concurrency"] == 8:
             verdict = f"p99 < {goal}: {'met' if row['p99_ms'] < goal else 'MISSED'}"
         print(f"| `{row['endpoint']}` | {row['concurrency']} | {row['requests']} | {row['rps']} | {row['p50_ms']} "
-              f"| {row['p99_ms']} | {row['errors']} | {row['server_cpu_ms_per_request']} | {verdict} |")
+              f"| {row['p99_ms']} | {row['errors']} | {row['server_cpu_ms_per_request']} "
+              f"| {row['in_process_cpu_ms_per_request']} | {verdict} |")
 
 
 def one_status(port: int, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
