@@ -112,11 +112,12 @@ def _list_jobs(request: Request) -> Response:
     return Response({"count": count, "next": next_url, "previous": previous_url, "results": results})
 
 
-def _datetime(value: Any) -> str | None:
-    """As DRF's DateTimeField writes it: ISO 8601 in the current time zone, UTC as 'Z'."""
+def _datetime(value: Any, zone: Any = None) -> str | None:
+    """As DRF's DateTimeField writes it: ISO 8601 in the current time zone (`zone`, looked up when not
+    given), UTC as 'Z'."""
     if value is None:
         return None
-    text = value.astimezone(timezone.get_current_timezone()).isoformat()
+    text = value.astimezone(zone or timezone.get_current_timezone()).isoformat()
     return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
@@ -124,10 +125,11 @@ def job_summary(job: Job, request: Request) -> dict[str, Any]:
     """JobSummarySerializer's output (it stays the documented schema), built directly: the list
     endpoint renders up to 200 of these, and DRF's per-field machinery cost most of its time."""
     error = {"type": job.error_type, "message": job.error_message} if job.error_type or job.error_message else None
+    zone = timezone.get_current_timezone()  # once, not per field: the lookup goes through a context-local
     return {"id": str(job.id), "name": job.name, "display_name": job.display_name, "model": job.model_source,
             "recipe_name": job.recipe_name, "status": job.status, "cancel_requested": job.cancel_requested,
-            "progress": job.progress, "error": error, "created_at": _datetime(job.created_at),
-            "started_at": _datetime(job.started_at), "finished_at": _datetime(job.finished_at),
+            "progress": job.progress, "error": error, "created_at": _datetime(job.created_at, zone),
+            "started_at": _datetime(job.started_at, zone), "finished_at": _datetime(job.finished_at, zone),
             "links": _links(job, request)}
 
 
