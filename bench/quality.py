@@ -60,6 +60,24 @@ ROWS: dict[str, str] = {
                           "      targets: [Linear]\n      scheme: FP8_DYNAMIC\n"),
 }
 ASYMMETRIC = ("W4A16_ASYM g64 GPTQ", "W4A16_ASYM g64 AWQ")
+TOOLS = ("ours", "llmcompressor")
+# the form/API preset that builds the same recipe (compression.recommend reads this from the table)
+PRESET_OF_ROW: dict[str, dict] = {
+    "W4A16 g64 GPTQ": {"preset": "W4A16", "options": {"group_size": 64}},
+    "W4A16_ASYM g64 GPTQ": {"preset": "W4A16_ASYM", "options": {"group_size": 64}},
+    "W4A16_ASYM g64 AWQ": {"preset": "AWQ+W4A16_ASYM", "options": {"group_size": 64}},
+    "FP8_DYNAMIC": {"preset": "FP8_DYNAMIC", "options": {}},
+    "W8A8 + SmoothQuant": {"preset": "SQ+W8A8", "options": {}},
+    "2:4 SparseGPT": {"preset": "2:4", "options": {}},
+    "2:4 + FP8_DYNAMIC": {"preset": "2:4+FP8_DYNAMIC", "options": {}},
+}
+
+
+def nominal_weight_bits(recipe_yaml: str) -> float:
+    from compression.recommend import nominal_weight_bits as bits
+    from compression.recipe import Recipe
+
+    return bits(Recipe.from_yaml(recipe_yaml))
 
 
 def _score(directory: Path, split, max_windows: int | None, ours_loader: bool) -> dict:
@@ -94,15 +112,40 @@ def run_ours(recipe_yaml: str, out_dir: Path, split, model_dir: Path) -> dict:
     return {"compress_s": round(seconds, 1), "recipe": recipe.describe(), "fallbacks": report.fallbacks}
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "compression"],
+                               capture_output=True, text=True).stdout.strip()
+        return out + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="row names (default: every row)")
+    parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS,
+                        help="run only these tools; the other tool's stored result of a row is kept")
     parser.add_argument("--work", default=str(peer.VAR / "quality"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
+    parser.add_argument("--table", action="store_true",
+                        help="only (re)generate compression/quality_table.json from --out, then exit")
     args = parser.parse_args(argv)
+    if args.table:
+        path = write_quality_table(json.loads(Path(args.out).read_text()))
+        print(f"wrote {path}")
+        return 0
     rows = args.only or list(ROWS)
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -111,42 +154,109 @@ def main(argv: list[str] | None = None) -> int:
     peer.ensure_peer_venv()
     model_dir = peer.demo_dense_dir()
     split = peer.article_split(peer.load_tokenizer(model_dir), samples=args.samples, seqlen=args.seqlen)
+    windows = min(split.evaluation.shape[0], args.max_windows or split.evaluation.shape[0])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    settings = {"split": split.describe(), "samples": args.samples, "seqlen": args.seqlen, "windows": windows}
+    if any(results.get(k) != v for k, v in settings.items()):
+        results = {"rows": {}}  # another protocol: nothing stored is comparable
     results.update({
-        "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other agents' work)",
-        "split": split.describe(), "samples": args.samples, "seqlen": args.seqlen, "max_windows": args.max_windows})
-    if "dense" not in results or results["dense"].get("windows") != min(
-            split.evaluation.shape[0], args.max_windows or split.evaluation.shape[0]):
-        results["dense"] = peer.score_checkpoint(model_dir, split, max_windows=args.max_windows)
+        "max_windows": args.max_windows, **settings})
+    results.setdefault("commands", [])
+    command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if command not in results["commands"]:
+        results["commands"].append(command)
+    if results.get("dense", {}).get("windows") != windows:
+        results["dense"] = {**peer.score_checkpoint(model_dir, split, max_windows=args.max_windows),
+                            "load_avg": _load()}
+        _write(out_path, results, args.tools)
     dense = results["dense"]["perplexity"]
     results.setdefault("rows", {})
     for row in rows:
         recipe = ROWS[row]
-        entry: dict = {"recipe_yaml": recipe}
+        entry = results["rows"].get(row) or {}
+        if entry.get("recipe_yaml") != recipe:
+            entry = {"recipe_yaml": recipe}
+        entry["weight_bits"] = nominal_weight_bits(recipe)
+        entry["preset"] = PRESET_OF_ROW[row]
         slug = row.replace(" ", "_").replace(":", "").replace("+", "plus")
-        for tool in ("ours", "llmcompressor"):
+        for tool in args.tools:
             target = work / f"{slug}-{tool}"
             shutil.rmtree(target, ignore_errors=True)
+            started = {"load_avg_start": _load(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            if tool == "ours":
+                started["commit"] = _commit()
             try:
                 if tool == "ours":
                     info = run_ours(recipe, target, split, model_dir)
                 else:
                     info = peer.run_llmcompressor(recipe, target, split=split, model_dir=model_dir)
                 score = _score(target, split, args.max_windows, ours_loader=row in ASYMMETRIC)
-                entry[tool] = {**info, **score, "ratio": round(score["perplexity"] / dense, 4)}
+                entry[tool] = {**started, **info, **score, "ratio": round(score["perplexity"] / dense, 4),
+                               "load_avg_end": _load()}
             except Exception as exc:  # a row that one tool cannot run is recorded, not fatal
-                entry[tool] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                entry[tool] = {**started, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            shutil.rmtree(target, ignore_errors=True)
             print(f"{row} [{tool}]: {json.dumps({k: v for k, v in entry[tool].items() if k != 'fallbacks'})[:400]}",
                   flush=True)
-        results["rows"][row] = entry
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(json.dumps(results, indent=2) + "\n")
+            results["rows"][row] = entry
+            _write(out_path, results, args.tools)  # merged after every tool of every row
     print(table(results))
     return 0
+
+
+def _write(out_path: Path, results: dict, own_tools) -> None:
+    """Merge into the file as it is now: another run (e.g. ``--tools llmcompressor`` beside
+    ``--tools ours``) may have written other rows or the other tool's results meanwhile."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if out_path.exists():
+        on_disk = json.loads(out_path.read_text())
+        if all(on_disk.get(k) == results.get(k) for k in ("split", "samples", "seqlen", "windows")):
+            for row, entry in on_disk.get("rows", {}).items():
+                mine = results["rows"].get(row)
+                if mine is None:
+                    results["rows"][row] = entry
+                elif mine.get("recipe_yaml") == entry.get("recipe_yaml"):
+                    for tool in TOOLS:
+                        if tool not in own_tools and tool in entry:
+                            mine[tool] = entry[tool]
+            for command in on_disk.get("commands", []):
+                if command not in results.setdefault("commands", []):
+                    results["commands"].append(command)
+    tmp = out_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(out_path)
+
+
+def write_quality_table(results: dict, path: Path | None = None) -> Path:
+    """compression/quality_table.json: the rows the product's Recommend reads (compression.recommend),
+    generated from bench/results/quality.json; rows where our engine has no number are left out."""
+    from compression.recommend import TABLE_PATH
+
+    path = path or TABLE_PATH
+    rows = []
+    for name, entry in results.get("rows", {}).items():
+        ours, peer_ = entry.get("ours", {}), entry.get("llmcompressor", {})
+        if "ratio" not in ours:
+            continue
+        rows.append({"name": name, "preset": PRESET_OF_ROW.get(name), "weight_bits": entry["weight_bits"],
+                     "recipe_yaml": entry["recipe_yaml"],
+                     "ours_ppl": round(ours["perplexity"], 3), "ours_ratio": ours["ratio"],
+                     "llmcompressor_ppl": round(peer_["perplexity"], 3) if "perplexity" in peer_ else None,
+                     "llmcompressor_ratio": peer_.get("ratio")})
+    table = {"source": {"generated_from": "bench/results/quality.json (python bench/quality.py --table)",
+                        "model": "demo: SmolLM2-135M-Instruct, bf16 dequantized from its GGUF Q4_1",
+                        "metric": "WikiText-2 held-out perplexity ratio to the dense model (lower is better)",
+                        "windows": results["windows"], "seqlen": results["seqlen"],
+                        "calibration": f"{results['samples']} x {results['seqlen']} tokens",
+                        "dense_perplexity": round(results["dense"]["perplexity"], 3),
+                        "peer": "llm-compressor 0.14.0"},
+             "rows": rows}
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    return path
 
 
 def table(results: dict) -> str:

@@ -165,10 +165,12 @@ def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
 
 
 def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: int = 512,
-              device: str = "cpu", trust_remote_code: bool = False) -> PreflightReport:
+              device: str = "cpu", trust_remote_code: bool = False,
+              layout: ModelLayout | None = None) -> PreflightReport:
     """Raise ``RecipeError`` for an unwalkable model, targets that match nothing, or incompatible
-    shapes; otherwise return estimates (see module doc)."""
-    layout = model_layout(model_config, trust_remote_code=trust_remote_code)
+    shapes; otherwise return estimates (see module doc). ``layout``: this config's
+    :func:`model_layout`, when the caller checks several recipes against one model."""
+    layout = layout or model_layout(model_config, trust_remote_code=trust_remote_code)
     _check_kv_cache(model_config, recipe)
     config = _as_config(model_config)
     text = getattr(config, "get_text_config", lambda: config)()

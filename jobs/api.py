@@ -29,9 +29,10 @@ from .serializers import (CalibrationUploadListSerializer, CalibrationUploadRequ
                           CalibrationUploadSerializer, CompareFilterSerializer, CompareSerializer, ErrorSerializer, EventFilterSerializer,
                           EventPageSerializer, EventSerializer, JobCreateSerializer, JobDetailSerializer,
                           JobFilterSerializer, JobPageSerializer, PresetListSerializer,
+                          RecommendFilterSerializer, RecommendSerializer,
                           _links)
 from .storage import download_response
-from .submission import SubmissionError, create_job, validate_submission
+from .submission import SubmissionError, create_job, recommend_for_model, validate_submission
 from .uploads import UploadInUse, UploadTooLarge, delete_upload, store_request_upload
 
 log = logging.getLogger(__name__)
@@ -349,6 +350,23 @@ def compare(request: Request) -> Response:
     jobs = _own_jobs(request).filter(model_source=model, status=Status.SUCCEEDED).order_by("finished_at", "id")
     rows = [_compare_row(job, request) for job in jobs[:500]]
     return Response(CompareSerializer({"model": model, "jobs": rows}).data)
+
+
+@extend_schema(operation_id="recommend", summary="Which presets and group sizes a model allows, and the best "
+                                                  "benchmarked recipe per bit budget",
+               description="The model is checked exactly as on job submission (same `model` rules, same config "
+                           "loading) and every preset (and group size) is run through the pre-flight against its "
+                           "shapes. `budgets` ranks the side-by-side quality benchmark's recipes (bench/quality.py "
+                           "on the demo model) per nominal bits per weight, marking those this model cannot take.",
+               parameters=[RecommendFilterSerializer], responses={200: RecommendSerializer, **ERRORS})
+@api_view(["GET"])
+def recommend(request: Request) -> Response:
+    model = _query(RecommendFilterSerializer, request)["model"]
+    try:
+        data = recommend_for_model(model)
+    except SubmissionError as exc:
+        return error_response(status.HTTP_400_BAD_REQUEST, (exc.field, exc.message))
+    return Response(RecommendSerializer(data).data)
 
 
 @extend_schema(exclude=True)

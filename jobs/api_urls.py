@@ -20,6 +20,7 @@ urlpatterns = [
     path("calibration-files/<uuid:upload_id>", api.calibration_file, name="api-calibration-file"),
     path("presets", api.presets, name="api-presets"),
     path("compare", api.compare, name="api-compare"),
+    path("recommend", api.recommend, name="api-recommend"),
     # (?s): a path with a newline in it is an unknown endpoint too, answered in JSON
     re_path(r"^(?P<unmatched>(?s:.*))\Z", api.not_found, name="api-not-found"),
 ]

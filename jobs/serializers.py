@@ -159,6 +159,11 @@ class CompareFilterSerializer(StrictSerializer):
     model = serializers.CharField(max_length=500, help_text="The model the jobs compressed, as submitted")
 
 
+class RecommendFilterSerializer(StrictSerializer):
+    model = serializers.CharField(max_length=500, help_text="A model as a job would name it: a Hub id, 'demo', "
+                                                            "or a directory under the model roots")
+
+
 # -- response ------------------------------------------------------------------------------------
 class ErrorItemSerializer(serializers.Serializer):
     field = serializers.CharField(allow_null=True, help_text="Dotted path of the offending field, or null")
@@ -294,6 +299,34 @@ class CompareJobSerializer(serializers.Serializer):
 class CompareSerializer(serializers.Serializer):
     model = serializers.CharField()
     jobs = CompareJobSerializer(many=True)
+
+
+class RecommendSchemeSerializer(serializers.Serializer):
+    preset = serializers.CharField()
+    description = serializers.CharField()
+    allowed = serializers.BooleanField(help_text="A job with this preset passes the pre-flight for this model")
+    reason = serializers.CharField(allow_null=True, help_text="Why not (the pre-flight's error), when not allowed")
+    bits = serializers.FloatField(help_text="Nominal stored bits per dense weight of the compressed Linears")
+    group_sizes = serializers.ListField(child=serializers.JSONField(), required=False,
+                                        help_text="Presets that take a group size: the sizes this model allows")
+
+
+class RecommendBudgetSerializer(serializers.Serializer):
+    bits = serializers.FloatField()
+    label = serializers.CharField()
+    best = serializers.JSONField(allow_null=True, help_text="The benchmark row with the lowest perplexity ratio "
+                                                             "to dense among those this model allows")
+    candidates = serializers.JSONField(help_text="Every benchmark row of this bit budget, best first")
+
+
+class RecommendSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    architecture = serializers.CharField()
+    layers = serializers.IntegerField()
+    input_widths = serializers.ListField(child=serializers.IntegerField())
+    schemes = RecommendSchemeSerializer(many=True)
+    budgets = RecommendBudgetSerializer(many=True)
+    benchmark = serializers.JSONField(allow_null=True, help_text="Where the quality numbers come from")
 
 
 class CalibrationUploadSerializer(serializers.ModelSerializer):

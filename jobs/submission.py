@@ -247,22 +247,14 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                         calibration: dict | None = None, evaluation: dict | None = None,
                         trust_remote_code: bool = False, name: str = "") -> JobRequest:
     """Validate everything about a new job, including the pre-flight check against the model's config."""
-    from compression.model_io.loading import ModelSourceError, check_model_source, load_config
+    from compression.model_io.loading import ModelSourceError, load_config
     from compression.preflight import preflight
     from compression.recipe import RecipeError, pattern_time_budget
 
     check_active_limit(owner)  # early, before the costly checks; create_job checks again, atomically
-    if not isinstance(model, str):
-        raise SubmissionError("model", "must be a string")
-    model = model.strip()
-    if len(model) > MAX_MODEL_CHARS:
-        raise SubmissionError("model", f"at most {MAX_MODEL_CHARS} characters")
+    model = clean_model(model)
     if not isinstance(name or "", str) or len(name or "") > 200:
         raise SubmissionError("name", "at most 200 characters")
-    try:
-        check_model_source(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS)
-    except ModelSourceError as exc:
-        raise SubmissionError("model", exc.message) from None
     recipe = build_recipe(preset=preset, preset_options=preset_options, recipe_yaml=recipe_yaml,
                           recipe_dict=recipe_dict)
     calibration = clean_calibration(calibration, owner, needs_calibration=recipe.needs_calibration)
@@ -283,6 +275,42 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                          preflight=report)
     check_stored_sizes(request)
     return request
+
+
+def clean_model(model: Any) -> str:
+    """The model field as every entry point checks it: a string of at most MAX_MODEL_CHARS naming
+    a Hub id, the demo, or a directory inside COMPRESSOR_MODEL_ROOTS (SubmissionError("model") otherwise)."""
+    from compression.model_io.loading import ModelSourceError, check_model_source
+
+    if not isinstance(model, str):
+        raise SubmissionError("model", "must be a string")
+    model = model.strip()
+    if len(model) > MAX_MODEL_CHARS:
+        raise SubmissionError("model", f"at most {MAX_MODEL_CHARS} characters")
+    try:
+        check_model_source(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS)
+    except ModelSourceError as exc:
+        raise SubmissionError("model", exc.message) from None
+    return model
+
+
+def recommend_for_model(model: Any, *, trust_remote_code: bool = False) -> dict:
+    """compression.recommend.recommend for a model named as on job submission (same checks, same
+    config loading); SubmissionError("model", ...) for a model it cannot read or walk."""
+    from compression.model_io.loading import ModelSourceError, load_config
+    from compression.recipe import RecipeError, pattern_time_budget
+    from compression.recommend import recommend
+
+    model = clean_model(model)
+    try:
+        config = load_config(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS,
+                             trust_remote_code=trust_remote_code)
+        with pattern_time_budget(PREFLIGHT_PATTERN_BUDGET_S * 4):  # one pre-flight per preset and group size
+            return {"model": model, **recommend(config, trust_remote_code=trust_remote_code)}
+    except ModelSourceError as exc:
+        raise SubmissionError("model", exc.message) from None
+    except RecipeError as exc:
+        raise SubmissionError("model", exc.message) from None
 
 
 def check_stored_sizes(request: JobRequest) -> None:

@@ -147,7 +147,7 @@ def round_to_nearest(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.d
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
                   dampening_frac: float = 0.01, actorder: str | None = None, mask: torch.Tensor | None = None,
-                  scale_dtype: torch.dtype | None = None) -> QuantResult:
+                  scale_dtype: torch.dtype | None = None, scale_search: str | None = None) -> QuantResult:
     """Quantize ``weight`` [out, in] column by column, compensating each error on the later columns.
 
     Static groups: scales (and zero points) come from the (dead-column-cleaned) original weight
@@ -170,8 +170,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     group_order = actorder == "group" and args.strategy == "group"
     gscale = fp4_global_scale(w) if args.is_fp4 else None
     # scales from the original weight: in column order, or in visiting order for act-order "group"
+    importance = None
+    if scale_search == "hessian" and args.type == "int" and args.strategy in ("group", "channel"):
+        importance = torch.diag(h)
+        importance = importance[perm] if group_order else importance
     with sweep_threads(w.device):  # the MSE search is many mid-sized ops too
-        scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale)
+        scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale,
+                                    importance=importance)
     try:
         upper_full, used = inverse_hessian_upper(h[perm][:, perm] if perm is not None else h, dampening_frac)
     except CholeskyFailed as exc:

@@ -79,7 +79,19 @@ def collect_facts(*, spec: dict, recipe: Recipe, model, identity: dict, evaluati
         "speed": spec.get("speed"),
         "command": f"python -m compression run --model {portable_model(spec['model'])} --recipe recipe.yaml "
                    "--out OUTPUT_DIR",
+        "alternatives": _alternatives(recipe),
     }
+
+
+def _alternatives(recipe: Recipe) -> dict | None:
+    """The quality benchmark's rows of this recipe's bit budget (compression.recommend); None when
+    the build has no table. A broken table must not cost the job its card."""
+    from compression.recommend import alternatives_for
+
+    try:
+        return alternatives_for(recipe)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def baseline_note(identity: dict) -> str | None:

@@ -50,6 +50,9 @@ and the few properties the prose needs are passed explicitly in ``facts["scheme"
       "speed": {"device": "NVIDIA H100", "rows": [{"name": "dense", "prefill_tok_s": ...,
                 "decode_tok_s": ..., "peak_mem_gb": ...}, ...]} | None,
       "command": "python -m compression run --model M --recipe recipe.yaml --out DIR",
+      "alternatives": compression.recommend.alternatives_for(recipe) | None,  # the benchmark's rows of
+                                  # this recipe's bit budget: {"bits", "label", "candidates": [row],
+                                  # "best": row | None, "matched_row": name | None, "source": {...}}
     }
 
 `validate_card(text)` runs the offline part of the Hub's checks; `card_to_html(text)` renders
@@ -355,6 +358,43 @@ def _optimizations(facts: dict) -> str:
     return "### Model Optimizations\n\n" + " ".join(parts).replace(" \n", "\n\n")
 
 
+def _ratio(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else NOT_RECORDED
+
+
+def _alternatives(facts: dict) -> str:
+    """Which recipes of the same bit budget the side-by-side quality benchmark measured, and why this one."""
+    alt = facts.get("alternatives")
+    head = "## Alternatives considered\n\n"
+    if not alt:
+        return head + ("No recipe of this bit budget was measured by the side-by-side quality benchmark "
+                       "(bench/quality.py), so no alternative was compared.")
+    src = alt.get("source") or {}
+    lines = [head + f"This recipe stores about {alt['bits']:g} bits per weight in the compressed layers. "
+             f"The side-by-side quality benchmark (bench/quality.py; {src.get('model', 'the demo model')}; "
+             f"{src.get('metric', 'held-out perplexity ratio to dense')}, {src.get('windows', '?')} windows of "
+             f"{src.get('seqlen', '?')} tokens) measured these recipes of that budget:", "",
+             f"| recipe | perplexity / dense (this engine) | perplexity / dense ({src.get('peer', 'llm-compressor')}) |",
+             "| --- | ---: | ---: |"]
+    for row in alt.get("candidates") or []:
+        mark = " (this recipe)" if row.get("name") == alt.get("matched_row") else ""
+        lines.append(f"| {row.get('name')}{mark} | {_ratio(row.get('ours_ratio'))} | "
+                     f"{_ratio(row.get('llmcompressor_ratio'))} |")
+    best, matched = alt.get("best"), alt.get("matched_row")
+    lines.append("")
+    if best and matched == best.get("name"):
+        why = f"Chosen: {matched}, the lowest perplexity ratio of its bit budget in the benchmark."
+    elif matched:
+        why = (f"Chosen: {matched}, as submitted; the benchmark's best of this budget was {best['name']} "
+               f"(ratio {_ratio(best.get('ours_ratio'))}).") if best else f"Chosen: {matched}, as submitted."
+    else:
+        why = ("This job's recipe is not one of the benchmarked recipes; it was chosen as submitted"
+               + (f". The benchmark's best of this budget was {best['name']} (ratio "
+                  f"{_ratio(best.get('ours_ratio'))})." if best else "."))
+    lines.append(why + " The benchmark ran on the demo model; other models can rank the recipes differently.")
+    return "\n".join(lines)
+
+
 def _deployment(facts: dict) -> str:
     model_ref = _model_ref(facts)
     snippet = "\n".join([
@@ -580,7 +620,7 @@ def build_model_card(facts: dict) -> str:
     rows = recovery_table(ev["baseline"], ev["compressed"]) if ev.get("baseline") and ev.get("compressed") else []
     meta = yaml.safe_dump(front_matter(facts), sort_keys=False, allow_unicode=True)
     sections = [f"---\n{meta}---", f"# {facts['model_name']}", _overview(facts, rows), _optimizations(facts),
-                _deployment(facts), _creation(facts), _evaluation(facts, rows)]
+                _alternatives(facts), _deployment(facts), _creation(facts), _evaluation(facts, rows)]
     for extra in (_speed(facts), _stage_times(facts)):
         if extra:
             sections.append(extra)

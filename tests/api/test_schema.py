@@ -25,7 +25,7 @@ def test_the_schema_describes_every_endpoint(api):
     assert set(schema["paths"]) == {
         "/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/events", "/api/jobs/{job_id}/cancel",
         "/api/jobs/{job_id}/card", "/api/jobs/{job_id}/artifact", "/api/jobs/{job_id}/push", "/api/presets",
-        "/api/compare",
+        "/api/compare", "/api/recommend",
             "/api/calibration-files", "/api/calibration-files/{upload_id}"}
     listing = {p["name"] for p in schema["paths"]["/api/jobs"]["get"]["parameters"]}
     assert {"limit", "offset", "status", "model"} <= listing
