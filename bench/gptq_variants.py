@@ -31,13 +31,13 @@ W4 = dict(num_bits=4, type="int", strategy="group", group_size=64)
 VARIANTS = {  # name -> (QuantArgs kwargs, gptq_quantize kwargs)
     "minmax, actorder static (llm-compressor 0.14 default)": (dict(W4, symmetric=True), {"actorder": "static"}),
     "minmax, no actorder": (dict(W4, symmetric=True), {"actorder": None}),
+    "minmax, actorder static + least-squares scale refit": (dict(W4, symmetric=True), {"actorder": "static",
+                                                                                        "refit": True}),
+    "asym minmax, actorder static + least-squares scale refit": (dict(W4, symmetric=False),
+                                                                 {"actorder": "static", "refit": True}),
     "mse observer, actorder static": (dict(W4, symmetric=True, observer="mse"), {"actorder": "static"}),
-    "hessian-weighted search, actorder static": (dict(W4, symmetric=True), {"actorder": "static",
-                                                                             "scale_search": "hessian"}),
     "asym minmax, actorder static": (dict(W4, symmetric=False), {"actorder": "static"}),
     "asym mse observer, actorder static": (dict(W4, symmetric=False, observer="mse"), {"actorder": "static"}),
-    "asym hessian-weighted search, actorder static": (dict(W4, symmetric=False), {"actorder": "static",
-                                                                                   "scale_search": "hessian"}),
 }
 
 
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         per = {}
         for key, (w, h) in hs.items():
+            kwargs = {"refit": False, **kwargs}
             r = gptq_quantize(w.to(torch.bfloat16), h, QuantArgs(**qargs), scale_dtype=torch.bfloat16, **kwargs)
             per[key] = quadratic_loss(r.weight.float() - w, h)
         results[name] = {"loss": sum(per.values()), "per_module": per, "seconds": round(time.perf_counter() - t0, 1)}

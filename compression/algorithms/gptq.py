@@ -147,7 +147,7 @@ def round_to_nearest(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.d
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
                   dampening_frac: float = 0.01, actorder: str | None = None, mask: torch.Tensor | None = None,
-                  scale_dtype: torch.dtype | None = None, scale_search: str | None = None) -> QuantResult:
+                  scale_dtype: torch.dtype | None = None, refit: bool = True) -> QuantResult:
     """Quantize ``weight`` [out, in] column by column, compensating each error on the later columns.
 
     Static groups: scales (and zero points) come from the (dead-column-cleaned) original weight
@@ -158,6 +158,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     works (int with or without zero points, FP8, NVFP4): each column is fake-quantized with its own
     scale. On Cholesky failure (after dampening retries) falls back to round-to-nearest and says so
     in ``fallback``. The loss is Σ (w - q)² / (2 U_ii²) = ½ Σ δ H_damped δᵀ.
+
+    ``refit`` (integer group / channel scales, static groups): once the sweep has fixed the integer
+    codes, each row's scales are re-fitted by least squares in the Hessian metric
+    (:func:`refit_scales`) -- the engine's addition to GPTQ; llm-compressor keeps the observer's scales.
     """
     assert weight.dim() == 2 and hessian.shape == (weight.shape[1],) * 2, (weight.shape, hessian.shape)
     assert block_size > 0
@@ -166,17 +170,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     h, w, n_dead = prepare_hessian(hessian, weight)
     if mask is not None:
         w = w.masked_fill(mask, 0.0)
+    w_ref = w.clone() if refit else None  # the target the refit fits (dead columns cleaned, pruned zeros)
     perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
     group_order = actorder == "group" and args.strategy == "group"
     gscale = fp4_global_scale(w) if args.is_fp4 else None
     # scales from the original weight: in column order, or in visiting order for act-order "group"
-    importance = None
-    if scale_search == "hessian" and args.type == "int" and args.strategy in ("group", "channel"):
-        importance = torch.diag(h)
-        importance = importance[perm] if group_order else importance
     with sweep_threads(w.device):  # the MSE search is many mid-sized ops too
-        scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale,
-                                    importance=importance)
+        scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale)
     try:
         upper_full, used = inverse_hessian_upper(h[perm][:, perm] if perm is not None else h, dampening_frac)
     except CholeskyFailed as exc:
@@ -209,11 +209,57 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         if group_order:
             g_idx = (inverse // args.group_size).to(torch.int32)
     codes = quantize(q_all, scale, args, zero_point=zp, global_scale=gscale, g_idx=g_idx)
+    loss = float(losses.sum())
+    if refit and args.type == "int" and args.strategy in ("group", "channel") and g_idx is None:
+        with sweep_threads(w.device):
+            refitted = refit_scales(w_ref, codes, scale, zp, h, args)
+        if not torch.equal(refitted, scale):
+            scale = refitted
+            damped = h + torch.eye(h.shape[0], device=h.device) * (used * torch.mean(torch.diag(h)))
+            deq = dequantize(codes, scale, torch.float32, args=args, zero_point=zp)
+            loss = quadratic_loss(deq - w_ref, damped)  # the same measure as the sweep's loss
     if mask is not None:
         codes = codes.masked_fill(mask, 0) if codes.dtype != FP8_DTYPE else codes.view(torch.uint8).masked_fill(
             mask, 0).view(FP8_DTYPE)
     deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale, g_idx=g_idx)
-    return QuantResult(deq, codes, scale, float(losses.sum()), n_dead, used, None, zp, gscale, g_idx)
+    return QuantResult(deq, codes, scale, loss, n_dead, used, None, zp, gscale, g_idx)
+
+
+def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 hessian: torch.Tensor, args: QuantArgs) -> torch.Tensor:
+    """Per row, the scales minimizing (w - ŵ) H (w - ŵ)ᵀ with the integer codes held fixed.
+
+    ŵ_j = s_g(j) · (q_j - z_g(j)) is linear in the row's scales s (one per group, or one per row for
+    channel scales), so the optimum solves A s = b with A_gh = Σ_{j∈g, k∈h} c_j H_jk c_k and
+    b_g = Σ_{j∈g} c_j (H w)_j, c = q - z. A row keeps its old scales where the solution is not
+    finite and positive or, after rounding to the scale dtype, does not lower that row's error.
+    Returns the new scale tensor (same shape and dtype as ``scale``).
+    """
+    rows, cols = weight.shape
+    n_groups = scale.shape[1]
+    size = cols // n_groups
+    h = hessian.float()
+    c = codes.float()
+    if zero_point is not None:
+        c = c - expand_scale(zero_point.float(), c.shape)
+    a = torch.empty(rows, n_groups, n_groups, dtype=torch.float32, device=weight.device)
+    for g in range(n_groups):
+        part = c[:, g * size:(g + 1) * size] @ h[g * size:(g + 1) * size, :]  # [rows, cols]
+        a[:, :, g] = (c * part).reshape(rows, n_groups, size).sum(-1)
+    b = (c * (weight.float() @ h)).reshape(rows, n_groups, size).sum(-1)
+    ridge = 1e-6 * torch.diagonal(a, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+    a = a + torch.diag_embed(ridge.unsqueeze(1).expand(rows, n_groups))
+    solved, info = torch.linalg.solve_ex(a, b.unsqueeze(-1))
+    new = solved.squeeze(-1)
+    ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
+    new = torch.where(ok.unsqueeze(1), new, scale.float()).to(scale.dtype)
+
+    def row_error(s: torch.Tensor) -> torch.Tensor:
+        delta = weight.float() - c * expand_scale(s.float(), c.shape)
+        return ((delta @ h) * delta).sum(dim=1)
+
+    better = ok & (row_error(new) < row_error(scale))
+    return torch.where(better.unsqueeze(1), new, scale)
 
 
 def _column_quantizer(args: QuantArgs, col_zp: torch.Tensor | None):

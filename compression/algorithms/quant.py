@@ -191,33 +191,20 @@ def _observe(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tens
 
 
 def compute_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None, *,
-                    global_scale: torch.Tensor | None = None,
-                    importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero point or None) for a weight, with the observer ``args.observer`` picks.
-
-    ``importance`` ([in], e.g. diag(H) of GPTQ's Hessian) switches to the importance-weighted
-    search: :data:`IMPORTANCE_SEARCH` candidates, each group's error Σ_j importance_j·(w_j - q_j)²
-    (the output error a column's rounding causes, to first order), whatever ``args.observer`` is."""
+                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero point or None) for a weight, with the observer ``args.observer`` picks."""
     dtype = dtype or w.dtype
     lo, hi = _observe(w, args)
-    if importance is not None:
-        return _mse_search(w, args, dtype, lo, hi, global_scale, importance=importance,
-                           opts=IMPORTANCE_SEARCH)
     if args.observer in ("mse", "memoryless_mse"):
         return _mse_search(w, args, dtype, lo, hi, global_scale)
     return qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
 
 
-# the importance-weighted search: shrink 1.00, 0.99, ... 0.50 of the range, squared error, no early stop
-IMPORTANCE_SEARCH = {"maxshrink": 0.5, "grid": 100.0, "norm": 2.0, "patience": 1000}
-
-
-def _mse_search(w, args, dtype, lo, hi, global_scale, *, importance=None, opts=None):
-    opts = {**MSE_DEFAULTS, **(args.observer_kwargs or {})} if opts is None else opts
+def _mse_search(w, args, dtype, lo, hi, global_scale):
+    opts = {**MSE_DEFAULTS, **(args.observer_kwargs or {})}
     grid, norm, patience = float(opts["grid"]), float(opts["norm"]), int(opts["patience"])
     steps = int(float(opts["maxshrink"]) * grid)
     wf = w.float()
-    weight = None if importance is None else importance.float().reshape(1, -1).expand_as(wf)
     best = qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
     best_err = torch.full(lo.shape, float("inf"), device=lo.device)
     stale = 0
@@ -225,8 +212,7 @@ def _mse_search(w, args, dtype, lo, hi, global_scale, *, importance=None, opts=N
         p = 1 - i / grid
         scale, zp = qparams_from_range(lo * p, hi * p, args, dtype, global_scale=global_scale)
         deq = fake_quantize(wf, scale, args, zero_point=zp, global_scale=global_scale)
-        e = (deq - wf).abs().pow(norm)
-        err = _groups(e if weight is None else e * weight, args).sum(dim=-1)
+        err = _groups((deq - wf).abs().pow(norm), args).sum(dim=-1)
         better = err < best_err
         if bool(better.any()):
             best_err = torch.where(better, err, best_err)

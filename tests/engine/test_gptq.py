@@ -122,3 +122,16 @@ def test_sparsegpt_falls_back_to_magnitude_pruning_when_cholesky_fails():
     res = sparsegpt_prune(w, -torch.eye(64))
     assert res.fallback and "magnitude" in res.fallback
     assert check_24_pattern(res.weight)
+
+
+@pytest.mark.parametrize("symmetric,strategy", [(True, "group"), (False, "group"), (True, "channel")])
+def test_the_scale_refit_keeps_the_codes_and_lowers_the_layer_error(symmetric, strategy):
+    w, x, acc = _layer()
+    args = QuantArgs(num_bits=4, symmetric=symmetric, strategy=strategy, group_size=16 if strategy == "group" else None)
+    plain = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, refit=False)
+    refit = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16)
+    assert torch.equal(plain.codes, refit.codes) and refit.scale.shape == plain.scale.shape
+    assert _recon(w, refit.weight, x) < _recon(w, plain.weight, x)
+    assert (refit.scale > 0).all() and not torch.equal(refit.scale, plain.scale)
+    zp = 0 if refit.zero_point is None else expand_scale(refit.zero_point.float(), w.shape)
+    assert torch.allclose(refit.weight, (refit.codes.float() - zp) * expand_scale(refit.scale, w.shape))
