@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only (re)generate compression/quality_table.json from --out, then exit")
     args = parser.parse_args(argv)
     if args.table:
-        path = write_quality_table(json.loads(Path(args.out).read_text()))
+        path = write_quality_table(json.loads(Path(args.out).read_text()), results_file=Path(args.out))
         print(f"wrote {path}")
         return 0
     rows = args.only or list(ROWS)
@@ -231,7 +231,7 @@ def _write(out_path: Path, results: dict, own_tools) -> None:
     tmp.replace(out_path)
 
 
-def write_quality_table(results: dict, path: Path | None = None) -> Path:
+def write_quality_table(results: dict, path: Path | None = None, *, results_file: Path | None = None) -> Path:
     """compression/quality_table.json: the rows the product's Recommend reads (compression.recommend),
     generated from bench/results/quality.json; rows where our engine has no number are left out."""
     from compression.recommend import TABLE_PATH
@@ -247,7 +247,13 @@ def write_quality_table(results: dict, path: Path | None = None) -> Path:
                      "ours_ppl": round(ours["perplexity"], 3), "ours_ratio": ours["ratio"],
                      "llmcompressor_ppl": round(peer_["perplexity"], 3) if "perplexity" in peer_ else None,
                      "llmcompressor_ratio": peer_.get("ratio")})
-    table = {"source": {"generated_from": "bench/results/quality.json (python bench/quality.py --table)",
+    results_file = (results_file or ROOT / "bench" / "results" / "quality.json").resolve()
+    try:
+        shown = str(results_file.relative_to(ROOT))
+    except ValueError:
+        shown = str(results_file)
+    table = {"source": {"generated_from": f"{shown} (python bench/quality.py --table --out {shown})",
+                        "results_file": shown,
                         "model": "demo: SmolLM2-135M-Instruct, bf16 dequantized from its GGUF Q4_1",
                         "metric": "WikiText-2 held-out perplexity ratio to the dense model (lower is better)",
                         "windows": results["windows"], "seqlen": results["seqlen"],
