@@ -102,15 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory.json"))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "bench"))
-    from machine import machine
     WORK.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
-    rows = []
+    rows: list[dict] = []
     for mode in args.modes:
         for layers in args.layers:
             row = run(build_model(layers), mode, args.samples, args.seqlen, args.recipe)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            _write(args, argv, load_before, rows)  # after every row: a stopped run keeps what it measured
+    _print(rows)
+    return 0
+
+
+def _write(args, argv, load_before, rows) -> None:
+    from machine import machine
+
     record = {"command": "python bench/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"description": machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
               "recipe": _recipe_summary(args.recipe), "calibration": {"source": "builtin:chat-v1",
@@ -119,11 +126,13 @@ def main(argv: list[str] | None = None) -> int:
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _print(rows: list[dict]) -> None:
     print(f"{'model':>20} {'mode':>10} {'peak RSS MB':>12} {'estimate MB':>12} {'error':>7}")
     for r in rows:
         print(f"{r['model']:>20} {r['mode']:>10} {r['peak_rss_mb']:>12} {r['estimate_mb']:>12} "
               f"{r['estimate_error']:>+7.1%}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -221,8 +221,10 @@ def _memory_plan(job: _Job, config: Any = None, can_stream: str | None = None):
             can_stream = _stream_refusal(job, location, config)
     samples, seqlen = int(job.calibration_spec["samples"]), int(job.calibration_spec["seqlen"])
     report = preflight(config, job.recipe, samples=samples, seqlen=seqlen, device=job.device, trust_remote_code=trust)
+    from compression.sequential import offloadable
+
     return streaming.plan_memory(report, device=job.device, setting=setting, can_stream=can_stream,
-                                 samples=samples, seqlen=seqlen)
+                                 samples=samples, seqlen=seqlen, offload_ok=offloadable(job.recipe))
 
 
 def _stream_refusal(job: _Job, location, config) -> str | None:
@@ -318,7 +320,8 @@ def _compress_stage(job: _Job, source, calibration: list[dict]) -> _Compressed:
                                 progress=engine_progress(job.progress, *staged.prune_span),
                                 should_stop=job.should_stop,
                                 calibrate_all_experts=bool(job.calibration_spec.get("calibrate_all_experts")),
-                                layer_io=source.streamed)
+                                layer_io=source.streamed,
+                                offload_activations=bool(job.memory and job.memory.offload_activations))
     job.check_stop()
     if staged.modifier is not None:
         report = staged.run(source.model, report, calibration, job.device, job.timings)

@@ -252,7 +252,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                    should_stop: Callable[[], bool] | None = None, calibrate_all_experts: bool = False,
                    min_expert_tokens: int = MIN_EXPERT_TOKENS,
                    held_masks: dict[str, torch.Tensor] | None = None,
-                   layer_io: Any = None) -> CompressionReport:
+                   layer_io: Any = None, offload_activations: bool = False) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``; see the module docstring.
 
     ``held_masks`` ({module name: bool mask, True = pruned}) are sparsity masks of an earlier
@@ -271,6 +271,9 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     disk; ``layer_io.load(index, layer, device)`` brings one in instead of ``layer.to(device)`` and
     ``layer_io.done(index, layer, report)`` writes its compressed tensors and releases it instead of
     ``layer.to(home)``.
+    ``offload_activations``: the calibration activations stay in host memory and each batch visits
+    ``device`` for its layer call (a device too small for them all); refused (``calibration.samples``)
+    for recipes that replay them outside a plain layer call (KV-cache scales, AWQ/SmoothQuant, reconstruction).
     """
     disable_tf32()
     started = time.perf_counter()
@@ -279,6 +282,10 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     unfuse_experts(model, names)
     check_targets(model, recipe, prefix, names)
     calibration = list(calibration or [])
+    if offload_activations and not offloadable(recipe):
+        raise RecipeError("calibration.samples", "the calibration activations do not fit the device and this "
+                          "recipe (KV-cache scales, AWQ/SmoothQuant or reconstruction) cannot keep them in host "
+                          "memory; use fewer or shorter calibration samples")
     if recipe.needs_calibration and not calibration:
         raise CalibrationError("this recipe needs calibration samples (GPTQ/SparseGPT/static activation scales)")
     report = CompressionReport(layers=len(layers), samples=len(calibration),
@@ -295,8 +302,10 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     try:
         for m in experts:
             m.calibrate_all_experts = calibrate_all_experts
-        inputs = (capture_layer_inputs(model, layers, calibration, device) if recipe.needs_calibration
-                  else LayerInputs([], []))
+        inputs = (capture_layer_inputs(model, layers, calibration, "cpu" if offload_activations else device)
+                  if recipe.needs_calibration else LayerInputs([], []))
+        if offload_activations:
+            inputs.compute_device = device
         if wide is not None and inputs:
             inputs = inputs.cast(wide)
         dense_inputs = inputs  # the dense model's activation stream (layer-wise reconstruction, target "dense")
@@ -514,6 +523,13 @@ def _input_qparams(record: ModuleRecord, acts: QuantArgs | None, stats: dict, na
     scale, zp = qparams_from_range(lo, hi.clamp_min(tiny), acts, torch.float32)
     record.input_scale = scale.reshape(1).to(dtype).cpu()
     record.input_zero_point = None if zp is None else zp.reshape(1).cpu()
+
+
+def offloadable(recipe: Recipe) -> bool:
+    """Whether ``compress_model(offload_activations=True)`` can run ``recipe``: every use of the
+    activations is a plain layer call (no KV-cache recorder, smoothing or reconstruction replay)."""
+    return recipe.kv_cache is None and not any(
+        m.transforms or (m.kind == "SparseGPTModifier" and m.reconstruction is not None) for m in recipe.modifiers)
 
 
 def compute_dtype(model: torch.nn.Module, device: torch.device | str) -> torch.dtype | None:

@@ -148,6 +148,7 @@ class StreamedModel:
         """Put decoder layer ``index`` back on the meta device (its memory is freed)."""
         for name, t in layer.state_dict(keep_vars=True).items():
             _assign(layer, name, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        release_heap()
 
     # compression: compress_model(layer_io=self)
     def done(self, index: int, layer: torch.nn.Module, report: Any) -> None:
@@ -236,6 +237,25 @@ class StreamedModel:
             setattr(parent, attr, self.layers)
 
 
+def release_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``). A layer's tensors are under glibc's
+    dynamic mmap threshold once a few have been freed, so they land on the heap; without a trim the
+    process's resident memory creeps up layer after layer although the tensors are gone."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for d in shape:
@@ -311,6 +331,7 @@ class MemoryPlan:
     streaming_bytes: int
     device_budget_bytes: int | None = None
     device_bytes: int | None = None
+    offload_activations: bool = False  # calibration activations kept in host memory, one batch on the device
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -321,9 +342,20 @@ def host_budget() -> int:
     value = os.environ.get(HOST_MEMORY_ENV)
     if value:
         return _positive_int(value, HOST_MEMORY_ENV)
-    import psutil
+    try:
+        import psutil
 
-    return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+        return int(psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+    except ImportError:  # psutil is a dependency; /proc says the same on Linux
+        return _proc_kb("/proc/meminfo", "MemAvailable:") + _proc_kb("/proc/self/status", "VmRSS:")
+
+
+def _proc_kb(path: str, key: str) -> int:
+    with open(path, encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{path} has no {key}; set {HOST_MEMORY_ENV}")
 
 
 def device_budget(device: str) -> int | None:
@@ -361,13 +393,16 @@ def _mb(n: float) -> str:
 
 def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: str | None = None,
                 host_bytes: int | None = None, device_bytes: int | None = None, samples: int = 0,
-                seqlen: int = 0) -> MemoryPlan:
+                seqlen: int = 0, offload_ok: bool = True) -> MemoryPlan:
     """Choose in-memory or streaming for a job whose pre-flight ``report`` is given, or refuse it.
 
     ``can_stream``: None when the source can be streamed, else why not. ``setting``: ``never``
     keeps today's in-memory path, ``always`` streams (refused when the source cannot be), ``auto``
     streams only when the in-memory estimate exceeds the host budget and the streaming one fits
     (streaming re-reads every layer from disk for each evaluation pass, so it is not the default).
+    Calibration activations that do not fit a GPU while the rest of its layer does are kept in host
+    memory (``offload_activations``; each batch visits the device for its layer call) when the recipe
+    allows it (``offload_ok``, :func:`compression.sequential.offloadable`).
     Refusals (:class:`MemoryPlanError`): calibration activations that do not fit the device or the
     host (field ``calibration.samples``, with the largest count that fits), a model that fits
     neither way (field ``COMPRESSOR_HOST_MEMORY_BYTES``)."""
@@ -377,18 +412,21 @@ def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: 
     streaming = int(report.peak_host_streaming_mb * 2 ** 20)
     activations = int(report.activation_mb * 2 ** 20)
     plan = MemoryPlan("in-memory", "", host, in_memory, streaming, dev, int(report.peak_device_mb * 2 ** 20))
+    device_activations = int(1.5 * activations)  # the device holds 1.5x (workspace) those entering and leaving a layer
     if dev is not None and not device.startswith("cpu") and plan.device_bytes > dev:
-        # the device holds 1.5x (workspace factor) the activations entering and leaving a layer
-        _refuse_calibration(plan.device_bytes, int(1.5 * activations), dev, samples, seqlen, f"the {device} device")
-        raise MemoryPlanError(DEVICE_MEMORY_ENV, f"one decoder layer with its solver workspace needs about "
-                              f"{_mb(plan.device_bytes)} on {device}, more than its {_mb(dev)}; run the job on a "
-                              "device with more memory")
+        if offload_ok and device_activations and plan.device_bytes - device_activations <= dev:
+            plan.offload_activations = True
+        else:
+            _refuse_calibration(plan.device_bytes, device_activations, dev, samples, seqlen, f"the {device} device")
+            raise MemoryPlanError(DEVICE_MEMORY_ENV, f"one decoder layer with its solver workspace needs about "
+                                  f"{_mb(plan.device_bytes)} on {device}, more than its {_mb(dev)}; run the job on "
+                                  "a device with more memory")
     if setting == "always" and can_stream:
         raise MemoryPlanError(STREAMING_ENV, f"{STREAMING_ENV}=always but {can_stream}")
     stream = setting == "always" or (setting == "auto" and in_memory > host and not can_stream)
-    need = streaming if stream else in_memory
+    host_activations = activations if device.startswith("cpu") or plan.offload_activations else 0
+    need = (streaming if stream else in_memory) + (activations if plan.offload_activations else 0)
     if need > host:
-        host_activations = activations if device.startswith("cpu") else 0
         _refuse_calibration(need, host_activations, host, samples, seqlen, "host memory")
         how = (f"streamed layer by layer it still needs {_mb(streaming)}" if not can_stream else
                f"it cannot be streamed ({can_stream})")

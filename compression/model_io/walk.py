@@ -95,6 +95,7 @@ class LayerInputs:
         self.calls = calls
         self.keys = keys if keys is not None else [None] * len(hidden)
         self.batch_tokens = BATCH_TOKENS
+        self.compute_device: torch.device | str | None = None  # set: inputs kept on the host, moved per batch
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -127,7 +128,13 @@ class LayerInputs:
         outputs: list[torch.Tensor | None] = [None] * len(self.hidden)
         for group in self.batches():
             hidden = self.hidden[group[0]] if len(group) == 1 else torch.cat([self.hidden[s] for s in group])
-            out = layer_output(layer(hidden, **self.calls[group[0]][index]))
+            kwargs = self.calls[group[0]][index]
+            if self.compute_device is not None:  # offloaded: this batch visits the device, its output comes back
+                home = hidden.device
+                hidden, kwargs = hidden.to(self.compute_device), _to(kwargs, self.compute_device, {})
+                out = layer_output(layer(hidden, **kwargs)).to(home)
+            else:
+                out = layer_output(layer(hidden, **kwargs))
             for s, row in zip(group, out.split(1) if len(group) > 1 else [out]):
                 outputs[s] = row
         return outputs  # type: ignore[return-value]
@@ -142,13 +149,13 @@ class LayerInputs:
 
         cast = LayerInputs([_map_tensors(h, fn, memo) for h in self.hidden],
                            [_map_tensors(calls, fn, memo) for calls in self.calls], self.keys)
-        cast.batch_tokens = self.batch_tokens
+        cast.batch_tokens, cast.compute_device = self.batch_tokens, self.compute_device
         return cast
 
     def advanced(self, outputs: list[torch.Tensor]) -> "LayerInputs":
         """The inputs of the next layer: ``outputs`` of this one, with the same per-layer arguments."""
         following = LayerInputs(outputs, self.calls, self.keys)
-        following.batch_tokens = self.batch_tokens
+        following.batch_tokens, following.compute_device = self.batch_tokens, self.compute_device
         return following
 
 
