@@ -95,7 +95,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
             "fallbacks": len(report.fallbacks)}
 
 
-AGAINST_CASES = {"W4A16-g64": ("W4A16", {"group_size": 64}), "2:4": ("2:4", {})}
+AGAINST_CASES = {"W4A16-g64": ("W4A16", {"group_size": 64}), "2:4": ("2:4", {"reconstruction": False})}  # one-shot vs one-shot
 
 
 def run_engine_against(name: str, out_dir: str, dtype: str, threads: int) -> dict:

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if "oneshot" in args.only:
         t0 = time.perf_counter()
         model = copy.deepcopy(dense)
-        report = compress_model(model, Recipe.from_preset("2:4"), calibration, progress=_progress)
+        report = compress_model(model, Recipe.from_preset("2:4", reconstruction=False), calibration, progress=_progress)
         row = {"name": "2:4 one-shot", "compress_s": round(time.perf_counter() - t0, 1)}
         row["ppl"] = _ppl(model, windows)
         log.info("2:4 one-shot ppl %.3f", row["ppl"])
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if "distill" in args.only and args.distill_from == "oneshot":
         t0 = time.perf_counter()
         recon_model = copy.deepcopy(dense)
-        report = compress_model(recon_model, Recipe.from_preset("2:4"), calibration, progress=_progress)
+        report = compress_model(recon_model, Recipe.from_preset("2:4", reconstruction=False), calibration, progress=_progress)
         masks = sparsity_masks(recon_model, report)
         log.info("one-shot 2:4 for the fine-tune: %.0f s", time.perf_counter() - t0)
     if "recon" in args.only or ("distill" in args.only and args.distill_from == "recon"):

@@ -84,7 +84,7 @@ def _final_hidden_error(dense, sparse, calibration) -> float:
 @pytest.mark.parametrize("target", ["dense", "layer"])
 def test_compress_model_reconstructs_every_pruned_layer(calibration, target):
     dense, oneshot, fitted = tiny_llama(), tiny_llama(), tiny_llama()
-    compress_model(oneshot, Recipe.from_preset("2:4"), calibration)
+    compress_model(oneshot, Recipe.from_preset("2:4", reconstruction=False), calibration)
     events = []
     recipe = Recipe.from_preset("2:4", reconstruction={"steps": 8, "lr": 2e-3, "target": target})
     report = compress_model(fitted, recipe, calibration, progress=events.append)
@@ -122,8 +122,13 @@ def test_cancel_during_reconstruction_stops_at_the_layer(calibration):
         compress_model(model, recipe, calibration, should_stop=lambda: True)
 
 
-def test_recipe_option_round_trips_and_is_off_unless_asked():
-    assert Recipe.from_preset("2:4").modifiers[0].reconstruction is None
+def test_recipe_option_round_trips_and_is_on_in_the_24_presets_unless_turned_off():
+    for preset in ("2:4", "2:4+FP8_DYNAMIC", "2:4+W4A16"):
+        on = Recipe.from_preset(preset).modifiers[0].reconstruction
+        assert on == ReconstructionSettings(steps=4, batch_size=2, lr=3e-4, target="dense"), preset
+        assert Recipe.from_yaml(Recipe.from_preset(preset).to_yaml()).modifiers[0].reconstruction == on
+        assert Recipe.from_preset(preset, reconstruction=False).modifiers[0].reconstruction is None
+    assert Recipe.from_yaml("s:\n  sparsity_modifiers:\n    SparseGPTModifier: {}\n").modifiers[0].reconstruction is None
     recipe = Recipe.from_yaml("""
 sparsity_stage:
   sparsity_modifiers:
