@@ -9,7 +9,18 @@ from tests.engine.conftest import random_calibration
 from tests.tiny import tiny_llama
 
 
-def test_compute_dtype_widens_only_half_precision_on_the_cpu():
+@pytest.fixture
+def cpu_without_native_half(monkeypatch):
+    monkeypatch.setattr("compression.sequential.cpu_has_native", lambda dtype: False)
+
+
+def test_a_cpu_with_native_bf16_keeps_the_model_dtype(monkeypatch):
+    monkeypatch.setattr("compression.sequential.cpu_has_native", lambda dtype: dtype is torch.bfloat16)
+    assert compute_dtype(tiny_llama(dtype=torch.bfloat16), "cpu") is None
+    assert compute_dtype(tiny_llama(dtype=torch.float16), "cpu") is torch.float32
+
+
+def test_compute_dtype_widens_only_half_precision_on_the_cpu(cpu_without_native_half):
     assert compute_dtype(tiny_llama(dtype=torch.bfloat16), "cpu") is torch.float32
     assert compute_dtype(tiny_llama(dtype=torch.float16), "cpu") is torch.float32
     assert compute_dtype(tiny_llama(), "cpu") is None
@@ -17,7 +28,7 @@ def test_compute_dtype_widens_only_half_precision_on_the_cpu():
 
 
 @pytest.mark.parametrize("preset", ["W4A16", "2:4"])
-def test_bf16_model_is_calibrated_in_float32_and_stored_in_bf16(preset):
+def test_bf16_model_is_calibrated_in_float32_and_stored_in_bf16(preset, cpu_without_native_half):
     calibration = random_calibration(n=4, length=16, vocab=2048)
     model = tiny_llama(dtype=torch.bfloat16)
     wide = tiny_llama(dtype=torch.bfloat16).float()  # the same bf16 weights, widened up front
