@@ -1,7 +1,7 @@
 """Compression benchmark: every preset on the demo model (SmolLM2-135M-Instruct) with one calibration set.
 
     python bench/compress.py --samples 128 --seqlen 512 --windows 8
-    python bench/compress.py --against llmcompressor [--windows 32]
+    python bench/compress.py --against llmcompressor [--windows 32] [--samples 128]
 
 ``--against llmcompressor``: this engine and llm-compressor 0.14 (its own virtualenv, bench/peer.py)
 on the same bf16 weights (the demo dequantized once), the same 128 x 512 WikiText-2 calibration
@@ -98,7 +98,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
 AGAINST_CASES = {"W4A16-g64": ("W4A16", {"group_size": 64}), "2:4": ("2:4", {"reconstruction": False})}  # one-shot vs one-shot
 
 
-def run_engine_against(name: str, out_dir: str, dtype: str, threads: int) -> dict:
+def run_engine_against(name: str, out_dir: str, dtype: str, threads: int, samples: int = 128,
+                       seqlen: int = 512) -> dict:
     """Child process: the engine on the bf16 demo directory and the peer's calibration chunks."""
     started = time.perf_counter()
     import torch
@@ -116,7 +117,7 @@ def run_engine_against(name: str, out_dir: str, dtype: str, threads: int) -> dic
     t0 = time.perf_counter()
     loaded = load_model(str(model_dir), allowed_roots=[str(model_dir.parent)], dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t0
-    split = peer.article_split(loaded.tokenizer)
+    split = peer.article_split(loaded.tokenizer, samples=samples, seqlen=seqlen)
     preset, options = AGAINST_CASES[name]
     recipe = Recipe.from_preset(preset, **options)
     t0 = time.perf_counter()
@@ -141,7 +142,7 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
 
     peer.ensure_peer_venv()
     model_dir = peer.demo_dense_dir()
-    split = peer.article_split(peer.load_tokenizer(model_dir))
+    split = peer.article_split(peer.load_tokenizer(model_dir), samples=args.samples, seqlen=args.seqlen)
     work = peer.VAR / "compress-against"
     work.mkdir(parents=True, exist_ok=True)
     dense = peer.score_checkpoint(model_dir, split, max_windows=args.windows)
@@ -150,7 +151,7 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
         preset, options = AGAINST_CASES[name]
         recipe = Recipe.from_preset(preset, **options)
         for tool in ("compressor", "llm-compressor"):
-            out = work / f"{tool}-{name.replace(':', '_')}"
+            out = work / f"{tool}-{name.replace(':', '_')}-{args.samples}x{args.seqlen}"
             saved = out / "bench_row.json"
             if args.reuse and saved.exists():  # a finished run of the same case, kept from an earlier call
                 row = json.loads(saved.read_text())
@@ -163,7 +164,7 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
                 shutil.rmtree(out)
             if tool == "compressor":
                 cmd = [sys.executable, __file__, "--engine-case", name, "--engine-out", str(out), "--dtype", args.dtype,
-                       "--threads", str(args.threads)]
+                       "--threads", str(args.threads), "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
                 proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row["peak_rss_gb"] = row.pop("own_peak_rss_gb")
@@ -225,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.engine_case:
-        row = run_engine_against(args.engine_case, args.engine_out, args.dtype, args.threads)
+        row = run_engine_against(args.engine_case, args.engine_out, args.dtype, args.threads, args.samples, args.seqlen)
         row["own_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
         print(json.dumps(row))
         return
