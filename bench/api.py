@@ -287,7 +287,7 @@ def main() -> None:
     report = {
         "benchmark": "api", "command": command.strip(), "machine": f"{os.cpu_count()}-core CPU, "
         f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GB, load average "
-        f"{load[0]:.1f} at the end (shared with parallel work)",
+        f"{load[0]:.1f} at the end",
         "date": dt.date.today().isoformat(),
         "versions": {"python": platform.python_version(), "django": version("django"),
                      "djangorestframework": version("djangorestframework"), "gunicorn": version("gunicorn")},

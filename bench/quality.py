@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import peer  # noqa: E402
+from bench.machine import machine  # noqa: E402
 
 _W4 = "{{num_bits: 4, type: int, symmetric: {sym}, strategy: group, group_size: 64}}"
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(results.get(k) != v for k, v in settings.items()):
         results = {"rows": {}}  # another protocol: nothing stored is comparable
     results.update({
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other agents' work)",
+        "machine": machine(),
         "max_windows": args.max_windows, **settings})
     results.setdefault("commands", [])
     command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import resource
 import sys
 import time
@@ -36,6 +35,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine  # noqa: E402
 
 log = logging.getLogger("bench.recovery")
 ROWS = ("oneshot", "recon", "distill")
@@ -143,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update({
         "benchmark": "recovery",
         "command": "nice -n 10 python bench/recovery.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other helpers' jobs, "
-                   f"torch threads {torch.get_num_threads()}",
+        "machine": f"{machine()}, torch threads {torch.get_num_threads()}",
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "date": dt.date.today().isoformat(),
         "versions": {"torch": torch.__version__},

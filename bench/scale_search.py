@@ -22,6 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import machine  # noqa: E402
+
 from compression.algorithms.quant import QuantArgs, mse_scale, mse_scale_reference  # noqa: E402
 
 SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -54,7 +56,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = {"benchmark": "scale_search", "command": "python bench/scale_search.py " + " ".join(sys.argv[1:]),
-           "machine": "2-core CPU, 24 GB, shared with 7 other agents (load average ~20)", "threads": 1,
+           "machine": machine(), "threads": 1,
            "rows": rows}
     (ROOT / "bench" / "results" / "scale_search.json").write_text(json.dumps(out, indent=2) + "\n")
 

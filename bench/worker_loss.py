@@ -28,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.machine import machine  # noqa: E402
+
 from bench.polling import wait_for  # noqa: E402
 
 
@@ -111,9 +113,8 @@ def main() -> None:
         redis_server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    load = os.getloadavg()
     report = {"benchmark": "worker_loss", "command": "python bench/worker_loss.py " + " ".join(sys.argv[1:]),
-              "machine": f"{os.cpu_count()}-core CPU, load average {load[0]:.1f} (shared with parallel work)",
+              "machine": machine(),
               "date": dt.date.today().isoformat(),
               "settings": {"COMPRESSOR_HEARTBEAT_S": settings.COMPRESSOR_HEARTBEAT_S,
                            "COMPRESSOR_WATCHDOG_INTERVAL_S": settings.COMPRESSOR_WATCHDOG_INTERVAL_S,
