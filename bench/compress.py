@@ -120,14 +120,15 @@ def run_engine_against(name: str, out_dir: str, dtype: str, threads: int, sample
     split = peer.article_split(loaded.tokenizer, samples=samples, seqlen=seqlen)
     preset, options = AGAINST_CASES[name]
     recipe = Recipe.from_preset(preset, **options)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = compress_model(loaded.model, recipe, peer.calibration_samples(split))
-    compress_s = time.perf_counter() - t0
+    compress_s, compress_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     export_checkpoint(loaded.model, loaded.tokenizer, recipe, report, out_dir)
     save_s = time.perf_counter() - t0
     return {"wall_s": round(time.perf_counter() - started, 2), "load_s": round(load_s, 2),
             "compress_s": round(compress_s, 2), "save_s": round(save_s, 2), "dtype": dtype,
+            "cpu_s": round(time.process_time(), 1), "compress_cpu_s": round(compress_cpu, 1),
             "fallbacks": len(report.fallbacks)}
 
 
@@ -191,9 +192,10 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
 
 
 def markdown_against(result: dict) -> str:
-    return _table(result, ("recipe", "tool", "wall s (process)", "compress s", "peak RSS GB", "held-out ppl",
-                           "ppl / dense"),
+    return _table(result, ("recipe", "tool", "wall s (process)", "compress s", "CPU s (process)", "compress CPU s",
+                           "peak RSS GB", "held-out ppl", "ppl / dense"),
                   lambda r: (r["name"], r["tool"], r["wall_s"], r.get("compress_s", r.get("oneshot_s")),
+                             r.get("cpu_s", "—"), r.get("compress_cpu_s", r.get("oneshot_cpu_s", "—")),
                              r["peak_rss_gb"], f"{r['ppl']:.2f}", f"{r['ppl_ratio']:.3f}"))
 
 

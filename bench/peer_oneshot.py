@@ -48,10 +48,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     load_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, dataset=dataset, recipe=args.recipe, max_seq_length=seqlen,
             num_calibration_samples=samples, shuffle_calibration_samples=False)
-    oneshot_s = time.perf_counter() - t0
+    oneshot_s, oneshot_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     t0 = time.perf_counter()
     model.save_pretrained(args.out, save_compressed=True)
@@ -61,6 +61,7 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - STARTED, 2), "load_s": round(load_s, 2),
         "oneshot_s": round(oneshot_s, 2), "save_s": round(save_s, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
+        "cpu_s": round(time.process_time(), 1), "oneshot_cpu_s": round(oneshot_cpu, 1),
         "dtype": str(next(model.parameters()).dtype),
         "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")},
     }))
