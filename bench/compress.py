@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine  # noqa: E402
+from bench.machine import machine, peak_rss_bytes  # noqa: E402
 
 log = logging.getLogger("bench.compress")
 DATA_DIR = os.environ.get("COMPRESSOR_DATA_DIR", "/work/shared/data")
@@ -204,7 +203,7 @@ def _child(flag: list[str], args: argparse.Namespace) -> dict:
            "--windows", str(args.windows), "--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
     row = json.loads(out.stdout.strip().splitlines()[-1])
-    row["peak_rss_gb"] = row.pop("own_peak_rss_gb")  # the child's own ru_maxrss (Linux: KiB)
+    row["peak_rss_gb"] = row.pop("own_peak_rss_gb")  # the child's own VmHWM (bench.machine.peak_rss_bytes)
     return row
 
 
@@ -229,7 +228,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.engine_case:
         row = run_engine_against(args.engine_case, args.engine_out, args.dtype, args.threads, args.samples, args.seqlen)
-        row["own_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3)
+        row["own_peak_rss_gb"] = round(peak_rss_bytes() / 2 ** 30, 3)
         print(json.dumps(row))
         return
     if args.against:
@@ -239,7 +238,7 @@ def main() -> None:
         return
     if args.case or args.dense:
         row = run_dense(args) if args.dense else run_case(args.case, args)
-        row["own_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+        row["own_peak_rss_gb"] = round(peak_rss_bytes() / 2 ** 30, 2)
         print(json.dumps(row))
         return
 

@@ -7,7 +7,7 @@ tokenizer's 49,152-token vocabulary) and 4 vs 20 decoder layers from ``LlamaConf
 bfloat16 safetensors under var/bench-memory/. Each job (W4A16 GPTQ by default, ``--recipe FP8`` for calibrated static scales without a GPTQ sweep; built-in calibration set, no
 evaluation, no speed run) runs in its own Python process through ``compression.pipeline.run_job``
 with ``streaming`` forced to each mode; the child reports its own peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and the memory plan's pre-flight estimate of the
+(VmHWM, ``bench.machine.peak_rss_bytes``: ru_maxrss would include the parent's peak) and the memory plan's pre-flight estimate of the
 same path. Writes bench/results/memory.json.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ spec["recipe"] = Recipe.from_preset(spec.pop("preset")).to_dict()
 torch.manual_seed(0)
 started = time.monotonic()
 results = run_job(spec, {out!r})
-print("RESULT " + json.dumps({{"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+from bench.machine import peak_rss_bytes
+print("RESULT " + json.dumps({{"peak_rss_bytes": peak_rss_bytes(),
                               "seconds": round(time.monotonic() - started, 1), "memory": results["memory"],
                               "compress_s": results["timings"].get("compress_s"),
                               "export_s": results["timings"].get("export_s")}}))

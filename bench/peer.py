@@ -196,9 +196,11 @@ def article_split(tokenizer, samples: int = 128, seqlen: int = 512) -> Split:
     return Split(calibration, held_out[: windows * seqlen].view(windows, seqlen), taken, len(ids) - taken, seqlen)
 
 
-def calibration_samples(split: Split) -> list[dict[str, torch.Tensor]]:
+def calibration_samples(split: Split | torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """One sample per calibration chunk, from a split or from its [samples, seqlen] ids."""
+    rows = split.calibration if isinstance(split, Split) else split
     return [{"input_ids": row.view(1, -1).clone(), "attention_mask": torch.ones(1, row.numel(), dtype=torch.long)}
-            for row in split.calibration]
+            for row in rows]
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, max_windows: int | None = None) -> float:

@@ -16,7 +16,7 @@ STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
+from machine import peak_rss_bytes  # noqa: E402  (bench/machine.py: this script's own directory is on sys.path)
 from importlib.metadata import version  # noqa: E402
 
 
@@ -60,7 +60,7 @@ def main() -> None:
     print(json.dumps({
         "wall_s": round(time.perf_counter() - STARTED, 2), "load_s": round(load_s, 2),
         "oneshot_s": round(oneshot_s, 2), "save_s": round(save_s, 2),
-        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
+        "peak_rss_gb": round(peak_rss_bytes() / 2 ** 30, 3),  # VmHWM: not inherited from the parent
         "cpu_s": round(time.process_time(), 1), "oneshot_cpu_s": round(oneshot_cpu, 1),
         "dtype": str(next(model.parameters()).dtype),
         "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")},

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import peer  # noqa: E402
-from bench.machine import machine  # noqa: E402
+from bench.machine import machine, peak_rss_bytes  # noqa: E402
 
 _W4 = "{{num_bits: 4, type: int, symmetric: {sym}, strategy: group, group_size: 64}}"
 
@@ -93,7 +94,39 @@ def _score(directory: Path, split, max_windows: int | None, ours_loader: bool) -
             "seconds": round(time.perf_counter() - t0, 1), "loader": "compression.model_io.runtime"}
 
 
-def run_ours(recipe_yaml: str, out_dir: Path, split, model_dir: Path) -> dict:
+def run_ours_child(row: str, out_dir: Path, split) -> dict:
+    """``run_ours`` in a child process, as llm-compressor runs in one: its wall time, CPU time and
+    peak RSS are the compression's own (load, compress, export), not the scoring's. Like the peer's
+    child it gets the calibration chunks as a safetensors file (it does not tokenize WikiText)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="ours-") as tmp:
+        calib_path = Path(tmp) / "calibration.safetensors"
+        save_file({"input_ids": split.calibration.contiguous()}, str(calib_path))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-child", row, "--child-out", str(out_dir),
+               "--child-calibration", str(calib_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child_main(row: str, out_dir: str, calibration: str) -> int:
+    from safetensors.torch import load_file
+
+    started = time.perf_counter()
+    model_dir = peer.demo_dense_dir()
+    ids = load_file(calibration)["input_ids"]
+    info = run_ours(ROWS[row], Path(out_dir), ids, model_dir)
+    info.update(wall_s=round(time.perf_counter() - started, 1), cpu_s=round(time.process_time(), 1),
+                peak_rss_gb=round(peak_rss_bytes() / 2 ** 30, 3))
+    print(json.dumps(info), flush=True)
+    return 0
+
+
+def run_ours(recipe_yaml: str, out_dir: Path, calibration: torch.Tensor, model_dir: Path) -> dict:
     """This engine: load the bf16 demo checkpoint, compress with the row's recipe, export."""
     from transformers import AutoModelForCausalLM
 
@@ -106,15 +139,13 @@ def run_ours(recipe_yaml: str, out_dir: Path, split, model_dir: Path) -> dict:
     model.eval()
     tokenizer = peer.load_tokenizer(model_dir)
     t0, c0 = time.perf_counter(), time.process_time()
-    report = compress_model(model, recipe, peer.calibration_samples(split))
+    report = compress_model(model, recipe, peer.calibration_samples(calibration))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     export_checkpoint(model, tokenizer, recipe, report, out_dir)
     return {"compress_s": round(seconds, 1), "compress_cpu_s": round(cpu, 1), "recipe": recipe.describe(), "fallbacks": report.fallbacks}
 
 
 def _commit() -> str:
-    import subprocess
-
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -141,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     parser.add_argument("--table", action="store_true",
                         help="only (re)generate compression/quality_table.json from --out, then exit")
+    parser.add_argument("--ours-child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--child-calibration", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ours_child:
+        return _child_main(args.ours_child, args.child_out, args.child_calibration)
     if args.table:
         path = write_quality_table(json.loads(Path(args.out).read_text()), results_file=Path(args.out))
         print(f"wrote {path}")
@@ -191,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 started["commit"] = _commit()
             try:
                 if tool == "ours":
-                    info = run_ours(recipe, target, split, model_dir)
+                    info = run_ours_child(row, target, split)
                 else:
                     info = peer.run_llmcompressor(recipe, target, split=split, model_dir=model_dir)
                 score = _score(target, split, args.max_windows, ours_loader=row in ASYMMETRIC)
@@ -277,8 +313,8 @@ def table(results: dict) -> str:
     lines = [f"dense perplexity {dense:.3f} over {results['dense']['windows']} held-out windows of "
              f"{results['seqlen']} tokens", "",
              "| recipe | ours ppl | ours ratio | llm-compressor ppl | llm-compressor ratio | compress s (CPU s): ours "
-             "| llm-compressor |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| llm-compressor | peak RSS GB: ours | llm-compressor |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, entry in results.get("rows", {}).items():
         cells = []
         for tool in ("ours", "llmcompressor"):
@@ -287,7 +323,8 @@ def table(results: dict) -> str:
                       else [f"error: {e.get('error', 'not run')[:60]}", "—"])
         ours, theirs = entry.get("ours", {}), entry.get("llmcompressor", {})
         times = [_seconds(ours.get("compress_s"), ours.get("compress_cpu_s")),
-                 _seconds(theirs.get("oneshot_s"), theirs.get("oneshot_cpu_s"))]
+                 _seconds(theirs.get("oneshot_s"), theirs.get("oneshot_cpu_s")),
+                 str(ours.get("peak_rss_gb", "—")), str(theirs.get("peak_rss_gb", "—"))]
         lines.append(f"| {row} | {' | '.join(cells)} | {' | '.join(times)} |")
     return "\n".join(lines)
 
