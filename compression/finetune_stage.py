@@ -89,47 +89,60 @@ class FinetuneStage:
 
     def creation_steps(self, calibration_spec: dict, report) -> list[str]:
         """One sentence per step of the recipe for the card's Creation section (data and budgets)."""
-        steps = []
-        calib = f"{calibration_spec.get('label') or calibration_spec['source']}, {calibration_spec['samples']} " \
-                f"samples of up to {calibration_spec['seqlen']} tokens"
-        for m in self.recipe.modifiers:
-            if m.kind == "SparseGPTModifier":
-                steps.append(f"Pruning: SparseGPT {m.mask_structure if m.mask_structure != '0:0' else 'unstructured'} "
-                             f"({m.sparsity:.0%} of the targeted weights), calibrated on {calib}.")
-                if m.reconstruction is not None:
-                    r = m.reconstruction
-                    layers = getattr(report, "reconstruction", {}) or {}
-                    gain = ""
-                    if layers:
-                        kept = sum(1 for v in layers.values() if v.get("kept"))
-                        gain = f" It lowered the output error in {kept} of {len(layers)} layers."
-                    steps.append(f"Recovery: layer-wise reconstruction of every pruned decoder layer, {r.steps} Adam "
-                                 f"steps (lr {r.lr:g}, {r.batch_size} calibration samples per step, target: "
-                                 f"{'dense model activations' if r.target == 'dense' else 'dense layer output'}) "
-                                 f"on the same calibration data, pruned weights held at zero.{gain}")
-            elif m.finetune is not None:
-                f = m.finetune
-                done = f" ({self.result.tokens:,} tokens in {self.result.seconds / 60:.1f} min)" if self.result else ""
-                steps.append("Recovery: distillation fine-tuning against the dense model (KL on logits"
-                             + (f" + {f.layer_loss_weight:g} × per-layer output MSE" if f.layer_loss_weight else "")
-                             + f") on {getattr(self, 'dataset_label', f.dataset)}: {f.total_steps} steps of "
-                             f"{f.batch_size} × {f.seq_len} tokens × {f.grad_accum} accumulation = "
-                             f"{f.total_steps * f.tokens_per_step:,} tokens{done}, lr {f.lr:g}, 2:4 mask held.")
-            elif m.quantizes:
-                from compression.recipe import Recipe, Stage
-
-                one = Recipe([Stage("s", "quant_modifiers", [m])])
-                what = one.describe()
-                data = f", calibrated on {calib}" if one.needs_calibration else " (no calibration data)"
-                steps.append(f"Quantization: {'GPTQ ' if m.kind == 'GPTQModifier' else ''}{what}{data}"
-                             + (", pruned weights kept at zero." if any(x.kind == "SparseGPTModifier"
-                                                                     for x in self.recipe.modifiers) else "."))
-        return steps
+        return creation_steps(self.recipe, calibration_spec, report, finetuned=self.result,
+                              dataset_label=getattr(self, "dataset_label", None))
 
     def cleanup(self) -> None:
         from compression.algorithms.distill import remove_checkpoints
 
         remove_checkpoints(self.checkpoint_dir)
+
+
+def creation_steps(recipe, calibration_spec: dict, report=None, *, finetuned=None,
+                   dataset_label: str | None = None) -> list[str]:
+    """The model card's Creation steps, one sentence per step of ``recipe`` in order: pruning,
+    recovery (layer-wise reconstruction, distillation fine-tune) and quantization, each with its data
+    and budget. ``report``: the compression report (per-layer reconstruction results);
+    ``finetuned``: the fine-tune's FinetuneResult (tokens and minutes it took)."""
+    steps = []
+    calib = f"{calibration_spec.get('label') or calibration_spec['source']}, {calibration_spec['samples']} " \
+            f"samples of up to {calibration_spec['seqlen']} tokens"
+    for m in recipe.modifiers:
+        if m.kind == "SparseGPTModifier":
+            steps.append(f"Pruning: SparseGPT {m.mask_structure if m.mask_structure != '0:0' else 'unstructured'} "
+                         f"({m.sparsity:.0%} of the targeted weights), calibrated on {calib}.")
+            if m.reconstruction is not None:
+                r = m.reconstruction
+                layers = getattr(report, "reconstruction", {}) or {}
+                gain = ""
+                if layers:
+                    kept = sum(1 for v in layers.values() if v.get("kept"))
+                    gain = f" It lowered the output error in {kept} of {len(layers)} layers."
+                steps.append(f"Recovery: layer-wise reconstruction of every pruned decoder layer, {r.steps} Adam "
+                             f"steps (lr {r.lr:g}, {r.batch_size} calibration samples per step, target: "
+                             f"{'dense model activations' if r.target == 'dense' else 'dense layer output'}) "
+                             f"on the same calibration data, pruned weights held at zero.{gain}")
+        elif m.finetune is not None:
+            f = m.finetune
+            pruned = [x for x in recipe.modifiers if x.kind == "SparseGPTModifier"]
+            held = pruned[-1].mask_structure if pruned and pruned[-1].mask_structure != "0:0" else "sparsity"
+            done = f" ({finetuned.tokens:,} tokens in {finetuned.seconds / 60:.1f} min)" if finetuned else ""
+            steps.append("Recovery: distillation fine-tuning against the dense model (KL on logits"
+                         + (f" + {f.layer_loss_weight:g} × per-layer output MSE" if f.layer_loss_weight else "")
+                         + f") on {dataset_label or f.dataset}: {f.total_steps} steps of "
+                         f"{f.batch_size} × {f.seq_len} tokens × {f.grad_accum} accumulation = "
+                         f"{f.total_steps * f.tokens_per_step:,} tokens{done}, lr {f.lr:g}, {held} mask held.")
+        elif m.quantizes:
+            from compression.recipe import Recipe, Stage
+
+            one = Recipe([Stage("s", "quant_modifiers", [m])])
+            what = one.describe()
+            data = f", calibrated on {calib}" if one.needs_calibration else " (no calibration data)"
+            gptq = "GPTQ " if m.kind == "GPTQModifier" and "GPTQ" not in what else ""
+            steps.append(f"Quantization: {gptq}{what}{data}"
+                         + (", pruned weights kept at zero." if any(x.kind == "SparseGPTModifier"
+                                                                 for x in recipe.modifiers) else "."))
+    return steps
 
 
 def _copy_model(model):

@@ -6,6 +6,7 @@ is allowed. Nothing is written to the database until everything has been validat
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from django.conf import settings
 from django.db import transaction
 
 from .errors import SubmissionError
-from .models import ACTIVE, CalibrationUpload, Job
+from .models import ACTIVE, CalibrationUpload, Job, JobEvent
 from .queue import enqueue
 from .uploads import resolve_source
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CALIBRATION_SOURCE = "calibration/self_instruct_seed_tasks.jsonl"
 PERPLEXITY_TASK = "wikitext2_ppl"
@@ -264,7 +267,7 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                              trust_remote_code=trust_remote_code)
         with pattern_time_budget(PREFLIGHT_PATTERN_BUDGET_S):  # user re: patterns run inside this request
             report = preflight(config, recipe, trust_remote_code=trust_remote_code)
-        check_finetune(recipe, config, owner)
+        notes = check_finetune(recipe, config, owner, model=model, trust_remote_code=trust_remote_code)
     except ModelSourceError as exc:
         raise SubmissionError("model", exc.message) from None
     except RecipeError as exc:  # "model": the engine cannot walk it; anything else is in the recipe
@@ -272,7 +275,7 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
         raise SubmissionError(field_path, exc.message) from None
     request = JobRequest(owner=owner, model=model, recipe=recipe, calibration=calibration,
                          evaluation=evaluation, trust_remote_code=bool(trust_remote_code), name=name or "",
-                         preflight=report)
+                         preflight=report, warnings=notes)
     check_stored_sizes(request)
     return request
 
@@ -355,20 +358,30 @@ def create_job(request: JobRequest) -> Job:
             trust_remote_code=request.trust_remote_code, recipe=request.recipe.to_dict(),
             recipe_name=request.recipe.preset or "custom", calibration=request.calibration,
             evaluation=request.evaluation)
+        for note in request.warnings:  # what submission could not check: the job's log says so
+            JobEvent.objects.create(job=job, stage="queued", level="info", message=note)
     enqueue(job)
     return job
 
 
-def check_finetune(recipe, model_config, owner) -> None:
+def check_finetune(recipe, model_config, owner, *, model: str | None = None,
+                   trust_remote_code: bool = False) -> list[str]:
     """A recipe's fine-tune stage, before queueing: its dataset is one the submitter may use (same
-    rules as calibration sources), a data-directory file or upload holds enough text for the token
-    budget (UTF-8 bytes + one separator per record bound the token count from above), and the
-    budget fits the worker's memory (COMPRESSOR_WORKER_MEMORY_GB). Raises RecipeError naming the field."""
-    from compression.calibration import classify_source, parse_records, record_text
-    from compression.algorithms.distill import check_memory
+    rules as calibration sources), a data-directory file or upload holds enough tokens for the budget,
+    and the budget fits the worker's memory (COMPRESSOR_WORKER_MEMORY_GB). Raises RecipeError naming
+    the field; returns notes for the job's log about what could not be checked here.
+
+    A local dataset is counted as the worker packs it (compression.algorithms.distill.record_token_ids)
+    with the model's tokenizer; first, cheaply, against an upper bound that needs no tokenizer
+    (one token per UTF-8 byte plus special tokens and a chat-template allowance), and with that bound
+    alone when the tokenizer cannot be read here (a model with custom code, a Hub model not
+    reachable). A Hub dataset is only checked by the worker, before any pruning."""
+    from compression.algorithms.distill import check_memory, count_training_tokens, record_tokens_bound
+    from compression.calibration import classify_source, parse_records
     from compression.errors import CalibrationError, RecipeError
     from compression.recipe import FINETUNE
 
+    notes = []
     for i, stage in enumerate(recipe.stages):
         m = stage.modifiers[0]
         if m.kind != FINETUNE:
@@ -377,7 +390,7 @@ def check_finetune(recipe, model_config, owner) -> None:
         source, file = settings.dataset.strip(), None
         if source.startswith(CalibrationUpload.SOURCE_PREFIX):
             upload = resolve_source(owner.pk, source) if owner is not None else None
-            if upload is None:
+            if upload is None or not upload.path.is_file():
                 raise RecipeError(f"{path}.dataset", f"{source!r} names none of your uploaded files")
             file = upload.path
         else:
@@ -386,17 +399,47 @@ def check_finetune(recipe, model_config, owner) -> None:
             except CalibrationError as exc:
                 raise RecipeError(f"{path}.dataset", exc.message) from None
             file = where.path if where.kind == "file" else None
-        if file is not None:
-            records = parse_records(file.read_text(encoding="utf-8", errors="replace"), file.suffix)
-            texts = [record_text(r, None)[0] for r in records]
-            bound = sum(len(t.encode("utf-8")) + 1 for t in texts if t.strip())
-            need = settings.windows_needed * settings.seq_len
+        check_memory(model_config, settings, int(settings_memory_gb() * 2 ** 30), path)  # before any tokenizing
+        need = settings.windows_needed * settings.seq_len
+        budget_field = f"{path}.tokens" if settings.tokens is not None else f"{path}.steps"
+        budget = f"{need:,} ({settings.total_steps} steps × {settings.tokens_per_step} tokens)"
+        if file is None:
+            notes.append(f"The fine-tuning dataset {source!r} is a Hugging Face Hub dataset, so its size was not "
+                         f"checked before queueing; the worker checks that it holds the {need:,} tokens the "
+                         "budget needs before any pruning.")
+        else:
+            try:
+                records = parse_records(file.read_text(encoding="utf-8", errors="replace"), file.suffix)
+            except CalibrationError as exc:
+                raise RecipeError(f"{path}.dataset", exc.message) from None
+            bound = sum(record_tokens_bound(r) for r in records)
             if bound < need:
-                raise RecipeError(f"{path}.tokens" if settings.tokens is not None else f"{path}.steps",
-                                  f"the dataset {source!r} holds at most {bound:,} tokens but the budget needs "
-                                  f"{need:,} ({settings.total_steps} steps × {settings.tokens_per_step} tokens); "
-                                  "lower it or use a larger dataset")
-        check_memory(model_config, settings, int(settings_memory_gb() * 2 ** 30), path)
+                raise RecipeError(budget_field, f"the dataset {source!r} holds at most {bound:,} tokens but the "
+                                                f"budget needs {budget}; lower it or use a larger dataset")
+            tokenizer = None if trust_remote_code or model is None else _tokenizer(model)
+            if tokenizer is None:
+                notes.append(f"The fine-tuning dataset {source!r} was checked against an upper bound of its "
+                             f"tokens ({bound:,}), not with the model's tokenizer; the worker counts them "
+                             "exactly before any pruning.")
+            else:
+                tokens, exact = count_training_tokens(records, tokenizer, need)
+                if tokens < need:
+                    held = f"{tokens:,} tokens" if exact else f"at most {tokens:,} tokens"
+                    raise RecipeError(budget_field, f"the dataset {source!r} holds {held} with the model's "
+                                                    f"tokenizer but the budget needs {budget}; lower it or use "
+                                                    "a larger dataset")
+    return notes
+
+
+def _tokenizer(model: str):
+    """The model's tokenizer for counting a dataset, or None when it cannot be read here."""
+    from compression.model_io.loading import load_tokenizer
+
+    try:
+        return load_tokenizer(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS)
+    except Exception as exc:  # noqa: BLE001 - any failure only means the cheaper bound is used
+        log.info("no tokenizer for %s at submission (%s); fine-tuning tokens bounded instead", model, exc)
+        return None
 
 
 def settings_dir():

@@ -144,7 +144,7 @@ def load_training_windows(source: str, tokenizer: Any, *, windows: int, seq_len:
                           field: str = "finetune.dataset") -> torch.Tensor:
     """``windows`` packed windows [windows, seq_len] of the dataset's text (records joined with EOS,
     shuffled with ``seed``); raises CalibrationError(field) if the dataset holds fewer tokens."""
-    from compression.calibration import _load_hub_dataset, _local_records, classify_source, record_text
+    from compression.calibration import _load_hub_dataset, _local_records, classify_source
 
     try:
         where = classify_source(source, data_dir)
@@ -156,15 +156,9 @@ def load_training_windows(source: str, tokenizer: Any, *, windows: int, seq_len:
     else:
         records = _load_hub_dataset(where.repo_id, where.split, seed, max(1000, windows * 8))
     need = windows * seq_len
-    eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
     for record in records:
-        text, templated = record_text(record, tokenizer)
-        if not text.strip():
-            continue
-        ids.extend(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        if eos is not None:
-            ids.append(int(eos))
+        ids.extend(record_token_ids(record, tokenizer))
         if len(ids) >= need:
             break
     if len(ids) < need:
@@ -172,6 +166,65 @@ def load_training_windows(source: str, tokenizer: Any, *, windows: int, seq_len:
             f"the training dataset {source!r} holds {len(ids):,} tokens; the budget needs {need:,} "
             f"({windows} windows of {seq_len}). Lower tokens/steps or use a larger dataset", field)
     return torch.tensor(ids[:need], dtype=torch.long).view(windows, seq_len)
+
+
+def record_token_ids(record: Any, tokenizer: Any) -> list[int]:
+    """The token ids one dataset record adds to the packed training stream: its text (through the
+    chat template when it has ``messages`` and the tokenizer one) and an EOS separator. Submission
+    counts a local dataset with this, so it refuses exactly what the worker would."""
+    from compression.calibration import record_text
+
+    text, templated = record_text(record, tokenizer)
+    if not text.strip():
+        return []
+    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return ids + [int(eos)] if eos is not None else ids
+
+
+# Per record, what a tokenizer may add beyond one token per UTF-8 byte of the text: BOS, EOS and a
+# SentencePiece word-start piece; without the tokenizer, a chat template's role headers and default
+# system prompt too (a generous allowance: SmolLM2's adds ~25 tokens to a two-message record).
+RECORD_SPECIAL_TOKENS = 4
+CHAT_TEMPLATE_ALLOWANCE = 64
+CHAT_MESSAGE_ALLOWANCE = 16
+# Submission tokenizes at most this many tokens of a dataset exactly (a few seconds); the rest of a
+# larger file is bounded from above instead.
+EXACT_COUNT_TOKENS = 2 ** 21
+
+
+def record_tokens_bound(record: Any, tokenizer: Any = None) -> int:
+    """A conservative upper bound of ``len(record_token_ids(record, tokenizer))`` without tokenizing:
+    a token covers at least one UTF-8 byte, plus the special tokens; with no tokenizer a chat
+    record gets an allowance for the template it would be rendered through."""
+    from compression.calibration import record_text
+
+    text, _ = record_text(record, tokenizer)
+    messages = isinstance(record, dict) and bool(record.get("messages"))
+    if tokenizer is None and messages:
+        count = len(record["messages"]) if isinstance(record["messages"], list) else 1
+        return len(text.encode("utf-8")) + RECORD_SPECIAL_TOKENS + CHAT_TEMPLATE_ALLOWANCE \
+            + CHAT_MESSAGE_ALLOWANCE * count
+    if not text.strip():
+        return 0
+    return len(text.encode("utf-8")) + RECORD_SPECIAL_TOKENS
+
+
+def count_training_tokens(records: list[Any], tokenizer: Any, need: int, *,
+                          exact_tokens: int = EXACT_COUNT_TOKENS) -> tuple[int, bool]:
+    """(tokens, exact): the packed training tokens ``records`` give, counted as the worker packs them
+    (record_token_ids) and stopping once ``need`` is reached. Past ``exact_tokens`` counted tokens the
+    remaining records are bounded from above (record_tokens_bound) instead, and ``exact`` is False."""
+    total, exact = 0, True
+    for record in records:
+        if total >= need:
+            break
+        if total < exact_tokens:
+            total += len(record_token_ids(record, tokenizer))
+        else:
+            total += record_tokens_bound(record, tokenizer)
+            exact = False
+    return total, exact
 
 
 # ------------------------------------------------------------------------------------ optimisers

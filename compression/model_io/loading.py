@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +314,49 @@ def warm_demo_config() -> None:
         _demo_config()
     except Exception as exc:  # noqa: BLE001 - a failed warm-up only means the first submit pays
         log.warning("warming the demo model's config failed: %s", exc)
+
+
+def load_tokenizer(source: str, *, allowed_roots: Sequence[str | os.PathLike] = ()):
+    """The model's tokenizer alone, without its weights (submission counts a fine-tuning dataset's
+    tokens with it). The demo's is parsed from the GGUF file once (seconds) and, with
+    $COMPRESSOR_CONFIG_CACHE_DIR, kept there as tokenizer files that later processes read quickly.
+    Never runs repository code (no trust_remote_code). Raises ModelSourceError when unavailable."""
+    from transformers import AutoTokenizer
+
+    resolved = check_model_source(source, allowed_roots=allowed_roots)
+    try:
+        if resolved.kind == "demo":
+            return _demo_tokenizer()
+        location = resolved.value
+        if resolved.kind == "hub":
+            location = str(hub_snapshot(resolved.value, resolved.revision, weights=False))
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as exc:
+        raise _source_error(resolved, exc, "could not read the tokenizer of") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    cache = None
+    if os.environ.get(CONFIG_CACHE_ENV):
+        cache = Path(os.environ[CONFIG_CACHE_ENV]) / f"demo-tokenizer-{_fingerprint(demo_model_dir() / DEMO_GGUF)}"
+        if (cache / "tokenizer.json").is_file():
+            try:
+                return AutoTokenizer.from_pretrained(cache)
+            except (OSError, ValueError):
+                pass  # a damaged copy: parse the GGUF again
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF)
+    if cache is not None:
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        try:
+            tokenizer.save_pretrained(tmp)
+            tmp.replace(cache)  # atomic: another process sees all the files or none
+        except OSError as exc:
+            log.warning("could not cache the demo tokenizer in %s: %s", cache, exc)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
 
 
 def load_config(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), trust_remote_code: bool = False):

@@ -201,3 +201,150 @@ def test_a_hub_chat_dataset_is_packed_through_the_chat_template(monkeypatch):
     assert asked == [("org/chat", "train_sft")] and windows.shape == (6, 128)
     text = demo_tokenizer().decode(windows[0])
     assert "<|im_start|>" in text  # SmolLM2's chat template was applied
+
+
+def test_a_crashed_fine_tune_resumes_from_its_last_periodic_checkpoint(tmp_path):
+    """A crash (not a cancel) saves nothing at that moment; the periodic checkpoint is what resumes."""
+    settings = FinetuneSettings(steps=6, lr=1e-3, batch_size=2, seq_len=32, checkpoint_every=2)
+    windows = _windows()
+    straight, teacher, masks = _pruned_pair()
+    finetune(straight, teacher, windows, masks, settings)
+
+    def crash_at_step_3(event):
+        if event.get("step") == 3 and "loss" in event:
+            raise RuntimeError("worker died")
+
+    student, teacher, masks = _pruned_pair()
+    with pytest.raises(RuntimeError):
+        finetune(student, teacher, windows, masks, settings, checkpoint_dir=tmp_path, fingerprint="job",
+                 progress=crash_at_step_3)
+    meta = json.loads((tmp_path / CHECKPOINT_META).read_text())
+    assert meta["step"] == 2 and [r["step"] for r in meta["losses"]] == [1, 2]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # written atomically
+
+    resumed, teacher, masks = _pruned_pair()
+    result = finetune(resumed, teacher, windows, masks, settings, checkpoint_dir=tmp_path, fingerprint="job")
+    assert result.resumed_from == 2 and result.steps == 4 and [r["step"] for r in result.losses] == list(range(1, 7))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    _held(resumed, masks)
+
+
+README_RECIPE = """
+sparsity_stage:
+  sparsity_modifiers:
+    SparseGPTModifier: {sparsity: 0.5, mask_structure: "2:4", reconstruction: true}
+finetune_stage:
+  finetune_modifiers:
+    DistillationFinetuneModifier: {dataset: "HuggingFaceH4/ultrachat_200k:train_sft", tokens: 1000000,
+                                   lr: 1.0e-5, batch_size: 8, seq_len: 512, gradient_checkpointing: true}
+quant_stage:
+  quant_modifiers:
+    QuantizationModifier: {scheme: FP8_DYNAMIC, targets: [Linear], ignore: [lm_head]}
+"""
+
+
+def test_a_full_recovery_recipe_round_trips_in_the_llm_compressor_yaml_style():
+    """Every reconstruction and fine-tune argument survives YAML and the stored dict (what the job row
+    keeps and the worker parses), each stage keeping its own modifier and arguments."""
+    import yaml
+
+    from compression.algorithms.reconstruction import ReconstructionSettings
+
+    recipe = Recipe.from_yaml(f"""
+sparsity_stage:
+  sparsity_modifiers:
+    SparseGPTModifier:
+      sparsity: 0.5
+      mask_structure: "2:4"
+      reconstruction: {{steps: 16, lr: 1e-4, batch_size: 3, target: layer}}
+finetune_stage:
+  finetune_modifiers:
+    {FT}:
+      dataset: "upload:7"
+      steps: 40
+      lr: 2e-5
+      batch_size: 2
+      seq_len: 256
+      grad_accum: 4
+      temperature: 2.0
+      kl_weight: 0.5
+      layer_loss_weight: 0.25
+      gradient_checkpointing: true
+      optimizer: adamw_8bit
+      warmup_steps: 5
+      checkpoint_every: 10
+      seed: 9
+quant_stage:
+  quant_modifiers:
+    GPTQModifier: {{scheme: W4A16, targets: [Linear], ignore: [lm_head]}}
+""")
+    for again in (Recipe.from_yaml(recipe.to_yaml()), Recipe.from_dict(recipe.to_dict()),
+                  Recipe.from_dict(json.loads(json.dumps(recipe.to_dict())))):
+        assert again == recipe
+        assert again.modifiers[0].reconstruction == ReconstructionSettings(steps=16, lr=1e-4, batch_size=3,
+                                                                           target="layer")
+        assert again.modifiers[1].finetune == FinetuneSettings(
+            dataset="upload:7", steps=40, lr=2e-5, batch_size=2, seq_len=256, grad_accum=4, temperature=2.0,
+            kl_weight=0.5, layer_loss_weight=0.25, gradient_checkpointing=True, optimizer="adamw_8bit",
+            warmup_steps=5, checkpoint_every=10, seed=9)
+    written = yaml.safe_load(recipe.to_yaml())
+    assert list(written) == ["sparsity_stage", "finetune_stage", "quant_stage"]
+    assert list(written["finetune_stage"]) == ["finetune_modifiers"]
+    assert list(written["finetune_stage"]["finetune_modifiers"]) == [FT]
+    assert written["sparsity_stage"]["sparsity_modifiers"]["SparseGPTModifier"]["reconstruction"]["steps"] == 16
+    readme = Recipe.from_yaml(README_RECIPE)  # the README's example
+    assert Recipe.from_yaml(readme.to_yaml()) == readme
+    assert [m.kind for m in readme.modifiers] == ["SparseGPTModifier", FT, "QuantizationModifier"]
+    assert readme.modifiers[1].finetune.total_steps == 245  # ⌈1,000,000 / (8 × 512)⌉
+
+
+def test_submission_counts_tokens_as_the_worker_packs_them_and_its_bounds_hold():
+    from django.conf import settings as django_settings
+
+    from compression.algorithms.distill import count_training_tokens, record_token_ids, record_tokens_bound
+    from compression.calibration import _local_records
+
+    tok = demo_tokenizer()
+    from pathlib import Path
+
+    records = _local_records(Path(django_settings.COMPRESSOR_DATA_DIR) / DATA)[:40] + [
+        "a", "", {"text": "  "}, {"messages": [{"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "ß∂ƒ 漢字 🙂"}, {"role": "assistant", "content": "ok"}]}]
+    exact = [len(record_token_ids(r, tok)) for r in records]
+    for record, n in zip(records, exact):  # with the tokenizer (its template) and without (an allowance)
+        assert record_tokens_bound(record, tok) >= n and record_tokens_bound(record) >= n, record
+    assert exact[-2] > len("hi") + 4  # the chat template's system prompt is counted, not just the content
+    total = sum(exact)
+    assert count_training_tokens(records, tok, 10**9) == (total, True)
+    early, _ = count_training_tokens(records, tok, 100)
+    assert 100 <= early < total  # stops once the budget is covered
+    capped, is_exact = count_training_tokens(records, tok, 10**9, exact_tokens=500)
+    assert not is_exact and capped >= total  # past the cap: an upper bound, never an undercount
+
+
+def test_the_demo_tokenizer_is_read_from_the_gguf_once_and_cached_as_files(tmp_path, monkeypatch):
+    from compression.model_io import loading
+
+    monkeypatch.setenv(loading.CONFIG_CACHE_ENV, str(tmp_path))
+    loading._demo_tokenizer.cache_clear()
+    try:
+        first = loading.load_tokenizer("demo")
+        (cached,) = tmp_path.glob("demo-tokenizer-*")
+        assert (cached / "tokenizer.json").is_file()
+        loading._demo_tokenizer.cache_clear()
+        from transformers import AutoTokenizer
+
+        real = AutoTokenizer.from_pretrained.__func__
+
+        def no_gguf(cls, *args, **kwargs):  # a second process reads the cached files, never the GGUF
+            assert "gguf_file" not in kwargs, "parsed the GGUF again"
+            return real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(no_gguf))
+        second = loading._demo_tokenizer()
+    finally:
+        loading._demo_tokenizer.cache_clear()
+    text = "Fine-tune the pruned model."
+    assert second(text)["input_ids"] == first(text)["input_ids"] == demo_tokenizer()(text)["input_ids"]
+    assert second.chat_template == first.chat_template

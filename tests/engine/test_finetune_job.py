@@ -10,7 +10,7 @@ from tests.tiny import save_tiny_llama
 DATA = "calibration/self_instruct_seed_tasks.jsonl"
 
 
-def _spec(tmp_path, **finetune):
+def _spec(tmp_path, reconstruction=None, **finetune):
     from django.conf import settings
 
     models = tmp_path / "models"
@@ -18,7 +18,8 @@ def _spec(tmp_path, **finetune):
     if not model_dir.exists():
         save_tiny_llama(model_dir)
     recipe = Recipe.from_dict({
-        "sparsity_stage": {"sparsity_modifiers": {"SparseGPTModifier": {"sparsity": 0.5, "mask_structure": "2:4"}}},
+        "sparsity_stage": {"sparsity_modifiers": {"SparseGPTModifier": {
+            "sparsity": 0.5, "mask_structure": "2:4", **({"reconstruction": reconstruction} if reconstruction else {})}}},
         "finetune_stage": {"finetune_modifiers": {"DistillationFinetuneModifier": {
             "dataset": DATA, "steps": 3, "batch_size": 1, "seq_len": 32, "lr": 1e-4, "checkpoint_every": 1,
             **finetune}}},
@@ -38,7 +39,8 @@ def test_prune_finetune_quantize_job_exports_a_sparse_fp8_model_and_cards_the_st
     from compression.pipeline import run_job
 
     events = []
-    results = run_job(_spec(tmp_path), tmp_path / "out", progress=events.append)
+    results = run_job(_spec(tmp_path, reconstruction={"steps": 2, "batch_size": 1}), tmp_path / "out",
+                      progress=events.append)
     ft = results["finetune"]
     assert ft["steps"] == 3 and len(ft["loss_curve"]) == 3 and ft["tokens"] == 3 * 32
     steps = [e for e in events if e.get("kind") == "finetune" and "loss" in e]
@@ -53,10 +55,15 @@ def test_prune_finetune_quantize_job_exports_a_sparse_fp8_model_and_cards_the_st
     assert groups.max() <= 2  # the 2:4 zeros held through fine-tuning and FP8 quantization
     card = (tmp_path / "out" / "README.md").read_text()
     creation = card.split("## Creation", 1)[1]
-    for words in ("Pruning: SparseGPT 2:4", "Recovery: distillation fine-tuning", "3 steps of 1 × 32 tokens",
+    for words in ("Pruning: SparseGPT 2:4", "Recovery: layer-wise reconstruction", "2 Adam steps",
+                  "Recovery: distillation fine-tuning", f"on {DATA}: 3 steps of 1 × 32 tokens", "= 96 tokens",
                   "Quantization: FP8"):
         assert words in creation, words
-    assert creation.index("Pruning") < creation.index("Recovery") < creation.index("Quantization")
+    assert creation.index("Pruning") < creation.index("layer-wise reconstruction") \
+        < creation.index("distillation fine-tuning") < creation.index("Quantization")
+    assert "samples of up to 16 tokens" in creation.split("Recovery")[0]  # the pruning step's calibration data
+    recon = results["compression"]["reconstruction"]
+    assert len(recon) == 2 and all(r["error_before"] >= 0 and "error_after" in r for r in recon)  # chart's data
     assert _checkpoints(tmp_path) == []  # removed once the job succeeded
 
 

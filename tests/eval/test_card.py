@@ -159,3 +159,49 @@ def test_no_usable_score_is_said_not_shown_as_a_number():
     text = build_model_card(facts(eval={"baseline": base, "compressed": COMPRESSED}))
     assert "Its recovery could not be computed" in text
     assert "n/a (the baseline evaluation produced no usable score)" in text
+
+
+def test_the_creation_section_states_pruning_recovery_and_quantization_with_data_and_budgets():
+    """Issue 14: the steps in order, as the reference 2:4 cards state them (the job test checks the
+    same sentences come out of a real run)."""
+    from compression.finetune_stage import creation_steps
+    from compression.recipe import Recipe
+
+    recipe = Recipe.from_yaml("""
+sparsity_stage:
+  sparsity_modifiers:
+    SparseGPTModifier: {sparsity: 0.5, mask_structure: "2:4", reconstruction: {steps: 16, lr: 1e-4, batch_size: 2}}
+finetune_stage:
+  finetune_modifiers:
+    DistillationFinetuneModifier: {dataset: "HuggingFaceH4/ultrachat_200k:train_sft", tokens: 65536, lr: 1.0e-5,
+                                   batch_size: 8, seq_len: 512, grad_accum: 2, layer_loss_weight: 0.5}
+quant_stage:
+  quant_modifiers:
+    GPTQModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head]}
+""")
+
+    class Report:
+        reconstruction = {0: {"kept": True}, 1: {"kept": True}, 2: {"kept": False}}
+
+    class Finetuned:
+        tokens, seconds = 65536, 90.0
+
+    calibration = {"source": "calibration/self_instruct_seed_tasks.jsonl", "label": "Self-Instruct seed tasks",
+                   "samples": 64, "seqlen": 512}
+    steps = creation_steps(recipe, calibration, Report(), finetuned=Finetuned(), dataset_label="UltraChat 200k")
+    calib = "Self-Instruct seed tasks, 64 samples of up to 512 tokens"
+    assert steps[0] == f"Pruning: SparseGPT 2:4 (50% of the targeted weights), calibrated on {calib}."
+    assert steps[1].startswith("Recovery: layer-wise reconstruction") and "16 Adam steps (lr 0.0001, 2 calibration " \
+        "samples per step" in steps[1] and "lowered the output error in 2 of 3 layers" in steps[1]
+    assert steps[2].startswith("Recovery: distillation fine-tuning against the dense model (KL on logits + 0.5 × ")
+    assert "on UltraChat 200k: 8 steps of 8 × 512 tokens × 2 accumulation = 65,536 tokens (65,536 tokens in " \
+        "1.5 min), lr 1e-05, 2:4 mask held." in steps[2]
+    assert steps[3].startswith("Quantization: GPTQ INT4 weights") and f"calibrated on {calib}" in steps[3]
+    assert "GPTQ GPTQ" not in steps[3] and steps[3].endswith("pruned weights kept at zero.")
+    assert len(steps) == 4
+
+    creation = build_model_card(facts(creation_steps=steps)).split("## Creation", 1)[1].split("\n## ", 1)[0]
+    numbered = [f"{i}. {s}" for i, s in enumerate(steps, 1)]
+    assert "Steps, in order:" in creation and all(line in creation for line in numbered)
+    assert [creation.index(line) for line in numbered] == sorted(creation.index(line) for line in numbered)
+    assert "Steps, in order" not in build_model_card(facts())  # a one-shot card without the list
