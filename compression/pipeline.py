@@ -230,17 +230,10 @@ def _memory_plan(job: _Job, config: Any = None, can_stream: str | None = None):
 def _stream_refusal(job: _Job, location, config) -> str | None:
     """Why this job cannot stream its model (None: it can)."""
     from compression.model_io.loading import default_dtype
-    from compression.model_io.streaming import MemoryPlanError, load_streamed
-    from compression.recipe import finetune_split
+    from compression.model_io.streaming import stream_refusal
 
-    if finetune_split(job.recipe)[1] is not None:
-        return "the recipe's distillation fine-tune trains the whole model at once"
-    try:
-        load_streamed(location, dtype=default_dtype(job.device), config=config, check_only=True,
-                      trust_remote_code=bool(job.spec.get("trust_remote_code")))
-    except MemoryPlanError as exc:
-        return exc.message
-    return None
+    return stream_refusal(job.recipe, location, config, dtype=default_dtype(job.device),
+                          trust_remote_code=bool(job.spec.get("trust_remote_code")))
 
 
 def _baseline_stage(job: _Job, source) -> _Baseline:

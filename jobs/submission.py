@@ -251,7 +251,8 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                         trust_remote_code: bool = False, name: str = "") -> JobRequest:
     """Validate everything about a new job, including the pre-flight check against the model's config."""
     from compression.model_io.loading import ModelSourceError, load_config
-    from compression.preflight import preflight
+    from compression.model_io.streaming import MemoryPlanError
+    from compression.preflight import model_layout, preflight
     from compression.recipe import RecipeError, pattern_time_budget
 
     check_active_limit(owner)  # early, before the costly checks; create_job checks again, atomically
@@ -262,14 +263,21 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                           recipe_dict=recipe_dict)
     calibration = clean_calibration(calibration, owner, needs_calibration=recipe.needs_calibration)
     evaluation = clean_evaluation(evaluation)
+    device = worker_device()
     try:
         config = load_config(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS,
                              trust_remote_code=trust_remote_code)
         with pattern_time_budget(PREFLIGHT_PATTERN_BUDGET_S):  # user re: patterns run inside this request
-            report = preflight(config, recipe, trust_remote_code=trust_remote_code)
+            layout = model_layout(config, trust_remote_code=trust_remote_code)
+            report = preflight(config, recipe, samples=calibration["samples"], seqlen=calibration["seqlen"],
+                               device=device, trust_remote_code=trust_remote_code, layout=layout)
+        check_memory_plan(model, config, recipe, report, layout, calibration, device=device,
+                          trust_remote_code=trust_remote_code)  # cheap; before a fine-tune dataset is counted
         notes = check_finetune(recipe, config, owner, model=model, trust_remote_code=trust_remote_code)
     except ModelSourceError as exc:
         raise SubmissionError("model", exc.message) from None
+    except MemoryPlanError as exc:
+        raise SubmissionError(*memory_plan_field(exc)) from None
     except RecipeError as exc:  # "model": the engine cannot walk it; anything else is in the recipe
         field_path = exc.field if exc.field.startswith(("recipe", "model")) else f"recipe.{exc.field}"
         raise SubmissionError(field_path, exc.message) from None
@@ -278,6 +286,71 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
                          preflight=report, warnings=notes)
     check_stored_sizes(request)
     return request
+
+
+def worker_device() -> str:
+    """The device the worker computes on, as this deployment configures it (COMPRESSOR_DEVICE; "auto":
+    a CUDA device when this host has one, as the worker decides on its own host)."""
+    name = str(getattr(settings, "COMPRESSOR_DEVICE", "") or "auto").strip()
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def check_memory_plan(model: str, config: Any, recipe: Any, report: Any, layout: Any, calibration: dict, *,
+                      device: str, trust_remote_code: bool = False):
+    """The worker's memory plan (compression.model_io.streaming.plan_memory), made before the job is
+    queued with the settings the worker reads (COMPRESSOR_STREAMING, COMPRESSOR_HOST_MEMORY_BYTES,
+    COMPRESSOR_DEVICE_MEMORY_BYTES, from the environment both share): a job the worker would refuse
+    is refused here, with the same MemoryPlanError. A budget this deployment leaves unset is the
+    worker's free memory, which only the worker can measure: that part is checked there alone. Whether
+    the model can stream is worked out only when the plan needs it: a local directory's shard headers
+    are read; a Hub model's shards are not downloaded here, so only its config speaks (the worker
+    checks the headers again)."""
+    from compression.model_io import streaming
+    from compression.sequential import offloadable
+
+    setting = streaming.streaming_setting({})
+    host, device_bytes = streaming.configured_budgets()
+    can_stream = None
+    in_memory = int(report.peak_host_mb * 2 ** 20)
+    if setting == "always" or (setting == "auto" and host is not None and in_memory > host):
+        can_stream = _stream_refusal(model, config, recipe, layout, device=device, trust_remote_code=trust_remote_code)
+    samples, seqlen = int(calibration["samples"]), int(calibration["seqlen"])
+    return streaming.plan_memory(report, device=device, setting=setting, can_stream=can_stream, host_bytes=host,
+                                 device_bytes=device_bytes, measure=False, samples=samples, seqlen=seqlen,
+                                 offload_ok=offloadable(recipe))
+
+
+def _stream_refusal(model: str, config: Any, recipe: Any, layout: Any, *, device: str,
+                    trust_remote_code: bool) -> str | None:
+    """Why the worker could not stream this job's model (None: as far as can be told here, it can)."""
+    from compression.model_io.loading import check_model_source, default_dtype
+    from compression.model_io.streaming import fused_experts_refusal, stream_refusal
+    from compression.recipe import finetune_split
+
+    source = check_model_source(model, allowed_roots=settings.COMPRESSOR_MODEL_ROOTS)
+    if source.kind == "demo":
+        return "the demo model is a GGUF file"
+    if source.kind == "local":
+        return stream_refusal(recipe, source.value, config, dtype=default_dtype(device),
+                              trust_remote_code=trust_remote_code)
+    if finetune_split(recipe)[1] is not None:
+        return "the recipe's distillation fine-tune trains the whole model at once"
+    return fused_experts_refusal(layout.architecture) if layout.experts else None
+
+
+def memory_plan_field(exc: Any) -> tuple[str, str]:
+    """(field, message) of a MemoryPlanError at submission: calibration.samples stays; a budget or
+    streaming setting (the operator's, named in the message) becomes ``model``, the field the submitter
+    can change; a budget setting that is not a number is the deployment's fault (non_field)."""
+    if exc.field in ("calibration.samples", "model"):
+        return exc.field, exc.message
+    if exc.field in exc.message:
+        return "model", exc.message
+    return "non_field", f"the server's {exc.field} setting {exc.message}"
 
 
 def clean_model(model: Any) -> str:

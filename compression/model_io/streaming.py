@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -263,6 +264,11 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def fused_experts_refusal(architecture: str) -> str:
+    return (f"{architecture} has fused MoE experts, which transformers builds from per-expert "
+            "tensors on load; streaming reads tensors by name and does not fuse them")
+
+
 def streaming_refusal(model: torch.nn.Module, reader: ShardReader) -> str | None:
     """Why this model cannot be streamed from these shards (None: it can): fused MoE experts (the
     checkpoint stores experts one by one, transformers fuses them on load), or tensors whose names or
@@ -272,8 +278,7 @@ def streaming_refusal(model: torch.nn.Module, reader: ShardReader) -> str | None
 
     prefix, layers = decoder_layers(model)
     if any(is_fused_experts(m) for m in layers.modules()):
-        return (f"{type(model).__name__} has fused MoE experts, which transformers builds from per-expert "
-                "tensors on load; streaming reads tensors by name and does not fuse them")
+        return fused_experts_refusal(type(model).__name__)
     headers = reader.headers()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict(keep_vars=True).items():
@@ -286,9 +291,27 @@ def streaming_refusal(model: torch.nn.Module, reader: ShardReader) -> str | None
     return None
 
 
+def stream_refusal(recipe: Any, location: str | os.PathLike, config: Any, *, dtype: torch.dtype,
+                   trust_remote_code: bool = False, reader: ShardReader | None = None) -> str | None:
+    """Why a job with ``recipe`` cannot stream the model at ``location`` (None: it can); reads the
+    shards' headers only."""
+    from compression.recipe import finetune_split
+
+    if finetune_split(recipe)[1] is not None:
+        return "the recipe's distillation fine-tune trains the whole model at once"
+    try:
+        load_streamed(location, dtype=dtype, config=config, check_only=True, trust_remote_code=trust_remote_code,
+                      reader=reader)
+    except MemoryPlanError as exc:
+        return exc.message
+    return None
+
+
 def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code: bool = False,
-                  config: Any = None, check_only: bool = False) -> StreamedModel | None:
-    """The model at ``location`` (a safetensors directory) with only the tensors outside its decoder
+                  config: Any = None, check_only: bool = False,
+                  reader: ShardReader | None = None) -> StreamedModel | None:
+    """The model at ``location`` (a safetensors directory, or with ``reader`` the folder of a Hub
+    snapshot's config whose shards ``reader`` fetches) with only the tensors outside its decoder
     layers in memory; raises :class:`MemoryPlanError` (field ``model``) when it cannot be streamed.
     ``check_only``: read the shards' headers only, return None."""
     from accelerate import init_empty_weights
@@ -300,7 +323,7 @@ def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remo
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
-    reader = ShardReader(location)
+    reader = reader or ShardReader(location)
     reason = streaming_refusal(model, reader)
     if reason:
         raise MemoryPlanError("model", f"cannot stream this model layer by layer: {reason}")
@@ -326,7 +349,7 @@ class MemoryPlan:
 
     mode: str
     reason: str
-    host_budget_bytes: int
+    host_budget_bytes: int | None  # None: not known to the planner (job submission)
     in_memory_bytes: int
     streaming_bytes: int
     device_budget_bytes: int | None = None
@@ -391,9 +414,18 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB"
 
 
+def configured_budgets() -> tuple[int | None, int | None]:
+    """(host, device) budgets this deployment sets explicitly ($COMPRESSOR_HOST_MEMORY_BYTES,
+    $COMPRESSOR_DEVICE_MEMORY_BYTES), None where unset: what the submitting web process knows of
+    the worker's memory (it cannot measure the worker's free memory)."""
+    host, device = os.environ.get(HOST_MEMORY_ENV), os.environ.get(DEVICE_MEMORY_ENV)
+    return (_positive_int(host, HOST_MEMORY_ENV) if host else None,
+            _positive_int(device, DEVICE_MEMORY_ENV) if device else None)
+
+
 def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: str | None = None,
                 host_bytes: int | None = None, device_bytes: int | None = None, samples: int = 0,
-                seqlen: int = 0, offload_ok: bool = True) -> MemoryPlan:
+                seqlen: int = 0, offload_ok: bool = True, measure: bool = True) -> MemoryPlan:
     """Choose in-memory or streaming for a job whose pre-flight ``report`` is given, or refuse it.
 
     ``can_stream``: None when the source can be streamed, else why not. ``setting``: ``never``
@@ -405,13 +437,17 @@ def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: 
     allows it (``offload_ok``, :func:`compression.sequential.offloadable`).
     Refusals (:class:`MemoryPlanError`): calibration activations that do not fit the device or the
     host (field ``calibration.samples``, with the largest count that fits), a model that fits
-    neither way (field ``COMPRESSOR_HOST_MEMORY_BYTES``)."""
-    host = host_budget() if host_bytes is None else host_bytes
-    dev = device_budget(device) if device_bytes is None else device_bytes
+    neither way (field ``COMPRESSOR_HOST_MEMORY_BYTES``).
+    ``measure``: a budget not given is measured (the worker); without it (job submission, another
+    process than the worker's) a budget not given is not checked: that part is left to the worker."""
+    host = host_bytes if host_bytes is not None else host_budget() if measure else None
+    dev = device_bytes if device_bytes is not None else device_budget(device) if measure else None
     in_memory = int(report.peak_host_mb * 2 ** 20)
     streaming = int(report.peak_host_streaming_mb * 2 ** 20)
     activations = int(report.activation_mb * 2 ** 20)
     plan = MemoryPlan("in-memory", "", host, in_memory, streaming, dev, int(report.peak_device_mb * 2 ** 20))
+    if host is None:  # not checked here (see ``measure``)
+        host = sys.maxsize
     device_activations = int(1.5 * activations)  # the device holds 1.5x (workspace) those entering and leaving a layer
     if dev is not None and not device.startswith("cpu") and plan.device_bytes > dev:
         if offload_ok and device_activations and plan.device_bytes - device_activations <= dev:
@@ -419,8 +455,8 @@ def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: 
         else:
             _refuse_calibration(plan.device_bytes, device_activations, dev, samples, seqlen, f"the {device} device")
             raise MemoryPlanError(DEVICE_MEMORY_ENV, f"one decoder layer with its solver workspace needs about "
-                                  f"{_mb(plan.device_bytes)} on {device}, more than its {_mb(dev)}; run the job on "
-                                  "a device with more memory")
+                                  f"{_mb(plan.device_bytes)} on {device}, more than its {_mb(dev)} ({DEVICE_MEMORY_ENV}); "
+                                  "run the job on a device with more memory or choose a smaller model")
     if setting == "always" and can_stream:
         raise MemoryPlanError(STREAMING_ENV, f"{STREAMING_ENV}=always but {can_stream}")
     stream = setting == "always" or (setting == "auto" and in_memory > host and not can_stream)
@@ -435,6 +471,7 @@ def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: 
                               f"memory (raise {HOST_MEMORY_ENV}) or choose a smaller model")
     plan.mode = "streaming" if stream else "in-memory"
     plan.reason = ("streaming forced by the setting" if setting == "always" else
+                   "the host budget is the worker's to measure" if plan.host_budget_bytes is None else
                    f"the in-memory estimate {_mb(in_memory)} exceeds the budget {_mb(host)}" if stream else
                    f"the in-memory estimate {_mb(in_memory)} fits the budget {_mb(host)}")
     return plan

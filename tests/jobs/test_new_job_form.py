@@ -114,3 +114,14 @@ def test_a_valid_submission_queues_a_job_even_when_the_broker_is_down(logged_in,
     assert job.recipe_name == "FP8_DYNAMIC" and job.model_source == "demo"
     assert job.status == "failed" and job.error_type == "BrokerUnavailable"
     assert "unreachable" in job.error_message
+
+
+def test_calibration_too_large_for_the_workers_memory_is_a_form_error_before_queueing(logged_in, settings,
+                                                                                      monkeypatch):
+    settings.COMPRESSOR_DEVICE = "cpu"
+    monkeypatch.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(8 * 2 ** 30))
+    response = post(logged_in, preset="W8A8", calibration_samples=4096, calibration_seqlen=8192)
+    assert response.status_code == 400
+    message = form_errors(response)["calibration_samples"][0]
+    assert "4096 samples x 8192 tokens" in message and "use at most" in message
+    assert not Job.objects.exists()
