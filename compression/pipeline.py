@@ -215,25 +215,31 @@ def _memory_plan(job: _Job, config: Any = None, can_stream: str | None = None):
         source = check_model_source(job.spec["model"], allowed_roots=job.spec.get("allowed_roots") or ())
         if source.kind == "demo":
             return None
-        location = model_location(source, trust_remote_code=trust)
+        location = model_location(source, trust_remote_code=trust, weights=False)  # no Hub weights yet
         config = AutoConfig.from_pretrained(location, trust_remote_code=trust)
         if setting != "never":
-            can_stream = _stream_refusal(job, location, config)
+            can_stream = _stream_refusal(job, source, location, config)
     samples, seqlen = int(job.calibration_spec["samples"]), int(job.calibration_spec["seqlen"])
     report = preflight(config, job.recipe, samples=samples, seqlen=seqlen, device=job.device, trust_remote_code=trust)
     from compression.sequential import offloadable
 
+    host_bytes, device_bytes = streaming.configured_budgets(job.spec)  # None: measured here
     return streaming.plan_memory(report, device=job.device, setting=setting, can_stream=can_stream,
-                                 samples=samples, seqlen=seqlen, offload_ok=offloadable(job.recipe))
+                                 host_bytes=host_bytes, device_bytes=device_bytes, samples=samples, seqlen=seqlen,
+                                 offload_ok=offloadable(job.recipe))
 
 
-def _stream_refusal(job: _Job, location, config) -> str | None:
-    """Why this job cannot stream its model (None: it can)."""
-    from compression.model_io.loading import default_dtype
-    from compression.model_io.streaming import stream_refusal
+def _stream_refusal(job: _Job, source, location, config) -> str | None:
+    """Why this job cannot stream its model (None: it can); shard headers only."""
+    from compression.model_io.loading import default_dtype, shard_reader
+    from compression.model_io.streaming import MemoryPlanError, stream_refusal
 
+    try:
+        reader = shard_reader(source, location)
+    except MemoryPlanError as exc:
+        return exc.message
     return stream_refusal(job.recipe, location, config, dtype=default_dtype(job.device),
-                          trust_remote_code=bool(job.spec.get("trust_remote_code")))
+                          trust_remote_code=bool(job.spec.get("trust_remote_code")), reader=reader)
 
 
 def _baseline_stage(job: _Job, source) -> _Baseline:

@@ -76,6 +76,11 @@ COMPRESSOR_WORKER_MEMORY_GB = float(env_str("COMPRESSOR_WORKER_MEMORY_GB", "80")
 COMPRESSOR_MODEL_ROOTS = env_list("COMPRESSOR_MODEL_ROOTS", "")
 COMPRESSOR_DATA_DIR = env_str("COMPRESSOR_DATA_DIR", _default_data_dir())
 COMPRESSOR_DEVICE = env_str("COMPRESSOR_DEVICE", "auto")  # auto | cpu | cuda | cuda:N
+# The memory plan (compression.model_io.streaming.plan_memory): applied at submission (jobs.submission)
+# and by the worker before any work (passed in the job spec). Empty budgets: the worker measures its own.
+COMPRESSOR_STREAMING = env_str("COMPRESSOR_STREAMING", "auto")  # auto | always | never
+COMPRESSOR_HOST_MEMORY_BYTES = env_str("COMPRESSOR_HOST_MEMORY_BYTES", "")
+COMPRESSOR_DEVICE_MEMORY_BYTES = env_str("COMPRESSOR_DEVICE_MEMORY_BYTES", "")
 COMPRESSOR_MAX_QUEUED_PER_USER = env_int("COMPRESSOR_MAX_QUEUED_PER_USER", 5)
 # Uploaded calibration files: one directory per user; the size limit is enforced while the upload
 # streams in (jobs.uploads.LimitedUploadHandler), so an oversized file never lands on disk whole.

@@ -288,6 +288,14 @@ def validate_submission(owner, *, model: str, preset: str | None = None, preset_
     return request
 
 
+def memory_settings() -> dict:
+    """The memory-plan settings, as the job spec carries them to the worker (jobs.tasks.job_spec) and
+    as compression.model_io.streaming reads them (empty: unset)."""
+    return {"streaming": str(getattr(settings, "COMPRESSOR_STREAMING", "") or ""),
+            "host_memory_bytes": str(getattr(settings, "COMPRESSOR_HOST_MEMORY_BYTES", "") or ""),
+            "device_memory_bytes": str(getattr(settings, "COMPRESSOR_DEVICE_MEMORY_BYTES", "") or "")}
+
+
 def worker_device() -> str:
     """The device the worker computes on, as this deployment configures it (COMPRESSOR_DEVICE; "auto":
     a CUDA device when this host has one, as the worker decides on its own host)."""
@@ -302,9 +310,9 @@ def worker_device() -> str:
 def check_memory_plan(model: str, config: Any, recipe: Any, report: Any, layout: Any, calibration: dict, *,
                       device: str, trust_remote_code: bool = False):
     """The worker's memory plan (compression.model_io.streaming.plan_memory), made before the job is
-    queued with the settings the worker reads (COMPRESSOR_STREAMING, COMPRESSOR_HOST_MEMORY_BYTES,
-    COMPRESSOR_DEVICE_MEMORY_BYTES, from the environment both share): a job the worker would refuse
-    is refused here, with the same MemoryPlanError. A budget this deployment leaves unset is the
+    queued with the settings the worker is given (:func:`memory_settings`: COMPRESSOR_STREAMING,
+    COMPRESSOR_HOST_MEMORY_BYTES, COMPRESSOR_DEVICE_MEMORY_BYTES): a job the worker would refuse is
+    refused here, with the same MemoryPlanError. A budget this deployment leaves unset is the
     worker's free memory, which only the worker can measure: that part is checked there alone. Whether
     the model can stream is worked out only when the plan needs it: a local directory's shard headers
     are read; a Hub model's shards are not downloaded here, so only its config speaks (the worker
@@ -312,8 +320,8 @@ def check_memory_plan(model: str, config: Any, recipe: Any, report: Any, layout:
     from compression.model_io import streaming
     from compression.sequential import offloadable
 
-    setting = streaming.streaming_setting({})
-    host, device_bytes = streaming.configured_budgets()
+    setting = streaming.streaming_setting(memory_settings())
+    host, device_bytes = streaming.configured_budgets(memory_settings())
     can_stream = None
     in_memory = int(report.peak_host_mb * 2 ** 20)
     if setting == "always" or (setting == "auto" and host is not None and in_memory > host):

@@ -17,6 +17,7 @@ from .models import CalibrationUpload, Job, JobEvent, Status
 from .queue import enqueue  # noqa: F401 (jobs.tasks.enqueue, as callers have always imported it)
 from .reliability import Heartbeat, Watchdog, fail_lost_job
 from .storage import commit_artifact
+from .submission import memory_settings
 from .uploads import resolve_source
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def job_spec(job: Job) -> dict[str, Any]:
         "data_dir": settings.COMPRESSOR_DATA_DIR,
         "cache_dir": str(settings.CACHE_ROOT),
         "device": settings.COMPRESSOR_DEVICE,
+        **memory_settings(),  # the memory plan the submission already applied, applied again before any work
         "owner_id": job.owner_id,
         "finetune_data": finetune_data(job),
     }

@@ -168,14 +168,26 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def model_location(resolved: ModelSource, *, trust_remote_code: bool = False) -> Path:
-    """The directory holding a local or Hub model's files (a Hub snapshot is fetched, weights included)."""
+def model_location(resolved: ModelSource, *, trust_remote_code: bool = False, weights: bool = True) -> Path:
+    """The directory holding a local or Hub model's files (a Hub snapshot is fetched, its weights only
+    with ``weights``: without, config, tokenizer and safetensors index)."""
     if resolved.kind == "hub":
         try:
-            return hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code)
+            return hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code,
+                                weights=weights)
         except OSError as exc:
             raise _source_error(resolved, exc, "could not load") from exc
     return Path(resolved.value)
+
+
+def shard_reader(resolved: ModelSource, location: Path):
+    """What reads the model's safetensors shards one tensor at a time (compression.model_io.streaming):
+    the local directory's files, or a Hub snapshot's shards downloaded one by one when first read."""
+    from compression.model_io.streaming import HubShardReader, ShardReader
+
+    if resolved.kind == "hub":
+        return HubShardReader(location, resolved.value)
+    return ShardReader(location)
 
 
 def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), trust_remote_code: bool = False,
@@ -183,7 +195,8 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
     """Load model + tokenizer on CPU (the engine moves one decoder layer at a time to `device`).
 
     ``streamed``: only the tensors outside the decoder layers are loaded; the layers are read from
-    the safetensors shards when used (:mod:`compression.model_io.streaming`; local and Hub sources)."""
+    the safetensors shards when used (:mod:`compression.model_io.streaming`; local and Hub sources, a
+    Hub model's shards downloaded one by one when first read)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = check_model_source(source, allowed_roots=allowed_roots)
@@ -200,14 +213,16 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
                         "fingerprint": _fingerprint(path / DEMO_GGUF)}
         else:
             location = resolved.value
-            if resolved.kind == "hub":
-                location = str(hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code))
+            if resolved.kind == "hub":  # streamed: the shards come one by one as the layers are read
+                location = str(hub_snapshot(resolved.value, resolved.revision, trust_remote_code=trust_remote_code,
+                                            weights=not streamed))
             kwargs = dict(common, trust_remote_code=trust_remote_code, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
             if streamed:
                 from compression.model_io.streaming import load_streamed
 
-                stream = load_streamed(location, dtype=dtype, trust_remote_code=trust_remote_code)
+                stream = load_streamed(location, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       reader=shard_reader(resolved, Path(location)))
                 model = stream.model
             else:
                 model = AutoModelForCausalLM.from_pretrained(location, **kwargs)

@@ -57,20 +57,37 @@ class ShardReader:
     tensors one at a time through ``safe_open`` (memory-mapped), each file closed after a read."""
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
-            self.files = {str(k): self.directory / str(v) for k, v in weight_map.items()}
+            if not isinstance(weight_map, dict):
+                raise MemoryPlanError("model", "the safetensors index has no weight_map")
+            self.files = {str(k): _shard_name(v) for k, v in weight_map.items()}
         else:
-            files = sorted(self.directory.glob("*.safetensors"))
             self.files = {}
-            for path in files:
-                with safe_open(str(path), framework="pt") as handle:
-                    self.files.update({name: path for name in handle.keys()})
+            for name in self.single_files():
+                self.files.update({tensor: name for tensor in self.file_header(name)})
         self._shapes: dict[str, tuple[list[int], str]] | None = None
+
+    def single_files(self) -> list[str]:
+        """The weight files of a checkpoint without an index."""
+        return sorted(p.name for p in self.directory.glob("*.safetensors"))
+
+    def path(self, filename: str) -> Path:
+        """The local file of shard ``filename`` (a Hub reader downloads it here, the first time)."""
+        return self.directory / filename
+
+    def file_header(self, filename: str) -> dict[str, tuple[list[int], str]]:
+        """name → (shape, safetensors dtype) of one shard, from its header (no tensor data read)."""
+        from safetensors import safe_open
+
+        out = {}
+        with safe_open(str(self.directory / filename), framework="pt") as handle:
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                out[name] = (list(sl.get_shape()), sl.get_dtype())
+        return out
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -78,14 +95,9 @@ class ShardReader:
     def headers(self) -> dict[str, tuple[list[int], str]]:
         """name → (shape, safetensors dtype) from the files' headers (no tensor data read)."""
         if self._shapes is None:
-            from safetensors import safe_open
-
             shapes: dict[str, tuple[list[int], str]] = {}
-            for path in sorted(set(self.files.values())):
-                with safe_open(str(path), framework="pt") as handle:
-                    for name in handle.keys():
-                        sl = handle.get_slice(name)
-                        shapes[name] = (list(sl.get_shape()), sl.get_dtype())
+            for filename in sorted(set(self.files.values())):
+                shapes.update(self.file_header(filename))
             self._shapes = shapes
         return self._shapes
 
@@ -94,18 +106,78 @@ class ShardReader:
         """The named tensors, floating-point ones cast to ``dtype``, on ``device``."""
         from safetensors import safe_open
 
-        by_file: dict[Path, list[str]] = {}
+        by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
-        for path, wanted in by_file.items():
-            with safe_open(str(path), framework="pt") as handle:
+        for filename, wanted in by_file.items():
+            with safe_open(str(self.path(filename)), framework="pt") as handle:
                 for name in wanted:
                     t = handle.get_tensor(name)
                     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                         t = t.to(dtype)
                     out[name] = t.to(device)
         return out
+
+
+def _shard_name(value: Any) -> str:
+    name = str(value)
+    if not name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith("."):
+        raise MemoryPlanError("model", f"the safetensors index names {name!r}, not a .safetensors file at the "
+                              "checkpoint's top level")
+    return name
+
+
+class HubShardReader(ShardReader):
+    """The shards of a Hub model, each downloaded (``huggingface_hub.hf_hub_download``, into the Hugging
+    Face cache, from the commit of the snapshot folder ``directory`` that holds the config and the index,
+    with the token huggingface_hub finds as for every other download) the first time a tensor in it is
+    read: a streamed job starts on the first layers while the later shards are still on the Hub, and a
+    job refused by its memory plan downloads none. Headers come from a shard already in the cache, else
+    from the shard's header bytes alone (``huggingface_hub.parse_safetensors_file_metadata``). Nothing
+    is deleted from the cache (it is the user's). ``fetched``: the shards downloaded, in order."""
+
+    def __init__(self, directory: str | os.PathLike, repo_id: str, revision: str | None = None):
+        self.repo_id = repo_id
+        self.revision = revision or Path(directory).name  # a snapshot folder is named by its commit
+        self.fetched: list[str] = []
+        super().__init__(directory)
+
+    def single_files(self) -> list[str]:
+        return ["model.safetensors"]
+
+    def path(self, filename: str) -> Path:
+        local = self.directory / filename
+        if local.is_file():
+            return local
+        from huggingface_hub import hf_hub_download
+
+        from compression.model_io.loading import ModelSourceError, _inside
+
+        log.info("downloading %s of %s@%s", filename, self.repo_id, self.revision)
+        try:
+            found = Path(hf_hub_download(self.repo_id, filename, revision=self.revision))
+        except Exception as exc:  # noqa: BLE001 - no connection, offline mode, gated repo, missing file
+            raise ModelSourceError(f"could not download {filename} of {self.repo_id} from the Hugging Face "
+                                   f"Hub: {exc}") from exc
+        repo_cache = self.directory.parents[1].resolve()  # snapshot files link into the repository's blobs only
+        if not _inside(found.resolve(), [repo_cache]):
+            raise ModelSourceError(f"{filename} of {self.repo_id} resolves to {found.resolve()}, outside the "
+                                   "repository's cache")
+        self.fetched.append(filename)
+        return found
+
+    def file_header(self, filename: str) -> dict[str, tuple[list[int], str]]:
+        if (self.directory / filename).is_file():
+            return super().file_header(filename)
+        from huggingface_hub import parse_safetensors_file_metadata
+
+        try:
+            meta = parse_safetensors_file_metadata(self.repo_id, filename, revision=self.revision)
+        except Exception as exc:  # noqa: BLE001 - as for a download
+            raise MemoryPlanError("model", f"could not read the header of {filename} of {self.repo_id} from "
+                                  f"the Hugging Face Hub: {exc}") from exc
+        return {name: (list(info.shape), str(info.dtype)) for name, info in meta.tensors.items()}
 
 
 _ST_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
@@ -414,13 +486,15 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB"
 
 
-def configured_budgets() -> tuple[int | None, int | None]:
-    """(host, device) budgets this deployment sets explicitly ($COMPRESSOR_HOST_MEMORY_BYTES,
-    $COMPRESSOR_DEVICE_MEMORY_BYTES), None where unset: what the submitting web process knows of
-    the worker's memory (it cannot measure the worker's free memory)."""
-    host, device = os.environ.get(HOST_MEMORY_ENV), os.environ.get(DEVICE_MEMORY_ENV)
-    return (_positive_int(host, HOST_MEMORY_ENV) if host else None,
-            _positive_int(device, DEVICE_MEMORY_ENV) if device else None)
+def configured_budgets(spec: dict | None = None) -> tuple[int | None, int | None]:
+    """(host, device) budgets set explicitly: the spec's ``host_memory_bytes`` / ``device_memory_bytes``
+    (the web app's settings of the same names, jobs.tasks.job_spec), else $COMPRESSOR_HOST_MEMORY_BYTES /
+    $COMPRESSOR_DEVICE_MEMORY_BYTES; None where unset (the worker then measures its free memory)."""
+    spec = spec or {}
+    host = spec.get("host_memory_bytes") or os.environ.get(HOST_MEMORY_ENV)
+    device = spec.get("device_memory_bytes") or os.environ.get(DEVICE_MEMORY_ENV)
+    return (_positive_int(str(host), HOST_MEMORY_ENV) if host else None,
+            _positive_int(str(device), DEVICE_MEMORY_ENV) if device else None)
 
 
 def plan_memory(report: Any, *, device: str, setting: str = "auto", can_stream: str | None = None,

@@ -59,11 +59,13 @@ def _placeholder_checkpoint(path, config) -> str:
 
 @pytest.fixture
 def plan_env(monkeypatch, settings, tmp_path):
+    """The memory-plan settings, all unset; the tests set them as a deployment would (Django settings)."""
     settings.COMPRESSOR_MODEL_ROOTS = [str(tmp_path)]
     settings.COMPRESSOR_DEVICE = "cpu"
     for name in ("COMPRESSOR_HOST_MEMORY_BYTES", "COMPRESSOR_DEVICE_MEMORY_BYTES", "COMPRESSOR_STREAMING"):
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+        setattr(settings, name, "")
+    return settings
 
 
 def _post(api, model, preset="FP8_DYNAMIC", **calibration):
@@ -73,14 +75,14 @@ def _post(api, model, preset="FP8_DYNAMIC", **calibration):
 
 def test_a_model_that_fits_no_way_is_refused_at_submission_naming_the_setting(api, sent, plan_env, tmp_path):
     model = _placeholder_checkpoint(tmp_path / "llama-7b", _llama_7b_config())
-    plan_env.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(16 * GB))
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = str(16 * GB)
     response = _post(api, model)
     assert response.status_code == 400, response.content
     message = errors(response)["model"]
     assert "COMPRESSOR_HOST_MEMORY_BYTES" in message and "cannot be streamed" in message
     assert not Job.objects.exists() and sent == []
 
-    plan_env.delenv("COMPRESSOR_HOST_MEMORY_BYTES")  # unset: the worker measures its own memory
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = ""  # unset: the worker measures its own memory
     accepted = _post(api, model)
     assert accepted.status_code == 201, accepted.content
     assert Job.objects.count() == 1 and len(sent) == 1
@@ -89,10 +91,10 @@ def test_a_model_that_fits_no_way_is_refused_at_submission_naming_the_setting(ap
 def test_a_streamable_model_is_accepted_when_it_fits_streamed_and_refused_when_it_does_not(api, sent, plan_env,
                                                                                          tmp_path):
     model = _sparse_checkpoint(tmp_path / "llama-7b", _llama_7b_config())
-    plan_env.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(16 * GB))  # ~47 GB in memory, a few GB streamed
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = str(16 * GB)  # ~47 GB in memory, a few GB streamed
     accepted = _post(api, model)
     assert accepted.status_code == 201, accepted.content
-    plan_env.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(2 * GB))
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = str(2 * GB)
     refused = _post(api, model)
     assert refused.status_code == 400
     message = errors(refused)["model"]
@@ -102,7 +104,7 @@ def test_a_streamable_model_is_accepted_when_it_fits_streamed_and_refused_when_i
 
 def test_streaming_forced_on_a_model_that_cannot_stream_is_refused(api, sent, plan_env, tmp_path):
     model = _placeholder_checkpoint(tmp_path / "llama-7b", _llama_7b_config())
-    plan_env.setenv("COMPRESSOR_STREAMING", "always")
+    plan_env.COMPRESSOR_STREAMING = "always"
     response = _post(api, model)
     assert response.status_code == 400
     assert "COMPRESSOR_STREAMING=always but" in errors(response)["model"]
@@ -110,7 +112,7 @@ def test_streaming_forced_on_a_model_that_cannot_stream_is_refused(api, sent, pl
 
 
 def test_calibration_too_large_for_the_host_names_calibration_samples(api, sent, plan_env):
-    plan_env.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(8 * GB))
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = str(8 * GB)
     response = _post(api, "demo", "W8A8", samples=4096, seqlen=8192)
     assert response.status_code == 400
     message = errors(response)["calibration.samples"]
@@ -121,9 +123,9 @@ def test_calibration_too_large_for_the_host_names_calibration_samples(api, sent,
     assert Job.objects.count() == 1 and len(sent) == 1
 
 
-def test_calibration_too_large_for_the_device_names_calibration_samples(api, sent, plan_env, settings):
-    settings.COMPRESSOR_DEVICE = "cuda"  # the worker's device; the web only plans for it
-    plan_env.setenv("COMPRESSOR_DEVICE_MEMORY_BYTES", str(4 * GB))
+def test_calibration_too_large_for_the_device_names_calibration_samples(api, sent, plan_env):
+    plan_env.COMPRESSOR_DEVICE = "cuda"  # the worker's device; the web only plans for it
+    plan_env.COMPRESSOR_DEVICE_MEMORY_BYTES = str(4 * GB)
     # FP8+KV_FP8 replays activations for its KV-cache scales, so they cannot be kept in host memory
     response = _post(api, "demo", "FP8+KV_FP8", samples=4096, seqlen=8192)
     assert response.status_code == 400
@@ -133,8 +135,20 @@ def test_calibration_too_large_for_the_device_names_calibration_samples(api, sen
 
 
 def test_a_malformed_budget_setting_is_the_servers_fault(api, sent, plan_env):
-    plan_env.setenv("COMPRESSOR_HOST_MEMORY_BYTES", "lots")
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = "lots"
     response = _post(api, "demo")
     assert response.status_code == 400
     assert "COMPRESSOR_HOST_MEMORY_BYTES" in errors(response)[None]
     assert not Job.objects.exists()
+
+
+def test_the_worker_is_given_the_same_memory_settings(api, sent, plan_env):
+    from compression.model_io.streaming import configured_budgets, streaming_setting
+    from jobs.tasks import job_spec
+
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = str(64 * GB)
+    plan_env.COMPRESSOR_STREAMING = "never"
+    response = _post(api, "demo")
+    assert response.status_code == 201, response.content
+    spec = job_spec(Job.objects.get())
+    assert configured_budgets(spec) == (64 * GB, None) and streaming_setting(spec) == "never"

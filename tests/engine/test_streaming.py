@@ -224,3 +224,137 @@ def test_offloading_is_refused_for_recipes_that_replay_activations(model):
     with pytest.raises(RecipeError) as err:
         compress_model(model, Recipe.from_preset("FP8+KV_FP8"), random_calibration(2, 16), offload_activations=True)
     assert err.value.field == "calibration.samples"
+
+
+# -- Hub models: shards downloaded one by one as the layers need them -------------------------------
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+class _Hub:
+    """The Hub, for one repository, at its edge: ``hf_hub_download`` and ``parse_safetensors_file_metadata``
+    serve the shards of a local sharded checkpoint (``remote``), laid out in a Hugging Face cache the
+    way huggingface_hub does (blob + snapshot symlink); everything else (config, tokenizer, index)
+    is already in the cache, as ``hub_snapshot(weights=False)`` leaves it."""
+
+    def __init__(self, cache: Path, repo_id: str, remote: Path):
+        self.repo_id, self.remote, self.downloads = repo_id, remote, []
+        self.repo = cache / f"models--{repo_id.replace('/', '--')}"
+        self.snapshot = self.repo / "snapshots" / COMMIT
+        (self.repo / "blobs").mkdir(parents=True)
+        self.snapshot.mkdir(parents=True)
+        (self.repo / "refs").mkdir()
+        (self.repo / "refs" / "main").write_text(COMMIT)
+        for file in sorted(remote.iterdir()):
+            if not file.name.endswith(".safetensors"):
+                self._cache(file.name)
+
+    def _cache(self, name: str) -> Path:
+        blob = self.repo / "blobs" / f"blob-{name}"
+        blob.write_bytes((self.remote / name).read_bytes())
+        (self.snapshot / name).symlink_to(Path("../../blobs") / blob.name)
+        return self.snapshot / name
+
+    def hf_hub_download(self, repo_id, filename, *, revision=None, **kwargs):
+        assert (repo_id, revision) == (self.repo_id, COMMIT), (repo_id, revision)
+        self.downloads.append(filename)
+        return str(self._cache(filename))
+
+    def parse_safetensors_file_metadata(self, repo_id, filename, *, revision=None, **kwargs):
+        from huggingface_hub.utils import SafetensorsFileMetadata, TensorInfo
+
+        assert (repo_id, revision) == (self.repo_id, COMMIT)
+        raw = (self.remote / filename).read_bytes()
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        meta = header.pop("__metadata__", {})
+        return SafetensorsFileMetadata(metadata=meta, tensors={
+            name: TensorInfo(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"]))
+            for name, v in header.items()})
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> _Hub:
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    from tests.tiny import demo_tokenizer, tiny_llama
+
+    remote = tmp_path / "remote"
+    tiny_llama(layers=3).save_pretrained(remote, safe_serialization=True, max_shard_size="300KB")
+    demo_tokenizer().save_pretrained(remote)
+    served = _Hub(tmp_path / "hf-cache", "acme/tiny-sharded", remote)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # nothing else may reach out
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", served.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "parse_safetensors_file_metadata", served.parse_safetensors_file_metadata)
+    return served
+
+
+def _layer_order(weight_map: dict[str, str], layers: int) -> tuple[set[str], list[set[str]]]:
+    """(the shards of the tensors outside the layers, the shards each layer adds, in layer order)."""
+    outside = {shard for name, shard in weight_map.items() if ".layers." not in name}
+    added: list[set[str]] = []
+    for i in range(layers):
+        before = outside.union(*added)
+        added.append({shard for name, shard in weight_map.items() if f".layers.{i}." in name} - before)
+    return outside, added
+
+
+def _downloaded_by_layer(downloads: list[str], outside: set[str], added: list[set[str]]) -> bool:
+    """Whether ``downloads`` is the outside shards, then layer 0's new shards, then layer 1's ... once each."""
+    groups, start = [outside, *added], 0
+    for group in groups:
+        if set(downloads[start:start + len(group)]) != group:
+            return False
+        start += len(group)
+    return start == len(downloads)
+
+
+def test_hub_shards_are_downloaded_lazily_in_layer_order(hub, tmp_path):
+    from compression.model_io.loading import load_model
+    from compression.sequential import compress_model
+
+    weight_map = json.loads((hub.remote / "model.safetensors.index.json").read_text())["weight_map"]
+    outside, added = _layer_order(weight_map, 3)
+    assert all(added)  # each layer adds shards of its own
+
+    loaded = load_model(hub.repo_id, streamed=True)
+    streamed = loaded.streamed
+    assert loaded.identity["revision"] == COMMIT
+    # embeddings, norm and head only; the shards' headers came without downloading them
+    assert sorted(hub.downloads) == sorted(outside)
+    seen: list[list[str]] = []
+    real_load = streamed.load
+
+    def load(index, layer, device="cpu"):
+        real_load(index, layer, device)
+        seen.append(list(hub.downloads))
+
+    streamed.load = load
+    streamed.begin_export(tmp_path / "out", torch.float32)
+    report = compress_model(streamed.model, Recipe.from_preset("FP8_DYNAMIC"), [], layer_io=streamed)
+    streamed.finish_export(loaded.tokenizer, Recipe.from_preset("FP8_DYNAMIC"), report)
+    assert len(seen) == 3
+    for i, downloaded in enumerate(seen):  # once layer i is read: its shards and earlier ones, never later ones
+        assert _downloaded_by_layer(downloaded, outside, added[:i + 1]), (i, downloaded)
+    assert streamed.reader.fetched == hub.downloads == seen[-1]  # each shard once
+
+
+def test_a_streamed_hub_job_matches_the_same_job_on_the_local_checkpoint(hub, tmp_path):
+    spec = {**_spec(hub.remote, "FP8_DYNAMIC", "always"), "model": hub.repo_id, "allowed_roots": []}
+    hub_results = run_job(spec, tmp_path / "from-hub")
+    assert hub_results["memory"]["mode"] == "streaming"
+    weight_map = json.loads((hub.remote / "model.safetensors.index.json").read_text())["weight_map"]
+    assert _downloaded_by_layer(hub.downloads, *_layer_order(weight_map, 3)), hub.downloads
+    run_job(_spec(hub.remote, "FP8_DYNAMIC", "always"), tmp_path / "local")
+    from_hub, local = _tensors(tmp_path / "from-hub"), _tensors(tmp_path / "local")
+    assert from_hub.keys() == local.keys() and all(torch.equal(from_hub[k], local[k]) for k in local)
+
+
+def test_a_hub_job_refused_by_its_memory_plan_downloads_no_shard(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(50 * 2 ** 20))
+    spec = {**_spec(hub.remote, "FP8_DYNAMIC", "auto"), "model": hub.repo_id, "allowed_roots": []}
+    with pytest.raises(MemoryPlanError) as err:
+        run_job(spec, tmp_path / "out")
+    assert err.value.field == "COMPRESSOR_HOST_MEMORY_BYTES"
+    assert hub.downloads == [] and not list(hub.snapshot.glob("*.safetensors"))
+    _no_output(tmp_path, "out")

@@ -116,10 +116,9 @@ def test_a_valid_submission_queues_a_job_even_when_the_broker_is_down(logged_in,
     assert "unreachable" in job.error_message
 
 
-def test_calibration_too_large_for_the_workers_memory_is_a_form_error_before_queueing(logged_in, settings,
-                                                                                      monkeypatch):
+def test_calibration_too_large_for_the_workers_memory_is_a_form_error_before_queueing(logged_in, settings):
     settings.COMPRESSOR_DEVICE = "cpu"
-    monkeypatch.setenv("COMPRESSOR_HOST_MEMORY_BYTES", str(8 * 2 ** 30))
+    settings.COMPRESSOR_HOST_MEMORY_BYTES = str(8 * 2 ** 30)
     response = post(logged_in, preset="W8A8", calibration_samples=4096, calibration_seqlen=8192)
     assert response.status_code == 400
     message = form_errors(response)["calibration_samples"][0]
