@@ -16,7 +16,13 @@ Estimates (rough, for planning only):
   export's copy in the storage dtype + workspace; streamed (:mod:`compression.model_io.streaming`)
   ≈ process base + the tensors outside the decoder layers + two copies of the largest layer + one
   export shard + workspace. Both add the captured activations (2 · samples · seqlen · hidden · 4 B)
-  when the compute device is the CPU. Calibrated against ``bench/memory.py`` (docs/benchmarks.md);
+  when the compute device is the CPU. The workspace (CPU only) is what one layer's step allocates:
+  fp32 copies of the one Linear the solver works on (3 for round-to-nearest, 5 for GPTQ/SparseGPT),
+  the Hessians of the layer's Linears and an inverse, and one calibration batch
+  (min(4096, samples · seqlen) tokens) through the MLP (3 · tokens · intermediate · 4 B; none for a
+  data-free recipe). The in-memory terms are summed although compression and export do not overlap:
+  nothing trims the heap between layers in memory, so what a layer freed largely stays resident.
+  Checked against ``bench/memory.py`` (docs/benchmarks.md);
 * device memory ≈ the largest decoder layer's weights + activations (samples · seqlen · hidden · 4 B)
   + the fp32 Hessians of that layer's targeted Linears (Σ in² · 4 B) + a 1.5x workspace factor;
 * time ≈ (forward FLOPs: 2 passes · 2 · layer params · samples · seqlen · layers
@@ -216,9 +222,12 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     biggest_layer = max(layer_params.values(), default=0)
     act_bytes = samples * seqlen * hidden * 4 if calib else 0
     device_bytes = 1.5 * (biggest_layer * dtype_bytes + 2 * act_bytes + max(hessian_bytes.values(), default=0))
+    from compression.model_io.walk import BATCH_TOKENS
+
     host_bytes, streaming_bytes = host_memory_estimates(
         layout, device=device, storage_bytes=dtype_bytes, activation_bytes=2 * act_bytes,
-        hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=int(_cfg(text, "intermediate_size") or 0))
+        hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=int(_cfg(text, "intermediate_size") or 0),
+        batch_tokens=min(BATCH_TOKENS, samples * seqlen) if calib else 0)
     forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
     seconds = (forward_flops + solver_flops) / THROUGHPUT.get(device.split(":")[0], THROUGHPUT["cpu"])
     warnings = []
@@ -236,18 +245,26 @@ PROCESS_BASE_BYTES = 600 * 2 ** 20  # python + torch + transformers + tokenizer,
 
 
 def host_memory_estimates(layout: ModelLayout, *, device: str, storage_bytes: int, activation_bytes: int,
-                          hessian_bytes: float, intermediate: int) -> tuple[float, float]:
-    """(in memory, streamed) peak host bytes of a job (see the module doc)."""
+                          hessian_bytes: float, intermediate: int, batch_tokens: int = 0) -> tuple[float, float]:
+    """(in memory, streamed) peak host bytes of a job (see the module doc). ``batch_tokens``: tokens of
+    one calibration batch through a layer (0: a data-free recipe runs no calibration forward pass)."""
     from compression.model_io.export import DEFAULT_SHARD_BYTES
-    from compression.model_io.walk import BATCH_TOKENS
 
     compute = 2 if device.startswith("cuda") else 4
     params = layout.params
     layer = max(layout.layer_params, default=0)
     outside = max(0, params - sum(layout.layer_params))
     on_cpu = not device.startswith("cuda")
-    # one layer's solver: Hessians + their inverse, fp32 weight copies, one batch of MLP activations
-    workspace = (2 * hessian_bytes + 3 * layer * 4 + 3 * BATCH_TOKENS * max(intermediate, 1) * 4) if on_cpu else 0
+    workspace = 0.0
+    if on_cpu:
+        # The solver works on one Linear at a time, in fp32: round-to-nearest holds the scaled and clamped
+        # weight and the dequantized result (3 copies); GPTQ/SparseGPT the weight, its reference, the
+        # quantized result and the expanded scales (5), plus the Hessians of the layer's Linears and an inverse.
+        largest = max((s.out_features * s.in_features for s in layout.linears if s.layer is not None), default=0)
+        solver = 2 * hessian_bytes + (5 if hessian_bytes else 3) * largest * 4
+        # one calibration batch through the layer's MLP: gate, up and their product (fp32)
+        forward = 3 * batch_tokens * max(intermediate, 1) * 4
+        workspace = solver + forward
     activations = activation_bytes if on_cpu else 0
     in_memory = PROCESS_BASE_BYTES + params * (compute + 1 + storage_bytes) + activations + workspace
     # the shard being filled: about one dense layer (at least 64 MiB), never more than the whole export

@@ -35,6 +35,28 @@ def test_group_size_64_passes_preflight_with_estimates():
     assert report.warnings  # 16 samples is few
 
 
+def test_the_host_estimate_charges_what_one_layer_step_allocates():
+    """The CPU workspace is one Linear's fp32 copies (3 round-to-nearest, 5 GPTQ + the layer's Hessians
+    and an inverse) and one calibration batch (at most 4096 tokens) through the MLP; a data-free recipe
+    runs no calibration pass. Differences between recipes isolate each term."""
+    hidden, inter = 256, 1024
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=1000)
+    mb = 2 ** 20
+
+    def host(preset, samples=16, seqlen=256):
+        return preflight(cfg, Recipe.from_preset(preset), samples=samples, seqlen=seqlen).peak_host_mb * mb
+
+    free = host("FP8_DYNAMIC")
+    for samples, seqlen in ((16, 256), (1, 16), (64, 512)):  # 4096, 16 and (capped) 4096 tokens per batch
+        tokens = min(4096, samples * seqlen)
+        charged = 2 * samples * seqlen * hidden * 4 + 3 * tokens * inter * 4  # activations + one batch's MLP
+        assert host("FP8", samples, seqlen) - free == pytest.approx(charged, abs=0.2 * mb)
+    largest = inter * hidden  # gate/up/down
+    hessians = (4 * hidden ** 2 + 2 * hidden ** 2 + inter ** 2) * 4  # q, k, v, o, gate, up: hidden; down: inter
+    assert host("W8A8") - host("FP8") == pytest.approx(2 * hessians + 2 * largest * 4, abs=0.2 * mb)
+
+
 def test_it_rejects_24_sparsity_when_widths_are_not_divisible_by_four():
     cfg = {"hidden_size": 130, "intermediate_size": 256, "num_attention_heads": 1, "num_hidden_layers": 2,
            "vocab_size": 100}  # a plain dict works too
