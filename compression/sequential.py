@@ -577,7 +577,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         weight = module.weight.data
         if modifier.kind == "SparseGPTModifier" and hessian is None:
             result = magnitude_prune(weight, sparsity=modifier.sparsity, mask_structure=modifier.mask_structure)
-            module.weight.data = stored(result.weight)
+            _store_weight(module, stored(result.weight))
             mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
             loss, fallback, kind = result.loss, plan.fallback, "magnitude"
@@ -586,7 +586,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                                      mask_structure=modifier.mask_structure, block_size=modifier.block_size,
                                      dampening_frac=modifier.dampening_frac,
                                      preserve=(weight == 0) if modifier.preserve_sparsity_mask else None)
-            module.weight.data = stored(result.weight)
+            _store_weight(module, stored(result.weight))
             mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
             loss, fallback, record.dead_columns = result.loss, result.fallback, result.dead_columns
@@ -606,7 +606,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                 loss = quadratic_loss(result.weight.float() - weight.float(), hessian) if hessian is not None else float(
                     torch.mean((result.weight.float() - weight.float()) ** 2))
                 fallback, kind = (plan.fallback if modifier.kind == "GPTQModifier" else None), "rtn"
-            module.weight.data = stored(result.weight)
+            _store_weight(module, stored(result.weight))
             record.codes, record.scale = result.codes.cpu(), result.scale.cpu()
             record.zero_point = None if result.zero_point is None else result.zero_point.cpu()
             record.global_scale = None if result.global_scale is None else result.global_scale.cpu()
@@ -620,6 +620,22 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         emit({"stage": "compress", "layer": index, "layers": layers, "module": plan.local, "loss": loss,
               "seconds": time.perf_counter() - t0, "memory_mb": _memory_mb(device),
               "message": f"{modifier.kind} {plan.local}" + (f" (fallback: {fallback})" if fallback else "")})
+
+
+def _store_weight(module: torch.nn.Module, new: torch.Tensor) -> None:
+    """Write a compressed weight into the parameter's own storage where shape, dtype and device agree.
+
+    Assigning a new tensor would leave the loaded one's memory in place: transformers maps a
+    safetensors file privately and each tensor's pages stay resident until every tensor of the
+    file is freed, so a model compressed in memory would hold two copies of every weight until the
+    job ends. Not for a view into a larger storage (unfused experts, tied slices): that is replaced."""
+    old = module.weight.data
+    if (old.shape == new.shape and old.dtype == new.dtype and old.device == new.device and old.is_contiguous()
+            and old.untyped_storage().nbytes() == old.numel() * old.element_size()):
+        if new.data_ptr() != old.data_ptr():
+            old.copy_(new)
+    else:
+        module.weight.data = new
 
 
 # layer-wise reconstruction (compression/algorithms/reconstruction.py) -----------------------------------------

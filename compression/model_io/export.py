@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from compression.model_io.moe import CheckpointNames
 from compression.algorithms.quant import QuantArgs, pack_fp4
@@ -243,6 +242,33 @@ def checkpoint_state_dict(model: torch.nn.Module, report: CompressionReport,
     return checkpoint_tensors(model.state_dict().items(), model, report, dtype)
 
 
+def _has_negative_zero(tensor: torch.Tensor, block: int = 1 << 20) -> bool:
+    """Whether ``tensor`` holds a -0.0, checked a block at a time (the temporaries of a whole-tensor
+    check would cost three times a large embedding's size at the export's peak)."""
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), block):
+        part = flat[start:start + block]
+        if bool(torch.signbit(part).logical_and_(part == 0).any()):
+            return True
+    return False
+
+
+def _writable(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` as it goes into a shard: in ``dtype`` (when given), on the host, contiguous, with
+    -0.0 canonicalized to +0.0 (2:4 zeros; vLLM PR #13198), and owning its storage (safetensors
+    refuses tensors that share memory). A tensor that already is all of that is written as it is,
+    not copied: the export holds no second copy of the model."""
+    tensor = tensor.detach()
+    if dtype is not None:
+        tensor = tensor.to(dtype)
+    tensor = tensor.cpu().contiguous()
+    if tensor.is_floating_point() and _has_negative_zero(tensor):
+        tensor = tensor + 0.0
+    elif tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()  # a view into a larger tensor (fused parameters, tied slices)
+    return tensor
+
+
 def checkpoint_tensors(items, model: torch.nn.Module, report: CompressionReport, dtype: torch.dtype | None = None,
                        *, model_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """:func:`checkpoint_state_dict` for a part of the model: ``items`` are (module path, tensor) pairs,
@@ -259,11 +285,7 @@ def checkpoint_tensors(items, model: torch.nn.Module, report: CompressionReport,
         if tied and ptr in seen:  # tied lm_head: safetensors refuses shared storage; HF re-ties on load
             continue
         seen[ptr] = name
-        if tensor.is_floating_point():
-            if dtype is not None and tensor.dtype == model_dtype:
-                tensor = tensor.to(dtype)
-            tensor = tensor + 0.0  # canonicalize -0.0 → +0.0 (2:4 zeros; vLLM PR #13198)
-        tensors[name] = tensor.detach().cpu().contiguous()
+        tensors[name] = _writable(tensor, dtype if tensor.is_floating_point() and tensor.dtype == model_dtype else None)
     dtype = dtype or model_dtype
     for record in report.modules.values():
         if record.codes is None or f"{record.name}.weight" not in tensors:
@@ -275,6 +297,45 @@ def checkpoint_tensors(items, model: torch.nn.Module, report: CompressionReport,
         if name.rsplit(".", 1)[0] in parents:
             tensors[name] = scale.to(dtype).reshape(1).contiguous()
     return tensors
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file, streaming each tensor's bytes from its own memory.
+
+    The file is what ``safetensors.torch.save_file`` writes (8-byte little-endian header length, a
+    JSON header of dtype / shape / data offsets, padded with spaces to 8 bytes, then the raw
+    little-endian data in header order), but save_file first copies every tensor into a bytes
+    object, so writing a shard would hold the shard twice; here at most nothing extra is held.
+    Tensors must be contiguous CPU tensors that do not share memory (``checkpoint_tensors`` makes them so)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    # safetensors' own order: widest dtype first, then by name, so every tensor's data stays aligned
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot write {name}: dtype {t.dtype} has no safetensors name here")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little"))
+        handle.write(raw)
+        for name in order:
+            t = tensors[name]
+            if t.numel():
+                handle.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 class ShardWriter:
@@ -299,7 +360,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         path = self.out / f".part-{len(self.parts) + 1:05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        save_safetensors(self.buffer, path, metadata={"format": "pt"})
         self.parts.append((path, list(self.buffer)))
         self.buffer, self.size = {}, 0
 
