@@ -32,6 +32,7 @@ from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp
 from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune
+from compression.model_io.streaming import release_heap
 from compression.model_io.walk import LayerInputs, capture_layer_inputs, decoder_layers
 from kernels.packing import is_24_sparse
 
@@ -359,6 +360,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             layer.to(home, dtype=storage) if wide is not None else layer.to(home)
             if layer_io is not None:
                 layer_io.done(index, layer, report)
+            else:
+                release_heap()  # the layer's activations and solver temporaries are freed; give them back
             # layer-end events carry no "module" key (the pipeline uses that to tell them apart)
             emit({"stage": "compress", "layer": index, "layers": len(layers),
                   "seconds": time.perf_counter() - layer_start, "memory_mb": _memory_mb(device),
