@@ -54,15 +54,29 @@ PRESETS: dict[str, str] = {
 _FP8_W = dict(num_bits=8, type="float", symmetric=True)
 _NVFP4_W = dict(num_bits=4, type="float", symmetric=True, strategy="tensor_group", group_size=16,
                 scale_dtype="float8_e4m3fn")
+
+
+def _int_group(bits: int, symmetric: bool = True) -> dict:
+    return dict(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=128)
+
+
+def _int_token(bits: int) -> dict:
+    return dict(num_bits=bits, type="int", symmetric=True, strategy="token", dynamic=True)
+
+
+# compressed-tensors' preset schemes (llm-compressor 0.14's `scheme:` names), as it defines them
 SCHEME_PRESETS: dict[str, dict[str, dict | None]] = {
-    "W4A16": {"weights": dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128),
-              "input_activations": None},
-    "W4A16_ASYM": {"weights": dict(num_bits=4, type="int", symmetric=False, strategy="group", group_size=128),
-                   "input_activations": None},
-    "W8A16": {"weights": dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
-              "input_activations": None},
+    "W4A16": {"weights": _int_group(4), "input_activations": None},
+    "W4A16_ASYM": {"weights": _int_group(4, symmetric=False), "input_activations": None},
+    "W8A16": {"weights": _int_group(8), "input_activations": None},
     "W8A8": {"weights": dict(num_bits=8, type="int", symmetric=True, strategy="channel"),
-             "input_activations": dict(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)},
+             "input_activations": _int_token(8)},
+    "W4A8": {"weights": _int_group(4), "input_activations": _int_token(8)},
+    "W4A4": {"weights": _int_group(4), "input_activations": _int_token(4)},
+    "W4AFP8": {"weights": _int_group(4), "input_activations": dict(_FP8_W, strategy="token", dynamic=True)},
+    **{f"W{b}A16": {"weights": _int_group(b), "input_activations": None} for b in (2, 3, 5, 6, 7)},
+    **{f"W{b}A8": {"weights": _int_group(b), "input_activations": _int_token(8)} for b in (2, 3, 5, 6, 7)},
+    **{f"W{b}A4": {"weights": _int_group(b), "input_activations": _int_token(4)} for b in (2, 3)},
     "FP8": {"weights": dict(_FP8_W, strategy="tensor"),
             "input_activations": dict(_FP8_W, strategy="tensor", dynamic=False)},
     "FP8_DYNAMIC": {"weights": dict(_FP8_W, strategy="channel"),
@@ -71,25 +85,55 @@ SCHEME_PRESETS: dict[str, dict[str, dict | None]] = {
                   "input_activations": dict(_FP8_W, strategy="group", group_size=128, dynamic=True)},
     "NVFP4A16": {"weights": dict(_NVFP4_W), "input_activations": None},
     "NVFP4": {"weights": dict(_NVFP4_W), "input_activations": dict(_NVFP4_W, dynamic="local")},
+    "UNQUANTIZED": {"weights": None, "input_activations": None},
 }
 SCHEME_ALIASES = {"INT8": "W8A8"}
+# compressed-tensors presets this engine does not implement, with the reason (refused by name)
+UNSUPPORTED_SCHEMES = {
+    name: "MX formats (E8M0 power-of-two scales per 32 values) are not implemented by this engine; "
+          "use NVFP4 / NVFP4A16 (FP4 with FP8 group scales) or FP8_BLOCK instead"
+    for name in ("MXFP4", "MXFP4A16", "MXFP8", "MXFP8A16", "MXFP6A16", "MXFP6A8", "MXFP4XFP8")}
 KV_CACHE_FIELDS = {"num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "observer",
                    "observer_kwargs", "scale_dtype", "zp_dtype", "block_structure", "actorder"}
 
+IGNORED_TOP_LEVEL = ("args", "metadata", "version")
+# llm-compressor's Modifier base fields: a training schedule (start/end/update), bookkeeping (index,
+# group) and the serializer's requires_calibration_data. One-shot compression applies each modifier
+# once, in recipe order, whatever they say; they are kept for the round trip.
+BASE_FIELDS = {"index", "group", "start", "end", "update", "requires_calibration_data"}
+SCHEDULE_NOTE = ("start/end/update/index are training-schedule fields; one-shot compression applies each "
+                 "modifier once, in recipe order (as llm-compressor's oneshot does)")
 _QUANT_MIXIN = {"targets", "ignore", "scheme", "config_groups", "kv_cache_scheme", "weight_observer",
                 "input_observer", "output_observer", "observer", "bypass_divisibility_checks"}
+_SMOOTHQUANT = {"smoothing_strength", "mappings", "ignore", "num_calibration_steps", "calibration_function",
+                "algorithm"}
 MODIFIER_FIELDS = {
     "QuantizationModifier": set(_QUANT_MIXIN),
     "GPTQModifier": _QUANT_MIXIN | {"block_size", "dampening_frac", "actorder", "batched_quantization",
                                     "sequential_targets", "offload_hessians"},
     "SparseGPTModifier": {"targets", "ignore", "sparsity", "mask_structure", "block_size", "dampening_frac",
-                          "preserve_sparsity_mask", "sequential_targets", "offload_hessians", "sequential_update"},
+                          "preserve_sparsity_mask", "sequential_targets", "offload_hessians", "sequential_update",
+                          "sparsity_profile", "owl_m", "owl_lmbda"},
     "AWQModifier": {"mappings", "duo_scaling", "n_grid", "offload_device", "ignore", "sequential_targets"},
-    "SmoothQuantModifier": {"smoothing_strength", "mappings", "ignore", "num_calibration_steps"},
+    "SmoothQuantModifier": set(_SMOOTHQUANT),
+    # llm-compressor 0.14 keeps it as an alias of SmoothQuantModifier(algorithm="log_equalization")
+    "LogarithmicEqualizationModifier": set(_SMOOTHQUANT),
 }
 MODIFIER_FIELDS["SparseGPTModifier"] = MODIFIER_FIELDS["SparseGPTModifier"] | {"reconstruction"}
+for _kind in MODIFIER_FIELDS:
+    MODIFIER_FIELDS[_kind] |= BASE_FIELDS
 MODIFIER_FIELDS[FINETUNE] = set(FinetuneSettings.__dataclass_fields__)  # its own stage; see compression.algorithms.distill
-TRANSFORMS = ("AWQModifier", "SmoothQuantModifier")
+TRANSFORMS = ("AWQModifier", "SmoothQuantModifier", "LogarithmicEqualizationModifier")
+# llm-compressor 0.14 modifiers this engine does not run, with the reason (refused by name)
+UNSUPPORTED_MODIFIERS = {
+    "WandaPruningModifier": "Wanda pruning is not implemented; use SparseGPTModifier (same options)",
+    "MagnitudePruningModifier": "gradual magnitude pruning needs a training loop; use SparseGPTModifier",
+    "ConstantPruningModifier": "it holds masks during training; one-shot compression has no training loop",
+    "AutoRoundModifier": "AutoRound is not implemented; use GPTQModifier with the same scheme",
+    "QuIPModifier": "QuIP rotations (transform_config) are not implemented",
+    "SpinQuantModifier": "SpinQuant rotations (transform_config) are not implemented",
+    "REAPPruningModifier": "REAP expert pruning is not implemented",
+}
 ARGS_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder",
                "observer", "observer_kwargs", "block_structure", "scale_dtype", "zp_dtype"}
 OBSERVERS = {"minmax": "minmax", "static_minmax": "minmax", "memoryless_minmax": "minmax",
@@ -142,10 +186,16 @@ class Modifier:
     inherits_scheme: bool = False  # GPTQModifier without a scheme: the preceding QuantizationModifier's
     superseded_by: "Modifier | None" = field(default=None, repr=False, compare=False)  # that QM: GPTQ solves
     extra: dict = field(default_factory=dict)  # accepted options kept for the round trip (see _parse_extra)
+    group_key: str | None = None  # the stage's '<x>_modifiers' key holding it, when not the stage's first
     mappings: list | None = None  # AWQ: [{smooth_layer, balance_layers}], SmoothQuant: [[balance], smooth]
     duo_scaling: bool | str = True
     n_grid: int = 20
     smoothing_strength: float = 0.5
+    algorithm: str = "smoothquant"  # SmoothQuant's scales, or "log_equalization" (s = r / log2(2 + r))
+    sparsity_list: list[float] | None = None  # SparseGPT: one sparsity per target module (in model order)
+    owl: tuple[float, float] | None = None  # SparseGPT sparsity_profile "owl": (owl_m, owl_lmbda)
+    actorder_given: bool = False  # GPTQModifier: actorder was set (llm-compressor refuses a clash with a group's)
+    lm_head_defaulted: bool = False  # ignore was not given and the targets reach lm_head (see _default_ignore)
 
     @property
     def quantizes(self) -> bool:
@@ -302,25 +352,52 @@ class Recipe:
             raise RecipeError("recipe", "must be a mapping of stages, e.g. quant_stage: {quant_modifiers: {...}}")
         stages: list[Stage] = []
         _NOTES.clear()
-        for i, (stage_name, body) in enumerate(data.items()):
-            path = f"stages[{i}]"
-            if not isinstance(body, dict) or len(body) != 1:
-                raise RecipeError(path, f"stage {stage_name!r} must hold exactly one '<name>_modifiers' mapping")
-            group_name, mods = next(iter(body.items()))
-            if not str(group_name).endswith("_modifiers") or not isinstance(mods, dict) or not mods:
-                raise RecipeError(path, f"expected '<name>_modifiers: {{ModifierName: {{...}}}}', got {group_name!r}")
-            modifiers = [_parse_modifier(kind, args, f"{path}.modifiers[{j}]")
-                         for j, (kind, args) in enumerate(mods.items())]
-            stages.append(Stage(str(stage_name), str(group_name), modifiers))
+        index = 0
+        for stage_name, body in data.items():
+            if stage_name in IGNORED_TOP_LEVEL or not isinstance(body, dict):
+                # llm-compressor 0.14 reads only '<name>_stage' mappings and ignores every other key
+                _NOTES.add(f"top-level key {stage_name!r} ignored (it holds no modifiers; llm-compressor "
+                           "ignores it too)")
+                continue
+            path = f"stages[{index}]"
+            groups = [(str(k), v) for k, v in body.items() if str(k).endswith("_modifiers")]
+            for key, value in body.items():
+                if str(key).endswith("_modifiers"):
+                    if not isinstance(value, dict) or not value:
+                        raise RecipeError(f"{path}.{key}", "must be a mapping {ModifierName: {...}}")
+                elif isinstance(value, (dict, list)):
+                    raise RecipeError(f"{path}.{key}", f"stage {stage_name!r}: expected '<name>_modifiers: "
+                                      "{ModifierName: {...}}' mappings; this entry is neither that nor a setting")
+                else:
+                    _NOTES.add(f"stage setting {key}: {value} has no effect: every stage runs one-shot, in "
+                               "recipe order (as llm-compressor's oneshot does)")
+            if not groups:
+                raise RecipeError(path, f"stage {stage_name!r} must hold a '<name>_modifiers' mapping, e.g. "
+                                  "quant_modifiers: {GPTQModifier: {...}}")
+            modifiers = []
+            for group_name, mods in groups:
+                for kind, args in mods.items():
+                    m = _parse_modifier(kind, args, f"{path}.modifiers[{len(modifiers)}]")
+                    m.group_key = group_name if group_name != groups[0][0] else None
+                    modifiers.append(m)
+            stages.append(Stage(str(stage_name), groups[0][0], modifiers))
+            index += 1
+        if not stages:
+            raise RecipeError("recipe", "holds no stage; write e.g. quant_stage: {quant_modifiers: {...}}")
         recipe = cls(stages, preset=preset, preset_options=preset_options)
+        recipe._validate_order()
         recipe.notes = sorted(_NOTES)
         _NOTES.clear()
-        recipe._validate_order()
         return recipe
 
     # outputs ----------------------------------------------------------------------------
     def stage_dict(self) -> dict:
-        return {s.name: {s.group: {m.kind: m.to_dict() for m in s.modifiers}} for s in self.stages}
+        out: dict[str, dict] = {}
+        for s in self.stages:
+            groups = out.setdefault(s.name, {})
+            for m in s.modifiers:
+                groups.setdefault(m.group_key or s.group, {})[m.kind] = m.to_dict()
+        return out
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "preset_options": copy.deepcopy(self.preset_options),
@@ -354,7 +431,10 @@ class Recipe:
             if m.kind == "AWQModifier":
                 parts.append(f"AWQ scaling (duo_scaling {m.duo_scaling}, {m.n_grid}-point grid)")
                 continue
-            if m.kind == "SmoothQuantModifier":
+            if m.transforms and m.algorithm == "log_equalization":
+                parts.append("logarithmic activation equalization")
+                continue
+            if m.transforms:
                 parts.append(f"SmoothQuant (strength {m.smoothing_strength:g})")
                 continue
             if m.kv_cache is not None:
@@ -384,27 +464,36 @@ class Recipe:
         self._validate_finetune()
         seen_quant = False
         last_quant: Modifier | None = None
-        for i, stage in enumerate(self.stages):
-            for j, m in enumerate(stage.modifiers):
-                path = f"stages[{i}].modifiers[{j}]"
-                if m.quantizes:
-                    if m.inherits_scheme:
-                        _inherit_scheme(m, last_quant, path)
-                    seen_quant = True
-                    last_quant = m
-                elif seen_quant:
-                    raise RecipeError(path, f"{m.kind} must come before quantization modifiers "
-                                      + ("(pruning quantized weights would move them off the grid)"
-                                         if m.kind == "SparseGPTModifier" else
-                                         "(it rescales weights that are then quantized)"))
+        flat = [(f"stages[{i}].modifiers[{j}]", m) for i, stage in enumerate(self.stages)
+                for j, m in enumerate(stage.modifiers)]
+        for k, (path, m) in enumerate(flat):
+            if m.quantizes:
+                if m.inherits_scheme:
+                    _inherit_scheme(m, last_quant, path)
+                seen_quant = True
+                last_quant = m
+            elif seen_quant and m.kind == "SparseGPTModifier":
+                raise RecipeError(path, f"{m.kind} must come before quantization modifiers "
+                                  "(pruning quantized weights would move them off the grid)")
+            elif seen_quant and m.transforms and m.mappings is None:
+                # with explicit mappings the engine checks, per layer, that none of the modules it
+                # rescales was quantized by an earlier modifier (compression.algorithms.smoothing)
+                raise RecipeError(path, f"{m.kind} after a quantization modifier needs explicit 'mappings' "
+                                  "that leave the modules quantized before it alone (its default mappings "
+                                  "rescale every projection); or move it before the quantization modifiers")
+            if m.kind == "AWQModifier" and not any(q.quantizes and q.config_groups for _, q in flat[k + 1:]):
+                raise RecipeError(path, "AWQModifier only rescales weights for a quantization scheme: add a "
+                                  "QuantizationModifier or GPTQModifier after it")
+        for path, m in flat:
+            source = next((q for _, q in flat if q.superseded_by is m), None) if m.inherits_scheme else None
+            if m.lm_head_defaulted and (source is None or source.lm_head_defaulted):
+                _NOTES.add(LM_HEAD_NOTE)  # (a GPTQModifier reusing a scheme reuses its ignore list too)
+            if m.kind == "QuantizationModifier" and m.superseded_by is None and any(
+                    g.weights is not None and g.weights.actorder for g in m.config_groups.values()):
+                _NOTES.add(ACTORDER_RTN_NOTE)
         kv = [m for m in self.modifiers if m.kv_cache is not None]
         if len(kv) > 1 and any(k.kv_cache != kv[0].kv_cache for k in kv):
             raise RecipeError("kv_cache_scheme", "two modifiers set different kv_cache_scheme values; set it once")
-        for i, stage in enumerate(self.stages):
-            for j, m in enumerate(stage.modifiers):
-                if m.kind == "AWQModifier" and not any(q.quantizes and q.config_groups for q in self.modifiers):
-                    raise RecipeError(f"stages[{i}].modifiers[{j}]", "AWQModifier only rescales weights for a "
-                                      "quantization scheme: add a QuantizationModifier or GPTQModifier after it")
 
     @property
     def kv_cache(self) -> QuantArgs | None:
@@ -569,6 +658,9 @@ def check_shape(data: Any, path: str = "recipe") -> None:
 
 # parsing ----------------------------------------------------------------------------------
 def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
+    if kind in UNSUPPORTED_MODIFIERS:
+        raise RecipeError(path, f"{kind} is not supported ({UNSUPPORTED_MODIFIERS[kind]}); allowed: "
+                          f"{', '.join(MODIFIER_FIELDS)}")
     if kind not in MODIFIER_FIELDS:
         raise RecipeError(path, f"unknown modifier {kind!r}; allowed: {', '.join(MODIFIER_FIELDS)}")
     args = {} if args is None else args
@@ -581,10 +673,12 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
     if kind == FINETUNE:
         return _finetune_modifier(args, path)
     m = Modifier(kind)
+    _parse_base_fields(m, args, path)
     if kind in TRANSFORMS:
         return _parse_transform(m, args, path)
     m.targets = _str_list(args.get("targets", ["Linear"]), f"{path}.targets")
-    m.ignore = _str_list(args.get("ignore", ["lm_head"]), f"{path}.ignore")
+    m.ignore = _default_ignore(args, m.targets, f"{path}.ignore")
+    m.lm_head_defaulted = "ignore" not in args and _reaches_lm_head(m.targets)
     _parse_extra(m, args, path)
     if "block_size" in args:
         m.block_size = _int(args["block_size"], f"{path}.block_size", lo=4)
@@ -596,21 +690,11 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
         if args.get("actorder") in ("group", "dynamic", True):
             _NOTES.add(ACTORDER_GROUP_NOTE)
         m.actorder = _actorder(args.get("actorder", "static"), f"{path}.actorder")
+        m.actorder_given = "actorder" in args
     if kind == "SparseGPTModifier":
-        m.mask_structure = str(args.get("mask_structure", "2:4"))
-        if m.mask_structure == "unstructured":
-            m.mask_structure = "0:0"
-        if m.mask_structure not in ("2:4", "0:0"):
-            raise RecipeError(f"{path}.mask_structure", "allowed: '2:4' or '0:0' (unstructured)")
-        m.sparsity = _float(args.get("sparsity", 0.5), f"{path}.sparsity", 0.0, 1.0)
-        if m.mask_structure == "2:4" and m.sparsity != 0.5:
-            raise RecipeError(f"{path}.sparsity", "must be 0.5 with mask_structure '2:4'")
-        if not 0 < m.sparsity < 1:
-            raise RecipeError(f"{path}.sparsity", "must be strictly between 0 and 1")
-        m.reconstruction = _parse_reconstruction(args.get("reconstruction"), f"{path}.reconstruction")
-        m.preserve_sparsity_mask = _bool(args.get("preserve_sparsity_mask", False), f"{path}.preserve_sparsity_mask")
+        _parse_sparsity(m, args, path)
     if m.quantizes:
-        has_scheme, has_groups = "scheme" in args, "config_groups" in args
+        has_scheme, has_groups = args.get("scheme") is not None, args.get("config_groups") is not None
         if has_scheme and has_groups:
             raise RecipeError(path, f"{kind} takes one of 'scheme' or 'config_groups', not both")
         if not (has_scheme or has_groups):
@@ -630,6 +714,101 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
             m.kv_cache = _parse_kv_cache(args["kv_cache_scheme"], f"{path}.kv_cache_scheme")
         _check_groups(m, path)
     return m
+
+
+def _parse_base_fields(m: Modifier, args: dict, path: str) -> None:
+    """llm-compressor's Modifier fields (BASE_FIELDS): checked for type, kept for the round trip."""
+    for key in ("index", "start", "end", "update"):
+        value = args.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{path}.{key}", "must be a number or null")
+        m.extra[key] = value
+        _NOTES.add(SCHEDULE_NOTE)
+    if args.get("group") is not None:
+        if not isinstance(args["group"], str) or len(args["group"]) > MAX_NAME_CHARS:
+            raise RecipeError(f"{path}.group", "must be a short string (a modifier group name)")
+        m.extra["group"] = args["group"]
+    if "requires_calibration_data" in args:  # written by llm-compressor's serializer; derived, not a setting
+        _bool(args["requires_calibration_data"], f"{path}.requires_calibration_data")
+
+
+def _default_ignore(args: dict, targets: list[str], path: str) -> list[str]:
+    """``ignore`` as given (null = []), else ["lm_head"]: the engine compresses the decoder layers only,
+    where llm-compressor (default ignore []) would also compress lm_head; LM_HEAD_NOTE says so."""
+    if "ignore" in args:
+        return _str_list(args["ignore"] if args["ignore"] is not None else [], path)
+    return ["lm_head"]
+
+
+def _reaches_lm_head(targets: list[str]) -> bool:
+    return any(t in ("Linear", "lm_head") or (t.startswith("re:") and pattern_matches(t[3:], "lm_head"))
+               for t in targets)
+
+
+LM_HEAD_NOTE = ("ignore not given: lm_head is kept 16-bit (the engine compresses the decoder layers; "
+                "llm-compressor's default ignore [] would compress lm_head too)")
+
+
+def _mask_structure(raw: Any, path: str) -> str:
+    """'0:0' (unstructured, llm-compressor's default) or 'N:M' (N of every M input columns pruned)."""
+    if raw is None:
+        return "0:0"
+    value = str(raw).strip()
+    if value.lower() == "unstructured":
+        return "0:0"
+    match = re.fullmatch(r"(\d{1,3}):(\d{1,3})", value)
+    if not match:
+        raise RecipeError(path, "allowed: '0:0' (unstructured) or 'N:M' (N of every M weights pruned, e.g. '2:4')")
+    n, m = int(match.group(1)), int(match.group(2))
+    if (n, m) != (0, 0) and not 0 < n < m:
+        raise RecipeError(path, f"{value!r}: N:M needs 0 < N < M (N of every M weights pruned), or '0:0'")
+    return f"{n}:{m}"
+
+
+def _parse_sparsity(m: Modifier, args: dict, path: str) -> None:
+    """SparseGPTModifier's mask structure, sparsity (a number, or one per target layer) and OWL profile."""
+    m.mask_structure = _mask_structure(args.get("mask_structure"), f"{path}.mask_structure")
+    n, every = (int(v) for v in m.mask_structure.split(":"))
+    raw = args.get("sparsity")
+    if isinstance(raw, list):
+        if every:
+            raise RecipeError(f"{path}.sparsity", f"one sparsity per layer applies to unstructured pruning "
+                              f"(mask_structure '0:0'); {m.mask_structure} prunes {n} of every {every}")
+        if not raw or len(raw) > MAX_LIST_ITEMS:
+            raise RecipeError(f"{path}.sparsity", f"a list needs 1 to {MAX_LIST_ITEMS} values")
+        m.sparsity_list = [_float(v, f"{path}.sparsity[{i}]", 0.0, 1.0) for i, v in enumerate(raw)]
+        if not all(0 < v < 1 for v in m.sparsity_list):
+            raise RecipeError(f"{path}.sparsity", "every value must be strictly between 0 and 1")
+        m.sparsity = sum(m.sparsity_list) / len(m.sparsity_list)
+    else:
+        m.sparsity = _float(raw if raw is not None else (n / every if every else 0.5), f"{path}.sparsity", 0.0, 1.0)
+        if m.mask_structure == "2:4" and m.sparsity != 0.5:
+            raise RecipeError(f"{path}.sparsity", "must be 0.5 with mask_structure '2:4'")
+        if every and abs(m.sparsity - n / every) > 1e-9:
+            raise RecipeError(f"{path}.sparsity", f"must be {n / every:g} with mask_structure '{m.mask_structure}' "
+                              f"({n} of every {every} weights pruned)")
+        if not 0 < m.sparsity < 1:
+            raise RecipeError(f"{path}.sparsity", "must be strictly between 0 and 1")
+    profile = args.get("sparsity_profile")
+    owl_args = (profile is not None, args.get("owl_m") is not None, args.get("owl_lmbda") is not None)
+    if any(owl_args) and not all(owl_args):
+        raise RecipeError(f"{path}.sparsity_profile", "OWL needs all of sparsity_profile: owl, owl_m and owl_lmbda")
+    if all(owl_args):
+        if str(profile).lower() != "owl":
+            raise RecipeError(f"{path}.sparsity_profile", "allowed: 'owl' or null")
+        if every or m.sparsity_list is not None:
+            raise RecipeError(f"{path}.sparsity_profile", "OWL sets one sparsity per layer from a single "
+                              "target sparsity: use it with mask_structure '0:0' and a number for sparsity")
+        owl_m = _float(args["owl_m"], f"{path}.owl_m", 1e-6, 1e6)
+        lmbda = _float(args["owl_lmbda"], f"{path}.owl_lmbda", 0.0, 1.0)
+        if 2 * lmbda >= min(m.sparsity, 1 - m.sparsity):
+            raise RecipeError(f"{path}.owl_lmbda", f"must be below {min(m.sparsity, 1 - m.sparsity) / 2:g} so every "
+                              "layer's sparsity stays between 0 and 1")
+        m.owl = (owl_m, lmbda)
+    m.reconstruction = _parse_reconstruction(args.get("reconstruction"), f"{path}.reconstruction")
+    m.preserve_sparsity_mask = _bool(args.get("preserve_sparsity_mask", False), f"{path}.preserve_sparsity_mask")
 
 
 def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
@@ -666,13 +845,17 @@ def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
 
 def _check_groups(m: Modifier, path: str) -> None:
     for gname, g in m.config_groups.items():
-        gpath = f"{path}.config_groups.{gname}"
-        if m.kind == "GPTQModifier" and g.weights is None:
-            raise RecipeError(f"{gpath}.weights", "GPTQModifier needs quantized weights")
-        if m.kind == "QuantizationModifier" and g.weights and g.weights.actorder:
-            raise RecipeError(f"{gpath}.weights.actorder", "act-order only applies to GPTQModifier")
-        if m.kind == "GPTQModifier" and g.weights and g.weights.actorder is None and m.actorder:
+        if g.weights is None or m.kind != "GPTQModifier":
+            continue  # an UNQUANTIZED group leaves its modules 16-bit
+        if g.weights.actorder is not None and m.actorder_given and g.weights.actorder != m.actorder:
+            raise RecipeError(f"{path}.actorder", f"{m.actorder!r} clashes with config_groups.{gname}.weights."
+                              f"actorder {g.weights.actorder!r} (llm-compressor refuses this too); set it in one place")
+        if g.weights.actorder is None and m.actorder:
             g.weights = _replace(g.weights, actorder=m.actorder)
+
+
+ACTORDER_RTN_NOTE = ("act-order in a QuantizationModifier's scheme has no effect without a GPTQModifier: "
+                     "round-to-nearest has no column order")
 
 
 def _parse_extra(m: Modifier, args: dict, path: str) -> None:
@@ -784,6 +967,13 @@ def _parse_transform(m: Modifier, args: dict, path: str) -> Modifier:
             m.mappings = mappings
     else:
         m.smoothing_strength = _float(args.get("smoothing_strength", 0.5), f"{path}.smoothing_strength", 0.0, 1.0)
+        default = "log_equalization" if m.kind == "LogarithmicEqualizationModifier" else "smoothquant"
+        m.algorithm = args.get("algorithm") or default
+        if m.algorithm not in ("smoothquant", "log_equalization"):
+            raise RecipeError(f"{path}.algorithm", "allowed: 'smoothquant' or 'log_equalization'")
+        if args.get("calibration_function") is not None:
+            raise RecipeError(f"{path}.calibration_function", "a Python callable cannot come from a recipe; the "
+                              "engine observes each smooth layer's output range; use null")
         if args.get("num_calibration_steps") is not None:
             m.extra["num_calibration_steps"] = _int(args["num_calibration_steps"], f"{path}.num_calibration_steps",
                                                     lo=1)
@@ -811,6 +1001,8 @@ def _transform_dict(m: Modifier) -> dict:
             out["sequential_targets"] = list(m.sequential_targets)
     else:
         out["smoothing_strength"] = m.smoothing_strength
+        if m.algorithm != "smoothquant":
+            out["algorithm"] = m.algorithm
         if m.mappings is not None:
             out["mappings"] = [[list(b), s] for b, s in m.mappings]
     if m.ignore:
@@ -829,27 +1021,34 @@ def _scale_dtype(value: Any, path: str) -> str | None:
     if value is None:
         return None
     name = str(value).removeprefix("torch.")
+    if name == "uint8":
+        raise RecipeError(path, "uint8 (E8M0) scales are the MX formats', which this engine does not implement; "
+                          "use NVFP4 (float8_e4m3fn group scales) or FP8")
     if name not in SCALE_DTYPES:
         raise RecipeError(path, f"allowed: {', '.join(SCALE_DTYPES)} (or null for the model dtype)")
     return name
+
+
+def _scheme_name(name: Any, path: str) -> str:
+    key = SCHEME_ALIASES.get(str(name).upper(), str(name).upper())
+    if key in UNSUPPORTED_SCHEMES:
+        raise RecipeError(path, f"scheme {name!r} is not supported: {UNSUPPORTED_SCHEMES[key]}")
+    if key not in SCHEME_PRESETS:
+        raise RecipeError(path, f"unknown scheme {name!r}; allowed: {', '.join(SCHEME_PRESETS)}")
+    return key
 
 
 def _scheme_groups(scheme: Any, targets: list[str], path: str) -> dict[str, SchemeGroup]:
     """``scheme``: a preset name, {preset name: [targets]}, or a QuantizationScheme body
     ({weights: ..., input_activations: ...}) applied to the modifier's targets."""
     if isinstance(scheme, str):
-        name = SCHEME_ALIASES.get(scheme.upper(), scheme.upper())
-        if name not in SCHEME_PRESETS:
-            raise RecipeError(path, f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEME_PRESETS)}")
-        return {"group_0": _preset_group(name, targets)}
+        return {"group_0": _preset_group(_scheme_name(scheme, path), targets)}
     if isinstance(scheme, dict) and scheme and set(scheme) <= GROUP_FIELDS - {"targets"}:
         return {"group_0": _parse_group({**scheme, "targets": list(targets)}, path)}
     if isinstance(scheme, dict) and scheme:
         out = {}
         for i, (name, tgts) in enumerate(scheme.items()):
-            key = SCHEME_ALIASES.get(str(name).upper(), str(name).upper())
-            if key not in SCHEME_PRESETS:
-                raise RecipeError(f"{path}.{name}", f"unknown scheme; allowed: {', '.join(SCHEME_PRESETS)}")
+            key = _scheme_name(name, f"{path}.{name}")
             out[f"group_{i}"] = _preset_group(key, _str_list(tgts, f"{path}.{name}"))
         return out
     raise RecipeError(path, "must be a scheme name, a mapping {scheme name: [targets]}, or "
@@ -860,6 +1059,16 @@ def _preset_group(name: str, targets: list[str]) -> SchemeGroup:
     p = SCHEME_PRESETS[name]
     return SchemeGroup(list(targets), QuantArgs(**p["weights"]) if p["weights"] else None,
                        QuantArgs(**p["input_activations"]) if p["input_activations"] else None)
+
+
+def checkpoint_format(weights: QuantArgs, acts: QuantArgs | None) -> str:
+    """compressed-tensors' format for one scheme (its infer_module_format priority: nvfp4-pack,
+    int-quantized, pack-quantized, float-quantized, naive-quantized)."""
+    if weights.is_fp4:
+        return "nvfp4-pack-quantized"
+    if weights.type == "int":
+        return "int-quantized" if acts is not None else "pack-quantized"
+    return "float-quantized" if acts is not None else "naive-quantized"
 
 
 def _parse_group(raw: Any, path: str) -> SchemeGroup:
@@ -873,10 +1082,17 @@ def _parse_group(raw: Any, path: str) -> SchemeGroup:
     targets = _str_list(raw.get("targets", ["Linear"]), f"{path}.targets")
     weights = _parse_args(raw.get("weights"), f"{path}.weights", weights=True)
     acts = _parse_args(raw.get("input_activations"), f"{path}.input_activations", weights=False)
-    if weights is None:
-        raise RecipeError(f"{path}.weights", "weights must be quantized (activation-only schemes are not supported)")
-    if acts is not None and acts.is_fp4 != weights.is_fp4:
+    if weights is None and acts is not None:
+        raise RecipeError(f"{path}.weights", "activation-only schemes (e.g. attention query/key/value "
+                          "quantization) are not supported; quantize the weights too, or use kv_cache_scheme")
+    if weights is not None and acts is not None and acts.is_fp4 != weights.is_fp4:
         raise RecipeError(f"{path}.input_activations", "FP4 activations go with FP4 (NVFP4) weights only")
+    fmt = raw.get("format")
+    if fmt is not None:
+        expected = checkpoint_format(weights, acts) if weights is not None else "dense"
+        if fmt != expected:
+            raise RecipeError(f"{path}.format", f"this scheme is written as {expected!r} (compressed-tensors' "
+                              f"format for it); {fmt!r} is not what the engine writes; use {expected!r} or null")
     return SchemeGroup(targets, weights, acts)
 
 
@@ -895,8 +1111,8 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     bits = _int(raw.get("num_bits", 8), f"{path}.num_bits", lo=1)
     if typ == "float" and bits not in (4, 8):
         raise RecipeError(f"{path}.num_bits", "float quantization is FP8 E4M3 (8) or FP4 E2M1 (4, NVFP4)")
-    if typ == "int" and bits not in ((4, 8) if weights else (8,)):
-        raise RecipeError(f"{path}.num_bits", "allowed: 4 or 8 for int weights, 8 for int activations")
+    if typ == "int" and not 2 <= bits <= 8:
+        raise RecipeError(f"{path}.num_bits", "integer quantization takes 2 to 8 bits")
     fp4 = typ == "float" and bits == 4
     symmetric = raw.get("symmetric", True)
     if symmetric not in (True, False):
@@ -951,8 +1167,6 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
             raise RecipeError(f"{path}.dynamic", "strategy 'token' requires dynamic: true")
         if strategy == "group" and not dynamic:
             raise RecipeError(f"{path}.dynamic", "per-token-group activation scales are dynamic; use true")
-        if strategy == "group" and typ != "float":
-            raise RecipeError(f"{path}.strategy", "per-token-group activations are implemented for FP8 (FP8_BLOCK)")
     actorder = raw.get("actorder")
     if actorder is not None and not weights:
         raise RecipeError(f"{path}.actorder", "actorder only applies to weights")
