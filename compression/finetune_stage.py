@@ -108,8 +108,9 @@ def creation_steps(recipe, calibration_spec: dict, report=None, *, finetuned=Non
     calib = f"{calibration_spec.get('label') or calibration_spec['source']}, {calibration_spec['samples']} " \
             f"samples of up to {calibration_spec['seqlen']} tokens"
     for m in recipe.modifiers:
-        if m.kind == "SparseGPTModifier":
-            steps.append(f"Pruning: SparseGPT {m.mask_structure if m.mask_structure != '0:0' else 'unstructured'} "
+        if m.prunes:
+            how = "SparseGPT" if m.kind == "SparseGPTModifier" else "Wanda"
+            steps.append(f"Pruning: {how} {m.mask_structure if m.mask_structure != '0:0' else 'unstructured'} "
                          f"({m.sparsity:.0%} of the targeted weights), calibrated on {calib}.")
             if m.reconstruction is not None:
                 r = m.reconstruction
@@ -124,7 +125,7 @@ def creation_steps(recipe, calibration_spec: dict, report=None, *, finetuned=Non
                              f"on the same calibration data, pruned weights held at zero.{gain}")
         elif m.finetune is not None:
             f = m.finetune
-            pruned = [x for x in recipe.modifiers if x.kind == "SparseGPTModifier"]
+            pruned = [x for x in recipe.modifiers if x.prunes]
             held = pruned[-1].mask_structure if pruned and pruned[-1].mask_structure != "0:0" else "sparsity"
             done = f" ({finetuned.tokens:,} tokens in {finetuned.seconds / 60:.1f} min)" if finetuned else ""
             steps.append("Recovery: distillation fine-tuning against the dense model (KL on logits"

@@ -39,7 +39,7 @@ import torch
 
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
-from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, pattern_matches
+from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, pattern_matches
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
 MAX_LAYERS = 4096
@@ -86,6 +86,8 @@ class ModelLayout:
     routers: list[str]
     experts: int
     layer_params: list[int] = field(default_factory=list)  # every parameter of each decoder layer
+    layer_class: str = ""  # the decoder layer's class (a pruning modifier may target it)
+    embeddings: list[str] = field(default_factory=list)  # nn.Embedding modules (checkpoint names)
 
 
 def _cfg(config: Any, name: str, default: Any = None) -> Any:
@@ -150,8 +152,10 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         if isinstance(module, torch.nn.Linear) and not name.startswith(prefix + "."):
             slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features))
     params = sum(p.numel() for p in model.parameters())
+    embeddings = [names.checkpoint(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts,
-                       [sum(p.numel() for p in layer.parameters()) for layer in layers])
+                       [sum(p.numel() for p in layer.parameters()) for layer in layers],
+                       type(layers[0]).__name__ if len(layers) else "", embeddings)
 
 
 def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
@@ -192,9 +196,12 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
         if slot.layer is not None:
             layer_params[slot.layer] = layer_params.get(slot.layer, 0) + slot.out_features * slot.in_features
     matcher = _NameMatcher([s.name for s in layout.linears])
+    containers = _NameMatcher(sorted({s.name.rsplit(".", k)[0] for s in layout.linears
+                                      for k in range(1, s.name.count(".") + 1)}))
     for path, m in _modifiers(recipe):
         hits = [s for s in layout.linears
-                if matcher.any(m.targets, s.name) and not matcher.any(m.ignore, s.name)]
+                if (matcher.any(m.targets, s.name) or (m.prunes and _in_target(containers, m.targets, s, layout)))
+                and not matcher.any(m.ignore, s.name)]
         outside = [s for s in hits if s.layer is None]
         if outside:
             raise RecipeError(f"{path}.ignore", f"{outside[0].name} lies outside the decoder layers and cannot "
@@ -204,9 +211,10 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             raise RecipeError(f"{path}.targets", f"{m.targets} (ignoring {m.ignore}) matches no Linear of the "
                               f"decoder layers of {layout.architecture}, e.g. {examples}")
         for s in hits:
-            if m.kind == "SparseGPTModifier" and m.mask_structure == "2:4" and s.in_features % 4:
-                raise RecipeError("recipe.mask_structure", f"2:4 sparsity needs input widths divisible by 4; "
-                                  f"{s.local} has {s.in_features}")
+            every = int(m.mask_structure.split(":")[1]) if m.prunes else 0
+            if every and s.in_features % every:
+                raise RecipeError("recipe.mask_structure", f"{m.mask_structure} sparsity needs input widths "
+                                  f"divisible by {every}; {s.local} has {s.in_features}")
             group = next((g for g in m.config_groups.values() if matcher.any(g.targets, s.name)), None) \
                 if m.quantizes else None
             if group is not None and group.weights is not None and group.weights.strategy == "group" \
@@ -215,9 +223,12 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             if group is not None and group.weights is not None:
                 _check_parity_shapes(group, s.local, s.in_features)
             targeted[s.name] = s
-            if m.kind in ("GPTQModifier", "SparseGPTModifier"):
+            if m.kind == "GPTQModifier" or m.prunes:
                 hessian_bytes[s.layer] = hessian_bytes.get(s.layer, 0) + s.in_features ** 2 * 4
+            if m.kind in ("GPTQModifier", "SparseGPTModifier"):
                 solver_flops += s.in_features ** 3 / 3 + 2 * s.out_features * s.in_features ** 2
+        if m.quantizes:
+            _check_embeddings(path, m, layout)
     calib = recipe.needs_calibration
     biggest_layer = max(layer_params.values(), default=0)
     act_bytes = samples * seqlen * hidden * 4 if calib else 0
@@ -353,6 +364,26 @@ def _group_message(size: int, hits: list[LinearSlot], slot: LinearSlot) -> str:
     options = ", ".join(str(g) for g in working) + (" or " if working else "") + "per-channel"
     return (f"group size {size} does not divide the input width {slot.in_features} of {slot.local}; "
             f"group sizes that work for this model: {options}")
+
+
+def _in_target(containers: "_NameMatcher", targets: list[str], slot: LinearSlot, layout: ModelLayout) -> bool:
+    """A pruning modifier's targets may name a module holding the Linear (llm-compressor prunes every
+    Linear inside ``re:model.layers.\\d+$`` or a decoder layer class)."""
+    if slot.layer is not None and layout.layer_class in targets:
+        return True
+    return any(containers.any([t], slot.name.rsplit(".", k)[0]) for t in targets if t != "Linear"
+               for k in range(1, slot.name.count(".") + 1))
+
+
+def _check_embeddings(path: str, m, layout: ModelLayout) -> None:
+    """A config group targeting an Embedding: llm-compressor quantizes it; this engine quantizes Linears only."""
+    for name in layout.embeddings:
+        if matches_any(m.ignore, name, "Embedding"):
+            continue
+        for gname, g in m.config_groups.items():
+            if g.weights is not None and matches_any(g.targets, name, "Embedding"):
+                raise RecipeError(f"{path}.config_groups.{gname}.targets", f"{name} is an Embedding: this engine "
+                                  "quantizes Linear layers only; drop the Embedding target or add it to ignore")
 
 
 def _check_parity_shapes(g, local: str, in_f: int) -> None:

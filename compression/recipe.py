@@ -114,6 +114,9 @@ MODIFIER_FIELDS = {
     "SparseGPTModifier": {"targets", "ignore", "sparsity", "mask_structure", "block_size", "dampening_frac",
                           "preserve_sparsity_mask", "sequential_targets", "offload_hessians", "sequential_update",
                           "sparsity_profile", "owl_m", "owl_lmbda"},
+    # llm-compressor's SparsityModifierBase fields; Wanda scores |W|·‖X‖ and updates no weights
+    "WandaPruningModifier": {"targets", "ignore", "sparsity", "mask_structure", "sequential_update",
+                             "sparsity_profile", "owl_m", "owl_lmbda"},
     "AWQModifier": {"mappings", "duo_scaling", "n_grid", "offload_device", "ignore", "sequential_targets"},
     "SmoothQuantModifier": set(_SMOOTHQUANT),
     # llm-compressor 0.14 keeps it as an alias of SmoothQuantModifier(algorithm="log_equalization")
@@ -124,9 +127,9 @@ for _kind in MODIFIER_FIELDS:
     MODIFIER_FIELDS[_kind] |= BASE_FIELDS
 MODIFIER_FIELDS[FINETUNE] = set(FinetuneSettings.__dataclass_fields__)  # its own stage; see compression.algorithms.distill
 TRANSFORMS = ("AWQModifier", "SmoothQuantModifier", "LogarithmicEqualizationModifier")
+PRUNERS = ("SparseGPTModifier", "WandaPruningModifier")
 # llm-compressor 0.14 modifiers this engine does not run, with the reason (refused by name)
 UNSUPPORTED_MODIFIERS = {
-    "WandaPruningModifier": "Wanda pruning is not implemented; use SparseGPTModifier (same options)",
     "MagnitudePruningModifier": "gradual magnitude pruning needs a training loop; use SparseGPTModifier",
     "ConstantPruningModifier": "it holds masks during training; one-shot compression has no training loop",
     "AutoRoundModifier": "AutoRound is not implemented; use GPTQModifier with the same scheme",
@@ -205,6 +208,21 @@ class Modifier:
     def transforms(self) -> bool:
         return self.kind in TRANSFORMS
 
+    @property
+    def prunes(self) -> bool:
+        return self.kind in PRUNERS
+
+    def matches(self, name: str, class_name: str, ancestors: tuple = ()) -> bool:
+        """Whether this modifier applies to the Linear ``name``: its targets match it and its ignore does
+        not. A pruning modifier's targets may also name a module containing it (``ancestors``: (name,
+        class name) pairs), as llm-compressor's ``targets: ["re:model.layers.\\d+$"]`` prunes every
+        Linear inside those layers."""
+        if matches_any(self.ignore, name, class_name):
+            return False
+        if matches_any(self.targets, name, class_name):
+            return True
+        return self.prunes and any(matches_any(self.targets, a, c) for a, c in ancestors)
+
     def scheme_for(self, name: str, class_name: str) -> SchemeGroup | None:
         """The config group whose targets match this module (first match wins)."""
         for group in self.config_groups.values():
@@ -232,9 +250,11 @@ class Modifier:
             out["dampening_frac"] = self.dampening_frac
         if self.kind == "GPTQModifier":
             out["actorder"] = self.actorder
-        if self.kind == "SparseGPTModifier":
-            out["sparsity"] = self.sparsity
+        if self.prunes:
+            out["sparsity"] = list(self.sparsity_list) if self.sparsity_list is not None else self.sparsity
             out["mask_structure"] = self.mask_structure
+            if self.owl is not None:
+                out.update(sparsity_profile="owl", owl_m=self.owl[0], owl_lmbda=self.owl[1])
             if self.reconstruction is not None:
                 out["reconstruction"] = self.reconstruction.to_dict()
         return out
@@ -415,7 +435,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         for m in self.modifiers:
-            if m.kind in ("GPTQModifier", "SparseGPTModifier") or m.transforms or m.kv_cache is not None:
+            if m.kind == "GPTQModifier" or m.prunes or m.transforms or m.kv_cache is not None:
                 return True
             if any(g.input_activations and (not g.input_activations.dynamic or g.input_activations.is_fp4)
                    for g in m.config_groups.values()):
@@ -441,9 +461,12 @@ class Recipe:
                 parts.append("FP8 KV cache (per-tensor K/V scales)")
             if m.superseded_by is not None:
                 continue  # its scheme is solved by the GPTQModifier that follows
-            if m.kind == "SparseGPTModifier":
-                parts.append((f"SparseGPT {m.mask_structure} ({m.sparsity:.0%})" if m.mask_structure != "0:0"
-                              else f"SparseGPT unstructured {m.sparsity:.0%}")
+            if m.prunes:
+                how = "SparseGPT" if m.kind == "SparseGPTModifier" else "Wanda"
+                amount = ("per-layer sparsities" if m.sparsity_list else
+                          f"{m.sparsity:.0%}" + (" (OWL per-layer)" if m.owl else ""))
+                parts.append((f"{how} {m.mask_structure} ({m.sparsity:.0%})" if m.mask_structure != "0:0"
+                              else f"{how} unstructured {amount}")
                              + (" + layer-wise reconstruction" if m.reconstruction else ""))
                 continue
             for g in m.config_groups.values():
@@ -472,7 +495,7 @@ class Recipe:
                     _inherit_scheme(m, last_quant, path)
                 seen_quant = True
                 last_quant = m
-            elif seen_quant and m.kind == "SparseGPTModifier":
+            elif seen_quant and m.prunes:
                 raise RecipeError(path, f"{m.kind} must come before quantization modifiers "
                                   "(pruning quantized weights would move them off the grid)")
             elif seen_quant and m.transforms and m.mappings is None:
@@ -539,7 +562,7 @@ def _validate_finetune_order(recipe: "Recipe") -> None:
         for j, m in enumerate(stage.modifiers):
             path = f"stages[{i}].modifiers[{j}]"
             if m.kind != FINETUNE:
-                seen_sparsity |= m.kind == "SparseGPTModifier"
+                seen_sparsity |= m.prunes
                 seen_quant |= m.quantizes
                 continue
             if len(stage.modifiers) != 1:
@@ -691,7 +714,7 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
             _NOTES.add(ACTORDER_GROUP_NOTE)
         m.actorder = _actorder(args.get("actorder", "static"), f"{path}.actorder")
         m.actorder_given = "actorder" in args
-    if kind == "SparseGPTModifier":
+    if m.prunes:
         _parse_sparsity(m, args, path)
     if m.quantizes:
         has_scheme, has_groups = args.get("scheme") is not None, args.get("config_groups") is not None
@@ -807,8 +830,9 @@ def _parse_sparsity(m: Modifier, args: dict, path: str) -> None:
             raise RecipeError(f"{path}.owl_lmbda", f"must be below {min(m.sparsity, 1 - m.sparsity) / 2:g} so every "
                               "layer's sparsity stays between 0 and 1")
         m.owl = (owl_m, lmbda)
-    m.reconstruction = _parse_reconstruction(args.get("reconstruction"), f"{path}.reconstruction")
-    m.preserve_sparsity_mask = _bool(args.get("preserve_sparsity_mask", False), f"{path}.preserve_sparsity_mask")
+    if m.kind == "SparseGPTModifier":
+        m.reconstruction = _parse_reconstruction(args.get("reconstruction"), f"{path}.reconstruction")
+        m.preserve_sparsity_mask = _bool(args.get("preserve_sparsity_mask", False), f"{path}.preserve_sparsity_mask")
 
 
 def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
@@ -867,6 +891,11 @@ def _parse_extra(m: Modifier, args: dict, path: str) -> None:
         if key == "bypass_divisibility_checks" and value:
             raise RecipeError(f"{path}.{key}", "the engine cannot bypass divisibility checks; use false")
         if key == "sequential_update" and value not in (None, False, True):
+            raise RecipeError(f"{path}.{key}", "must be true or false")
+        if key == "batched_quantization" and value is not None and value != "auto" and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise RecipeError(f"{path}.{key}", "allowed: 'auto', a positive integer or null")
+        if key == "offload_hessians" and value not in (None, False, True):
             raise RecipeError(f"{path}.{key}", "must be true or false")
         m.extra[key] = value
     if args.get("sequential_targets") is not None:

@@ -33,8 +33,8 @@ def nominal_weight_bits(recipe: Recipe) -> float:
     bits = 16.0
     keep = 1.0
     for modifier in recipe.modifiers:
-        if modifier.kind == "SparseGPTModifier":
-            keep = 0.5 if modifier.mask_structure == "2:4" else 1.0 - float(modifier.sparsity or 0.0)
+        if modifier.prunes:
+            keep = 1.0 - float(modifier.sparsity or 0.0)
         elif modifier.quantizes:
             for group in modifier.config_groups.values():
                 if group.weights is not None:

@@ -31,7 +31,7 @@ from compression.model_io.moe import CheckpointNames, is_router, per_expert_modu
 from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
 from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
-from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune
+from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 from compression.model_io.streaming import release_heap
 from compression.model_io.walk import LayerInputs, capture_layer_inputs, decoder_layers
 from kernels.packing import is_24_sparse
@@ -139,10 +139,11 @@ class _Plan:
     module: torch.nn.Linear
     steps: list[tuple[str, Modifier, SchemeGroup | None]]
     fallback: str | None = None  # set for an expert that saw too few calibration tokens
+    sparsity: dict[int, float] = field(default_factory=dict)  # id(pruning modifier) → this module's sparsity
 
     @property
     def needs_hessian(self) -> bool:
-        return any(m.kind in ("GPTQModifier", "SparseGPTModifier") for _, m, _ in self.steps)
+        return any(m.kind == "GPTQModifier" or m.prunes for _, m, _ in self.steps)
 
     @property
     def needs_absmax(self) -> bool:
@@ -163,51 +164,80 @@ def _linears(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
         yield local, module
 
 
-def _steps(recipe: Recipe, name: str, cls: str) -> list[tuple[str, Modifier, SchemeGroup | None]]:
+def ancestors(root: torch.nn.Module, path: str, name: str) -> tuple[tuple[str, str], ...]:
+    """(checkpoint name, class name) of every module containing the module at ``path`` under ``root``,
+    outermost first; ``name`` is that module's checkpoint name (its prefixes name the containers)."""
+    parts, cparts = path.split("."), name.split(".")
+    out = []
+    for k in range(1, len(cparts)):
+        cls = ""
+        if len(parts) == len(cparts):
+            try:
+                cls = type(root.get_submodule(".".join(parts[:k]))).__name__
+            except AttributeError:
+                pass
+        out.append((".".join(cparts[:k]), cls))
+    return tuple(out)
+
+
+def _steps(recipe: Recipe, name: str, cls: str, parents: tuple = ()) -> list[tuple[str, Modifier, SchemeGroup | None]]:
     steps = []
     for i, stage in enumerate(recipe.stages):
         for j, m in enumerate(stage.modifiers):
             if m.transforms:
                 continue  # AWQ / SmoothQuant act on whole layers (compression.algorithms.smoothing)
-            if not matches_any(m.targets, name, cls) or matches_any(m.ignore, name, cls):
+            if not m.matches(name, cls, parents):
                 continue
             group = m.scheme_for(name, cls) if m.quantizes else None
-            if m.quantizes and group is None:
-                continue
+            if m.quantizes and (group is None or group.weights is None):
+                continue  # no config group, or an UNQUANTIZED one: the module stays 16-bit
             steps.append((f"stages[{i}].modifiers[{j}]", m, group))
     # a QuantizationModifier whose scheme a later GPTQModifier reuses: GPTQ alone quantizes the module
     solvers = {id(m) for _, m, _ in steps}
     steps = [st for st in steps if st[1].superseded_by is None or id(st[1].superseded_by) not in solvers]
     if sum(1 for _, m, _ in steps if m.quantizes) > 1:
         raise RecipeError(steps[-1][0], f"{name} would be quantized twice; target each module once")
+    if sum(1 for _, m, _ in steps if m.prunes) > 1:
+        raise RecipeError(steps[-1][0], f"{name} would be pruned twice; target each module once")
     return steps
 
 
-def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, names: CheckpointNames) -> list[_Plan]:
+def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, names: CheckpointNames,
+                root: torch.nn.Module | None = None, sparsities: dict | None = None) -> list[_Plan]:
+    """The plans of one decoder layer's Linears; ``root`` (the model) names the containers a pruning
+    modifier's targets may match; ``sparsities``: {(id(modifier), name): sparsity} set per module."""
     plans = []
     for local, module in _linears(layer):
         name = names.checkpoint(f"{prefix}.{local}")
-        steps = _steps(recipe, name, type(module).__name__)
+        parents = ancestors(root, f"{prefix}.{local}", name) if root is not None else ()
+        steps = _steps(recipe, name, type(module).__name__, parents)
         if steps:
-            plans.append(_Plan(name, local, module, steps))
+            plan = _Plan(name, local, module, steps)
+            for _, m, _ in steps:
+                if m.prunes and sparsities and (id(m), name) in sparsities:
+                    plan.sparsity[id(m)] = sparsities[(id(m), name)]
+            plans.append(plan)
     return plans
 
 
 def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: CheckpointNames) -> int:
     """Before any work: no targeted Linear outside the decoder layers, every modifier matches
-    something inside them. Returns the number of targeted Linears."""
+    something inside them, no Embedding targeted, N:M widths and group sizes that fit.
+    Returns the number of targeted Linears."""
     matched = [0] * len(recipe.modifiers)
     targeted = 0
     for name, module in _linears(model):
         cname, cls = names.checkpoint(name), type(module).__name__
         inside = name.startswith(prefix + ".")
+        parents = ancestors(model, name, cname)
         hit = False
         for k, m in enumerate(recipe.modifiers):
-            if matches_any(m.targets, cname, cls) and not matches_any(m.ignore, cname, cls):
+            if m.matches(cname, cls, parents):
                 if not inside:
                     raise RecipeError(f"{_modifier_path(recipe, k)}.ignore",
                                       f"{cname} lies outside the decoder layers and cannot be compressed; "
                                       f"add {cname!r} to ignore")
+                _check_shapes(recipe, k, m, cname, cls, module)
                 matched[k] += 1
                 hit = True
         targeted += hit
@@ -218,7 +248,47 @@ def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Ch
             raise RecipeError(f"{_modifier_path(recipe, k)}.targets",
                               f"{m.targets} (ignoring {m.ignore}) matches no Linear of the decoder layers of "
                               f"{type(model).__name__}, e.g. {_example_names(model, prefix, names)}")
+    _check_embeddings(model, recipe, names)
     return targeted
+
+
+def _check_shapes(recipe: Recipe, k: int, m: Modifier, name: str, cls: str, module: torch.nn.Linear) -> None:
+    """An N:M mask needs the input width (and block_size) divisible by M; group scales need the
+    width divisible by the group size (llm-compressor refuses both too)."""
+    path = _modifier_path(recipe, k)
+    every = int(m.mask_structure.split(":")[1]) if m.prunes else 0
+    if every and module.in_features % every:
+        raise RecipeError(f"{path}.mask_structure", f"{m.mask_structure} sparsity needs input widths divisible by "
+                          f"{every}; {name} has {module.in_features}")
+    if every and m.kind == "SparseGPTModifier" and m.block_size % every:
+        raise RecipeError(f"{path}.block_size", f"must be a multiple of {every} for mask_structure "
+                          f"{m.mask_structure} (N:M groups may not straddle blocks)")
+    group = m.scheme_for(name, cls) if m.quantizes else None
+    if group is None or group.weights is None:
+        return
+    from compression.preflight import _check_parity_shapes
+
+    w = group.weights
+    if w.strategy == "group" and module.in_features % w.group_size:
+        raise RecipeError("recipe.group_size", f"group size {w.group_size} does not divide the input width "
+                          f"{module.in_features} of {name}; choose one that divides it, or per-channel")
+    _check_parity_shapes(group, name, module.in_features)
+
+
+def _check_embeddings(model: torch.nn.Module, recipe: Recipe, names: CheckpointNames) -> None:
+    """llm-compressor quantizes an Embedding a config group targets; this engine quantizes Linears only."""
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Embedding):
+            continue
+        cname = names.checkpoint(name)
+        for k, m in enumerate(recipe.modifiers):
+            if not m.quantizes or matches_any(m.ignore, cname, "Embedding"):
+                continue
+            for gname, g in m.config_groups.items():
+                if g.weights is not None and matches_any(g.targets, cname, "Embedding"):
+                    raise RecipeError(f"{_modifier_path(recipe, k)}.config_groups.{gname}.targets",
+                                      f"{cname} is an Embedding: this engine quantizes Linear layers only; drop "
+                                      "the Embedding target or add it to ignore")
 
 
 def _modifier_path(recipe: Recipe, flat_index: int) -> str:
@@ -282,6 +352,10 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     names = CheckpointNames.for_model(model)
     unfuse_experts(model, names)
     check_targets(model, recipe, prefix, names)
+    sparsities = _listed_sparsities(model, recipe, prefix, names)
+    if layer_io is not None and any(m.owl is not None for m in recipe.modifiers):
+        raise RecipeError(_owl_path(recipe), "OWL measures every layer of the dense model before pruning; a "
+                          "model streamed from disk layer by layer cannot run it (use streaming: never)")
     calibration = list(calibration or [])
     if offload_activations and not offloadable(recipe):
         raise RecipeError("calibration.samples", "the calibration activations do not fit the device and this "
@@ -310,6 +384,9 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
         if wide is not None and inputs:
             inputs = inputs.cast(wide)
         dense_inputs = inputs  # the dense model's activation stream (layer-wise reconstruction, target "dense")
+        if inputs and any(m.owl is not None for m in recipe.modifiers):
+            sparsities.update(_owl_sparsities(model, recipe, prefix, layers, names, inputs, device, wide, home,
+                                              storage, emit))
         for index, layer in enumerate(layers):
             layer_start = time.perf_counter()
             if layer_io is None:
@@ -318,7 +395,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                 layer_io.load(index, layer, device)
                 if wide is not None:
                     layer.to(dtype=wide)
-            plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names)
+            plans = _plan_layer(recipe, f"{prefix}.{index}", layer, names, root=model, sparsities=sparsities)
             if inputs and any(m.transforms for m in recipe.modifiers):
                 from compression.algorithms.smoothing import smooth_layer
 
@@ -378,6 +455,83 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
         log.warning("%d modules fell back to round-to-nearest/magnitude: %s", len(report.fallbacks),
                     [f["module"] for f in report.fallbacks])
     return report
+
+
+def _owl_path(recipe: Recipe) -> str:
+    k = next(k for k, m in enumerate(recipe.modifiers) if m.owl is not None)
+    return f"{_modifier_path(recipe, k)}.sparsity_profile"
+
+
+def _listed_sparsities(model: torch.nn.Module, recipe: Recipe, prefix: str,
+                       names: CheckpointNames) -> dict[tuple[int, str], float]:
+    """{(id(modifier), Linear name): sparsity} for pruning modifiers given one sparsity per target:
+    llm-compressor pairs the list with the modules its targets match, in model order (a Linear takes
+    the value of the first, outermost target module holding it); the lengths must agree."""
+    out: dict[tuple[int, str], float] = {}
+    for k, m in enumerate(recipe.modifiers):
+        if not m.prunes or m.sparsity_list is None:
+            continue
+        found = [names.checkpoint(n) for n, mod in model.named_modules()
+                 if n and matches_any(m.targets, names.checkpoint(n), type(mod).__name__)]
+        if len(found) != len(m.sparsity_list):
+            raise RecipeError(f"{_modifier_path(recipe, k)}.sparsity",
+                              f"{len(m.sparsity_list)} sparsities for {len(found)} modules matched by targets "
+                              f"{m.targets} (e.g. {', '.join(found[:3]) or 'none'}); give one per module")
+        for name, module in _linears(model):
+            cname = names.checkpoint(name)
+            i = next((i for i, t in enumerate(found) if cname == t or cname.startswith(t + ".")), None)
+            if i is not None:
+                out[(id(m), cname)] = m.sparsity_list[i]
+    return out
+
+
+@torch.no_grad()
+def _owl_sparsities(model, recipe: Recipe, prefix: str, layers, names: CheckpointNames, inputs: LayerInputs,
+                    device, wide, home, storage, emit: Progress) -> dict[tuple[int, str], float]:
+    """OWL (outlier-weighted layer-wise sparsity, llm-compressor's ``sparsity_profile: owl``): one pass
+    of the calibration data through the dense model; per decoder layer, the share of the scores
+    |W_ij| · ‖X_j‖₂ (every Linear of the layer) above ``owl_m`` × their mean is the layer's outlier
+    ratio r; ratios are scaled to [0, 2·owl_lmbda] and a layer's sparsity is s - (r - mean r), so
+    layers with more outliers are pruned less and the mean sparsity stays s."""
+    stream = inputs
+    scores: list[torch.Tensor] = []
+    for index, layer in enumerate(layers):
+        layer.to(device, dtype=wide) if wide is not None else layer.to(device)
+        norms: dict[str, torch.Tensor] = {}
+        handles = []
+        for local, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                def hook(mod, args, out, local=local):
+                    x = args[0].detach().float()
+                    n = x.reshape(-1, x.shape[-1]).pow(2).sum(0).sqrt()
+                    norms[local] = norms[local] + n if local in norms else n
+                handles.append(module.register_forward_hook(hook))
+        try:
+            outputs = stream.forward(layer, index)
+        finally:
+            for h in handles:
+                h.remove()
+        z = [(layer.get_submodule(local).weight.detach().float().abs() * n.unsqueeze(0)).flatten().cpu()
+             for local, n in norms.items()]
+        scores.append(torch.cat(z) if z else torch.zeros(1))
+        if index + 1 < len(layers):
+            stream = stream.advanced(outputs)
+        layer.to(home, dtype=storage) if wide is not None else layer.to(home)
+        emit({"stage": "compress", "layer": index, "layers": len(layers), "kind": "owl",
+              "message": f"OWL: outlier scores of layer {index + 1}/{len(layers)}"})
+    out: dict[tuple[int, str], float] = {}
+    for m in recipe.modifiers:
+        if m.owl is None:
+            continue
+        owl_m, lmbda = m.owl
+        ratios = torch.tensor([100.0 * float((z > z.mean() * owl_m).float().mean()) for z in scores])
+        spread = float(ratios.max() - ratios.min())
+        ratios = (ratios - ratios.min()) * (2 * lmbda / spread) if spread > 0 else torch.zeros_like(ratios)
+        per_layer = [1.0 - (float(r - ratios.mean()) + (1.0 - m.sparsity)) for r in ratios]
+        for index, layer in enumerate(layers):
+            for local, _ in _linears(layer):
+                out[(id(m), names.checkpoint(f"{prefix}.{index}.{local}"))] = per_layer[index]
+    return out
 
 
 def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[str, dict], min_tokens: int) -> None:
@@ -532,7 +686,8 @@ def offloadable(recipe: Recipe) -> bool:
     """Whether ``compress_model(offload_activations=True)`` can run ``recipe``: every use of the
     activations is a plain layer call (no KV-cache recorder, smoothing or reconstruction replay)."""
     return recipe.kv_cache is None and not any(
-        m.transforms or (m.kind == "SparseGPTModifier" and m.reconstruction is not None) for m in recipe.modifiers)
+        m.transforms or m.owl is not None or (m.kind == "SparseGPTModifier" and m.reconstruction is not None)
+        for m in recipe.modifiers)
 
 
 def compute_dtype(model: torch.nn.Module, device: torch.device | str) -> torch.dtype | None:
@@ -578,14 +733,21 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
             continue
         t0 = time.perf_counter()
         weight = module.weight.data
-        if modifier.kind == "SparseGPTModifier" and hessian is None:
-            result = magnitude_prune(weight, sparsity=modifier.sparsity, mask_structure=modifier.mask_structure)
+        sparsity = plan.sparsity.get(id(modifier), modifier.sparsity)
+        if modifier.prunes and hessian is None:
+            result = magnitude_prune(weight, sparsity=sparsity, mask_structure=modifier.mask_structure)
             _store_weight(module, stored(result.weight))
             mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
             loss, fallback, kind = result.loss, plan.fallback, "magnitude"
+        elif modifier.kind == "WandaPruningModifier":
+            result = wanda_prune(weight, hessian, sparsity=sparsity, mask_structure=modifier.mask_structure)
+            _store_weight(module, stored(result.weight))
+            mask = masks[plan.name] = result.mask
+            record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity
+            loss, fallback, kind = result.loss, None, "wanda"
         elif modifier.kind == "SparseGPTModifier":
-            result = sparsegpt_prune(weight, hessian, sparsity=modifier.sparsity,
+            result = sparsegpt_prune(weight, hessian, sparsity=sparsity,
                                      mask_structure=modifier.mask_structure, block_size=modifier.block_size,
                                      dampening_frac=modifier.dampening_frac,
                                      preserve=(weight == 0) if modifier.preserve_sparsity_mask else None)
@@ -643,7 +805,7 @@ def _store_weight(module: torch.nn.Module, new: torch.Tensor) -> None:
 
 # layer-wise reconstruction (compression/algorithms/reconstruction.py) -----------------------------------------
 def _is_sparsity(modifier: Modifier) -> bool:
-    return modifier.kind == "SparseGPTModifier"
+    return modifier.prunes
 
 
 def _reconstruction_settings(plans: list[_Plan]) -> ReconstructionSettings | None:

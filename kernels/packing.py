@@ -33,17 +33,20 @@ def _to_int32_words(words: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Signed b-bit codes int8 [N, K] (b = 4 or 8) → int32 [N, ceil(K·b/32)] (compressed-tensors
-    ``pack_to_int32``): u = q + 2^(b-1); column k of a row lands at bit k·b of the row's bit string,
-    so for 4 bits column 8j+i sits in bits [4i, 4i+4) of word j (layout in the module docstring).
-    A row is zero-padded (u = 0) up to a whole word; :func:`unpack_int` drops the padding."""
-    assert bits in (4, 8), bits
+    """Signed b-bit codes int8 [N, K] (2 ≤ b ≤ 8) → int32 [N, ceil(K·b/32)] (compressed-tensors
+    ``pack_to_int32``): u = q + 2^(b-1); column k of a row lands at bit k·b of the row's bit string
+    (little-endian words; for b = 3, 5, 6, 7 a code may straddle two words), so for 4 bits column
+    8j+i sits in bits [4i, 4i+4) of word j (layout in the module docstring). A row is zero-padded
+    (u = 0) up to a whole word; :func:`unpack_int` drops the padding."""
+    assert 2 <= bits <= 8, bits
     assert q.dim() == 2 and q.dtype == torch.int8, (q.shape, q.dtype)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     assert q.numel() == 0 or (int(q.min()) >= lo and int(q.max()) <= hi), f"int{bits} codes must lie in [{lo}, {hi}]"
-    per_word = 32 // bits
     rows, cols = q.shape
     u = q.to(torch.int64) - lo
+    if 32 % bits:
+        return _to_int32_words(_pack_straddling(u, bits)).contiguous()
+    per_word = 32 // bits
     pad = (-cols) % per_word
     if pad:
         u = torch.nn.functional.pad(u, (0, pad))
@@ -52,13 +55,39 @@ def pack_int(q: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return _to_int32_words((u << shifts).sum(dim=2)).contiguous()  # disjoint bits: the sum is an or
 
 
+def _pack_straddling(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes int64 [N, K] → int64 words [N, ceil(K·b/32)] for a b that does not divide 32:
+    every 32 codes fill exactly b words."""
+    rows, cols = u.shape
+    words = -(-cols * bits // 32)
+    u = torch.nn.functional.pad(u, (0, (-cols) % 32)).reshape(rows, -1, 32)
+    out = torch.zeros(rows, u.shape[1], bits, dtype=torch.int64, device=u.device)
+    for i in range(32):
+        word, offset = divmod(i * bits, 32)
+        out[..., word] |= (u[..., i] << offset) & 0xFFFFFFFF
+        if offset + bits > 32:
+            out[..., word + 1] |= u[..., i] >> (32 - offset)
+    return out.reshape(rows, -1)[:, :words]
+
+
 def unpack_int(packed: torch.Tensor, cols: int, bits: int = 4) -> torch.Tensor:
     """int32 [N, ceil(cols·b/32)] → signed codes int8 [N, cols]; exact inverse of :func:`pack_int`."""
-    assert bits in (4, 8), bits
+    assert 2 <= bits <= 8, bits
     assert packed.dim() == 2 and packed.dtype == torch.int32, (packed.shape, packed.dtype)
-    per_word = 32 // bits
-    assert packed.shape[1] == -(-cols // per_word), (packed.shape, cols)
+    assert packed.shape[1] == -(-cols * bits // 32), (packed.shape, cols)
     words = packed.to(torch.int64) & 0xFFFFFFFF
+    if 32 % bits:
+        rows = packed.shape[0]
+        groups = -(-cols // 32)
+        words = torch.nn.functional.pad(words, (0, groups * bits - words.shape[1])).reshape(rows, groups, bits)
+        u = torch.zeros(rows, groups, 32, dtype=torch.int64, device=packed.device)
+        for i in range(32):
+            word, offset = divmod(i * bits, 32)
+            value = words[..., word] >> offset
+            if offset + bits > 32:
+                value = value | (words[..., word + 1] << (32 - offset))
+            u[..., i] = value & (2 ** bits - 1)
+        return (u.reshape(rows, -1)[:, :cols] - 2 ** (bits - 1)).to(torch.int8)
     shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=packed.device)
     u = (words.unsqueeze(2) >> shifts) & (2 ** bits - 1)
     return (u.reshape(packed.shape[0], -1)[:, :cols] - 2 ** (bits - 1)).to(torch.int8)

@@ -40,6 +40,42 @@ def _default_mappings(modifier: Modifier, layer: torch.nn.Module) -> list:
     return sq_lib.PHI3_MAPPINGS if is_phi else sq_lib.DEFAULT_MAPPINGS
 
 
+def _common_prefix(a: str, b: str | None) -> str:
+    if b is None:
+        return a
+    parts = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        parts.append(x)
+    return ".".join(parts)
+
+
+def match_sets(modules: dict[str, torch.nn.Module], targets: list[str]) -> list[list[list[tuple[str, Any]]]]:
+    """compressed-tensors' ``match_modules_set`` over one decoder layer: walking the modules in order,
+    collect matches of every target; once each target has one, a match outside the current common
+    parent starts a new set. So up_proj → down_proj pairs expert by expert, while a norm → every
+    expert's gate/up is one set. An incomplete last set (e.g. a norm this layer lacks) is dropped."""
+    sets: list = []
+    matches: dict[int, list] = {}
+    parent: str | None = None
+    unmatched = set(range(len(targets)))
+    for name, module in modules.items():
+        for t, target in enumerate(targets):
+            if not _match(target, name, module):
+                continue
+            new_parent = _common_prefix(name, parent)
+            if not unmatched and new_parent != parent:
+                sets.append([matches.get(i, []) for i in range(len(targets))])
+                matches, new_parent, unmatched = {}, name, set(range(len(targets)))
+            matches.setdefault(t, []).append((name, module))
+            parent = new_parent
+            unmatched.discard(t)
+    if matches and not unmatched:
+        sets.append([matches.get(i, []) for i in range(len(targets))])
+    return sets
+
+
 def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str) -> list[dict]:
     """[{smooth: (name, module), balance: [(name, module)], parent: (name, module)}] for this layer."""
     modules = _named(layer, prefix)
@@ -50,29 +86,48 @@ def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str)
             smooth_pat, balance_pats = spec["smooth_layer"], spec["balance_layers"]
         else:
             balance_pats, smooth_pat = spec
-        smooth = [(n, m) for n, m in modules.items() if _match(smooth_pat, n, m)]
-        balance = [(n, m) for n, m in modules.items() if isinstance(m, torch.nn.Linear)
-                   and any(_match(p, n, m) for p in balance_pats)]
-        if not smooth or not balance:
-            continue
-        if len(smooth) > 1:
-            raise RecipeError(f"{path}.mappings", f"smooth_layer {smooth_pat!r} matches {len(smooth)} modules in "
-                              f"{prefix} ({', '.join(n for n, _ in smooth[:3])}); it must match one")
-        s_name, s_mod = smooth[0]
-        if modifier.ignore and matches_any(modifier.ignore, s_name, type(s_mod).__name__):
-            continue
-        channels = s_mod.weight.shape[0]
-        if any(m.in_features != channels for _, m in balance):
-            if modifier.mappings is not None and not s_name.endswith(("v_proj", "qkv_proj")):
-                raise RecipeError(f"{path}.mappings", f"{s_name} has {channels} output channels but "
-                                  f"{balance[0][0]} takes {balance[0][1].in_features} inputs")
-            continue  # e.g. v_proj → o_proj with grouped-query attention
-        if "Gemma" in type(s_mod).__name__ and not isinstance(s_mod, torch.nn.Linear):
-            raise UnsupportedModelError(f"{s_name}: {type(s_mod).__name__} scales by (1 + weight); smoothing "
-                                        "cannot be folded into it")
-        resolved.append({"smooth": (s_name, s_mod), "balance": balance,
-                         "parent": _parent(layer, prefix, [n for n, _ in balance])})
+        for found in match_sets(modules, [smooth_pat, *balance_pats]):
+            smooth = found[0]
+            balance = [(n, m) for group in found[1:] for n, m in group if isinstance(m, torch.nn.Linear)]
+            if not balance:
+                continue
+            if len(smooth) > 1:
+                raise RecipeError(f"{path}.mappings", f"smooth_layer {smooth_pat!r} matches {len(smooth)} modules "
+                                  f"together in {prefix} ({', '.join(n for n, _ in smooth[:3])}); it must match "
+                                  "one per set of balance layers")
+            s_name, s_mod = smooth[0]
+            if modifier.ignore and matches_any(modifier.ignore, s_name, type(s_mod).__name__):
+                continue
+            channels = s_mod.weight.shape[0]
+            if any(m.in_features != channels for _, m in balance):
+                if modifier.mappings is not None and not s_name.endswith(("v_proj", "qkv_proj")):
+                    raise RecipeError(f"{path}.mappings", f"{s_name} has {channels} output channels but "
+                                      f"{balance[0][0]} takes {balance[0][1].in_features} inputs")
+                continue  # e.g. v_proj → o_proj with grouped-query attention
+            if "Gemma" in type(s_mod).__name__ and not isinstance(s_mod, torch.nn.Linear):
+                raise UnsupportedModelError(f"{s_name}: {type(s_mod).__name__} scales by (1 + weight); smoothing "
+                                            "cannot be folded into it")
+            resolved.append({"smooth": (s_name, s_mod), "balance": balance,
+                             "parent": _parent(layer, prefix, [n for n, _ in balance])})
     return resolved
+
+
+def _check_not_quantized_before(recipe: Recipe, position: int, path: str, mapping: dict) -> None:
+    """A transform placed after quantization modifiers may only rescale modules none of them quantizes
+    (rescaling a quantized weight would move it off its grid)."""
+    rescaled = list(mapping["balance"])
+    if isinstance(mapping["smooth"][1], torch.nn.Linear):
+        rescaled.append(mapping["smooth"])
+    for k, q in enumerate(recipe.modifiers[:position]):
+        if not q.quantizes:
+            continue
+        for name, module in rescaled:
+            cls = type(module).__name__
+            group = q.scheme_for(name, cls) if q.matches(name, cls) else None
+            if group is not None and group.weights is not None:
+                raise RecipeError(f"{path}.mappings", f"{name} is quantized by an earlier modifier ({q.kind}) "
+                                  f"before this {recipe.modifiers[position].kind} would rescale it; map only "
+                                  "modules quantized after it, or move it before the quantization modifiers")
 
 
 def _parent(layer: torch.nn.Module, prefix: str, names: list[str]) -> tuple[str, torch.nn.Module]:
@@ -110,15 +165,19 @@ def _capture(layer: torch.nn.Module, inputs: list, parent: torch.nn.Module, firs
     """Run the layer on every sample: the parent's call arguments, and Σ|x| / Σ max|x| per channel of
     the balance layers' input."""
     calls: list = []
-    stats: dict[str, Any] = {"sum": None, "count": 0, "absmax": None}
+    stats: dict[str, Any] = {"sum": None, "count": 0, "absmax": None, "lo": None, "hi": None}
 
     def parent_hook(module, args, kwargs):
         calls.append((args, dict(kwargs)))
 
     def input_hook(module, args, out):
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs()
+        signed = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        x = signed.abs()
         stats["sum"] = x.sum(0) if stats["sum"] is None else stats["sum"] + x.sum(0)
         stats["absmax"] = x.amax(0) if stats["absmax"] is None else torch.maximum(stats["absmax"], x.amax(0))
+        lo, hi = signed.amin(0), signed.amax(0)
+        stats["lo"] = lo if stats["lo"] is None else torch.minimum(stats["lo"], lo)
+        stats["hi"] = hi if stats["hi"] is None else torch.maximum(stats["hi"], hi)
         stats["count"] += x.shape[0]
 
     handles = [first_balance.register_forward_hook(input_hook)]
@@ -130,7 +189,8 @@ def _capture(layer: torch.nn.Module, inputs: list, parent: torch.nn.Module, firs
     finally:
         for h in handles:
             h.remove()
-    return calls, stats["sum"] / max(stats["count"], 1), stats["absmax"]
+    stats["range"] = stats["hi"] - stats["lo"] if stats["hi"] is not None else None
+    return calls, stats["sum"] / max(stats["count"], 1), stats["absmax"], stats["range"]
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -142,18 +202,23 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: li
     """Apply every AWQModifier / SmoothQuantModifier of ``recipe`` to one decoder layer, in recipe order."""
     if not inputs:
         return
+    position = -1
     for i, stage in enumerate(recipe.stages):
         for j, modifier in enumerate(stage.modifiers):
+            position += 1
             if not modifier.transforms:
                 continue
             path = f"stages[{i}].modifiers[{j}]"
-            for mapping in _resolve(modifier, prefix, layer, path):
+            mappings = _resolve(modifier, prefix, layer, path)
+            for mapping in mappings:
+                _check_not_quantized_before(recipe, position, path, mapping)
+            for mapping in mappings:
                 t0 = time.perf_counter()
                 s_name, smooth = mapping["smooth"]
                 balance = [m for _, m in mapping["balance"]]
                 p_name, parent = mapping["parent"]
                 awq = modifier.kind == "AWQModifier"
-                calls, x_mean, x_absmax = _capture(layer, inputs, parent, balance[0], want_parent=awq)
+                calls, x_mean, x_absmax, x_range = _capture(layer, inputs, parent, balance[0], want_parent=awq)
                 entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
                          "balance_layers": [n for n, _ in mapping["balance"]]}
                 if awq:
@@ -171,6 +236,11 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: li
                                                     f"{'/'.join(n.rsplit('.', 1)[-1] for n, _ in mapping['balance'])}"
                                                     f" (ratio {result.ratio:.2f}, error ×"
                                                     f"{result.best_error / max(result.initial_error, 1e-30):.3f})")
+                elif modifier.algorithm == "log_equalization":
+                    scales = sq_lib.log_equalization_scales(x_range)
+                    loss = float(scales.max() / scales.min())
+                    entry.update(algorithm="log_equalization", scale_range=loss)
+                    what = f"log equalization {s_name.rsplit('.', 1)[-1]} (scale range {loss:.1f})"
                 else:
                     scales = sq_lib.smoothquant_scales(x_absmax, [m.weight for m in balance],
                                                        modifier.smoothing_strength)

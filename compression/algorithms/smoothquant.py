@@ -31,6 +31,14 @@ def smoothquant_scales(act_absmax: torch.Tensor, balance_weights: list[torch.Ten
     return torch.where(ok, scales, torch.ones_like(scales)).clamp_min(1e-5)
 
 
+def log_equalization_scales(act_range: torch.Tensor) -> torch.Tensor:
+    """Logarithmic activation equalization (Feng et al., llm-compressor's ``algorithm: log_equalization``):
+    s = r / log2(2 + r) per channel, r = the channel's observed output range (max - min); 1 where r is 0."""
+    r = act_range.float()
+    scales = r / torch.log2(2 + r)
+    return torch.where((r > 0) & torch.isfinite(scales), scales, torch.ones_like(scales)).clamp_min(1e-5)
+
+
 @torch.no_grad()
 def fold_scales(smooth: torch.nn.Module, balance: list[torch.nn.Linear], scales: torch.Tensor) -> None:
     """Divide the smooth layer's output channels by ``scales`` and multiply the balance layers' input

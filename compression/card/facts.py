@@ -24,11 +24,12 @@ def scheme_summary(recipe: Recipe) -> dict[str, Any]:
         if getattr(modifier, "finetune", None) is not None:  # a training stage: nothing to summarise here
             continue
         summary["targets"], summary["ignore"] = list(modifier.targets), list(modifier.ignore)
-        if modifier.kind == "SparseGPTModifier":
+        if modifier.prunes:
             summary["sparsity"] = modifier.mask_structure if modifier.mask_structure != "0:0" \
                 else f"{modifier.sparsity:.0%} unstructured"
-            summary["damping"] = modifier.dampening_frac
-            algorithms.append("SparseGPT")
+            if modifier.kind == "SparseGPTModifier":
+                summary["damping"] = modifier.dampening_frac
+            algorithms.append("SparseGPT" if modifier.kind == "SparseGPTModifier" else "Wanda")
             continue
         algorithms.append("GPTQ" if modifier.kind == "GPTQModifier" else "round-to-nearest")
         if modifier.kind == "GPTQModifier":

@@ -29,7 +29,7 @@ import torch
 
 from compression.model_io.moe import CheckpointNames
 from compression.algorithms.quant import QuantArgs, pack_fp4
-from compression.recipe import Recipe, matches_any
+from compression.recipe import Recipe, checkpoint_format, matches_any  # noqa: F401 (checkpoint_format: re-exported)
 from compression.sequential import CompressionReport, ModuleRecord
 from kernels.packing import pack_int
 
@@ -60,15 +60,6 @@ EXPORTER_VERSION = "compressor-0.1"
 DEFAULT_SHARD_BYTES = 2 * 2 ** 30
 
 
-def checkpoint_format(weights: QuantArgs, acts: QuantArgs | None) -> str:
-    """compressed-tensors format name for one scheme (priority order of doc §2.2)."""
-    if weights.is_fp4:
-        return "nvfp4-pack-quantized"
-    if weights.type == "int":
-        return "int-quantized" if acts is not None else "pack-quantized"
-    return "float-quantized" if acts is not None and acts.type == "float" else "naive-quantized"
-
-
 def quantization_config(model: torch.nn.Module, recipe: Recipe, report: CompressionReport) -> dict | None:
     """The ``quantization_config`` block, or None when nothing was quantized (e.g. 2:4 alone)."""
     groups: dict[str, dict] = {}
@@ -78,6 +69,8 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
         if not m.quantizes or m.superseded_by is not None:  # a QM whose scheme a later GPTQ solves
             continue
         for g in m.config_groups.values():
+            if g.weights is None:  # an UNQUANTIZED group: its modules stay 16-bit and are listed in ignore
+                continue
             fmt = checkpoint_format(g.weights, g.input_activations)
             formats.append(fmt)
             groups[f"group_{len(groups)}"] = {
@@ -122,7 +115,7 @@ def sparsity_config(model: torch.nn.Module, recipe: Recipe, report: CompressionR
     targets: list[str] = []
     ignore: list[str] = []
     for m in recipe.modifiers:
-        if m.kind != "SparseGPTModifier":
+        if not m.prunes:
             continue
         targets.extend(t for t in m.targets if t not in targets)
         ignore.extend(x for x in m.ignore if x not in ignore)

@@ -92,6 +92,12 @@ def _needs_dequant(scheme: dict | None, t: dict[str, torch.Tensor]) -> str | Non
         return f"pack-quantized INT{weights.get('num_bits')}"
     if acts and (not acts.get("symmetric", True) or acts.get("strategy") in ("group", "tensor_group")):
         return "asymmetric or grouped activations"
+    if "weight" in t and (weights.get("num_bits", 8) != 8 or weights.get("strategy") in ("group", "block")):
+        return f"{weights.get('num_bits', 8)}-bit {weights.get('strategy')} weights"
+    if acts and acts.get("dynamic", False) and acts.get("strategy") not in ("token", None):
+        return f"dynamic per-{acts.get('strategy')} activations"
+    if acts and (acts.get("num_bits", 8) != 8 or acts.get("type", "int") != weights.get("type", "int")):
+        return f"{acts.get('type', 'int')}{acts.get('num_bits', 8)} activations with {weights.get('type', 'int')} weights"
     if "weight" in t and t["weight"].dtype in (torch.float8_e4m3fn, torch.int8) and not acts:
         return "8-bit weight-only"
     if "weight" in t and t["weight"].dtype == torch.int8 and acts and not acts.get("dynamic", False):

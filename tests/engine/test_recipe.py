@@ -98,9 +98,10 @@ def test_it_rejects_options_a_preset_does_not_have():
     assert exc.value.field == "preset"
 
 
-def test_it_rejects_unknown_modifiers():
+@pytest.mark.parametrize("kind", ["MadeUpModifier", "MagnitudePruningModifier"])  # (Wanda is supported now)
+def test_it_rejects_unknown_modifiers(kind):
     with pytest.raises(RecipeError) as exc:
-        Recipe.from_yaml("s:\n  m_modifiers:\n    WandaPruningModifier: {sparsity: 0.5}\n")
+        Recipe.from_yaml(f"s:\n  m_modifiers:\n    {kind}: {{sparsity: 0.5}}\n")
     assert exc.value.field == "stages[0].modifiers[0]"
     assert "GPTQModifier" in exc.value.message and str(exc.value).startswith("stages[0].modifiers[0]: ")
 
