@@ -236,7 +236,7 @@ class Modifier:
         if self.transforms:
             return _transform_dict(self)
         out: dict[str, Any] = {"targets": list(self.targets), "ignore": list(self.ignore)}
-        if self.quantizes and not self.inherits_scheme:
+        if self.quantizes and not self.inherits_scheme and self.config_groups:
             out["config_groups"] = {k: g.to_dict() for k, g in self.config_groups.items()}
         if self.kv_cache is not None:
             out["kv_cache_scheme"] = self.kv_cache.to_dict()
@@ -1134,6 +1134,8 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     unknown = sorted(set(raw) - ARGS_FIELDS)
     if unknown:
         raise RecipeError(f"{path}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(ARGS_FIELDS))}")
+    if str(raw.get("scale_dtype") or "").removeprefix("torch.") == "uint8":
+        _scale_dtype(raw["scale_dtype"], f"{path}.scale_dtype")  # MX (E8M0 scales): refused with the reason
     typ = raw.get("type", "int")
     if typ not in ("int", "float"):
         raise RecipeError(f"{path}.type", "allowed: 'int' or 'float'")

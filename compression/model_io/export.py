@@ -119,6 +119,8 @@ def sparsity_config(model: torch.nn.Module, recipe: Recipe, report: CompressionR
             continue
         targets.extend(t for t in m.targets if t not in targets)
         ignore.extend(x for x in m.ignore if x not in ignore)
+    if not all(any(matches_any([t], name, "Linear") for name in pruned) for t in targets):
+        targets = ["Linear"]  # targets naming containers (decoder layers): every Linear, the others ignored
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name not in pruned and matches_any(
                 targets, name, type(module).__name__) and not matches_any(ignore, name, type(module).__name__):
