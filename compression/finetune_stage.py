@@ -141,7 +141,7 @@ def creation_steps(recipe, calibration_spec: dict, report=None, *, finetuned=Non
             data = f", calibrated on {calib}" if one.needs_calibration else " (no calibration data)"
             gptq = "GPTQ " if m.kind == "GPTQModifier" and "GPTQ" not in what else ""
             steps.append(f"Quantization: {gptq}{what}{data}"
-                         + (", pruned weights kept at zero." if any(x.kind == "SparseGPTModifier"
+                         + (", pruned weights kept at zero." if any(x.prunes
                                                                  for x in recipe.modifiers) else "."))
     return steps
 
