@@ -88,11 +88,19 @@ SCHEME_PRESETS: dict[str, dict[str, dict | None]] = {
     "UNQUANTIZED": {"weights": None, "input_activations": None},
 }
 SCHEME_ALIASES = {"INT8": "W8A8"}
+_MX = dict(type="float", symmetric=True, strategy="group", group_size=32, scale_dtype="uint8")
+SCHEME_PRESETS.update({
+    "MXFP4A16": {"weights": dict(_MX, num_bits=4), "input_activations": None},
+    "MXFP4": {"weights": dict(_MX, num_bits=4), "input_activations": dict(_MX, num_bits=4, dynamic=True)},
+    "MXFP4XFP8": {"weights": dict(_MX, num_bits=4),
+                  "input_activations": dict(_FP8_W, strategy="group", group_size=128, dynamic=True)},
+    "MXFP8A16": {"weights": dict(_MX, num_bits=8), "input_activations": None},
+    "MXFP8": {"weights": dict(_MX, num_bits=8), "input_activations": dict(_MX, num_bits=8, dynamic=True)},
+})
 # compressed-tensors presets this engine does not implement, with the reason (refused by name)
 UNSUPPORTED_SCHEMES = {
-    name: "MX formats (E8M0 power-of-two scales per 32 values) are not implemented by this engine; "
-          "use NVFP4 / NVFP4A16 (FP4 with FP8 group scales) or FP8_BLOCK instead"
-    for name in ("MXFP4", "MXFP4A16", "MXFP8", "MXFP8A16", "MXFP6A16", "MXFP6A8", "MXFP4XFP8")}
+    name: "FP6 (E2M3) values are not implemented by this engine; use MXFP8, MXFP4 or NVFP4"
+    for name in ("MXFP6A16", "MXFP6A8")}
 KV_CACHE_FIELDS = {"num_bits", "type", "symmetric", "strategy", "dynamic", "group_size", "observer",
                    "observer_kwargs", "scale_dtype", "zp_dtype", "block_structure", "actorder"}
 
@@ -437,7 +445,7 @@ class Recipe:
         for m in self.modifiers:
             if m.kind == "GPTQModifier" or m.prunes or m.transforms or m.kv_cache is not None:
                 return True
-            if any(g.input_activations and (not g.input_activations.dynamic or g.input_activations.is_fp4)
+            if any(g.input_activations and (not g.input_activations.dynamic or g.input_activations.has_global_scale)
                    for g in m.config_groups.values()):
                 return True
         return False
@@ -583,7 +591,8 @@ def _describe_group(g: SchemeGroup, m: Modifier) -> str:
     w = g.weights
     text = "weights unquantized"
     if w:
-        kind = ("NVFP4" if w.is_fp4 else "FP8") if w.type == "float" else f"INT{w.num_bits}"
+        kind = (("MX" if w.is_mx else "NV") + "FP4" if w.is_fp4 else "MXFP8" if w.is_mx else "FP8") \
+            if w.type == "float" else f"INT{w.num_bits}"
         if w.type == "int" and not w.symmetric:
             kind += " asymmetric"
         gran = (f"group {w.group_size}" if w.strategy in ("group", "tensor_group") else
@@ -595,7 +604,7 @@ def _describe_group(g: SchemeGroup, m: Modifier) -> str:
         text += ")"
     a = g.input_activations
     if a:
-        kind = ("FP4" if a.is_fp4 else "FP8") if a.type == "float" else f"INT{a.num_bits}"
+        kind = ("MX" if a.is_mx else "") + ("FP4" if a.is_fp4 else "FP8") if a.type == "float" else f"INT{a.num_bits}"
         if not a.symmetric:
             kind += " asymmetric"
         gran = f"per-{a.group_size} group" if a.strategy in ("group", "tensor_group") else f"per-{a.strategy}"
@@ -1051,8 +1060,7 @@ def _scale_dtype(value: Any, path: str) -> str | None:
         return None
     name = str(value).removeprefix("torch.")
     if name == "uint8":
-        raise RecipeError(path, "uint8 (E8M0) scales are the MX formats', which this engine does not implement; "
-                          "use NVFP4 (float8_e4m3fn group scales) or FP8")
+        raise RecipeError(path, "uint8 (E8M0) scales are the MX formats': float weights, strategy group, group_size 32")
     if name not in SCALE_DTYPES:
         raise RecipeError(path, f"allowed: {', '.join(SCALE_DTYPES)} (or null for the model dtype)")
     return name
@@ -1093,6 +1101,8 @@ def _preset_group(name: str, targets: list[str]) -> SchemeGroup:
 def checkpoint_format(weights: QuantArgs, acts: QuantArgs | None) -> str:
     """compressed-tensors' format for one scheme (its infer_module_format priority: nvfp4-pack,
     int-quantized, pack-quantized, float-quantized, naive-quantized)."""
+    if weights.is_mx:
+        return "mxfp4-pack-quantized" if weights.is_fp4 else "mxfp8-quantized"
     if weights.is_fp4:
         return "nvfp4-pack-quantized"
     if weights.type == "int":
@@ -1114,8 +1124,11 @@ def _parse_group(raw: Any, path: str) -> SchemeGroup:
     if weights is None and acts is not None:
         raise RecipeError(f"{path}.weights", "activation-only schemes (e.g. attention query/key/value "
                           "quantization) are not supported; quantize the weights too, or use kv_cache_scheme")
-    if weights is not None and acts is not None and acts.is_fp4 != weights.is_fp4:
-        raise RecipeError(f"{path}.input_activations", "FP4 activations go with FP4 (NVFP4) weights only")
+    if weights is not None and acts is not None and acts.is_fp4 != weights.is_fp4 and not (
+            weights.is_mx and acts.type == "float"):  # MXFP4 weights may take FP8 activations (MXFP4XFP8)
+        raise RecipeError(f"{path}.input_activations", "FP4 activations go with FP4 (NVFP4/MXFP4) weights only")
+    if weights is not None and acts is not None and acts.is_mx and not weights.is_mx:
+        raise RecipeError(f"{path}.input_activations", "MX activations go with MX weights (MXFP4, MXFP8)")
     fmt = raw.get("format")
     if fmt is not None:
         expected = checkpoint_format(weights, acts) if weights is not None else "dense"
@@ -1134,8 +1147,7 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     unknown = sorted(set(raw) - ARGS_FIELDS)
     if unknown:
         raise RecipeError(f"{path}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(ARGS_FIELDS))}")
-    if str(raw.get("scale_dtype") or "").removeprefix("torch.") == "uint8":
-        _scale_dtype(raw["scale_dtype"], f"{path}.scale_dtype")  # MX (E8M0 scales): refused with the reason
+    mx = str(raw.get("scale_dtype") or "").removeprefix("torch.") == "uint8"  # MX: E8M0 scales per 32 values
     typ = raw.get("type", "int")
     if typ not in ("int", "float"):
         raise RecipeError(f"{path}.type", "allowed: 'int' or 'float'")
@@ -1145,6 +1157,8 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     if typ == "int" and not 2 <= bits <= 8:
         raise RecipeError(f"{path}.num_bits", "integer quantization takes 2 to 8 bits")
     fp4 = typ == "float" and bits == 4
+    if mx and typ != "float":
+        raise RecipeError(f"{path}.scale_dtype", "uint8 (E8M0) scales belong to the MX float formats (MXFP4, MXFP8)")
     symmetric = raw.get("symmetric", True)
     if symmetric not in (True, False):
         raise RecipeError(f"{path}.symmetric", "must be true or false")
@@ -1160,8 +1174,11 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
         "tensor", "token", "group", "tensor_group")
     if strategy not in allowed:
         raise RecipeError(f"{path}.strategy", f"allowed: {', '.join(allowed)}")
-    if fp4 and strategy != "tensor_group":
-        raise RecipeError(f"{path}.strategy", "FP4 (NVFP4) uses strategy 'tensor_group' (group 16 + a global scale)")
+    if mx and strategy != "group":
+        raise RecipeError(f"{path}.strategy", "MX formats use strategy 'group' (group 32, E8M0 scales)")
+    if fp4 and not mx and strategy != "tensor_group":
+        raise RecipeError(f"{path}.strategy", "FP4 (NVFP4) uses strategy 'tensor_group' (group 16 + a global scale); "
+                          "MXFP4 uses 'group' with group_size 32 and scale_dtype uint8")
     if strategy == "tensor_group" and not fp4:
         raise RecipeError(f"{path}.strategy", "'tensor_group' is NVFP4's strategy: num_bits 4, type float")
     block = raw.get("block_structure")
@@ -1177,9 +1194,11 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
         group_size = _int(group_size, f"{path}.group_size", lo=1) if group_size is not None else None
         if group_size is None:
             raise RecipeError(f"{path}.group_size", f"strategy '{strategy}' needs a positive group_size")
-        if fp4 and group_size != 16:
+        if mx and group_size != 32:
+            raise RecipeError(f"{path}.group_size", "MX formats use group_size 32 (one E8M0 scale per 32 values)")
+        if fp4 and not mx and group_size != 16:
             raise RecipeError(f"{path}.group_size", "NVFP4 uses group_size 16 (FP8 scale per 16 values)")
-        if weights and typ == "float" and not fp4:
+        if weights and typ == "float" and not fp4 and not mx:
             raise RecipeError(f"{path}.strategy", "FP8 weights support 'tensor', 'channel' or 'block'")
     elif group_size is not None:
         raise RecipeError(f"{path}.group_size", f"only used with strategy 'group' (strategy is {strategy!r})")
@@ -1191,9 +1210,11 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     if not weights:
         if dynamic == "local" and not fp4:
             raise RecipeError(f"{path}.dynamic", "'local' is only for NVFP4 (tensor_group) activations")
-        if fp4 and dynamic != "local":
+        if fp4 and not mx and dynamic != "local":
             raise RecipeError(f"{path}.dynamic", "NVFP4 activations use dynamic: local (group scales per token, "
                               "a calibrated global scale)")
+        if mx and dynamic is not True:
+            raise RecipeError(f"{path}.dynamic", "MX activations take their E8M0 scales per token group: use true")
         if strategy == "token" and not dynamic:
             raise RecipeError(f"{path}.dynamic", "strategy 'token' requires dynamic: true")
         if strategy == "group" and not dynamic:
@@ -1218,10 +1239,10 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
             raise RecipeError(f"{path}.observer_kwargs.{key}", "must be a positive number")
     if kwargs.get("maxshrink", 0) >= 1:
         raise RecipeError(f"{path}.observer_kwargs.maxshrink", "must be below 1 (the share of the range to search)")
-    scale_dtype = _scale_dtype(raw.get("scale_dtype"), f"{path}.scale_dtype")
-    if fp4 and scale_dtype not in (None, "float8_e4m3fn"):
+    scale_dtype = "uint8" if mx else _scale_dtype(raw.get("scale_dtype"), f"{path}.scale_dtype")
+    if fp4 and not mx and scale_dtype not in (None, "float8_e4m3fn"):
         raise RecipeError(f"{path}.scale_dtype", "NVFP4 group scales are float8_e4m3fn")
-    if fp4:
+    if fp4 and not mx:
         scale_dtype = "float8_e4m3fn"
     zp_dtype = raw.get("zp_dtype")
     if zp_dtype is not None:

@@ -149,7 +149,7 @@ class _Plan:
     def needs_absmax(self) -> bool:
         """Static activation scales (or NVFP4's static global input scale) need the input range."""
         return any(g is not None and g.input_activations is not None
-                   and (not g.input_activations.dynamic or g.input_activations.is_fp4)
+                   and (not g.input_activations.dynamic or g.input_activations.has_global_scale)
                    for _, _, g in self.steps)
 
 
@@ -664,14 +664,14 @@ def _add_shared(entry: dict, x: torch.Tensor, call_inputs: dict) -> None:
 def _input_qparams(record: ModuleRecord, acts: QuantArgs | None, stats: dict, name: str,
                    dtype: torch.dtype) -> None:
     """Static input scale / zero point, or NVFP4's global input scale, from the observed input range."""
-    if acts is None or (acts.dynamic and not acts.is_fp4):
+    if acts is None or (acts.dynamic and not acts.has_global_scale):
         return
     if "absmax" not in stats:
         raise CalibrationError(f"{name}: static activation scales need calibration samples")
     # "absmax" may come from the layer's other experts (an under-used expert's fallback)
     absmax = stats["absmax"].float().reshape(1)
     lo, hi = stats.get("lo", -absmax).float().reshape(1), stats.get("hi", absmax).float().reshape(1)
-    if acts.is_fp4:
+    if acts.has_global_scale:
         record.input_global_scale = fp4_global_scale(absmax).cpu()
         return
     tiny = torch.finfo(torch.float32).tiny

@@ -72,7 +72,7 @@ def weight_means(weights: list[torch.Tensor], args: list[QuantArgs | None]) -> t
 def _fake_quant(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     """Round-to-nearest with min-max scales (the search's memoryless observer)."""
     minmax = QuantArgs(**{**args.to_dict(), "observer": "minmax", "actorder": None})
-    g = fp4_global_scale(w) if minmax.is_fp4 else None
+    g = fp4_global_scale(w) if minmax.has_global_scale else None
     scale, zp = compute_qparams(w, minmax, torch.float32, global_scale=g)
     return fake_quantize(w.float(), scale, minmax, zero_point=zp, global_scale=g)
 

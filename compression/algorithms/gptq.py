@@ -130,7 +130,7 @@ def quantize_weight(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dt
     """Round-to-nearest for any weight scheme (int sym/asym, FP8 tensor/channel/block, NVFP4)."""
     if mask is not None:
         weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for every format
-    gscale = fp4_global_scale(weight) if args.is_fp4 else None
+    gscale = fp4_global_scale(weight) if args.has_global_scale else None
     scale, zp = compute_qparams(weight, args, scale_dtype, global_scale=gscale)
     codes = quantize(weight, scale, args, zero_point=zp, global_scale=gscale)
     deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale)
@@ -173,7 +173,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     w_ref = w.clone() if refit else None  # the target the refit fits (dead columns cleaned, pruned zeros)
     perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
     group_order = actorder == "group" and args.strategy == "group"
-    gscale = fp4_global_scale(w) if args.is_fp4 else None
+    gscale = fp4_global_scale(w) if args.has_global_scale else None
     # scales from the original weight: in column order, or in visiting order for act-order "group"
     with sweep_threads(w.device):  # the MSE search is many mid-sized ops too
         scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale)

@@ -46,7 +46,18 @@ class QuantArgs:
 
     @property
     def is_fp4(self) -> bool:
+        """FP4 E2M1 values (NVFP4 and MXFP4)."""
         return self.type == "float" and self.num_bits == 4
+
+    @property
+    def is_mx(self) -> bool:
+        """An MX format (MXFP4 / MXFP8): power-of-two E8M0 scales, stored as uint8 exponents, per 32 values."""
+        return self.scale_dtype == "uint8"
+
+    @property
+    def has_global_scale(self) -> bool:
+        """NVFP4 (tensor_group): FP8 group scales under a float32 global scale."""
+        return self.is_fp4 and self.strategy == "tensor_group"
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -161,6 +172,32 @@ def fp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     return (FP8_MAX * FP4_MAX / absmax).reshape(1)
 
 
+MX_ELEMENT_OFFSET = {4: 2, 8: 8}  # floor(log2(largest E2M1 / E4M3 value)): 6 → 2, 448 → 8
+
+
+def mx_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """MX (E8M0) scale of groups with absolute maximum ``absmax``, as compressed-tensors 0.20's
+    ``generate_mx_scales``: round absmax to a power of two (up when its mantissa is ≥ 1.75, the FP4
+    mantissa width), subtract the element format's exponent offset, keep the exponent in E8M0's
+    range [-127, 128]; returned as the float32 power of two (exactly representable)."""
+    x = absmax.float().abs().contiguous()
+    bits_ = x.view(torch.int32)
+    rounded = ((bits_ + (1 << 21)) & 0x7F800000).view(torch.float32)  # mantissa 23, element mantissa 1
+    exponent = torch.floor(torch.log2(rounded)) - MX_ELEMENT_OFFSET[bits]
+    exponent = torch.clamp(torch.nan_to_num(exponent, neginf=-127.0), -127, 128)
+    return torch.pow(2.0, exponent)
+
+
+def mx_exponents(scale: torch.Tensor) -> torch.Tensor:
+    """float power-of-two MX scales → their uint8 E8M0 codes (bias 127), the stored ``weight_scale``."""
+    return (127 + torch.log2(scale.float())).round().clamp(0, 255).to(torch.uint8)
+
+
+def mx_from_exponents(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 codes → float32 scales 2^(code - 127) (compressed-tensors' ``decompress_mx_scale``)."""
+    return torch.pow(2.0, codes.to(torch.int32).float() - 127)
+
+
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, dtype: torch.dtype, *,
                        global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale, zero point or None) for observed ranges [lo, hi] (compressed-tensors calculate_qparams).
@@ -171,6 +208,8 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, dtyp
     """
     lo = torch.clamp(lo.float(), max=0.0)
     hi = torch.clamp(hi.float(), min=0.0)
+    if args.is_mx:  # power-of-two scales kept in float32 here; stored as uint8 exponents (mx_exponents)
+        return mx_scale(torch.maximum(lo.abs(), hi), args.num_bits), None
     qmin, qmax = _q_range(args)
     if args.symmetric:
         scale = torch.maximum(lo.abs(), hi) / _half_range(args)
@@ -379,8 +418,10 @@ def dequantize_fp4(q: torch.Tensor, scale: torch.Tensor, global_scale: torch.Ten
 def quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs, *, zero_point: torch.Tensor | None = None,
              global_scale: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Integer (int8 container), float8 or E2M1 (float32 values) codes of ``w``."""
+    if args.is_fp4 and global_scale is None:  # MXFP4: E2M1 values of w / (power-of-two group scale)
+        assert args.is_mx, "NVFP4 needs its global scale"
+        return round_to_e2m1(w.float() / expand_scale(scale.float(), w.shape))
     if args.is_fp4:
-        assert global_scale is not None, "NVFP4 needs its global scale"
         return quantize_fp4(w, scale, global_scale)
     if args.type == "float":
         return quantize_fp8(w, scale, block=_block(args))
@@ -390,6 +431,8 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs, *, zero_poin
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None, *,
                args: QuantArgs | None = None, zero_point: torch.Tensor | None = None,
                global_scale: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    if global_scale is None and args is not None and args.is_fp4:  # MXFP4
+        return (q.float() * expand_scale(scale.float(), q.shape)).to(dtype or torch.float32)
     if global_scale is not None or (args is not None and args.is_fp4):
         return dequantize_fp4(q, scale, global_scale, dtype)
     if q.dtype == FP8_DTYPE:

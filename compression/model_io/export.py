@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from compression.model_io.moe import CheckpointNames
-from compression.algorithms.quant import QuantArgs, pack_fp4
+from compression.algorithms.quant import QuantArgs, mx_exponents, pack_fp4
 from compression.recipe import Recipe, checkpoint_format, matches_any  # noqa: F401 (checkpoint_format: re-exported)
 from compression.sequential import CompressionReport, ModuleRecord
 from kernels.packing import pack_int
@@ -200,10 +200,14 @@ def _module_tensors(record: ModuleRecord, dtype: torch.dtype) -> dict[str, torch
     p = record.name
     w = record.weights
     fmt = checkpoint_format(w, record.input_activations)
-    scale_dtype = getattr(torch, w.scale_dtype) if w.scale_dtype else dtype
-    scale = record.scale.to(scale_dtype).contiguous()
+    if w.is_mx:  # E8M0: the power-of-two scale's biased exponent, uint8 (compressed-tensors' compress_mx_scale)
+        scale = mx_exponents(record.scale).contiguous()
+    else:
+        scale = record.scale.to(getattr(torch, w.scale_dtype) if w.scale_dtype else dtype).contiguous()
     out: dict[str, torch.Tensor] = {}
-    if fmt == "nvfp4-pack-quantized":
+    if fmt == "mxfp4-pack-quantized":
+        out[f"{p}.weight_packed"] = pack_fp4(record.codes)
+    elif fmt == "nvfp4-pack-quantized":
         out[f"{p}.weight_packed"] = pack_fp4(record.codes)
         out[f"{p}.weight_global_scale"] = record.global_scale.float().reshape(1).contiguous()
         if record.input_global_scale is not None:

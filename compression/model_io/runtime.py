@@ -84,6 +84,8 @@ def _needs_dequant(scheme: dict | None, t: dict[str, torch.Tensor]) -> str | Non
         return "asymmetric weights (zero points)"
     if "weight_g_idx" in t:
         return "act-order g_idx"
+    if str(weights.get("scale_dtype") or "").endswith("uint8"):
+        return "MX (E8M0 scales)"
     if "weight_global_scale" in t or (weights.get("type") == "float" and weights.get("num_bits") == 4):
         return "NVFP4"
     if weights.get("strategy") == "block":
@@ -107,7 +109,7 @@ def _needs_dequant(scheme: dict | None, t: dict[str, torch.Tensor]) -> str | Non
 
 def _dequantized_linear(name: str, scheme: dict, t: dict[str, torch.Tensor], dtype: torch.dtype,
                         why: str) -> DequantLinear:
-    from compression.algorithms.quant import dequantize, unpack_fp4
+    from compression.algorithms.quant import dequantize, mx_from_exponents, unpack_fp4
     from kernels.packing import unpack_int
 
     args = _quant_args(scheme.get("weights"))
@@ -116,7 +118,10 @@ def _dequantized_linear(name: str, scheme: dict, t: dict[str, torch.Tensor], dty
     scale = t["weight_scale"]
     zp = t.get("weight_zero_point")
     g_idx = t.get("weight_g_idx")
-    if args.is_fp4:
+    if args.is_mx:
+        codes = unpack_fp4(t["weight_packed"]) if args.is_fp4 else t["weight"]
+        weight = dequantize(codes, mx_from_exponents(scale), torch.float32, args=args)
+    elif args.is_fp4:
         codes = unpack_fp4(t["weight_packed"])
         weight = dequantize(codes, scale.float(), torch.float32, args=args,
                             global_scale=t["weight_global_scale"].float())

@@ -68,9 +68,10 @@ def test_the_api_runs_the_preflight_on_a_moe_recipe(api, sent, settings, tmp_pat
     refused = api.post(URL, {**body, "recipe": {"yaml": MOE_NVFP4.replace("NVFP4", "W4A16")}}, format="json")
     assert refused.status_code == 400 and "128" in errors(refused)["recipe.group_size"]
     mx = api.post(URL, {**body, "recipe": {"yaml": MOE_NVFP4.replace("NVFP4", "MXFP4")}}, format="json")
-    assert mx.status_code == 400
-    assert "MX formats" in errors(mx)["recipe.yaml.stages[0].modifiers[0].scheme"]
-    assert Job.objects.count() == 1 and len(sent) == 1
+    assert mx.status_code == 201, mx.content
+    fp6 = api.post(URL, {**body, "recipe": {"yaml": MOE_NVFP4.replace("NVFP4", "MXFP6A16")}}, format="json")
+    assert fp6.status_code == 400 and "FP6" in errors(fp6)["recipe.yaml.stages[0].modifiers[0].scheme"]
+    assert Job.objects.count() == 2 and len(sent) == 2
 
 
 def test_the_new_job_form_accepts_an_llm_compressor_yaml(client, owner, sent):

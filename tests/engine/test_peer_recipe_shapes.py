@@ -180,12 +180,14 @@ def test_defaults_and_notes_say_what_differs_from_a_literal_reading():
 
 # -- shapes refused, naming the field ---------------------------------------------------------------
 REFUSED = [
-    (q("QuantizationModifier: {scheme: MXFP4, ignore: [lm_head]}"), "stages[0].modifiers[0].scheme", "MX"),
-    (q("GPTQModifier: {scheme: MXFP4A16}"), "stages[0].modifiers[0].scheme", "NVFP4"),
+    (q("QuantizationModifier: {scheme: MXFP6A16, ignore: [lm_head]}"), "stages[0].modifiers[0].scheme", "FP6"),
     (q("QuantizationModifier: {scheme: W9A9}"), "stages[0].modifiers[0].scheme", "W4A16"),
-    (q("QuantizationModifier:\n  config_groups:\n    g: {targets: [Linear], weights: {num_bits: 8, type: float, "
+    (q("QuantizationModifier:\n  config_groups:\n    g: {targets: [Linear], weights: {num_bits: 8, type: int, "
        "strategy: group, group_size: 32, scale_dtype: uint8}}"),
      "stages[0].modifiers[0].config_groups.g.weights.scale_dtype", "MX"),
+    (q("QuantizationModifier:\n  config_groups:\n    g: {targets: [Linear], weights: {num_bits: 4, type: float, "
+       "strategy: group, group_size: 16, scale_dtype: uint8}}"),
+     "stages[0].modifiers[0].config_groups.g.weights.group_size", "32"),
     (q("QuantizationModifier:\n  config_groups:\n    attention: {targets: [LlamaAttention], input_activations: "
        "{num_bits: 8, type: float, strategy: tensor}}"),
      "stages[0].modifiers[0].config_groups.attention.weights", "activation-only"),
@@ -311,6 +313,11 @@ QuantizationModifier: {targets: 're:.*mlp\\.(down|gate|up)_proj$', scheme: W4A16
     "saved llm-compressor recipe (AWQ + W4A16_ASYM)": (ACCEPTED["llm-compressor's saved recipe.yaml"],
                                                        {"pack-quantized"}),
     "log equalization + W8A8": (ACCEPTED["LogarithmicEqualizationModifier"], {"int-quantized"}),
+    "MXFP4 (E8M0 scales, FP4 activations)": (q("QuantizationModifier: {targets: Linear, scheme: MXFP4, "
+                                                "ignore: [lm_head]}"), {"mxfp4-pack-quantized"}),
+    "GPTQ MXFP4A16": (q("GPTQModifier: {targets: Linear, scheme: MXFP4A16, ignore: [lm_head]}"),
+                      {"mxfp4-pack-quantized"}),
+    "MXFP8": (q("QuantizationModifier: {scheme: MXFP8, ignore: [lm_head]}"), {"mxfp8-quantized"}),
     "Wanda 2:4 + FP8_DYNAMIC": (q("WandaPruningModifier: {sparsity: 0.5, mask_structure: '2:4', ignore: [lm_head]}",
                                   stage="sparsity_stage", group="sparsity_modifiers")
                                 + q("QuantizationModifier: {scheme: FP8_DYNAMIC, ignore: [lm_head]}"),
@@ -429,6 +436,8 @@ QuantizationModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head, 're:.
         q("SparseGPTModifier: {sparsity: 0.5, mask_structure: '2:4', targets: ['re:model.layers.\\d+$']}",
           stage="sparsity_stage", group="sparsity_modifiers")
         + q("GPTQModifier: {scheme: W8A8, ignore: [lm_head, 're:.*mlp.gate$']}")),
+    ("qwen3_moe", "AWQ + MXFP4A16"): q("AWQModifier: {duo_scaling: false}\n"
+                                      "QuantizationModifier: {scheme: MXFP4A16, ignore: [lm_head, 're:.*mlp.gate$']}"),
     ("mixtral", "FP8 static, router regex"): q("QuantizationModifier: {scheme: FP8, targets: Linear, "
                                                "ignore: [lm_head, 're:.*mlp.gate']}"),
     ("mixtral", "SmoothQuant + W8A8 GPTQ"): q("SmoothQuantModifier: {smoothing_strength: 0.8}\n"
@@ -464,3 +473,49 @@ def test_int_codes_of_every_width_pack_like_compressed_tensors():
             packed = pack_int(codes, bits)
             assert torch.equal(packed, pack_to_int32(codes, bits)), (bits, cols)
             assert torch.equal(unpack_int(packed, cols, bits), codes)
+
+
+def test_mx_scales_and_values_equal_compressed_tensors():
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    from compression.algorithms.quant import compute_qparams, fake_quantize, mx_exponents, mx_from_exponents
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen) * torch.rand(64, 1, generator=gen) * 3
+    w[0, :32] = 0.0  # an all-zero group
+    for scheme in ("MXFP4A16", "MXFP8A16"):
+        ours = Recipe.from_yaml(q(f"QuantizationModifier: {{scheme: {scheme}}}")).modifiers[0] \
+            .config_groups["group_0"].weights
+        theirs = QuantizationArgs(**{**ours.checkpoint_dict(), "scale_dtype": torch.uint8, "observer": None})
+        groups = w.reshape(64, 4, 32)
+        ct_scale, ct_zp = calculate_qparams(groups.amin(-1), groups.amax(-1), theirs)
+        scale, _ = compute_qparams(w, ours)
+        assert torch.equal(scale, ct_scale.float())
+        assert torch.equal(mx_from_exponents(mx_exponents(scale)), scale)  # the uint8 exponents are exact
+        assert torch.equal(fake_quantize(w, scale, ours), ct_fake_quantize(w, ct_scale, ct_zp, theirs).float())
+
+
+@pytest.mark.parametrize("scheme", ["MXFP4A16", "MXFP8", "W8A16", "W3A16", "W4AFP8", "W4A4"])
+def test_transformers_loads_the_new_formats(scheme, tmp_path):
+    """transformers + compressed-tensors 0.20 read these checkpoints (MX decompresses to bfloat16, so
+    those run in bfloat16 and are compared on average, as the NVFP4 export test does)."""
+    from transformers import AutoModelForCausalLM
+
+    mx = scheme.startswith("MX")
+    dtype = torch.bfloat16 if mx else torch.float32
+    model = tiny_llama(vocab=VOCAB, dtype=dtype)
+    recipe = Recipe.from_yaml(q(f"QuantizationModifier: {{scheme: {scheme}, ignore: [lm_head]}}"))
+    report = compress_model(model, recipe, random_calibration(n=2, length=16, vocab=VOCAB))
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+    export_checkpoint(model, None, recipe, report, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    with torch.no_grad():
+        theirs = loaded(ids).logits.float()
+    if mx:
+        assert float((theirs - ours).abs().mean() / ours.abs().mean()) < 0.05
+    else:
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
