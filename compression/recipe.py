@@ -466,7 +466,8 @@ class Recipe:
                 parts.append(f"SmoothQuant (strength {m.smoothing_strength:g})")
                 continue
             if m.kv_cache is not None:
-                parts.append("FP8 KV cache (per-tensor K/V scales)")
+                parts.append("FP8 KV cache (" + ("per-head" if m.kv_cache.strategy == "attn_head" else "per-tensor")
+                             + " K/V scales)")
             if m.superseded_by is not None:
                 continue  # its scheme is solved by the GPTQModifier that follows
             if m.prunes:
@@ -954,9 +955,9 @@ def _parse_kv_cache(raw: Any, path: str) -> QuantArgs:
         raise RecipeError(f"{path}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(KV_CACHE_FIELDS))}")
     if raw.get("type", "int") != "float" or raw.get("num_bits", 8) != 8:
         raise RecipeError(f"{path}.type", "only FP8 KV caches are supported: num_bits 8, type float")
-    if raw.get("strategy", "tensor") != "tensor":
-        raise RecipeError(f"{path}.strategy", "only per-tensor K/V scales are supported (what vLLM reads); "
-                          "use 'tensor'")
+    strategy = raw.get("strategy") or "tensor"
+    if strategy not in ("tensor", "attn_head"):
+        raise RecipeError(f"{path}.strategy", "K/V scales are per-tensor ('tensor') or per KV head ('attn_head')")
     if raw.get("dynamic", False) is not False:
         raise RecipeError(f"{path}.dynamic", "K/V scales are calibrated on data; use false")
     if raw.get("symmetric", True) is not True:
@@ -967,7 +968,7 @@ def _parse_kv_cache(raw: Any, path: str) -> QuantArgs:
     observer = raw.get("observer") or "minmax"
     if observer not in OBSERVERS or OBSERVERS[observer] != "minmax":
         raise RecipeError(f"{path}.observer", "K/V scales use the min-max observer; allowed: minmax, static_minmax")
-    return QuantArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False,
+    return QuantArgs(num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=False,
                      scale_dtype=_scale_dtype(raw.get("scale_dtype"), f"{path}.scale_dtype"))
 
 

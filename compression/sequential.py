@@ -108,7 +108,7 @@ class CompressionReport:
                 "fallbacks": self.fallbacks, "sparsity": self.sparsity_stats(), "routers": list(self.routers),
                 "experts": self.experts, "calibrate_all_experts": self.calibrate_all_experts,
                 "smoothing": self.smoothing,
-                "kv_cache_scales": {k: float(v.float().reshape(-1)[0]) for k, v in self.kv_scales.items()},
+                "kv_cache_scales": {k: float(v.float().max()) for k, v in self.kv_scales.items()},
                 "modules": [r.summary() for r in self.modules.values()],
                 **({"reconstruction": [{"layer": i, **r} for i, r in sorted(self.reconstruction.items())]}
                    if self.reconstruction else {})}
@@ -574,7 +574,10 @@ class _KVRecorder:
             "self_attn", "attention", "attn")), None)
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
-        k, v = key_states.detach().abs().amax().float(), value_states.detach().abs().amax().float()
+        # [batch, kv heads, tokens, head dim]: one absmax per tensor, or per KV head ("attn_head")
+        dims = (0, 2, 3) if self.args is not None and self.args.strategy == "attn_head" else None
+        k, v = (x.detach().abs().amax(dim=dims).float() if dims else x.detach().abs().amax().float()
+                for x in (key_states, value_states))
         self.key_absmax = k if self.key_absmax is None else torch.maximum(self.key_absmax, k)
         self.value_absmax = v if self.value_absmax is None else torch.maximum(self.value_absmax, v)
         return key_states, value_states
@@ -590,8 +593,9 @@ class _KVRecorder:
         from compression.algorithms.quant import FP8_MAX
 
         tiny = torch.finfo(torch.float32).tiny
-        return {f"{prefix}.{self.attention}.k_scale": (self.key_absmax.clamp_min(tiny) / FP8_MAX).reshape(1).cpu(),
-                f"{prefix}.{self.attention}.v_scale": (self.value_absmax.clamp_min(tiny) / FP8_MAX).reshape(1).cpu()}
+        shape = (-1, 1, 1) if self.args.strategy == "attn_head" else (1,)  # compressed-tensors' [heads, 1, 1]
+        return {f"{prefix}.{self.attention}.k_scale": (self.key_absmax.clamp_min(tiny) / FP8_MAX).reshape(shape).cpu(),
+                f"{prefix}.{self.attention}.v_scale": (self.value_absmax.clamp_min(tiny) / FP8_MAX).reshape(shape).cpu()}
 
 
 def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],

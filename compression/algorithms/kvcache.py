@@ -1,5 +1,5 @@
 """FP8 KV cache simulation (``kv_cache_scheme``): the key/value states an attention module hands to
-its cache are quantize-dequantized with the calibrated per-tensor ``k_scale`` / ``v_scale``, the
+its cache are quantize-dequantized with the calibrated per-tensor (or per-KV-head, ``strategy: attn_head``) ``k_scale`` / ``v_scale``, the
 way compressed-tensors' QuantizedKVCache does and vLLM's FP8 cache stores them. Used on the
 in-memory model after compression and by the compressed runtime, so the evaluated quality includes
 the KV-cache quantization a deployment gets.
@@ -40,7 +40,9 @@ class FP8KVCache:
 
 def attach_kv_quant(attention: torch.nn.Module, k_scale: torch.Tensor, v_scale: torch.Tensor):
     """Pre-hook on an attention module wrapping its ``past_key_values``; returns the hook handle."""
-    k_scale, v_scale = k_scale.detach().float().reshape(1), v_scale.detach().float().reshape(1)
+    # per tensor ([1]) or per KV head ([heads, 1, 1], broadcast over [batch, heads, tokens, head dim])
+    k_scale, v_scale = (s.detach().float().reshape(1) if s.numel() == 1 else s.detach().float().reshape(-1, 1, 1)
+                        for s in (k_scale, v_scale))
 
     def hook(module, args, kwargs):
         kwargs["past_key_values"] = FP8KVCache(k_scale, v_scale, kwargs.get("past_key_values"))

@@ -294,7 +294,7 @@ def checkpoint_tensors(items, model: torch.nn.Module, report: CompressionReport,
     parents = {n[:i] for n in tensors for i, c in enumerate(n) if c == "."}  # every module path holding a tensor
     for name, scale in getattr(report, "kv_scales", {}).items():  # <attention>.k_scale / .v_scale
         if name.rsplit(".", 1)[0] in parents:
-            tensors[name] = scale.to(dtype).reshape(1).contiguous()
+            tensors[name] = (scale.to(dtype).reshape(1) if scale.numel() == 1 else scale.to(dtype)).contiguous()
     return tensors
 
 

@@ -197,7 +197,7 @@ REFUSED = [
     (q("QuantizationModifier:\n  config_groups:\n    g: {targets: [Linear], weights: {num_bits: 4, strategy: group, "
        "group_size: 128}, format: naive-quantized}"), "stages[0].modifiers[0].config_groups.g.format", "pack-quantized"),
     (q("QuantizationModifier: {scheme: FP8_DYNAMIC, kv_cache_scheme: {num_bits: 8, type: float, "
-       "strategy: attn_head}}"), "stages[0].modifiers[0].kv_cache_scheme.strategy", "per-tensor"),
+       "strategy: channel}}"), "stages[0].modifiers[0].kv_cache_scheme.strategy", "attn_head"),
     (q("QuantizationModifier: {scheme: W4A16, bypass_divisibility_checks: true}"),
      "stages[0].modifiers[0].bypass_divisibility_checks", "divisibility"),
     (q("GPTQModifier:\n  actorder: null\n  config_groups:\n    g: {targets: [Linear], weights: {num_bits: 4, "
@@ -296,6 +296,9 @@ QuantizationModifier:
                                                                "    SmoothQuantModifier: {smoothing_strength: 0.8}\n"),
                                                       {"int-quantized"}),
     "kv cache only": (ACCEPTED["kv cache only"], None),
+    "FP8_DYNAMIC + per-head KV cache": (q("QuantizationModifier:\n  targets: Linear\n  scheme: FP8_DYNAMIC\n"
+                                          "  ignore: [lm_head]\n  kv_cache_scheme: {num_bits: 8, type: float, "
+                                          "strategy: attn_head}"), {"float-quantized"}),
     "GPTQ, then AWQ on the MLP only, then RTN W4A16": (q("""
 GPTQModifier: {targets: 're:.*self_attn\\.(k|q|o|v)_proj$', scheme: W8A8}
 AWQModifier:
@@ -335,6 +338,10 @@ def test_dense_llama_runs_and_exports(name, tmp_path):
     config = _check_checkpoint(model, recipe, report, tmp_path, formats)
     if name == "kv cache only":
         assert config["quantization_config"]["kv_cache_scheme"]["strategy"] == "tensor" and report.kv_scales
+    if "per-head" in name:  # compressed-tensors' attn_head scales: [kv heads, 1, 1]
+        assert config["quantization_config"]["kv_cache_scheme"]["strategy"] == "attn_head"
+        k_scale = report.kv_scales["model.layers.0.self_attn.k_scale"]
+        assert k_scale.shape == (2, 1, 1) and k_scale[0] != k_scale[1]
     if name.startswith("UNQUANTIZED"):
         assert not [n for n in report.modules if n.endswith("down_proj")] and len(report.modules) == 12
         assert "model.layers.0.mlp.down_proj" in config["quantization_config"]["ignore"]
@@ -497,7 +504,7 @@ def test_mx_scales_and_values_equal_compressed_tensors():
         assert torch.equal(fake_quantize(w, scale, ours), ct_fake_quantize(w, ct_scale, ct_zp, theirs).float())
 
 
-@pytest.mark.parametrize("scheme", ["MXFP4A16", "MXFP8", "W8A16", "W3A16", "W4AFP8", "W4A4"])
+@pytest.mark.parametrize("scheme", ["MXFP4A16", "MXFP8", "W8A16", "W3A16", "W4AFP8", "W4A4", "KV_HEAD"])
 def test_transformers_loads_the_new_formats(scheme, tmp_path):
     """transformers + compressed-tensors 0.20 read these checkpoints (MX decompresses to bfloat16, so
     those run in bfloat16 and are compared on average, as the NVFP4 export test does)."""
@@ -506,7 +513,9 @@ def test_transformers_loads_the_new_formats(scheme, tmp_path):
     mx = scheme.startswith("MX")
     dtype = torch.bfloat16 if mx else torch.float32
     model = tiny_llama(vocab=VOCAB, dtype=dtype)
-    recipe = Recipe.from_yaml(q(f"QuantizationModifier: {{scheme: {scheme}, ignore: [lm_head]}}"))
+    kv = "kv_cache_scheme: {num_bits: 8, type: float, strategy: attn_head}, " if scheme == "KV_HEAD" else ""
+    scheme = "FP8" if scheme == "KV_HEAD" else scheme
+    recipe = Recipe.from_yaml(q(f"QuantizationModifier: {{{kv}scheme: {scheme}, ignore: [lm_head]}}"))
     report = compress_model(model, recipe, random_calibration(n=2, length=16, vocab=VOCAB))
     ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
