@@ -88,6 +88,7 @@ class ModelLayout:
     layer_params: list[int] = field(default_factory=list)  # every parameter of each decoder layer
     layer_class: str = ""  # the decoder layer's class (a pruning modifier may target it)
     embeddings: list[str] = field(default_factory=list)  # nn.Embedding modules (checkpoint names)
+    head: str | None = None  # the LM head's checkpoint name when the engine can compress it (see sequential.output_head)
 
 
 def _cfg(config: Any, name: str, default: Any = None) -> Any:
@@ -153,9 +154,13 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
             slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features))
     params = sum(p.numel() for p in model.parameters())
     embeddings = [names.checkpoint(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    from compression.sequential import output_head
+
+    head = output_head(model, prefix)
     return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts,
                        [sum(p.numel() for p in layer.parameters()) for layer in layers],
-                       type(layers[0]).__name__ if len(layers) else "", embeddings)
+                       type(layers[0]).__name__ if len(layers) else "", embeddings,
+                       names.checkpoint(head) if head else None)
 
 
 def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
@@ -202,7 +207,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
         hits = [s for s in layout.linears
                 if (matcher.any(m.targets, s.name) or (m.prunes and _in_target(containers, m.targets, s, layout)))
                 and not matcher.any(m.ignore, s.name)]
-        outside = [s for s in hits if s.layer is None]
+        outside = [s for s in hits if s.layer is None and s.name != layout.head]
         if outside:
             raise RecipeError(f"{path}.ignore", f"{outside[0].name} lies outside the decoder layers and cannot "
                               f"be compressed; add {outside[0].name!r} to ignore")

@@ -768,8 +768,8 @@ def _parse_base_fields(m: Modifier, args: dict, path: str) -> None:
 
 
 def _default_ignore(args: dict, targets: list[str], path: str) -> list[str]:
-    """``ignore`` as given (null = []), else ["lm_head"]: the engine compresses the decoder layers only,
-    where llm-compressor (default ignore []) would also compress lm_head; LM_HEAD_NOTE says so."""
+    """``ignore`` as given (null = []), else ["lm_head"]: a recipe that does not mention it keeps the LM
+    head 16-bit, where llm-compressor (default ignore []) would also compress it; LM_HEAD_NOTE says so."""
     if "ignore" in args:
         return _str_list(args["ignore"] if args["ignore"] is not None else [], path)
     return ["lm_head"]
@@ -780,8 +780,8 @@ def _reaches_lm_head(targets: list[str]) -> bool:
                for t in targets)
 
 
-LM_HEAD_NOTE = ("ignore not given: lm_head is kept 16-bit (the engine compresses the decoder layers; "
-                "llm-compressor's default ignore [] would compress lm_head too)")
+LM_HEAD_NOTE = ("ignore not given: lm_head is kept 16-bit here, where llm-compressor's default ignore [] "
+                "would compress it too; write ignore: [] (or target lm_head) to compress it")
 
 
 def _mask_structure(raw: Any, path: str) -> str:

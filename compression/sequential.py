@@ -226,9 +226,10 @@ def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Ch
     Returns the number of targeted Linears."""
     matched = [0] * len(recipe.modifiers)
     targeted = 0
+    head = output_head(model, prefix)
     for name, module in _linears(model):
         cname, cls = names.checkpoint(name), type(module).__name__
-        inside = name.startswith(prefix + ".")
+        inside = name.startswith(prefix + ".") or name == head
         parents = ancestors(model, name, cname)
         hit = False
         for k, m in enumerate(recipe.modifiers):
@@ -250,6 +251,53 @@ def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Ch
                               f"{type(model).__name__}, e.g. {_example_names(model, prefix, names)}")
     _check_embeddings(model, recipe, names)
     return targeted
+
+
+def output_head(model: torch.nn.Module, prefix: str) -> str | None:
+    """Module path of the LM head (the output embedding Linear) when the engine can compress it: the
+    module holding the decoder layers has a final norm that feeds it. None otherwise."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or _final_norm(model, prefix) is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _final_norm(model: torch.nn.Module, prefix: str) -> torch.nn.Module | None:
+    parent = model.get_submodule(prefix.rpartition(".")[0]) if "." in prefix else model
+    return next((getattr(parent, a) for a in ("norm", "final_layernorm", "ln_f")
+                 if isinstance(getattr(parent, a, None), torch.nn.Module)), None)
+
+
+class _Head(torch.nn.Module):
+    """Final norm + LM head as one 'layer' of the sequential loop (its kwargs, masks and rotary
+    tables, are not needed)."""
+
+    def __init__(self, norm: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+
+def _head_plans(model: torch.nn.Module, recipe: Recipe, prefix: str, names: CheckpointNames) -> list[_Plan]:
+    head = output_head(model, prefix)
+    if head is None:
+        return []
+    module = model.get_submodule(head)
+    name = names.checkpoint(head)
+    steps = _steps(recipe, name, type(module).__name__, ancestors(model, head, name))
+    return [_Plan(name, head, module, steps)] if steps else []
+
+
+def _untie_head(model: torch.nn.Module, head: torch.nn.Linear) -> None:
+    """A compressed LM head cannot share its weight with the input embedding (llm-compressor unties it too)."""
+    embedding = model.get_input_embeddings()
+    if embedding is not None and head.weight is embedding.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
 
 
 def _check_shapes(recipe: Recipe, k: int, m: Modifier, name: str, cls: str, module: torch.nn.Linear) -> None:
@@ -353,6 +401,11 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     unfuse_experts(model, names)
     check_targets(model, recipe, prefix, names)
     sparsities = _listed_sparsities(model, recipe, prefix, names)
+    head_plans = _head_plans(model, recipe, prefix, names)
+    if head_plans and layer_io is not None:
+        raise RecipeError(f"{head_plans[0].steps[0][0]}.ignore", f"{head_plans[0].name} is compressed after the "
+                          "decoder layers, which a model streamed from disk cannot do; add it to ignore (or use "
+                          "streaming: never)")
     if layer_io is not None and any(m.owl is not None for m in recipe.modifiers):
         raise RecipeError(_owl_path(recipe), "OWL measures every layer of the dense model before pruning; a "
                           "model streamed from disk layer by layer cannot run it (use streaming: never)")
@@ -432,7 +485,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                         plan.module, record.input_activations, record.input_scale, record.input_zero_point,
                         record.input_global_scale))
             del stats
-            if inputs and index + 1 < len(layers):  # the compressed layer's outputs feed the next layer
+            if inputs and (index + 1 < len(layers) or head_plans):  # the outputs feed the next layer / the head
                 inputs = inputs.advanced(inputs.forward(layer, index))
             layer.to(home, dtype=storage) if wide is not None else layer.to(home)
             if layer_io is not None:
@@ -445,6 +498,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                   "message": f"layer {index + 1}/{len(layers)} done"})
             if should_stop is not None and should_stop():
                 raise JobCancelled(f"cancelled after layer {index + 1}/{len(layers)}")
+        if head_plans:
+            _compress_head(model, prefix, head_plans, inputs, report, emit, len(layers), device, wide, home, storage)
     finally:
         for m in experts:
             m.calibrate_all_experts = False
@@ -455,6 +510,24 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
         log.warning("%d modules fell back to round-to-nearest/magnitude: %s", len(report.fallbacks),
                     [f["module"] for f in report.fallbacks])
     return report
+
+
+def _compress_head(model, prefix: str, plans: list[_Plan], inputs: LayerInputs, report: CompressionReport,
+                   emit: Progress, layers: int, device, wide, home, storage) -> None:
+    """The LM head (targeted when ``ignore`` leaves it out): its inputs are the last decoder layer's
+    outputs through the final norm; statistics, compression and activation hooks as for a layer's Linears."""
+    plan = plans[0]
+    _untie_head(model, plan.module)
+    plan.module = model.get_submodule(plan.local)
+    wrapper = _Head(_final_norm(model, prefix), plan.module)
+    wrapper.to(device, dtype=wide) if wide is not None else wrapper.to(device)
+    stats = _collect_statistics(wrapper, layers - 1, plans, inputs)
+    _compress_module(plan, stats.get(plan.name, {}), report, emit, layers - 1, layers, device, storage_dtype=storage)
+    record = report.modules[plan.name]
+    if record.input_activations is not None:
+        report.hooks.append(_attach_activation_quant(plan.module, record.input_activations, record.input_scale,
+                                                     record.input_zero_point, record.input_global_scale))
+    wrapper.to(home, dtype=storage) if wide is not None else wrapper.to(home)
 
 
 def _owl_path(recipe: Recipe) -> str:

@@ -408,7 +408,7 @@ QuantizationModifier: {targets: 're:.*mlp\\.(down|gate|up)_proj$', scheme: W4A16
     assert exc.value.field == "stages[0].modifiers[1].mappings" and "q_proj" in exc.value.message
 
 
-def test_embedding_and_lm_head_targets_are_refused_before_any_work():
+def test_embedding_targets_are_refused_before_any_work():
     embedding = q("""
 QuantizationModifier:
   ignore: [lm_head]
@@ -421,10 +421,28 @@ QuantizationModifier:
         with pytest.raises(RecipeError) as exc:
             run()
         assert exc.value.field == "stages[0].modifiers[0].config_groups.group_1.targets"
-    head = Recipe.from_yaml(q("QuantizationModifier: {scheme: FP8_DYNAMIC, ignore: []}"))
-    with pytest.raises(RecipeError) as exc:
-        preflight(tiny_llama_config(vocab=VOCAB), head)
-    assert exc.value.field == "stages[0].modifiers[0].ignore" and "lm_head" in exc.value.message
+
+
+@pytest.mark.parametrize("body", [
+    "GPTQModifier: {scheme: W4A16, ignore: []}",  # llm-compressor's default: every Linear, lm_head included
+    "QuantizationModifier: {scheme: FP8, targets: ['re:.*lm_head', 're:.*self_attn.*'], ignore: []}",
+])
+def test_the_lm_head_is_compressed_when_the_recipe_leaves_it_in(body, tmp_path):
+    """The head's inputs are the last layer's outputs through the final norm; a tied head is untied
+    (llm-compressor does the same), the embedding keeps its dense weight."""
+    model = tiny_family_model("qwen3", hidden_size=128, intermediate_size=256, head_dim=32, tie_word_embeddings=True)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    recipe = Recipe.from_yaml(q(body))
+    preflight(tiny_family_config("qwen3", hidden_size=128, intermediate_size=256, head_dim=32,
+                                 tie_word_embeddings=True), recipe)
+    report = compress_model(model, recipe, random_calibration(n=3, length=16, vocab=model.config.vocab_size))
+    assert "lm_head" in report.modules and report.modules["lm_head"].codes is not None
+    assert set(report.modules["lm_head"].losses) == ({"gptq"} if "GPTQ" in body else {"rtn"})
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    config = _check_checkpoint(model, recipe, report, tmp_path)
+    assert config["tie_word_embeddings"] is False and "lm_head" not in config["quantization_config"]["ignore"]
+    assert not any("lm_head" in n for n in recipe.notes)
+    assert any("lm_head" in n for n in Recipe.from_yaml(q("GPTQModifier: {scheme: W4A16}")).notes)
 
 
 def _moe(family: str):
