@@ -371,6 +371,8 @@ def stream_refusal(recipe: Any, location: str | os.PathLike, config: Any, *, dty
 
     if finetune_split(recipe)[1] is not None:
         return "the recipe's distillation fine-tune trains the whole model at once"
+    if any(not m.transforms and m.finetune is None and m.matches("lm_head", "Linear") for m in recipe.modifiers):
+        return "the recipe compresses lm_head, which runs after the decoder layers (add it to ignore to stream)"
     try:
         load_streamed(location, dtype=dtype, config=config, check_only=True, trust_remote_code=trust_remote_code,
                       reader=reader)

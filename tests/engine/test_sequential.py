@@ -83,10 +83,13 @@ def test_calibrated_recipes_need_samples(model):
     compress_model(model, Recipe.from_preset("FP8_DYNAMIC"), None)  # no calibration needed
 
 
-def test_it_refuses_to_target_lm_head(model, calibration):
+def test_lm_head_left_in_is_compressed_after_the_layers_but_not_when_streamed(model, calibration):
+    # llm-compressor's ignore [] compresses lm_head too (tests/engine/test_peer_recipe_shapes.py has more)
     with pytest.raises(RecipeError) as exc:
-        compress_model(model, Recipe.from_preset("FP8_DYNAMIC", ignore=[]), calibration)
+        compress_model(model, Recipe.from_preset("FP8_DYNAMIC", ignore=[]), calibration, layer_io=object())
     assert exc.value.field == "stages[0].modifiers[0].ignore" and "lm_head" in exc.value.message
+    report = compress_model(model, Recipe.from_preset("FP8_DYNAMIC", ignore=[]), calibration)
+    assert report.modules["lm_head"].codes is not None
 
 
 def test_it_fails_clearly_on_a_model_it_cannot_walk():
