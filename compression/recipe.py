@@ -910,11 +910,11 @@ def _parse_extra(m: Modifier, args: dict, path: str) -> None:
         m.extra[key] = value
     if args.get("sequential_targets") is not None:
         targets = _str_list(args["sequential_targets"], f"{path}.sequential_targets")
-        bad = [t for t in targets if t not in DECODER_LAYER_CLASSES]
+        bad = [t for t in targets if t not in DECODER_LAYER_CLASSES and not re.fullmatch(r"[A-Za-z0-9]+DecoderLayer", t)]
         if bad:
             raise RecipeError(f"{path}.sequential_targets",
-                              f"{bad[0]!r}: the engine compresses one decoder layer at a time; allowed: "
-                              f"{', '.join(DECODER_LAYER_CLASSES)}")
+                              f"{bad[0]!r}: the engine compresses one decoder layer at a time; allowed: the "
+                              f"decoder layer class ({', '.join(DECODER_LAYER_CLASSES)}, ...)")
         m.sequential_targets = targets
 
 
