@@ -11,6 +11,13 @@
    ``min_expert_tokens`` falls back to round-to-nearest / magnitude pruning, recorded in the
    report); re-run the compressed layer on the same inputs to get the next layer's inputs; move it back.
 
+Calibration samples run through each layer in batches of at most ``BATCH_TOKENS`` tokens. On an
+accelerator, samples of similar length run as right-padded batches (≤ 25% padding) whose masks and
+positions the model builds itself at capture; every statistic skips the pad positions
+(:func:`walk.valid_rows`). On a CPU (where a call is matmul-bound already at one sample's tokens
+and pad positions cost more than fewer calls save), and where padding cannot be honoured exactly
+(:func:`padded_batching`), only samples of the same length share a call.
+
 Only one decoder layer and its activations live on the compute device at a time. The model is
 left holding fake-quantized weights, with activation fake-quant pre-hooks attached for schemes
 that quantize activations, so it can be evaluated directly.
@@ -27,13 +34,15 @@ import torch
 
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError
 from compression.algorithms.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, quantize_weight
-from compression.model_io.moe import CheckpointNames, is_router, per_expert_modules, router_names, unfuse_experts
+from compression.model_io.moe import (CheckpointNames, is_fused_experts, is_router, per_expert_modules, router_names,
+                                      unfuse_experts)
 from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
 from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 from compression.model_io.streaming import release_heap
-from compression.model_io.walk import LayerInputs, capture_layer_inputs, decoder_layers
+from compression.model_io.walk import (BATCH_TOKENS, MAX_PADDING, LayerInputs, capture_layer_inputs, decoder_layers,
+                                       token_mask, valid_rows)
 from kernels.packing import is_24_sparse
 
 __all__ = ["CompressionReport", "ModuleRecord", "compress_model", "decoder_layers"]
@@ -83,6 +92,8 @@ class CompressionReport:
     seconds: float = 0.0
     routers: list[str] = field(default_factory=list)  # MoE routers/gates, kept 16-bit (checkpoint names)
     experts: int = 0  # per-expert modules (MoE experts × layers)
+    layer_batches: int = 0  # calibration batches per layer call round (samples when run one at a time)
+    batching: str = ""  # how samples were batched through the layers, and why not padded
     calibrate_all_experts: bool = False
     hooks: list = field(default_factory=list, repr=False)
     reconstruction: dict[int, dict] = field(default_factory=dict)  # layer index -> ReconstructionResult.to_dict()
@@ -371,7 +382,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                    should_stop: Callable[[], bool] | None = None, calibrate_all_experts: bool = False,
                    min_expert_tokens: int = MIN_EXPERT_TOKENS,
                    held_masks: dict[str, torch.Tensor] | None = None,
-                   layer_io: Any = None, offload_activations: bool = False) -> CompressionReport:
+                   layer_io: Any = None, offload_activations: bool = False,
+                   batch_calibration: bool = True, max_padding: float | None = None) -> CompressionReport:
     """Compress ``model`` in place according to ``recipe``; see the module docstring.
 
     ``held_masks`` ({module name: bool mask, True = pruned}) are sparsity masks of an earlier
@@ -393,6 +405,10 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     ``offload_activations``: the calibration activations stay in host memory and each batch visits
     ``device`` for its layer call (a device too small for them all); refused (``calibration.samples``)
     for recipes that replay them outside a plain layer call (KV-cache scales, AWQ/SmoothQuant, reconstruction).
+    ``batch_calibration``: run samples through each layer in batches (padded ones where
+    :func:`padded_batching` allows); False runs every sample alone (the reference the batched
+    statistics equal up to float rounding). ``max_padding``: the largest fraction of pad positions in
+    a padded batch (default: ``MAX_PADDING`` on an accelerator, no padded batches on a CPU).
     """
     disable_tf32()
     started = time.perf_counter()
@@ -430,8 +446,17 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     try:
         for m in experts:
             m.calibrate_all_experts = calibrate_all_experts
-        inputs = (capture_layer_inputs(model, layers, calibration, "cpu" if offload_activations else device)
+        why_not, batch_tokens, max_padding = batching_plan(model, recipe, device, batch_calibration, max_padding)
+        inputs = (capture_layer_inputs(model, layers, calibration, "cpu" if offload_activations else device,
+                                       padding=why_not is None, batch_tokens=batch_tokens, max_padding=max_padding)
                   if recipe.needs_calibration else LayerInputs([], []))
+        if inputs:
+            report.layer_batches = len(inputs.batches())
+            report.batching = ("padded batches" if why_not is None else
+                               ("one sample per call" if batch_tokens <= 0 else "equal-length samples batched")
+                               + f" ({why_not})")
+            log.info("calibration: %d samples in %d batches per layer: %s", len(calibration), report.layer_batches,
+                     report.batching)
         if offload_activations:
             inputs.compute_device = device
         if wide is not None and inputs:
@@ -452,8 +477,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             if inputs and any(m.transforms for m in recipe.modifiers):
                 from compression.algorithms.smoothing import smooth_layer
 
-                smooth_layer(recipe, f"{prefix}.{index}", layer, inputs.pairs(index), report, emit, index,
-                             len(layers))
+                smooth_layer(recipe, f"{prefix}.{index}", layer, inputs, report, emit, index, len(layers))
             kv = _KVRecorder(recipe.kv_cache, f"{prefix}.{index}", layer) if recipe.kv_cache is not None else None
             stats = _collect_statistics(layer, index, plans, inputs, kv=kv)
             if kv is not None and inputs:
@@ -575,8 +599,7 @@ def _owl_sparsities(model, recipe: Recipe, prefix: str, layers, names: Checkpoin
         for local, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear):
                 def hook(mod, args, out, local=local):
-                    x = args[0].detach().float()
-                    n = x.reshape(-1, x.shape[-1]).pow(2).sum(0).sqrt()
+                    n = valid_rows(args[0].detach())[0].float().pow(2).sum(0).sqrt()  # token rows only
                     norms[local] = norms[local] + n if local in norms else n
                 handles.append(module.register_forward_hook(hook))
         try:
@@ -605,6 +628,37 @@ def _owl_sparsities(model, recipe: Recipe, prefix: str, layers, names: Checkpoin
             for local, _ in _linears(layer):
                 out[(id(m), names.checkpoint(f"{prefix}.{index}.{local}"))] = per_layer[index]
     return out
+
+
+def _batch_dependent(recipe: Recipe) -> bool:
+    """Whether a layer's output depends on which samples share its call: dynamic per-tensor
+    activation scales (one scale over the whole call's tokens)."""
+    return any(g.input_activations is not None and g.input_activations.dynamic is True
+               and g.input_activations.strategy == "tensor"
+               for m in recipe.modifiers if m.quantizes for g in m.config_groups.values())
+
+
+def padded_batching(model: torch.nn.Module, recipe: Recipe) -> str | None:
+    """None when samples of different lengths can share a layer call as a right-padded batch with
+    every statistic exact, else why not (those samples then run one per call)."""
+    if per_expert_modules(model) or router_names(model) or any(is_fused_experts(m) for m in model.modules()):
+        return "MoE experts: pad tokens would be routed into the expert statistics"
+    if any(m.prunes and m.reconstruction is not None for m in recipe.modifiers):
+        return "layer-wise reconstruction fits one sample at a time"
+    if _batch_dependent(recipe):
+        return "dynamic per-tensor activation scales depend on the batch"
+    return None
+
+
+def batching_plan(model: torch.nn.Module, recipe: Recipe, device: torch.device | str, batch_calibration: bool = True,
+                  max_padding: float | None = None) -> tuple[str | None, int, float]:
+    """(why samples run without padded batches, or None; tokens per layer call, 0 = one sample per
+    call; the padding bound) for :func:`compress_model`."""
+    why_not = padded_batching(model, recipe) if batch_calibration else "batching turned off"
+    if why_not is None and max_padding is None and torch.device(device).type == "cpu":
+        why_not = "a CPU: pad positions cost more time than fewer layer calls save"
+    batch_tokens = BATCH_TOKENS if batch_calibration and not _batch_dependent(recipe) else 0
+    return why_not, batch_tokens, MAX_PADDING if max_padding is None else max_padding
 
 
 def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[str, dict], min_tokens: int) -> None:
@@ -648,9 +702,8 @@ class _KVRecorder:
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         # [batch, kv heads, tokens, head dim]: one absmax per tensor, or per KV head ("attn_head")
-        dims = (0, 2, 3) if self.args is not None and self.args.strategy == "attn_head" else None
-        k, v = (x.detach().abs().amax(dim=dims).float() if dims else x.detach().abs().amax().float()
-                for x in (key_states, value_states))
+        per_head = self.args is not None and self.args.strategy == "attn_head"
+        k, v = _token_absmax(key_states, per_head), _token_absmax(value_states, per_head)
         self.key_absmax = k if self.key_absmax is None else torch.maximum(self.key_absmax, k)
         self.value_absmax = v if self.value_absmax is None else torch.maximum(self.value_absmax, v)
         return key_states, value_states
@@ -669,6 +722,21 @@ class _KVRecorder:
         shape = (-1, 1, 1) if self.args.strategy == "attn_head" else (1,)  # compressed-tensors' [heads, 1, 1]
         return {f"{prefix}.{self.attention}.k_scale": (self.key_absmax.clamp_min(tiny) / FP8_MAX).reshape(shape).cpu(),
                 f"{prefix}.{self.attention}.v_scale": (self.value_absmax.clamp_min(tiny) / FP8_MAX).reshape(shape).cpu()}
+
+
+def _token_absmax(states: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    """max |x| of key/value states ``[B, kv heads, T, D]`` over the tokens of the call (the pad
+    positions of a padded batch left out): one value, or with ``per_head`` one per KV head."""
+    states = states.detach().abs()
+    mask = token_mask()
+    if mask is not None:
+        if states.dim() != 4 or tuple(states.shape[:1] + states.shape[2:3]) != tuple(mask.shape):
+            from compression.model_io.walk import PaddingMismatch
+
+            raise PaddingMismatch(f"key/value states of shape {tuple(states.shape)} in a padded batch of shape "
+                                  f"{tuple(mask.shape)} are not laid out [batch, heads, tokens, head dim]")
+        states = states.masked_fill(~mask[:, None, :, None].to(states.device), 0)
+    return (states.amax(dim=(0, 2, 3)) if per_head else states.amax()).float()
 
 
 def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
@@ -703,17 +771,14 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
             if "hessian" in entry:
                 _add_shared(entry, x, call_inputs)
             if "absmax" in entry:
-                entry["absmax"] = torch.maximum(entry["absmax"], x.detach().abs().amax().float())
-                entry["lo"] = torch.minimum(entry["lo"], x.detach().amin().float())
-                entry["hi"] = torch.maximum(entry["hi"], x.detach().amax().float())
+                rows = valid_rows(x.detach())[0]
+                entry["absmax"] = torch.maximum(entry["absmax"], rows.abs().amax().float())
+                entry["lo"] = torch.minimum(entry["lo"], rows.amin().float())
+                entry["hi"] = torch.maximum(entry["hi"], rows.amax().float())
 
         handles.append(plan.module.register_forward_hook(hook))
     try:
-        if kv is None:
-            inputs.forward(layer, index)
-        else:
-            for hidden, kwargs in inputs.pairs(index):
-                layer(hidden, **{**kwargs, "past_key_values": kv})
+        inputs.forward(layer, index, extra=None if kv is None else {"past_key_values": kv}, keep=False)
     finally:
         for h in handles:
             h.remove()
@@ -734,7 +799,8 @@ def _add_shared(entry: dict, x: torch.Tensor, call_inputs: dict) -> None:
     if getattr(acc, "shared", False) and any(a is acc for key, (_, other) in call_inputs.items()
                                              if key != id(x) for a in other):
         raise RuntimeError("modules that shared an input tensor received different inputs in one layer call")
-    acc.add(x)
+    rows, sequences = valid_rows(x)  # a padded batch: its pad rows left out, its samples counted
+    acc.add(rows, sequences=sequences)
     fed.append(acc)
 
 

@@ -54,9 +54,11 @@ class HessianAccumulator:
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.samples = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add one forward call's input ``x`` of shape [batch, ..., columns]."""
-        batch = x.shape[0] if x.dim() > 2 else 1
+    def add(self, x: torch.Tensor, sequences: int | None = None) -> None:
+        """Add one forward call's input ``x`` of shape [batch, ..., columns]; ``sequences``: how many
+        sequences its rows come from (default: ``batch`` for a 3-D ``x``, else one), e.g. the samples
+        of a padded batch whose pad rows were left out."""
+        batch = sequences if sequences is not None else (x.shape[0] if x.dim() > 2 else 1)
         x = x.reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float32)
         total = self.samples + batch
         self.hessian.mul_(self.samples / total)

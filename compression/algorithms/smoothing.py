@@ -7,6 +7,9 @@ matched against the mapping patterns, compressed-tensors style: exact name, clas
 as is one whose shapes do not line up (v_proj → o_proj under grouped-query attention, as in
 llm-compressor). A mapping is refused when its smooth layer is a norm we cannot fold into
 (Gemma-style ``1 + weight`` norms).
+
+Calibration inputs may be padded batches: the activation statistics and the AWQ output error count
+the tokens only (the parent's calls are replayed with their token masks).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 from compression.algorithms import awq as awq_lib
 from compression.algorithms import smoothquant as sq_lib
 from compression.errors import RecipeError, UnsupportedModelError
+from compression.model_io.walk import LayerInputs, masking, token_mask, valid_rows
 from compression.recipe import Modifier, Recipe, matches_any
 
 
@@ -160,18 +164,19 @@ def _scheme_for(recipe: Recipe, name: str, module: torch.nn.Module):
 
 
 @torch.no_grad()
-def _capture(layer: torch.nn.Module, inputs: list, parent: torch.nn.Module, first_balance: torch.nn.Module,
-             want_parent: bool) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """Run the layer on every sample: the parent's call arguments, and Σ|x| / Σ max|x| per channel of
-    the balance layers' input."""
+def _capture(layer: torch.nn.Module, inputs: LayerInputs, index: int, parent: torch.nn.Module,
+             first_balance: torch.nn.Module, want_parent: bool) -> tuple[list, torch.Tensor, torch.Tensor, Any]:
+    """Run the layer (decoder layer ``index``) on every sample: the parent's call arguments (with the
+    call's token mask), and Σ|x| / count, max|x| and max x - min x per channel of the balance layers'
+    input tokens."""
     calls: list = []
     stats: dict[str, Any] = {"sum": None, "count": 0, "absmax": None, "lo": None, "hi": None}
 
     def parent_hook(module, args, kwargs):
-        calls.append((args, dict(kwargs)))
+        calls.append((args, dict(kwargs), token_mask()))
 
     def input_hook(module, args, out):
-        signed = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        signed = valid_rows(args[0].detach())[0].float()  # the token rows (a padded batch's pad rows left out)
         x = signed.abs()
         stats["sum"] = x.sum(0) if stats["sum"] is None else stats["sum"] + x.sum(0)
         stats["absmax"] = x.amax(0) if stats["absmax"] is None else torch.maximum(stats["absmax"], x.amax(0))
@@ -184,8 +189,7 @@ def _capture(layer: torch.nn.Module, inputs: list, parent: torch.nn.Module, firs
     if want_parent:
         handles.append(parent.register_forward_pre_hook(parent_hook, with_kwargs=True))
     try:
-        for hidden, kwargs in inputs:
-            layer(hidden, **kwargs)
+        inputs.forward(layer, index, keep=False)
     finally:
         for h in handles:
             h.remove()
@@ -197,7 +201,17 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: list, report, emit,
+def _replay(parent: torch.nn.Module, calls: list) -> list[torch.Tensor]:
+    """The parent's outputs on its recorded calls; of a padded call only the token rows."""
+    outs = []
+    for args, kwargs, mask in calls:
+        with masking(mask):
+            out = _first(parent(*args, **kwargs))
+            outs.append(out if mask is None else valid_rows(out)[0])
+    return outs
+
+
+def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: LayerInputs, report, emit,
                  index: int, layers: int) -> None:
     """Apply every AWQModifier / SmoothQuantModifier of ``recipe`` to one decoder layer, in recipe order."""
     if not inputs:
@@ -218,14 +232,15 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: li
                 balance = [m for _, m in mapping["balance"]]
                 p_name, parent = mapping["parent"]
                 awq = modifier.kind == "AWQModifier"
-                calls, x_mean, x_absmax, x_range = _capture(layer, inputs, parent, balance[0], want_parent=awq)
+                calls, x_mean, x_absmax, x_range = _capture(layer, inputs, index, parent, balance[0],
+                                                            want_parent=awq)
                 entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
                          "balance_layers": [n for n, _ in mapping["balance"]]}
                 if awq:
                     schemes = [_scheme_for(recipe, n, m) for n, m in mapping["balance"]]
 
                     def run_parent(parent=parent, calls=calls):
-                        return [_first(parent(*a, **k)) for a, k in calls]
+                        return _replay(parent, calls)
 
                     result = awq_lib.awq_search(x_mean, balance, schemes, run_parent, n_grid=modifier.n_grid,
                                                 duo_scaling=modifier.duo_scaling)

@@ -122,6 +122,11 @@ class PerExpertLinears(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        from compression.model_io.walk import PaddingMismatch, token_mask
+
+        if token_mask() is not None:  # compress_model never pads an MoE model's calibration batches
+            raise PaddingMismatch("MoE experts cannot leave the pad positions of a padded calibration batch "
+                                  "out of their token counts; run such models one sample per call")
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hits = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).sum(dim=(0, 1))

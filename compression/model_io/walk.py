@@ -9,11 +9,18 @@
   and Gemma 3 also the rotary embeddings of its type (local vs global RoPE base), so reusing
   layer 0's arguments would be wrong for the other layers. Layers of one type receive the very same
   objects, which are stored once per sample.
+* With ``padding=True`` samples of similar length are captured as right-padded batches: the model
+  itself builds each batch's masks, positions and rotary tables from its ``attention_mask``, and
+  :class:`LayerInputs` keeps the batch's token mask. While a layer runs on a padded batch the mask
+  is visible to hooks (:func:`token_mask`, :func:`valid_rows`), so every statistic can skip the pad
+  positions; with right padding and causal attention no real token ever attends to a pad position.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, Callable
 
 import torch
@@ -78,22 +85,85 @@ class _Captured(Exception):
 
 
 BATCH_TOKENS = 4096  # samples run through a layer together, up to this many tokens per call
+MAX_PADDING = 0.25  # a padded batch holds at most this fraction of pad positions
+
+_TOKEN_MASK: ContextVar["torch.Tensor | None"] = ContextVar("compression_token_mask", default=None)
+
+
+def token_mask() -> torch.Tensor | None:
+    """The ``[B, T]`` bool mask (True = a token of a sample, False = padding) of the calibration batch
+    the current layer call runs on; None when every position is a token."""
+    return _TOKEN_MASK.get()
+
+
+@contextlib.contextmanager
+def masking(mask: torch.Tensor | None) -> Iterator[None]:
+    """Make ``mask`` the :func:`token_mask` of the layer calls inside the block."""
+    reset = _TOKEN_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _TOKEN_MASK.reset(reset)
+
+
+class PaddingMismatch(RuntimeError):
+    """A hook saw a tensor that is not laid out token by token like the padded batch's mask."""
+
+
+def valid_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the rows ``[N, C]`` of ``x`` that are tokens, the number of sequences they come from) for an
+    input ``x`` of the current layer call: ``[B, T, C]`` or ``[B*T, C]`` (an MoE block's flattened
+    tokens). Without a padded batch every row counts and a 2-D ``x`` is one sequence (as before)."""
+    mask = _TOKEN_MASK.get()
+    flat = x.reshape(-1, x.shape[-1])
+    if mask is None:
+        return flat, (x.shape[0] if x.dim() > 2 else 1)
+    aligned = tuple(x.shape[:2]) == tuple(mask.shape) if x.dim() == 3 else (x.dim() == 2 and x.shape[0] == mask.numel())
+    if not aligned:
+        raise PaddingMismatch(f"a tensor of shape {tuple(x.shape)} in a padded calibration batch of shape "
+                              f"{tuple(mask.shape)} is not laid out token by token; it cannot skip the padding")
+    return flat[mask.reshape(-1).to(x.device)], int(mask.shape[0])
+
+
+def padded_groups(lengths: Sequence[int], batch_tokens: int = BATCH_TOKENS,
+                  max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Indices of samples of these lengths, longest first, in groups that run as one right-padded
+    batch: a group grows while its padded size (samples x its longest length) stays within
+    ``batch_tokens`` and its pad positions within ``max_padding`` of that size."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if groups:
+            group = groups[-1]
+            longest = lengths[group[0]]
+            size = (len(group) + 1) * longest
+            pad = sum(longest - lengths[j] for j in group) + longest - lengths[i]
+            if size <= batch_tokens and pad <= max_padding * size:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 class LayerInputs:
-    """Per calibration sample: the hidden states entering the current layer, and per layer the
-    keyword arguments that layer receives (positional ones are bound to their names).
+    """Per calibration unit — one sample, or (captured with ``padding``) a right-padded batch of
+    samples — the hidden states entering the current layer, and per layer the keyword arguments
+    that layer receives (positional ones are bound to their names).
 
-    ``calls[s][i]`` tensors of layers of the same attention type are shared objects. ``shapes[s]``
-    is the sample's batch key: its length when it has no padding (then its per-layer arguments —
-    causal mask, positions, rotary embeddings — are those of every unpadded sample of that length),
-    else None. :meth:`forward` runs samples with the same key through a layer as one batch.
+    ``calls[u][i]`` tensors of layers of the same attention type are shared objects. ``keys[u]``
+    is the unit's batch key: its length when it is one sample without padding (then its per-layer
+    arguments — causal mask, positions, rotary embeddings — are those of every unpadded sample of
+    that length), else None. ``masks[u]`` is the ``[B, T]`` token mask of a padded unit (None: no
+    padding). :meth:`forward` runs units with the same key through a layer as one batch, and a
+    padded unit with its mask as the :func:`token_mask` of the call.
     """
 
-    def __init__(self, hidden: list[torch.Tensor], calls: list[list[dict]], keys: list[int | None] | None = None):
+    def __init__(self, hidden: list[torch.Tensor], calls: list[list[dict]], keys: list[int | None] | None = None,
+                 masks: list[torch.Tensor | None] | None = None, members: list[list[int]] | None = None):
         self.hidden = hidden
         self.calls = calls
         self.keys = keys if keys is not None else [None] * len(hidden)
+        self.masks = masks if masks is not None else [None] * len(hidden)
+        self.members = members if members is not None else [[u] for u in range(len(hidden))]  # sample per row
         self.batch_tokens = BATCH_TOKENS
         self.compute_device: torch.device | str | None = None  # set: inputs kept on the host, moved per batch
 
@@ -103,12 +173,25 @@ class LayerInputs:
     def __bool__(self) -> bool:
         return bool(self.hidden)
 
+    @property
+    def padded(self) -> bool:
+        """Whether any unit is a batch with pad positions."""
+        return any(m is not None for m in self.masks)
+
     def pairs(self, index: int) -> list[tuple[torch.Tensor, dict]]:
-        """(hidden, kwargs) of every sample for decoder layer ``index``."""
+        """(hidden, kwargs) of every sample for decoder layer ``index``; only for inputs without
+        padded units (their pad positions would count as tokens)."""
+        if self.padded:
+            raise RuntimeError("these calibration inputs hold padded batches; replaying them needs the token "
+                               "masks (LayerInputs.forward / units)")
         return [(hidden, calls[index]) for hidden, calls in zip(self.hidden, self.calls)]
 
+    def units(self, index: int) -> list[tuple[torch.Tensor, dict, torch.Tensor | None]]:
+        """(hidden, kwargs, token mask or None) of every unit for decoder layer ``index``."""
+        return [(hidden, calls[index], mask) for hidden, calls, mask in zip(self.hidden, self.calls, self.masks)]
+
     def batches(self) -> list[list[int]]:
-        """Sample indices in groups that can share one layer call (same key, ≤ BATCH_TOKENS tokens)."""
+        """Unit indices in groups that can share one layer call (same key, ≤ ``batch_tokens`` tokens)."""
         groups: list[list[int]] = []
         open_group: dict[int, list[int]] = {}
         for s, key in enumerate(self.keys):
@@ -122,22 +205,50 @@ class LayerInputs:
             group.append(s)
         return groups
 
-    def forward(self, layer: torch.nn.Module, index: int) -> list[torch.Tensor]:
-        """Run ``layer`` (decoder layer ``index``) on every sample, batching equal unpadded samples;
-        its output hidden states, one per sample. Hooks see the batched [B, T, C] inputs."""
+    def forward(self, layer: torch.nn.Module, index: int, *, extra: dict | None = None,
+                keep: bool = True) -> list[torch.Tensor]:
+        """Run ``layer`` (decoder layer ``index``) on every unit, batching equal unpadded samples;
+        its output hidden states, one per unit (pad positions zeroed), or none with ``keep=False``.
+        Hooks see the batched [B, T, C] inputs and, for a padded unit, its :func:`token_mask`.
+        ``extra``: keyword arguments added to every call."""
         outputs: list[torch.Tensor | None] = [None] * len(self.hidden)
         for group in self.batches():
             hidden = self.hidden[group[0]] if len(group) == 1 else torch.cat([self.hidden[s] for s in group])
+            mask = self.masks[group[0]] if len(group) == 1 else None
             kwargs = self.calls[group[0]][index]
+            home = hidden.device
             if self.compute_device is not None:  # offloaded: this batch visits the device, its output comes back
-                home = hidden.device
                 hidden, kwargs = hidden.to(self.compute_device), _to(kwargs, self.compute_device, {})
-                out = layer_output(layer(hidden, **kwargs)).to(home)
-            else:
+                mask = None if mask is None else mask.to(self.compute_device)
+            if extra:
+                kwargs = {**kwargs, **extra}
+            with masking(mask):
                 out = layer_output(layer(hidden, **kwargs))
+            if not keep:
+                continue
+            if mask is not None:  # pad positions stay finite and inert, whatever the layer made of them
+                out = out.masked_fill(~mask.to(out.device).unsqueeze(-1), 0)
+            out = out.to(home)
             for s, row in zip(group, out.split(1) if len(group) > 1 else [out]):
                 outputs[s] = row
         return outputs  # type: ignore[return-value]
+
+    def per_sample(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``outputs`` (one per unit, as :meth:`forward` returns them) un-padded: one ``[1, T, C]``
+        tensor per calibration sample, in calibration order."""
+        samples: dict[int, torch.Tensor] = {}
+        for out, mask, members in zip(outputs, self.masks, self.members):
+            if len(members) == 1:  # one sample, as it came (with any padding of its own)
+                samples[members[0]] = out
+                continue
+            for row, sample in enumerate(members):  # a batch this capture padded on the right
+                samples[sample] = out[row:row + 1] if mask is None else out[row:row + 1, :int(mask[row].sum())]
+        return [samples[s] for s in sorted(samples)]
+
+    def _derived(self, hidden: list[torch.Tensor], calls: list[list[dict]]) -> "LayerInputs":
+        following = LayerInputs(hidden, calls, self.keys, self.masks, self.members)
+        following.batch_tokens, following.compute_device = self.batch_tokens, self.compute_device
+        return following
 
     def cast(self, dtype: torch.dtype) -> "LayerInputs":
         """The same inputs with every floating-point tensor (hidden states, rotary embeddings, float
@@ -147,16 +258,12 @@ class LayerInputs:
         def fn(t: torch.Tensor) -> torch.Tensor:
             return t.to(dtype) if t.is_floating_point() else t
 
-        cast = LayerInputs([_map_tensors(h, fn, memo) for h in self.hidden],
-                           [_map_tensors(calls, fn, memo) for calls in self.calls], self.keys)
-        cast.batch_tokens, cast.compute_device = self.batch_tokens, self.compute_device
-        return cast
+        return self._derived([_map_tensors(h, fn, memo) for h in self.hidden],
+                             [_map_tensors(calls, fn, memo) for calls in self.calls])
 
     def advanced(self, outputs: list[torch.Tensor]) -> "LayerInputs":
         """The inputs of the next layer: ``outputs`` of this one, with the same per-layer arguments."""
-        following = LayerInputs(outputs, self.calls, self.keys)
-        following.batch_tokens, following.compute_device = self.batch_tokens, self.compute_device
-        return following
+        return self._derived(outputs, self.calls)
 
 
 def layer_output(out: Any) -> torch.Tensor:
@@ -164,17 +271,57 @@ def layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _padded_batches(calibration: list[dict], padding: bool, batch_tokens: int, max_padding: float,
+                    pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor | None, list[int]]]:
+    """(input_ids, attention_mask or None, sample indices) of every forward pass the capture runs:
+    each sample alone, or with ``padding`` the unpadded single-row samples in right-padded groups
+    (:func:`padded_groups`)."""
+    if not padding:
+        return [(s["input_ids"], s.get("attention_mask"), [i]) for i, s in enumerate(calibration)]
+    plain = [i for i, s in enumerate(calibration) if s["input_ids"].shape[0] == 1
+             and (s.get("attention_mask") is None or bool(s["attention_mask"].all()))]
+    plain_set = set(plain)
+    batches = [(s["input_ids"], s.get("attention_mask"), [i]) for i, s in enumerate(calibration)
+               if i not in plain_set]
+    lengths = [int(calibration[i]["input_ids"].shape[1]) for i in plain]
+    for group in padded_groups(lengths, batch_tokens, max_padding):
+        if len(group) == 1:
+            batches.append((calibration[plain[group[0]]]["input_ids"], None, [plain[group[0]]]))
+            continue
+        longest = lengths[group[0]]
+        ids = torch.full((len(group), longest), pad_id, dtype=calibration[plain[group[0]]]["input_ids"].dtype)
+        mask = torch.zeros((len(group), longest), dtype=torch.long)
+        for row, g in enumerate(group):
+            ids[row, :lengths[g]] = calibration[plain[g]]["input_ids"][0]
+            mask[row, :lengths[g]] = 1
+        batches.append((ids, mask, [plain[g] for g in group]))
+    return batches
+
+
+def _pad_id(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    pad, vocab = getattr(text, "pad_token_id", None), getattr(text, "vocab_size", None)
+    return pad if isinstance(pad, int) and pad >= 0 and (vocab is None or pad < vocab) else 0
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Module], calibration: list[dict],
-                         device: torch.device | str) -> LayerInputs:
+                         device: torch.device | str, *, padding: bool = False, batch_tokens: int = BATCH_TOKENS,
+                         max_padding: float = MAX_PADDING) -> LayerInputs:
     """Run each sample through the model with every decoder layer replaced by a recording identity.
 
     The stand-ins return their input unchanged, so reaching the last layer costs only the embedding
     and the model's mask / rotary set-up; the last one stops the forward pass (no LM head).
+    ``padding``: samples of similar length run as right-padded batches (:func:`padded_groups`; the
+    model builds their masks from the ``attention_mask``), and a sample that comes with padding of
+    its own keeps its mask as the unit's token mask. ``batch_tokens`` ≤ 0: every sample alone.
     """
     hidden_states: list[torch.Tensor] = []
     calls: list[list[dict]] = []
     keys: list[int | None] = []
+    masks: list[torch.Tensor | None] = []
+    members: list[list[int]] = []
     current: list[dict] = []
     memo: dict[int, Any] = {}
     shape: list[torch.Size] = []
@@ -211,10 +358,9 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
         layer.forward = stand_in(index, parameters)  # instance attribute: nn.Module.__call__ finds it first
     model_device = _first_device(model)
     try:
-        for sample in calibration:
+        for ids, mask, samples in _padded_batches(calibration, padding, batch_tokens, max_padding, _pad_id(model)):
             current, memo = [], {}
-            ids = sample["input_ids"].to(model_device)
-            mask = sample.get("attention_mask")
+            ids = ids.to(model_device)
             try:
                 model(input_ids=ids, attention_mask=(torch.ones_like(ids) if mask is None else mask.to(model_device)),
                       use_cache=False)
@@ -225,15 +371,19 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
                     f"{type(model).__name__}'s forward pass reached {len(current)} of its {len(layers)} decoder "
                     "layers; the engine needs every layer called once per forward pass")
             calls.append(current)
-            unpadded = ids.shape[0] == 1 and (mask is None or bool(mask.all()))
-            keys.append(int(ids.shape[1]) if unpadded else None)
+            unpadded = mask is None or bool(mask.all())
+            keys.append(int(ids.shape[1]) if unpadded and ids.shape[0] == 1 and batch_tokens > 0 else None)
+            masks.append(None if unpadded or not padding else mask.to(device).bool())
+            members.append(samples)
     finally:
         for layer, forward in zip(layers, saved):
             if forward is None:
                 del layer.forward
             else:
                 layer.forward = forward
-    return LayerInputs(hidden_states, calls, keys)
+    inputs = LayerInputs(hidden_states, calls, keys, masks, members)
+    inputs.batch_tokens = batch_tokens
+    return inputs
 
 
 def _first_device(model: torch.nn.Module) -> torch.device:

@@ -303,7 +303,7 @@ def test_smoothquant_folding_keeps_the_float_model_and_flattens_activations():
                               "      mappings: [[['re:.*q_proj', 're:.*k_proj', 're:.*v_proj'], 're:.*input_layernorm']]\n"
                               "q:\n  q_modifiers:\n    GPTQModifier: {scheme: W8A8}\n")
     layer = model.model.layers[0]
-    inputs = capture_layer_inputs(model, list(model.model.layers), calib, "cpu").pairs(0)
+    inputs = capture_layer_inputs(model, list(model.model.layers), calib, "cpu")
     report, events = CompressionReport(), []
     smooth_layer(recipe, "model.layers.0", layer, inputs, report, events.append, 0, 2)
     assert len(report.smoothing) == 1 and report.smoothing[0]["smooth_layer"] == "model.layers.0.input_layernorm"
