@@ -103,11 +103,9 @@ def _layer0(model, recipe, calibration, padded: bool, kv: bool = False):
 def test_hessians_input_ranges_and_kv_scales_ignore_the_padding():
     model = tiny_llama()
     calibration = variable_calibration()
-    pad = model.config.pad_token_id
-    assert not any(bool((s["input_ids"] == pad).any()) for s in calibration)
-    with torch.no_grad():  # pad positions would stand out in every maximum if they were counted
-        model.model.embed_tokens.weight[pad] = 0.0
-        model.model.embed_tokens.weight[pad, 5] = 1.0
+    assert not any(bool((s["input_ids"] == model.config.pad_token_id).any()) for s in calibration)
+    _spiked_pad(model)
+    with torch.no_grad():
         model.model.layers[0].self_attn.k_proj.weight[:, 5] *= 20  # ... and in the keys
     for recipe in (Recipe.from_preset("W4A16", group_size=32), Recipe.from_preset("FP8+KV_FP8")):
         kv = recipe.kv_cache is not None
@@ -126,8 +124,17 @@ def test_hessians_input_ranges_and_kv_scales_ignore_the_padding():
             assert torch.equal(kv_b.key_absmax, kv_s.key_absmax) and torch.equal(kv_b.value_absmax, kv_s.value_absmax)
 
 
+def _spiked_pad(model):
+    """The pad token's embedding a spike: pad positions would stand out in any statistic that counted them."""
+    pad = model.config.pad_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[pad] = 0.0
+        model.model.embed_tokens.weight[pad, 5] = 1.0
+    return model
+
+
 def _compress(recipe, calibration, batched: bool, model=None, calls: list | None = None):
-    model = model if model is not None else tiny_llama()
+    model = model if model is not None else _spiked_pad(tiny_llama())
     _, layers = decoder_layers(model)
     handle = layers[0].register_forward_pre_hook(lambda *_: calls.append(1)) if calls is not None else None
     report = compress_model(model, recipe, calibration, batch_calibration=batched, max_padding=0.25)
@@ -159,6 +166,7 @@ def _assert_same_compression(a, b, *, max_flipped: float):
 
 @pytest.mark.parametrize("preset,options,max_flipped", [
     ("W4A16", {"group_size": 32}, 1e-3),
+    ("W4A16", {"group_size": 32, "ignore": []}, 1e-3),  # lm_head too, on the last layer's padded outputs
     ("FP8", {}, 0.0),  # static per-tensor input scales from the same maxima: identical
     ("SQ+W8A8", {}, 2e-2),  # 256 levels: more boundaries; reordering the samples alone flips 1.2%
     ("AWQ+W4A16_ASYM", {"group_size": 32}, 1e-3),
@@ -178,6 +186,8 @@ def test_batched_compression_equals_one_sample_at_a_time(preset, options, max_fl
     if preset == "AWQ+W4A16_ASYM":
         for x, y in zip(batched[1].smoothing, single[1].smoothing):
             assert x["ratio"] == y["ratio"] and x["best_error"] == pytest.approx(y["best_error"], rel=1e-4)
+    if options.get("ignore") == []:
+        assert batched[1].modules["lm_head"].codes is not None
     _assert_same_compression(batched, single, max_flipped=max_flipped)
 
 
@@ -260,3 +270,25 @@ def test_offloaded_activations_carry_their_token_masks_to_the_device():
     assert runs[1].batching == "padded batches" and runs[1].layer_batches == runs[0].layer_batches < len(LENGTHS)
     for name, rec in runs[0].modules.items():
         assert torch.equal(rec.codes, runs[1].modules[name].codes), name
+
+
+def _stage(body: str, stage: str = "quant_stage", group: str = "quant_modifiers") -> str:
+    return f"{stage}:\n  {group}:\n" + "".join(f"    {line}\n" for line in body.strip("\n").split("\n"))
+
+
+@pytest.mark.parametrize("body,stage,max_flipped", [
+    ("QuantizationModifier: {targets: Linear, scheme: FP8, ignore: [lm_head], "
+     "kv_cache_scheme: {num_bits: 8, type: float, strategy: attn_head}}", "quant", 0.0),  # per-KV-head K/V scales
+    ("LogarithmicEqualizationModifier: {}\nQuantizationModifier: {scheme: W8A8, ignore: [lm_head]}", "quant", 2e-2),
+    ("WandaPruningModifier: {sparsity: 0.5, mask_structure: '2:4', targets: [Linear], ignore: [lm_head]}",
+     "sparsity", 0.0),
+    ("SparseGPTModifier: {sparsity: 0.5, sparsity_profile: owl, owl_m: 2, owl_lmbda: 0.1, ignore: [lm_head]}",
+     "sparsity", 0.0),  # OWL's activation norms
+])
+def test_other_recipe_paths_batched_equal_one_sample_at_a_time(body, stage, max_flipped):
+    text = _stage(body) if stage == "quant" else _stage(body, "sparsity_stage", "sparsity_modifiers")
+    recipe = Recipe.from_yaml(text)
+    calibration = variable_calibration()
+    batched, single = _compress(recipe, calibration, True), _compress(recipe, calibration, False)
+    assert batched[1].batching == "padded batches"
+    _assert_same_compression(batched, single, max_flipped=max_flipped)
