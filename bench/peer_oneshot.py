@@ -38,6 +38,11 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins its activation cache (pipelines/cache.py), which a CPU-only torch
+        # refuses ("Cannot access accelerator device"); pinning only speeds up host→GPU copies, so
+        # without a GPU the tensor itself is the same thing. Nothing else in oneshot changes.
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
     ids = load_file(args.calibration)["input_ids"]
     samples, seqlen = ids.shape
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seqlen] * samples})

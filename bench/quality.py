@@ -320,7 +320,7 @@ def table(results: dict) -> str:
         for tool in ("ours", "llmcompressor"):
             e = entry.get(tool, {})
             cells += ([f"{e['perplexity']:.3f}", f"{e['ratio']:.4f}"] if "perplexity" in e
-                      else [f"error: {e.get('error', 'not run')[:60]}", "—"])
+                      else [f"error: {e.get('error', 'not run').splitlines()[0][:70]}", "—"])
         ours, theirs = entry.get("ours", {}), entry.get("llmcompressor", {})
         times = [_seconds(ours.get("compress_s"), ours.get("compress_cpu_s")),
                  _seconds(theirs.get("oneshot_s"), theirs.get("oneshot_cpu_s")),
