@@ -97,9 +97,9 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
 AGAINST_CASES = {"W4A16-g64": ("W4A16", {"group_size": 64}), "2:4": ("2:4", {"reconstruction": False})}  # one-shot vs one-shot
 
 
-def run_engine_against(name: str, out_dir: str, dtype: str, threads: int, samples: int = 128,
-                       seqlen: int = 512) -> dict:
-    """Child process: the engine on the bf16 demo directory and the peer's calibration chunks."""
+def run_engine_against(name: str, out_dir: str, dtype: str, threads: int, calibration: str) -> dict:
+    """Child process: the engine on the bf16 demo directory and the peer's calibration chunks
+    (``calibration``: the file the parent wrote with ``peer.save_calibration``, as the peer gets it)."""
     started = time.perf_counter()
     import torch
 
@@ -116,11 +116,10 @@ def run_engine_against(name: str, out_dir: str, dtype: str, threads: int, sample
     t0 = time.perf_counter()
     loaded = load_model(str(model_dir), allowed_roots=[str(model_dir.parent)], dtype=getattr(torch, dtype))
     load_s = time.perf_counter() - t0
-    split = peer.article_split(loaded.tokenizer, samples=samples, seqlen=seqlen)
     preset, options = AGAINST_CASES[name]
     recipe = Recipe.from_preset(preset, **options)
     t0, c0 = time.perf_counter(), time.process_time()
-    report = compress_model(loaded.model, recipe, peer.calibration_samples(split))
+    report = compress_model(loaded.model, recipe, peer.calibration_samples(peer.load_calibration(calibration)))
     compress_s, compress_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     export_checkpoint(loaded.model, loaded.tokenizer, recipe, report, out_dir)
@@ -145,6 +144,7 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
     split = peer.article_split(peer.load_tokenizer(model_dir), samples=args.samples, seqlen=args.seqlen)
     work = peer.VAR / "compress-against"
     work.mkdir(parents=True, exist_ok=True)
+    calibration = peer.save_calibration(split, work / f"calibration-{args.samples}x{args.seqlen}.safetensors")
     dense = peer.score_checkpoint(model_dir, split, max_windows=args.windows)
     rows = []
     for name in args.only_against:
@@ -164,7 +164,7 @@ def against_llmcompressor(args: argparse.Namespace) -> None:
                 shutil.rmtree(out)
             if tool == "compressor":
                 cmd = [sys.executable, __file__, "--engine-case", name, "--engine-out", str(out), "--dtype", args.dtype,
-                       "--threads", str(args.threads), "--samples", str(args.samples), "--seqlen", str(args.seqlen)]
+                       "--threads", str(args.threads), "--engine-calibration", str(calibration)]
                 proc = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 row["peak_rss_gb"] = row.pop("own_peak_rss_gb")
@@ -224,10 +224,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="--against: keep rows of runs already finished in var/")
     parser.add_argument("--engine-case", help=argparse.SUPPRESS)
     parser.add_argument("--engine-out", help=argparse.SUPPRESS)
+    parser.add_argument("--engine-calibration", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.engine_case:
-        row = run_engine_against(args.engine_case, args.engine_out, args.dtype, args.threads, args.samples, args.seqlen)
+        row = run_engine_against(args.engine_case, args.engine_out, args.dtype, args.threads, args.engine_calibration)
         row["own_peak_rss_gb"] = round(peak_rss_bytes() / 2 ** 30, 3)
         print(json.dumps(row))
         return

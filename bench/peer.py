@@ -196,6 +196,21 @@ def article_split(tokenizer, samples: int = 128, seqlen: int = 512) -> Split:
     return Split(calibration, held_out[: windows * seqlen].view(windows, seqlen), taken, len(ids) - taken, seqlen)
 
 
+def save_calibration(split: Split, path: str | Path) -> Path:
+    """The split's calibration chunks as a safetensors file ({"input_ids": [samples, seqlen]}): how a
+    tool's child process gets them (no child tokenizes WikiText, whose ~250 MB would count in its peak)."""
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": split.calibration.contiguous()}, str(path))
+    return Path(path)
+
+
+def load_calibration(path: str | Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["input_ids"]
+
+
 def calibration_samples(split: Split | torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """One sample per calibration chunk, from a split or from its [samples, seqlen] ids."""
     rows = split.calibration if isinstance(split, Split) else split
@@ -236,15 +251,13 @@ def score_checkpoint(checkpoint_dir: str | Path, split: Split | None = None, *, 
 def run_llmcompressor(recipe_yaml: str, out_dir: str | Path, *, split: Split, model_dir: str | Path | None = None,
                       dtype: str = "auto", threads: int | None = None) -> dict:
     """llm-compressor ``oneshot`` in the peer virtualenv (child process); see the module docstring."""
-    from safetensors.torch import save_file
-
     python = ensure_peer_venv()
     model_dir = Path(model_dir or demo_dense_dir())
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="peer-") as tmp:
         recipe_path, calib_path = Path(tmp) / "recipe.yaml", Path(tmp) / "calibration.safetensors"
         recipe_path.write_text(recipe_yaml, encoding="utf-8")
-        save_file({"input_ids": split.calibration.contiguous()}, str(calib_path))
+        save_calibration(split, calib_path)
         cmd = [str(python), str(ONESHOT_SCRIPT), "--model", str(model_dir), "--recipe", str(recipe_path),
                "--calibration", str(calib_path), "--out", str(out_dir), "--dtype", dtype]
         if threads:

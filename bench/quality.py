@@ -100,11 +100,8 @@ def run_ours_child(row: str, out_dir: Path, split) -> dict:
     child it gets the calibration chunks as a safetensors file (it does not tokenize WikiText)."""
     import tempfile
 
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory(prefix="ours-") as tmp:
-        calib_path = Path(tmp) / "calibration.safetensors"
-        save_file({"input_ids": split.calibration.contiguous()}, str(calib_path))
+        calib_path = peer.save_calibration(split, Path(tmp) / "calibration.safetensors")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-child", row, "--child-out", str(out_dir),
                "--child-calibration", str(calib_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -114,11 +111,9 @@ def run_ours_child(row: str, out_dir: Path, split) -> dict:
 
 
 def _child_main(row: str, out_dir: str, calibration: str) -> int:
-    from safetensors.torch import load_file
-
     started = time.perf_counter()
     model_dir = peer.demo_dense_dir()
-    ids = load_file(calibration)["input_ids"]
+    ids = peer.load_calibration(calibration)
     info = run_ours(ROWS[row], Path(out_dir), ids, model_dir)
     info.update(wall_s=round(time.perf_counter() - started, 1), cpu_s=round(time.process_time(), 1),
                 peak_rss_gb=round(peak_rss_bytes() / 2 ** 30, 3))
