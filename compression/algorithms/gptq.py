@@ -134,7 +134,7 @@ def quantize_weight(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dt
         weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for every format
     gscale = fp4_global_scale(weight) if args.has_global_scale else None
     scale, zp = compute_qparams(weight, args, scale_dtype, global_scale=gscale)
-    codes = quantize(weight, scale, args, zero_point=zp, global_scale=gscale)
+    codes = quantize(weight, scale, args, zero_point=zp, global_scale=gscale, storage=scale_dtype)
     deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale)
     return QuantResult(deq, codes, scale, 0.0, zero_point=zp, global_scale=gscale)
 

@@ -362,16 +362,30 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     return out * torch.sign(x)
 
 
+def _division_dtype(w: torch.Tensor, scale: torch.Tensor, storage: torch.dtype | None) -> torch.dtype:
+    """The dtype ``w / scale`` is computed in: float32, or the 16-bit storage dtype when the scale is
+    stored in it too (compressed-tensors' round-to-nearest divides the stored weight by its scale
+    with torch's type promotion, so a bf16 weight over a bf16 scale is divided in bf16)."""
+    if storage in (torch.bfloat16, torch.float16) and scale.dtype == storage:
+        return storage
+    return torch.float32
+
+
 def quantize_int(w: torch.Tensor, scale: torch.Tensor, bits: int, zero_point: torch.Tensor | None = None, *,
-                 block: tuple[int, int] | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """q = clamp(round(w / scale) + zp, qmin, qmax) as int8; scale tensor/channel/group/block."""
+                 block: tuple[int, int] | None = None, g_idx: torch.Tensor | None = None,
+                 storage: torch.dtype | None = None) -> torch.Tensor:
+    """q = clamp(round(w / scale + zp), qmin, qmax) as int8; scale tensor/channel/group/block.
+
+    ``storage``: the weight's stored dtype when ``w`` is rounded to nearest (see :func:`_division_dtype`);
+    GPTQ's columns are divided in float32 as llm-compressor's GPTQ does."""
     assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
     qmin, qmax = int_range(bits)
     s = expand_scale(scale, w.shape, block=block, g_idx=g_idx)
-    q = torch.round(w.float() / s.float())
+    dt = _division_dtype(w, scale, storage)
+    q = w.to(dt) / s.to(dt)
     if zero_point is not None:
-        q = q + expand_scale(zero_point, w.shape, block=block, g_idx=g_idx).float()
-    return torch.clamp(q, qmin, qmax).to(torch.int8)
+        q = q + expand_scale(zero_point, w.shape, block=block, g_idx=g_idx).to(dt)
+    return torch.clamp(torch.round(q.float()), qmin, qmax).to(torch.int8)
 
 
 def dequantize_int(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None,
@@ -386,11 +400,13 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | No
     return (v * s).to(dtype or s.dtype)
 
 
-def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int] | None = None) -> torch.Tensor:
-    """float8_e4m3fn(clamp(w / scale, ±448))."""
+def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int] | None = None,
+                 storage: torch.dtype | None = None) -> torch.Tensor:
+    """float8_e4m3fn(clamp(w / scale, ±448)); ``storage`` as in :func:`quantize_int`."""
     assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
     s = expand_scale(scale, w.shape, block=block)
-    return torch.clamp(w.float() / s.float(), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    dt = _division_dtype(w, scale, storage)
+    return torch.clamp(w.to(dt) / s.to(dt), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None, *,
@@ -416,16 +432,18 @@ def dequantize_fp4(q: torch.Tensor, scale: torch.Tensor, global_scale: torch.Ten
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, args: QuantArgs, *, zero_point: torch.Tensor | None = None,
-             global_scale: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Integer (int8 container), float8 or E2M1 (float32 values) codes of ``w``."""
+             global_scale: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
+             storage: torch.dtype | None = None) -> torch.Tensor:
+    """Integer (int8 container), float8 or E2M1 (float32 values) codes of ``w``; ``storage``: see
+    :func:`quantize_int` (round-to-nearest only)."""
     if args.is_fp4 and global_scale is None:  # MXFP4: E2M1 values of w / (power-of-two group scale)
         assert args.is_mx, "NVFP4 needs its global scale"
         return round_to_e2m1(w.float() / expand_scale(scale.float(), w.shape))
     if args.is_fp4:
         return quantize_fp4(w, scale, global_scale)
     if args.type == "float":
-        return quantize_fp8(w, scale, block=_block(args))
-    return quantize_int(w, scale, args.num_bits, zero_point, block=_block(args), g_idx=g_idx)
+        return quantize_fp8(w, scale, block=_block(args), storage=storage)
+    return quantize_int(w, scale, args.num_bits, zero_point, block=_block(args), g_idx=g_idx, storage=storage)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None, *,

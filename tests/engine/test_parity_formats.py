@@ -361,3 +361,31 @@ def test_preflight_refuses_shapes_the_format_cannot_tile(preset, field):
     with pytest.raises(RecipeError) as exc:
         preflight(dict(smollm, model_type="mamba"), Recipe.from_preset("FP8+KV_FP8"))
     assert exc.value.field == "recipe.kv_cache_scheme"
+
+
+@pytest.mark.parametrize("scheme", [
+    dict(num_bits=8, type="float", strategy="channel"),
+    dict(num_bits=8, type="float", strategy="tensor"),
+    dict(num_bits=4, type="int", strategy="group", group_size=32),
+    dict(num_bits=4, type="int", strategy="group", group_size=32, symmetric=False),
+    dict(num_bits=8, type="int", strategy="channel"),
+])
+def test_round_to_nearest_codes_equal_compressed_tensors_on_bf16_weights(scheme):
+    """RTN of a bf16 weight divides in bf16 as compressed-tensors does (w / scale with torch's type
+    promotion, zero point added in bf16), so a data-free checkpoint holds exactly llm-compressor's codes.
+    Dividing in float32 instead changes a few percent of FP8 codes by one step."""
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+
+    torch.manual_seed(3)
+    w = (torch.randn(64, 256) * 0.05 + 0.01).to(torch.bfloat16)
+    ours_args = QuantArgs(**{"symmetric": True, **scheme})
+    result = quantize_weight(w, ours_args, torch.bfloat16)
+    ct_args = _ct_args(**{"symmetric": True, **scheme})
+    zp = result.zero_point if result.zero_point is not None else torch.zeros_like(result.scale)
+    theirs = ct_quantize(w, result.scale, zp, ct_args)
+    ours = result.codes.float() if result.codes.dtype == FP8_DTYPE else result.codes
+    assert torch.equal(ours.float(), theirs.float()), float((ours.float() != theirs.float()).float().mean())
+    if scheme["type"] == "float":  # the float32 division really differs on some codes (the test can fail)
+        s = result.scale.float()
+        f32 = torch.clamp(w.float() / (s if s.dim() else s.reshape(1, 1)), -448, 448).to(FP8_DTYPE).float()
+        assert not torch.equal(f32, theirs.float())
