@@ -15,15 +15,16 @@ Estimates (rough, for planning only):
   when it computes on a GPU): in memory ≈ process base + dense weights + 1 byte/param of codes + the
   export's copy in the storage dtype + workspace; streamed (:mod:`compression.model_io.streaming`)
   ≈ process base + the tensors outside the decoder layers + two copies of the largest layer + one
-  export shard + workspace. Both add the captured activations (2 · samples · seqlen · hidden · 4 B)
-  when the compute device is the CPU. The workspace (CPU only) is what one layer's step allocates:
+  export shard + workspace. Both add the captured activations (samples · seqlen · hidden · 4 B: each
+  layer's outputs overwrite its inputs; twice that when a reconstruction or AWQ/SmoothQuant needs a
+  second stream) when the compute device is the CPU. The workspace (CPU only) is what one layer's step allocates:
   fp32 copies of the one Linear the solver works on (3 for round-to-nearest, 5 for GPTQ/SparseGPT),
   the Hessians of the layer's Linears and an inverse, and one calibration batch
   (min(4096, samples · seqlen) tokens) through the MLP (3 · tokens · intermediate · 4 B; none for a
   data-free recipe). The in-memory terms are summed although compression and export do not overlap:
   nothing trims the heap between layers in memory, so what a layer freed largely stays resident.
   Checked against ``bench/memory.py`` (docs/benchmarks.md);
-* device memory ≈ the largest decoder layer's weights + activations (samples · seqlen · hidden · 4 B)
+* device memory ≈ the largest decoder layer's weights + activations (as above, one or two sets)
   + the fp32 Hessians of that layer's targeted Linears (Σ in² · 4 B) + a 1.5x workspace factor;
 * time ≈ (forward FLOPs: 2 passes · 2 · layer params · samples · seqlen · layers
   + solver FLOPs: Σ over Linears of (in³/3 + 2·out·in²) for GPTQ/SparseGPT) / throughput,
@@ -60,7 +61,7 @@ class PreflightReport:
     experts: int = 0  # per-expert modules (experts × MoE layers)
     routers: int = 0
     peak_host_streaming_mb: float = 0.0  # the same job streamed layer by layer from the shards
-    activation_mb: float = 0.0  # captured calibration activations (inputs + outputs of one layer)
+    activation_mb: float = 0.0  # captured calibration activations (one set, two with a second stream)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,11 +238,15 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     calib = recipe.needs_calibration
     biggest_layer = max(layer_params.values(), default=0)
     act_bytes = samples * seqlen * hidden * 4 if calib else 0
-    device_bytes = 1.5 * (biggest_layer * dtype_bytes + 2 * act_bytes + max(hessian_bytes.values(), default=0))
+    # each layer's outputs overwrite its inputs (LayerInputs.forward in_place), so one set of activations
+    # is held; two where a reconstruction keeps the dense model's stream or AWQ/SmoothQuant (or OWL) replay them
+    streams = 2 if any(m.transforms or m.owl is not None or (m.prunes and m.reconstruction is not None)
+                       for m in recipe.modifiers) else 1
+    device_bytes = 1.5 * (biggest_layer * dtype_bytes + streams * act_bytes + max(hessian_bytes.values(), default=0))
     from compression.model_io.walk import BATCH_TOKENS
 
     host_bytes, streaming_bytes = host_memory_estimates(
-        layout, device=device, storage_bytes=dtype_bytes, activation_bytes=2 * act_bytes,
+        layout, device=device, storage_bytes=dtype_bytes, activation_bytes=streams * act_bytes,
         hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=int(_cfg(text, "intermediate_size") or 0),
         batch_tokens=min(BATCH_TOKENS, samples * seqlen) if calib else 0)
     forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
@@ -254,7 +259,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
                            estimated_seconds=round(seconds, 1), warnings=warnings, architecture=layout.architecture,
                            experts=layout.experts, routers=len(layout.routers),
                            peak_host_streaming_mb=round(streaming_bytes / 2 ** 20, 1),
-                           activation_mb=round(2 * act_bytes / 2 ** 20, 1))
+                           activation_mb=round(streams * act_bytes / 2 ** 20, 1))
 
 
 PROCESS_BASE_BYTES = 600 * 2 ** 20  # python + torch + transformers + tokenizer, measured by bench/memory.py

@@ -40,10 +40,10 @@ from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp
 from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
-from compression.model_io.streaming import release_heap
+from compression.model_io.streaming import map_large_blocks, release_heap
 from compression.model_io.walk import (BATCH_TOKENS, MAX_PADDING, LayerInputs, capture_layer_inputs, decoder_layers,
                                        token_mask, valid_rows)
-from kernels.packing import is_24_sparse
+from kernels.packing import is_24_sparse, pack_int, unpack_int
 
 __all__ = ["CompressionReport", "ModuleRecord", "compress_model", "decoder_layers"]
 
@@ -61,7 +61,10 @@ class ModuleRecord:
     shape: tuple[int, int]
     weights: QuantArgs | None = None
     input_activations: QuantArgs | None = None
-    codes: torch.Tensor | None = None  # int8 (int schemes), float8_e4m3fn, or E2M1 values (NVFP4), [out, in]
+    # the codes (see ``codes``): int codes of fewer than 8 bits are held packed (int32 words, 8x smaller
+    # than int8 for INT4, what export writes as weight_packed), every other kind as it is
+    packed: torch.Tensor | None = field(default=None, repr=False)
+    _codes: torch.Tensor | None = field(default=None, repr=False)
     scale: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None  # asymmetric int weights, shaped like scale (int8)
@@ -75,6 +78,26 @@ class ModuleRecord:
     dead_columns: int = 0
     fallback: str | None = None
     written: bool = False  # streaming export: its tensors are in a shard already and were dropped here
+
+    @property
+    def codes(self) -> torch.Tensor | None:
+        """int8 (int schemes), float8_e4m3fn, or E2M1 values (NVFP4), [out, in]; int codes held packed are
+        unpacked on each access (exactly: :func:`kernels.packing.unpack_int` inverts ``pack_int``)."""
+        if self._codes is None and self.packed is not None:
+            return unpack_int(self.packed, self.shape[1], self.weights.num_bits)
+        return self._codes
+
+    @codes.setter
+    def codes(self, value: torch.Tensor | None) -> None:
+        """Set after ``weights``: int8 codes of a scheme of fewer than 8 bits are packed right away
+        (a compressed model holds one int8 code per weight otherwise, until the export)."""
+        self.packed = self._codes = None
+        w = self.weights
+        if (value is not None and value.dtype == torch.int8 and value.dim() == 2 and w is not None
+                and w.type == "int" and w.num_bits < 8 and tuple(value.shape) == tuple(self.shape)):
+            self.packed = pack_int(value, w.num_bits)
+        else:
+            self._codes = value
 
     def summary(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "losses": self.losses,
@@ -411,6 +434,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
     a padded batch (default: ``MAX_PADDING`` on an accelerator, no padded batches on a CPU).
     """
     disable_tf32()
+    if torch.device(device).type == "cpu" or offload_activations:
+        map_large_blocks()  # the layers' large host temporaries do not fragment the heap (host peak)
     started = time.perf_counter()
     prefix, layers = decoder_layers(model)
     names = CheckpointNames.for_model(model)
@@ -461,7 +486,11 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             inputs.compute_device = device
         if wide is not None and inputs:
             inputs = inputs.cast(wide)
-        dense_inputs = inputs  # the dense model's activation stream (layer-wise reconstruction, target "dense")
+        inputs.consolidate()  # one buffer, written over by each layer's outputs (LayerInputs.forward in_place)
+        release_heap()  # the captured per-sample copies are gone
+        # the dense model's activation stream (layer-wise reconstruction, target "dense"); only kept when
+        # a layer needs it: it holds a second copy of the calibration activations
+        dense_inputs = inputs if _keeps_dense_stream(recipe) else None
         if inputs and any(m.owl is not None for m in recipe.modifiers):
             sparsities.update(_owl_sparsities(model, recipe, prefix, layers, names, inputs, device, wide, home,
                                               storage, emit))
@@ -488,7 +517,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                 report.hooks.extend(attach_all(model, layer_kv))  # FP8 K/V from here on, like a deployment
             _expert_fallbacks(layer, plans, stats, min_expert_tokens)
             recon = _reconstruction_settings(plans) if inputs else None
-            targets = (reconstruction_targets(layer, inputs.pairs(index), dense_inputs.pairs(index), recon)
+            targets = (reconstruction_targets(layer, inputs.pairs(index), (dense_inputs or inputs).pairs(index), recon)
                        if recon else None)
             masks = {p.name: held_masks[p.name].to(device) for p in plans if p.name in (held_masks or {})}
             for plan in plans:
@@ -497,7 +526,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             if recon:
                 _reconstruct(layer, plans, masks, inputs.pairs(index), targets, recon, report, emit, index,
                              len(layers), should_stop)
-                if recon.target == "dense":
+                if recon.target == "dense" and dense_inputs is not None:
                     dense_inputs = dense_inputs.advanced(targets)
                 for plan in plans:
                     _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
@@ -510,7 +539,9 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                         record.input_global_scale))
             del stats
             if inputs and (index + 1 < len(layers) or head_plans):  # the outputs feed the next layer / the head
-                inputs = inputs.advanced(inputs.forward(layer, index))
+                # the outputs overwrite the inputs batch by batch (unless the dense stream is this very
+                # object): one set of calibration activations is held, not two
+                inputs = inputs.advanced(inputs.forward(layer, index, in_place=inputs is not dense_inputs))
             layer.to(home, dtype=storage) if wide is not None else layer.to(home)
             if layer_io is not None:
                 layer_io.done(index, layer, report)
@@ -534,6 +565,12 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
         log.warning("%d modules fell back to round-to-nearest/magnitude: %s", len(report.fallbacks),
                     [f["module"] for f in report.fallbacks])
     return report
+
+
+def _keeps_dense_stream(recipe: Recipe) -> bool:
+    """Whether some layer-wise reconstruction fits the pruned layer to the dense model's own stream."""
+    return any(m.prunes and m.reconstruction is not None and m.reconstruction.target == "dense"
+               for m in recipe.modifiers)
 
 
 def _compress_head(model, prefix: str, plans: list[_Plan], inputs: LayerInputs, report: CompressionReport,

@@ -92,10 +92,14 @@ def _inverse_hessian_upper(hessian: torch.Tensor, dampening_frac: float) -> tupl
     for frac in fracs:
         if not torch.isfinite(hessian).all():
             break
-        h = hessian + torch.eye(hessian.shape[0], device=hessian.device) * (frac * mean_diag)
+        h = _damped(hessian, frac * mean_diag)
         chol, info = torch.linalg.cholesky_ex(h)
+        del h
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            inverse = torch.cholesky_inverse(chol)
+            del chol
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(upper).all():
                 if frac != dampening_frac:
                     log.warning("Cholesky needed dampening %.4g (configured %.4g)", frac, dampening_frac)
@@ -103,6 +107,14 @@ def _inverse_hessian_upper(hessian: torch.Tensor, dampening_frac: float) -> tupl
         last_error = f"not positive-definite with dampening_frac={frac:.4g} (leading minor {int(info)})"
         log.warning("Cholesky failed: %s", last_error)
     raise CholeskyFailed(last_error)
+
+
+def _damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``hessian + damp * I`` with the same bits, without the three n x n temporaries of that expression:
+    adding +0.0 everywhere is what ``+ 0 * damp`` did off the diagonal (it turns -0.0 into +0.0)."""
+    h = hessian + 0.0
+    h.diagonal().add_(damp)
+    return h
 
 
 @dataclass
@@ -220,7 +232,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
             refitted = refit_scales(w_ref, codes, scale, zp, h, args)
         if not torch.equal(refitted, scale):
             scale = refitted
-            damped = h + torch.eye(h.shape[0], device=h.device) * (used * torch.mean(torch.diag(h)))
+            damped = _damped(h, used * torch.mean(torch.diag(h)))
             deq = dequantize(codes, scale, torch.float32, args=args, zero_point=zp)
             loss = quadratic_loss(deq - w_ref, damped)  # the same measure as the sweep's loss
     if mask is not None:

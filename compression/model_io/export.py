@@ -213,7 +213,8 @@ def _module_tensors(record: ModuleRecord, dtype: torch.dtype) -> dict[str, torch
         if record.input_global_scale is not None:
             out[f"{p}.input_global_scale"] = record.input_global_scale.float().reshape(1).contiguous()
     elif fmt == "pack-quantized":
-        out[f"{p}.weight_packed"] = pack_int(record.codes, w.num_bits)
+        # held packed since compression (ModuleRecord.codes): the same words pack_int makes here
+        out[f"{p}.weight_packed"] = record.packed if record.packed is not None else pack_int(record.codes, w.num_bits)
         out[f"{p}.weight_shape"] = torch.tensor(record.shape, dtype=torch.int64)
     else:
         out[f"{p}.weight"] = record.codes.contiguous()

@@ -205,12 +205,32 @@ class LayerInputs:
             group.append(s)
         return groups
 
+    def consolidate(self) -> "LayerInputs":
+        """Hold every unit's hidden states in one flat buffer (each unit a view into it), so that the
+        activations are one allocation, not hundreds of heap blocks between the layer's temporaries
+        (which left the heap fragmented, holding freed memory resident). Returns ``self``."""
+        hidden = self.hidden
+        if not hidden or any(h is None or h.dtype != hidden[0].dtype or h.device != hidden[0].device
+                             for h in hidden):
+            return self
+        flat = torch.empty(sum(h.numel() for h in hidden), dtype=hidden[0].dtype, device=hidden[0].device)
+        offset = 0
+        for u, h in enumerate(hidden):
+            view = flat[offset:offset + h.numel()].view(h.shape)
+            view.copy_(h)
+            hidden[u] = view
+            offset += h.numel()
+        return self
+
     def forward(self, layer: torch.nn.Module, index: int, *, extra: dict | None = None,
-                keep: bool = True) -> list[torch.Tensor]:
+                keep: bool = True, in_place: bool = False) -> list[torch.Tensor]:
         """Run ``layer`` (decoder layer ``index``) on every unit, batching equal unpadded samples;
         its output hidden states, one per unit (pad positions zeroed), or none with ``keep=False``.
         Hooks see the batched [B, T, C] inputs and, for a padded unit, its :func:`token_mask`.
-        ``extra``: keyword arguments added to every call."""
+        ``extra``: keyword arguments added to every call. ``in_place``: these inputs are used up (only
+        the outputs are needed afterwards): each unit's output is written over its own hidden states
+        once its batch has run (where shape and dtype agree), so no second set of activations is
+        allocated; the returned tensors are then this object's own (which now holds the outputs)."""
         outputs: list[torch.Tensor | None] = [None] * len(self.hidden)
         for group in self.batches():
             hidden = self.hidden[group[0]] if len(group) == 1 else torch.cat([self.hidden[s] for s in group])
@@ -228,9 +248,14 @@ class LayerInputs:
                 continue
             if mask is not None:  # pad positions stay finite and inert, whatever the layer made of them
                 out = out.masked_fill(~mask.to(out.device).unsqueeze(-1), 0)
-            out = out.to(home)
+            if not in_place:
+                out = out.to(home)
             for s, row in zip(group, out.split(1) if len(group) > 1 else [out]):
-                outputs[s] = row
+                own = self.hidden[s]
+                if in_place and row.shape == own.shape and row.dtype == own.dtype:
+                    outputs[s] = own.copy_(row)
+                else:
+                    outputs[s] = row.to(home)
         return outputs  # type: ignore[return-value]
 
     def per_sample(self, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -325,6 +350,7 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
     current: list[dict] = []
     memo: dict[int, Any] = {}
     shape: list[torch.Size] = []
+    by_length: dict[int, list[dict]] = {}  # the first unpadded one-row sample's arguments per length
     last = len(layers) - 1
 
     def stand_in(index: int, parameters: list[str]):
@@ -370,9 +396,14 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
                 raise UnsupportedModelError(
                     f"{type(model).__name__}'s forward pass reached {len(current)} of its {len(layers)} decoder "
                     "layers; the engine needs every layer called once per forward pass")
-            calls.append(current)
             unpadded = mask is None or bool(mask.all())
-            keys.append(int(ids.shape[1]) if unpadded and ids.shape[0] == 1 and batch_tokens > 0 else None)
+            key = int(ids.shape[1]) if unpadded and ids.shape[0] == 1 else None
+            if key is not None:  # e.g. rotary tables: one copy for all samples of a length, not one each
+                first = by_length.setdefault(key, current)
+                if first is not current and _same_arguments(first, current, {}):
+                    current = first
+            calls.append(current)
+            keys.append(key if batch_tokens > 0 else None)
             masks.append(None if unpadded or not padding else mask.to(device).bool())
             members.append(samples)
     finally:
@@ -384,6 +415,27 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
     inputs = LayerInputs(hidden_states, calls, keys, masks, members)
     inputs.batch_tokens = batch_tokens
     return inputs
+
+
+def _same_arguments(a: Any, b: Any, memo: dict[int, bool]) -> bool:
+    """Whether two samples' captured layer arguments are equal: same structure, equal tensors (dtype,
+    shape, device and values), equal other values; each of ``b``'s objects compared once (``memo``)."""
+    if id(b) in memo:
+        return memo[id(b)]
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and a.device == b.device and a.layout == b.layout and torch.equal(a, b))
+    elif isinstance(a, (tuple, list)) and type(a) is type(b):
+        same = len(a) == len(b) and all(_same_arguments(x, y, memo) for x, y in zip(a, b))
+    elif isinstance(a, dict) and type(a) is type(b):
+        same = a.keys() == b.keys() and all(_same_arguments(a[k], b[k], memo) for k in a)
+    else:
+        try:
+            same = type(a) is type(b) and bool(a == b)
+        except Exception:  # objects without a plain equality (caches, masks of other types): keep both
+            same = False
+    memo[id(b)] = same
+    return same
 
 
 def _first_device(model: torch.nn.Module) -> torch.device:
