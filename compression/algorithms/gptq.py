@@ -59,9 +59,17 @@ class HessianAccumulator:
         sequences its rows come from (default: ``batch`` for a 3-D ``x``, else one), e.g. the samples
         of a padded batch whose pad rows were left out."""
         batch = sequences if sequences is not None else (x.shape[0] if x.dim() > 2 else 1)
-        x = x.reshape(-1, x.shape[-1]).to(self.hessian.device, torch.float32)
+        rows = x.reshape(-1, x.shape[-1])
+        x = rows.to(self.hessian.device, torch.float32)
         total = self.samples + batch
-        self.hessian.addmm_(x.t(), x, beta=self.samples / total, alpha=2.0 / total)  # no scaled copy of x
+        self.hessian.mul_(self.samples / total)
+        # (scaling inside addmm_ by alpha instead flipped 2% of the codes between batched and one-sample
+        # calibration on the tiny test models: GPTQ amplifies the different rounding)
+        if x.data_ptr() == rows.data_ptr():  # already float32 there: the caller's tensor, not ours to scale
+            x = x * (2.0 / total) ** 0.5
+        else:  # our own float32 copy: scaled in place (the same products), no second copy of the rows
+            x.mul_((2.0 / total) ** 0.5)
+        self.hessian.addmm_(x.t(), x)
         self.samples = total
 
 
