@@ -22,7 +22,8 @@ Estimates (rough, for planning only):
   the Hessians of the layer's Linears and an inverse, and one calibration batch
   (min(4096, samples · seqlen) tokens) through the MLP (3 · tokens · intermediate · 4 B; none for a
   data-free recipe). The in-memory terms are summed although compression and export do not overlap:
-  nothing trims the heap between layers in memory, so what a layer freed largely stays resident.
+  the heap is trimmed after each layer (``streaming.release_heap``) and large blocks are mmapped
+  (``map_large_blocks``), but fragmentation still keeps part of what a layer freed resident.
   Checked against ``bench/memory.py`` (docs/benchmarks.md);
 * device memory ≈ the largest decoder layer's weights + activations (as above, one or two sets)
   + the fp32 Hessians of that layer's targeted Linears (Σ in² · 4 B) + a 1.5x workspace factor;
