@@ -84,7 +84,8 @@ def test_kill_9_of_the_only_workers_main_process_fails_its_job_after_the_supervi
     job = wait_until_finished(job, worker, timeout=60)
     assert job.status == Status.FAILED and job.error_type == "WorkerLost", (job.error_message, worker.tail())
     assert "is gone" in job.error_message and job.worker in job.error_message
-    assert list(job_env["artifacts"].iterdir()) == []  # its temporary directory was removed
+    # removed by the same handler right after the job is marked failed: allow it a moment under load
+    wait_for(lambda: list(job_env["artifacts"].iterdir()) == [], 15, "its temporary directory removed")
 
     # ... and the restarted worker runs the next job.
     second = make_job(owner, model_source="nonexistent-org/no-such-model")
