@@ -10,21 +10,15 @@ normalised by ``sqrt(max · min)``; the balance weights become ``Q(W · s) / s``
 with the balance layer's own quantization scheme, min-max scales) and the parent is re-run on the
 cached calibration inputs. The scales with the smallest mean squared error against the float
 parent output win and are folded into the smooth layer (÷ s) and the balance layers (× s).
-
-Cost: the replays dominate. When the parent is the one balance Linear (up → down) the error is the
-quadratic form Σ ΔW H ΔWᵀ of the weight change in the input Gram matrix H (no replay); integer
-schemes fake-quantize on the group view (``_fake_quant_int``, bit-identical to ``fake_quantize``);
-the float reference stays in the parent's dtype and the error streams call by call.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from compression.algorithms.quant import (QuantArgs, _groups, compute_qparams, fake_quantize, fp4_global_scale,
-                                          int_range)
+from compression.algorithms.quant import QuantArgs, compute_qparams, fake_quantize, fp4_global_scale
 
 DEFAULT_MAPPINGS = [
     {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]},
@@ -80,44 +74,7 @@ def _fake_quant(w: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     minmax = QuantArgs(**{**args.to_dict(), "observer": "minmax", "actorder": None})
     g = fp4_global_scale(w) if minmax.has_global_scale else None
     scale, zp = compute_qparams(w, minmax, torch.float32, global_scale=g)
-    if minmax.type == "int" and minmax.strategy in ("tensor", "channel", "group") and not minmax.is_mx:
-        return _fake_quant_int(w, scale, zp, minmax)
     return fake_quantize(w.float(), scale, minmax, zero_point=zp, global_scale=g)
-
-
-def _fake_quant_int(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
-    """``fake_quantize`` of an integer tensor / channel / group scheme, value for value (the same
-    float operations in the same dtypes), on a [*scale shape, elements] view instead of scales
-    broadcast to the full weight, in place, and without the int8 round trip (exact for the
-    clamped integers). Several times faster on the search's ~20 candidates per weight."""
-    qmin, qmax = int_range(args.num_bits)
-    groups = _groups(w.float(), args)  # a view of w (w is float32 here)
-    s = scale.reshape(*groups.shape[:-1], 1)
-    q = torch.div(groups, s.float())
-    q.round_()
-    if zp is not None:
-        z = zp.reshape(*groups.shape[:-1], 1)
-        q.add_(z.float()).clamp_(qmin, qmax)
-        v = q.to(s.dtype)
-        v.sub_(z.to(s.dtype))
-    else:
-        v = q.clamp_(qmin, qmax).to(s.dtype)
-    return v.mul_(s).to(torch.float32).reshape(w.shape)
-
-
-def candidate_weight(w: torch.Tensor, scales: torch.Tensor, args: QuantArgs | None) -> torch.Tensor:
-    """Q(W · s) / s in ``w``'s dtype (W · s without quantization when ``args`` is None)."""
-    s = scales.to(w.device).unsqueeze(0)
-    scaled = w.float() * s
-    q = _fake_quant(scaled, args) if args is not None else scaled
-    return q.div_(s).to(w.dtype)
-
-
-def _squared_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Σ (out - ref)² in float32 (one difference buffer, one dot product)."""
-    d = out.reshape(-1).float()
-    d = d - ref.reshape(-1) if d.data_ptr() == out.data_ptr() else d.sub_(ref.reshape(-1))
-    return float(torch.dot(d, d))
 
 
 @dataclass
@@ -129,53 +86,35 @@ class AWQResult:
     best_error: float
 
 
-def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float, duo: bool) -> torch.Tensor:
-    if duo:
-        scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
-    else:
-        scales = x_mean.pow(ratio).clamp(min=1e-4)
-    scales = scales / (scales.max() * scales.min()).sqrt()
-    scales[~torch.isfinite(scales)] = 1.0
-    return scales
-
-
 @torch.no_grad()
 def awq_search(x_mean: torch.Tensor, balance: list[torch.nn.Linear], schemes: list[QuantArgs | None],
-               run_parent: Callable[[], Iterable[torch.Tensor]] | None, *, n_grid: int = 20,
-               duo_scaling: bool | str = True, gram: tuple[torch.Tensor, int] | None = None) -> AWQResult:
+               run_parent: Callable[[], list[torch.Tensor]], *, n_grid: int = 20,
+               duo_scaling: bool | str = True) -> AWQResult:
     """Grid-search the smoothing scales for one group; leaves the balance weights as they were.
 
-    ``run_parent()`` re-runs the parent module on its cached inputs and returns (or yields) its
-    outputs. ``gram`` = (H = Σ xᵀx over the parent's input tokens, token count) replaces the
-    replays when the parent is the one balance Linear: its output error is then
-    Σ_rows ΔW H ΔWᵀ / (tokens · out features), the same mean squared error without running the
-    layer on every token per grid point.
+    ``run_parent()`` re-runs the parent module on its cached inputs and returns its outputs.
     """
     originals = [layer.weight.data.clone() for layer in balance]
-    if gram is not None:
-        assert len(balance) == 1, "the Gram-matrix error needs the parent to be the one balance Linear"
-        hessian, tokens = gram
-        float_out: list[torch.Tensor] = []
-        numel = max(tokens * originals[0].shape[0], 1)
-    else:
-        assert run_parent is not None
-        float_out = [o.detach() for o in run_parent()]  # kept in the parent's dtype
-        numel = max(sum(f.numel() for f in float_out), 1)
+    float_out = [o.float() for o in run_parent()]
     w_mean = weight_means(originals, schemes) if duo_scaling else None
     x_mean = x_mean.float()
     best: AWQResult | None = None
     initial = None
     try:
         for ratio, duo in grid_points(n_grid, duo_scaling):
-            scales = candidate_scales(x_mean, w_mean, ratio, duo)
-            for layer, w, args in zip(balance, originals, schemes):
-                layer.weight.data = candidate_weight(w, scales, args)
-            if gram is not None:
-                delta = balance[0].weight.data.float() - originals[0].float()
-                err_sum = float(torch.sum((delta @ hessian) * delta))
+            if duo:
+                scales = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
             else:
-                err_sum = sum(_squared_error(o, f) for o, f in zip(run_parent(), float_out))
-            error = err_sum / numel
+                scales = x_mean.pow(ratio).clamp(min=1e-4)
+            scales = scales / (scales.max() * scales.min()).sqrt()
+            scales[~torch.isfinite(scales)] = 1.0
+            for layer, w, args in zip(balance, originals, schemes):
+                scaled = w.float() * scales.to(w.device).unsqueeze(0)
+                q = _fake_quant(scaled, args) if args is not None else scaled
+                layer.weight.data = (q / scales.to(w.device).unsqueeze(0)).to(w.dtype)
+            out = run_parent()
+            err_sum = sum(float((o.float() - f).pow(2).sum()) for o, f in zip(out, float_out))
+            error = err_sum / max(sum(f.numel() for f in float_out), 1)
             if initial is None:
                 initial = error
             if best is None or error < best.best_error:

@@ -8,11 +8,6 @@ as is one whose shapes do not line up (v_proj → o_proj under grouped-query att
 llm-compressor). A mapping is refused when its smooth layer is a norm we cannot fold into
 (Gemma-style ``1 + weight`` norms).
 
-One layer forward records every mapping of a modifier (parent calls, balance-input statistics, the
-Gram matrix of a Linear parent), as llm-compressor does: folding a mapping keeps the float function,
-so the later mappings' inputs are what was recorded up to rounding. A mapping fed directly by an
-earlier mapping's smooth output (the same tensor storage) is recorded again after that fold.
-
 Calibration inputs may be padded batches: the activation statistics and the AWQ output error count
 the tokens only (the parent's calls are replayed with their token masks).
 """
@@ -20,7 +15,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -169,134 +163,52 @@ def _scheme_for(recipe: Recipe, name: str, module: torch.nn.Module):
     return None
 
 
-def _gram_parent(mapping: dict) -> bool:
-    """Whether AWQ can score this mapping from its input Gram matrix: the parent is the one balance
-    Linear (up_proj → down_proj), so its output error is a quadratic form in the weight change."""
-    parent, balance = mapping["parent"][1], [m for _, m in mapping["balance"]]
-    return len(balance) == 1 and parent is balance[0] and type(parent) is torch.nn.Linear
-
-
-class _Captured:
-    """What one layer forward recorded for one mapping."""
-
-    def __init__(self, need: set[str]):
-        self.need = need
-        self.calls: list = []  # the parent's (args, kwargs, token mask) per layer call
-        self.sum = self.absmax = self.lo = self.hi = self.gram = None
-        self.count = 0
-        self.stale = False  # its inputs are an earlier mapping's smooth output: recapture after that fold
-
-    @property
-    def x_mean(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
-
-    @property
-    def range(self) -> torch.Tensor | None:
-        return self.hi - self.lo if self.hi is not None else None
-
-    def add(self, x: torch.Tensor) -> None:
-        """One call's balance input tokens ``[N, C]``."""
-        need = self.need
-        if "sum" in need:
-            part = x.float().abs().sum(0)
-            self.sum = part if self.sum is None else self.sum + part
-        if "absmax" in need or "range" in need:
-            lo, hi = torch.aminmax(x, dim=0)
-            lo, hi = lo.float(), hi.float()
-            if "absmax" in need:
-                amax = torch.maximum(lo.abs(), hi)
-                self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
-            if "range" in need:
-                self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
-                self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
-        if "gram" in need:
-            xf = x.float()
-            self.gram = xf.t() @ xf if self.gram is None else self.gram.addmm_(xf.t(), xf)
-        self.count += x.shape[0]
-
-
-def _storage(t: Any) -> int | None:
-    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
-
-
 @torch.no_grad()
-def _capture(layer: torch.nn.Module, inputs: LayerInputs, index: int, mappings: list[dict],
-             needs: list[set[str]]) -> list[_Captured]:
-    """Run the layer (decoder layer ``index``) once on every sample and record, for every mapping,
-    what ``needs`` asks: ``"calls"`` the parent's call arguments (with the call's token mask),
-    ``"sum"`` Σ|x| per channel of the balance layers' input tokens (with their count),
-    ``"absmax"`` max|x|, ``"range"`` max x - min x, ``"gram"`` Σ xᵀx.
+def _capture(layer: torch.nn.Module, inputs: LayerInputs, index: int, parent: torch.nn.Module,
+             first_balance: torch.nn.Module, want_parent: bool) -> tuple[list, torch.Tensor, torch.Tensor, Any]:
+    """Run the layer (decoder layer ``index``) on every sample: the parent's call arguments (with the
+    call's token mask), and Σ|x| / count, max|x| and max x - min x per channel of the balance layers'
+    input tokens."""
+    calls: list = []
+    stats: dict[str, Any] = {"sum": None, "count": 0, "absmax": None, "lo": None, "hi": None}
 
-    One forward serves every mapping (as in llm-compressor): folding a mapping's scales keeps the
-    float function, so the later mappings' inputs stay what was recorded up to rounding. The
-    exception is a mapping fed directly by an earlier mapping's smooth output (the same tensor);
-    it is marked ``stale`` and the caller records it again after that fold."""
-    captured = [_Captured(need) for need in needs]
-    smooth_out: dict[int, int] = {}  # storage of a smooth layer's output this call → earliest mapping
-    held: list[torch.Tensor] = []  # those outputs, alive until the call ends (their storage is not reused)
+    def parent_hook(module, args, kwargs):
+        calls.append((args, dict(kwargs), token_mask()))
 
-    def fresh_call(module, args, kwargs):
-        smooth_out.clear()
-        held.clear()
+    def input_hook(module, args, out):
+        signed = valid_rows(args[0].detach())[0].float()  # the token rows (a padded batch's pad rows left out)
+        x = signed.abs()
+        stats["sum"] = x.sum(0) if stats["sum"] is None else stats["sum"] + x.sum(0)
+        stats["absmax"] = x.amax(0) if stats["absmax"] is None else torch.maximum(stats["absmax"], x.amax(0))
+        lo, hi = signed.amin(0), signed.amax(0)
+        stats["lo"] = lo if stats["lo"] is None else torch.minimum(stats["lo"], lo)
+        stats["hi"] = hi if stats["hi"] is None else torch.maximum(stats["hi"], hi)
+        stats["count"] += x.shape[0]
 
-    def smooth_hook(k):
-        def hook(module, args, out):
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            ptr = _storage(out)
-            if ptr is not None:
-                smooth_out.setdefault(ptr, k)
-                held.append(out)
-        return hook
-
-    def check(k, tensor):
-        owner = smooth_out.get(_storage(tensor), k)
-        if owner < k:
-            captured[k].stale = True
-
-    def parent_hook(k):
-        def hook(module, args, kwargs):
-            check(k, args[0] if args else kwargs.get("hidden_states"))
-            captured[k].calls.append((args, dict(kwargs), token_mask()))
-        return hook
-
-    def input_hook(k):
-        def hook(module, args, out):
-            check(k, args[0])
-            captured[k].add(valid_rows(args[0].detach())[0])  # the token rows (a padded batch's pad rows left out)
-        return hook
-
-    handles = [layer.register_forward_pre_hook(fresh_call, with_kwargs=True)]
+    handles = [first_balance.register_forward_hook(input_hook)]
+    if want_parent:
+        handles.append(parent.register_forward_pre_hook(parent_hook, with_kwargs=True))
     try:
-        for k, (mapping, need) in enumerate(zip(mappings, needs)):
-            handles.append(mapping["smooth"][1].register_forward_hook(smooth_hook(k)))
-            handles.append(mapping["balance"][0][1].register_forward_hook(input_hook(k)))
-            if "calls" in need:
-                handles.append(mapping["parent"][1].register_forward_pre_hook(parent_hook(k), with_kwargs=True))
         inputs.forward(layer, index, keep=False)
     finally:
         for h in handles:
             h.remove()
-        held.clear()
-    return captured
+    stats["range"] = stats["hi"] - stats["lo"] if stats["hi"] is not None else None
+    return calls, stats["sum"] / max(stats["count"], 1), stats["absmax"], stats["range"]
 
 
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _replay(parent: torch.nn.Module, calls: list) -> Iterator[torch.Tensor]:
-    """The parent's outputs on its recorded calls, one call at a time; of a padded call only the token rows."""
+def _replay(parent: torch.nn.Module, calls: list) -> list[torch.Tensor]:
+    """The parent's outputs on its recorded calls; of a padded call only the token rows."""
+    outs = []
     for args, kwargs, mask in calls:
         with masking(mask):
             out = _first(parent(*args, **kwargs))
-            out = out if mask is None else valid_rows(out)[0]
-        yield out
-
-
-def _needs(modifier: Modifier, mapping: dict) -> set[str]:
-    if modifier.kind == "AWQModifier":
-        return {"sum", "gram"} if _gram_parent(mapping) else {"sum", "calls"}
-    return {"range"} if modifier.algorithm == "log_equalization" else {"absmax"}
+            outs.append(out if mask is None else valid_rows(out)[0])
+    return outs
 
 
 def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: LayerInputs, report, emit,
@@ -314,54 +226,43 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: La
             mappings = _resolve(modifier, prefix, layer, path)
             for mapping in mappings:
                 _check_not_quantized_before(recipe, position, path, mapping)
-            pending = list(mappings)
-            while pending:  # one layer forward records every pending mapping (see _capture)
+            for mapping in mappings:
                 t0 = time.perf_counter()
-                captured = _capture(layer, inputs, index, pending, [_needs(modifier, m) for m in pending])
-                usable = next((k for k, c in enumerate(captured) if c.stale), len(pending))
-                done, pending = pending[:usable], pending[usable:]
-                for mapping, cap in zip(done, captured):
-                    _smooth_mapping(recipe, modifier, prefix, mapping, cap, report, emit, index, layers, t0)
-                    cap.calls, cap.gram = [], None  # this mapping's recorded inputs are no longer needed
-                    t0 = time.perf_counter()
+                s_name, smooth = mapping["smooth"]
+                balance = [m for _, m in mapping["balance"]]
+                p_name, parent = mapping["parent"]
+                awq = modifier.kind == "AWQModifier"
+                calls, x_mean, x_absmax, x_range = _capture(layer, inputs, index, parent, balance[0],
+                                                            want_parent=awq)
+                entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
+                         "balance_layers": [n for n, _ in mapping["balance"]]}
+                if awq:
+                    schemes = [_scheme_for(recipe, n, m) for n, m in mapping["balance"]]
 
+                    def run_parent(parent=parent, calls=calls):
+                        return _replay(parent, calls)
 
-def _smooth_mapping(recipe: Recipe, modifier: Modifier, prefix: str, mapping: dict, cap: _Captured, report, emit,
-                    index: int, layers: int, t0: float) -> None:
-    """Search (AWQ) or compute (SmoothQuant) one mapping's scales from its capture and fold them."""
-    s_name, smooth = mapping["smooth"]
-    balance = [m for _, m in mapping["balance"]]
-    p_name, parent = mapping["parent"]
-    entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
-             "balance_layers": [n for n, _ in mapping["balance"]]}
-    if modifier.kind == "AWQModifier":
-        schemes = [_scheme_for(recipe, n, m) for n, m in mapping["balance"]]
-        if cap.gram is not None:
-            run_parent, gram = None, (cap.gram, cap.count)
-        else:
-            def run_parent(parent=parent, calls=cap.calls):
-                return _replay(parent, calls)
-            gram = None
-        result = awq_lib.awq_search(cap.x_mean, balance, schemes, run_parent, n_grid=modifier.n_grid,
-                                    duo_scaling=modifier.duo_scaling, gram=gram)
-        scales = result.scales
-        entry.update(parent=p_name, ratio=round(result.ratio, 4), duo_scaling=result.duo,
-                     initial_error=result.initial_error, best_error=result.best_error)
-        loss, what = result.best_error, (f"AWQ {s_name.rsplit('.', 1)[-1]} → "
-                                        f"{'/'.join(n.rsplit('.', 1)[-1] for n, _ in mapping['balance'])}"
-                                        f" (ratio {result.ratio:.2f}, error ×"
-                                        f"{result.best_error / max(result.initial_error, 1e-30):.3f})")
-    elif modifier.algorithm == "log_equalization":
-        scales = sq_lib.log_equalization_scales(cap.range)
-        loss = float(scales.max() / scales.min())
-        entry.update(algorithm="log_equalization", scale_range=loss)
-        what = f"log equalization {s_name.rsplit('.', 1)[-1]} (scale range {loss:.1f})"
-    else:
-        scales = sq_lib.smoothquant_scales(cap.absmax, [m.weight for m in balance], modifier.smoothing_strength)
-        loss = float(scales.max() / scales.min())
-        entry.update(strength=modifier.smoothing_strength, scale_range=loss)
-        what = f"SmoothQuant {s_name.rsplit('.', 1)[-1]} (scale range {loss:.1f})"
-    sq_lib.fold_scales(smooth, balance, scales)
-    report.smoothing.append(entry)
-    emit({"stage": "compress", "layer": index, "layers": layers, "module": s_name[len(prefix) + 1:],
-          "loss": loss, "seconds": time.perf_counter() - t0, "memory_mb": 0.0, "message": what})
+                    result = awq_lib.awq_search(x_mean, balance, schemes, run_parent, n_grid=modifier.n_grid,
+                                                duo_scaling=modifier.duo_scaling)
+                    scales = result.scales
+                    entry.update(parent=p_name, ratio=round(result.ratio, 4), duo_scaling=result.duo,
+                                 initial_error=result.initial_error, best_error=result.best_error)
+                    loss, what = result.best_error, (f"AWQ {s_name.rsplit('.', 1)[-1]} → "
+                                                    f"{'/'.join(n.rsplit('.', 1)[-1] for n, _ in mapping['balance'])}"
+                                                    f" (ratio {result.ratio:.2f}, error ×"
+                                                    f"{result.best_error / max(result.initial_error, 1e-30):.3f})")
+                elif modifier.algorithm == "log_equalization":
+                    scales = sq_lib.log_equalization_scales(x_range)
+                    loss = float(scales.max() / scales.min())
+                    entry.update(algorithm="log_equalization", scale_range=loss)
+                    what = f"log equalization {s_name.rsplit('.', 1)[-1]} (scale range {loss:.1f})"
+                else:
+                    scales = sq_lib.smoothquant_scales(x_absmax, [m.weight for m in balance],
+                                                       modifier.smoothing_strength)
+                    loss = float(scales.max() / scales.min())
+                    entry.update(strength=modifier.smoothing_strength, scale_range=loss)
+                    what = f"SmoothQuant {s_name.rsplit('.', 1)[-1]} (scale range {loss:.1f})"
+                sq_lib.fold_scales(smooth, balance, scales)
+                report.smoothing.append(entry)
+                emit({"stage": "compress", "layer": index, "layers": layers, "module": s_name[len(prefix) + 1:],
+                      "loss": loss, "seconds": time.perf_counter() - t0, "memory_mb": 0.0, "message": what})
