@@ -362,7 +362,7 @@ def round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
     return out * torch.sign(x)
 
 
-def _division_dtype(w: torch.Tensor, scale: torch.Tensor, storage: torch.dtype | None) -> torch.dtype:
+def _division_dtype(scale: torch.Tensor, storage: torch.dtype | None) -> torch.dtype:
     """The dtype ``w / scale`` is computed in: float32, or the 16-bit storage dtype when the scale is
     stored in it too (compressed-tensors' round-to-nearest divides the stored weight by its scale
     with torch's type promotion, so a bf16 weight over a bf16 scale is divided in bf16)."""
@@ -381,7 +381,7 @@ def quantize_int(w: torch.Tensor, scale: torch.Tensor, bits: int, zero_point: to
     assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
     qmin, qmax = int_range(bits)
     s = expand_scale(scale, w.shape, block=block, g_idx=g_idx)
-    dt = _division_dtype(w, scale, storage)
+    dt = _division_dtype(scale, storage)
     q = w.to(dt) / s.to(dt)
     if zero_point is not None:
         q = q + expand_scale(zero_point, w.shape, block=block, g_idx=g_idx).to(dt)
@@ -405,7 +405,7 @@ def quantize_fp8(w: torch.Tensor, scale: torch.Tensor, *, block: tuple[int, int]
     """float8_e4m3fn(clamp(w / scale, ±448)); ``storage`` as in :func:`quantize_int`."""
     assert w.dim() == 2 and w.is_floating_point(), (w.shape, w.dtype)
     s = expand_scale(scale, w.shape, block=block)
-    dt = _division_dtype(w, scale, storage)
+    dt = _division_dtype(scale, storage)
     return torch.clamp(w.to(dt) / s.to(dt), -FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
