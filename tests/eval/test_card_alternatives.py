@@ -64,7 +64,8 @@ def test_an_unbenchmarked_recipe_and_a_budget_without_rows(table):
 
 def test_the_checked_in_table_is_generated_from_the_benchmark_results():
     """compression/quality_table.json holds exactly the rows of the benchmark's results file where
-    this engine has a number (python bench/quality.py --table --out FILE), not numbers typed in by hand."""
+    this engine has a number (python bench/quality.py --table --out FILE; comparison-only rows without a preset are
+    left out), not numbers typed in by hand."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
