@@ -408,6 +408,7 @@ class Recipe:
                     m = _parse_modifier(kind, args, f"{path}.modifiers[{len(modifiers)}]")
                     m.group_key = group_name if group_name != groups[0][0] else None
                     modifiers.append(m)
+            modifiers = _prune_before_quantize(modifiers, str(stage_name))
             stages.append(Stage(str(stage_name), groups[0][0], modifiers))
             index += 1
         if not stages:
@@ -562,6 +563,23 @@ def finetune_split(recipe: "Recipe") -> tuple["Recipe | None", Modifier | None, 
             after = Recipe(recipe.stages[i + 1:]) if i + 1 < len(recipe.stages) else None
             return before, stage.modifiers[0], after
     return recipe, None, None
+
+
+def _prune_before_quantize(modifiers: list["Modifier"], stage: str) -> list["Modifier"]:
+    """One stage listing a pruning modifier after a quantizing one (llm-compressor's own test recipes do,
+    e.g. ``GPTQModifier`` then ``SparseGPTModifier``): the pruning modifiers move, in their order, to just
+    before the first quantizing modifier, and a note says so. Pruning already quantized weights would
+    move the kept ones off the grid; masked GPTQ after pruning keeps both. Across stages the order
+    stays the user's (and :meth:`Recipe._validate_order` refuses prune-after-quantize there)."""
+    first = next((i for i, m in enumerate(modifiers) if m.quantizes), None)
+    late = [m for i, m in enumerate(modifiers) if first is not None and i > first and m.prunes]
+    if not late:
+        return modifiers
+    quant = modifiers[first]
+    _NOTES.add(f"stage {stage!r}: {', '.join(m.kind for m in late)} listed after {quant.kind} runs before it "
+               "(prune, then quantize with the mask held)")
+    rest = [m for m in modifiers if not any(m is x for x in late)]
+    return rest[:first] + late + rest[first:]
 
 
 def _validate_finetune_order(recipe: "Recipe") -> None:

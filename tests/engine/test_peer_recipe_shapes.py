@@ -217,7 +217,8 @@ REFUSED = [
      "stages[0].modifiers[0].sparsity_profile", "owl_lmbda"),
     (q("QuantizationModifier: {scheme: FP8_DYNAMIC}\nAWQModifier: {}"), "stages[0].modifiers[1]", "mappings"),
     (q("AWQModifier: {}"), "stages[0].modifiers[0]", "after it"),
-    (q("GPTQModifier: {scheme: W8A8}\nSparseGPTModifier: {sparsity: 0.5}"), "stages[0].modifiers[1]", "before"),
+    (q("GPTQModifier: {scheme: W8A8}") + q("SparseGPTModifier: {sparsity: 0.5}", stage="sparsity_stage"),
+     "stages[1].modifiers[0]", "before"),  # in one stage it is reordered instead (test below)
     (q("AutoRoundModifier: {scheme: W4A16, iters: 200}"), "stages[0].modifiers[0]", "AutoRound"),
     (q("QuantizationModifier: {scheme: W4A16, start: soon}"), "stages[0].modifiers[0].start", "number"),
     ("quant_stage:\n  run_type: oneshot\n  quant_modifers:\n    QuantizationModifier: {scheme: W4A16}\n",
@@ -546,3 +547,35 @@ def test_transformers_loads_the_new_formats(scheme, tmp_path):
         assert float((theirs - ours).abs().mean() / ours.abs().mean()) < 0.05
     else:
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_pruning_listed_after_quantization_in_one_stage_runs_first(tmp_path):
+    """llm-compressor's own sparsegpt test recipe lists GPTQModifier before SparseGPTModifier in one stage;
+    here the pruning runs first (with a note) and GPTQ keeps its mask, so the pruned weights are exact zeros
+    of the INT8 grid. Across stages, pruning after quantization is still refused, naming the modifier."""
+    text = q("GPTQModifier:\n  ignore: [lm_head]\n  config_groups:\n    group_0:\n"
+             "      weights: {num_bits: 8, type: int, strategy: channel}\n      targets: [Linear]\n"
+             "SparseGPTModifier: {sparsity: 0.5, block_size: 128, dampening_frac: 0.01, mask_structure: '0:0', "
+             "targets: ['re:.*model.layers.0$']}", stage="test_stage", group="obcq_modifiers")
+    recipe = Recipe.from_yaml(text)
+    assert [m.kind for m in recipe.modifiers] == ["SparseGPTModifier", "GPTQModifier"]
+    assert any("SparseGPTModifier listed after GPTQModifier runs before it" in n for n in recipe.notes)
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    model = tiny_llama(vocab=VOCAB)
+    report = compress_model(model, recipe, random_calibration(n=3, length=16, vocab=VOCAB))
+    for name, record in report.modules.items():
+        layer = name.split(".")[2]
+        assert record.weights is not None and record.weights.num_bits == 8, name
+        weight = model.get_submodule(name).weight
+        zeros = float((weight == 0).float().mean())
+        assert (abs(zeros - 0.5) < 0.02) if layer == "0" else zeros < 0.1, (name, zeros)
+        if layer == "0":
+            assert bool((record.codes[weight == 0] == 0).all())
+    _check_checkpoint(model, recipe, report, tmp_path)
+
+    two_stages = (q("GPTQModifier: {scheme: W8A16, ignore: [lm_head]}")
+                  + q("SparseGPTModifier: {sparsity: 0.5, mask_structure: '2:4', ignore: [lm_head]}",
+                      stage="sparsity_stage", group="sparsity_modifiers"))
+    with pytest.raises(RecipeError) as exc:
+        Recipe.from_yaml(two_stages)
+    assert exc.value.field == "stages[1].modifiers[0]" and "before quantization" in exc.value.message
