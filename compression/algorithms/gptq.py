@@ -288,34 +288,54 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
 
 
 def _column_quantizer(args: QuantArgs, col_zp: torch.Tensor | None):
-    """fq(column, scale column, column index) for the sweep, in fp32."""
+    """fq(column, scale column, column index, out): the column fake-quantized in fp32, written into ``out``."""
     if args.is_fp4:
-        return lambda col, s, j: round_to_e2m1(col / s) * s
+        return lambda col, s, j, out: torch.mul(round_to_e2m1(col / s), s, out=out)
     if args.type == "float":
-        return lambda col, s, j: torch.clamp(col / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float() * s
+        return lambda col, s, j, out: torch.mul(torch.clamp(col / s, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float(), s,
+                                                out=out)
     qmin, qmax = int_range(args.num_bits)
     if col_zp is None:
-        return lambda col, s, j: torch.clamp(torch.round(col / s), qmin, qmax) * s
-    return lambda col, s, j: (torch.clamp(torch.round(col / s) + col_zp[:, j], qmin, qmax) - col_zp[:, j]) * s
+        return lambda col, s, j, out: torch.div(col, s, out=out).round_().clamp_(qmin, qmax).mul_(s)
+    zp_cols = col_zp.t().contiguous()  # column j of the zero points as one contiguous row
+
+    def fq(col, s, j, out):
+        z = zp_cols[j]
+        return torch.div(col, s, out=out).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+    return fq
 
 
 def _gptq_sweep(w: torch.Tensor, upper_full: torch.Tensor, col_scale: torch.Tensor, m: torch.Tensor | None,
                 q_all: torch.Tensor, losses: torch.Tensor, block_size: int, fq) -> None:
-    """The blocked GPTQ column loop (in place on ``w``, ``q_all``, ``losses``)."""
+    """The blocked GPTQ column loop (in place on ``w``, ``q_all``, ``losses``).
+
+    Each block is held transposed (column i of the block is the contiguous row i), so a column costs
+    a handful of in-place ops on contiguous rows: the quantizer's, err = (w - q) / U_ii, and the
+    rank-1 update w -= err · u of the block's later columns (the same products and differences as
+    before, so the same codes bit for bit). The loss Σ (w - q)² / (2 U_ii²) = Σ err² / 2 is summed
+    once per block.
+    """
     cols = w.shape[1]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2].t().contiguous()
+        s1 = col_scale[:, i1:i2].t().contiguous()
+        m1 = m[:, i1:i2].t().contiguous() if m is not None else None
         u1 = upper_full[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            col, d, s = w1[:, i], u1[i, i], col_scale[:, i1 + i]
-            q = fq(col, s, i1 + i)
-            if m is not None:
-                q = q.masked_fill(m[:, i1 + i], 0.0)
-            err = (col - q) / d
-            losses += (col - q) ** 2 / (2 * d * d)
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            q_all[:, i1 + i] = q
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ upper_full[i1:i2, i2:]
+        q1 = torch.empty_like(w1)
+        err1 = torch.empty_like(w1)
+        prod = torch.empty_like(w1)
+        ucols = u1.unsqueeze(2)  # u1[i, j] as a [.., 1] column against err's row
+        last = i2 - i1 - 1
+        for i, d in enumerate(u1.diagonal().tolist()):
+            col, q, err = w1[i], q1[i], err1[i]
+            fq(col, s1[i], i1 + i, q)
+            if m1 is not None:
+                q.masked_fill_(m1[i], 0.0)
+            torch.sub(col, q, out=err).div_(d)
+            if i < last:  # w -= err * u, as two ops (addr_ fuses them and rounds differently)
+                w1[i + 1:].sub_(torch.mul(ucols[i, i + 1:], err, out=prod[i + 1:]))
+        q_all[:, i1:i2] = q1.t()
+        losses += err1.square().sum(0).mul_(0.5)
+        if i2 < cols:
+            w[:, i2:] -= err1.t().contiguous() @ upper_full[i1:i2, i2:]

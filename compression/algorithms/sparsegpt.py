@@ -127,39 +127,50 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
 
 def _sweep(w: torch.Tensor, upper: torch.Tensor, mask: torch.Tensor, losses: torch.Tensor, sparsity: float,
            nm: tuple[int, int], block_size: int, preserve: torch.Tensor | None = None) -> None:
-    """The blocked SparseGPT column loop (in place on ``w``, ``mask``, ``losses``)."""
+    """The blocked SparseGPT column loop (in place on ``w``, ``mask``, ``losses``).
+
+    Each block is held transposed (column i of the block is the contiguous row i), as in
+    :func:`compression.algorithms.gptq._gptq_sweep`: a column costs err = (pruned part) / U_ii,
+    zeroing its pruned entries and the rank-1 update w -= err · u of the block's later columns (the
+    same weights and masks bit for bit as before); the loss Σ err² / 2 is summed once per block.
+    """
     cols = w.shape[1]
+    n, m = nm
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2].t().contiguous()  # [block, rows]
         u1 = upper[i1:i2, i1:i2]
-        diag_sq = torch.diag(u1) ** 2
-        err1 = torch.zeros_like(w1)
+        diag = torch.diag(u1)
+        diag_sq = diag ** 2
+        err1 = torch.empty_like(w1)
+        prod = torch.empty_like(w1)
+        ucols = u1.unsqueeze(2)  # u1[i, j] as a [.., 1] column against err's row
+        zero = w1.new_zeros(())
         mask1 = torch.zeros_like(w1, dtype=torch.bool)
         keep1 = preserve[:, i1:i2] if preserve is not None else None
-        n, m = nm
         if not m:
-            saliency = w1 ** 2 / diag_sq.unsqueeze(0)
+            saliency = w1.t() ** 2 / diag_sq.unsqueeze(0)
             if keep1 is not None:
                 saliency = saliency.masked_fill(keep1, -1.0)  # already pruned: always below the threshold
             k = int(saliency.numel() * sparsity)
             if k > 0:
                 thresh = torch.sort(saliency.flatten())[0][k - 1]
-                mask1 = saliency <= thresh
-        for i in range(i2 - i1):
+                mask1 = (saliency <= thresh).t().contiguous()
+        last = i2 - i1 - 1
+        for i, d in enumerate(diag.tolist()):
             if m and i % m == 0:
-                saliency = w1[:, i:i + m] ** 2 / diag_sq[i:i + m].unsqueeze(0)
+                saliency = (w1[i:i + m].t() ** 2 / diag_sq[i:i + m].unsqueeze(0)).contiguous()  # [rows, m]
                 if keep1 is not None:
                     saliency = saliency.masked_fill(keep1[:, i:i + m], -1.0)
                 idx = torch.topk(saliency, n, dim=1, largest=False).indices
-                mask1[:, i:i + m].scatter_(1, idx, True)
-            col, d = w1[:, i], u1[i, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
-            err = (col - q) / d
-            losses += (col - q) ** 2 / (2 * d * d)
-            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        mask[:, i1:i2] = mask1
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+                mask1[i:i + m].t().scatter_(1, idx, True)
+            col, pruned, err = w1[i], mask1[i], err1[i]
+            torch.where(pruned, col, zero, out=err).div_(d)  # (w - q) / d, q = w with the pruned entries zeroed
+            col.masked_fill_(pruned, 0.0)
+            if i < last:  # w -= err * u, as two ops (addr_ fuses them and rounds differently)
+                w1[i + 1:].sub_(torch.mul(ucols[i, i + 1:], err, out=prod[i + 1:]))
+        w[:, i1:i2] = w1.t()
+        mask[:, i1:i2] = mask1.t()
+        losses += err1.square().sum(0).mul_(0.5)
+        if i2 < cols:
+            w[:, i2:] -= err1.t().contiguous() @ upper[i1:i2, i2:]

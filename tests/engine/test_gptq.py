@@ -135,3 +135,37 @@ def test_the_scale_refit_keeps_the_codes_and_lowers_the_layer_error(symmetric, s
     assert (refit.scale > 0).all() and not torch.equal(refit.scale, plain.scale)
     zp = 0 if refit.zero_point is None else expand_scale(refit.zero_point.float(), w.shape)
     assert torch.allclose(refit.weight, (refit.codes.float() - zp) * expand_scale(refit.scale, w.shape))
+
+
+def _textbook_gptq_sweep(w, upper, col_scale, col_zp, m, block_size, qmin=-8, qmax=7):
+    """The column loop as written in the GPTQ paper (one column at a time, in [out, in] layout)."""
+    q_all = torch.zeros_like(w)
+    for i1 in range(0, w.shape[1], block_size):
+        i2 = min(i1 + block_size, w.shape[1])
+        w1, u1, err1 = w[:, i1:i2].clone(), upper[i1:i2, i1:i2], torch.zeros(w.shape[0], i2 - i1)
+        for i in range(i2 - i1):
+            col, d, s = w1[:, i], u1[i, i], col_scale[:, i1 + i]
+            zp = 0 if col_zp is None else col_zp[:, i1 + i]
+            q = (torch.clamp(torch.round(col / s) + zp, qmin, qmax) - zp) * s
+            q = q.masked_fill(m[:, i1 + i], 0.0) if m is not None else q
+            err = (col - q) / d
+            w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            q_all[:, i1 + i], err1[:, i] = q, err
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    return q_all
+
+
+@pytest.mark.parametrize("symmetric,masked", [(True, False), (False, False), (True, True)])
+def test_the_sweep_gives_the_textbook_loop_codes_bit_for_bit(symmetric, masked):
+    from compression.algorithms.quant import compute_qparams
+
+    w, _, acc = _layer(rows=48, cols=96)
+    args = QuantArgs(num_bits=4, symmetric=symmetric, strategy="group", group_size=16)
+    upper, _ = inverse_hessian_upper(acc.hessian, 0.01)
+    scale, zp = compute_qparams(w, args, torch.float32)
+    col_scale = expand_scale(scale, w.shape)
+    col_zp = expand_scale(zp.float(), w.shape) if zp is not None else None
+    m = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.3 if masked else None
+    q, losses = torch.zeros_like(w), torch.zeros(w.shape[0])
+    gptq_mod._gptq_sweep(w.clone(), upper, col_scale, m, q, losses, 32, gptq_mod._column_quantizer(args, col_zp))
+    assert torch.equal(q, _textbook_gptq_sweep(w.clone(), upper, col_scale, col_zp, m, 32))
