@@ -6,7 +6,10 @@ Shared with SparseGPT: :class:`HessianAccumulator`, :func:`prepare_hessian` and
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,8 +63,16 @@ class HessianAccumulator:
         of a padded batch whose pad rows were left out."""
         batch = sequences if sequences is not None else (x.shape[0] if x.dim() > 2 else 1)
         rows = x.reshape(-1, x.shape[-1])
-        x = rows.to(self.hessian.device, torch.float32)
         total = self.samples + batch
+        if rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and self.hessian.device.type == "cpu":
+            gemm = _bf16_gemm()
+            if gemm is not None:  # H = (n/total) H + (2/total) XᵀX straight from the bf16 rows (rows scaled
+                # first would no longer be bf16; on the 135M demo this flips fewer codes of layer 0 than
+                # reversing the calibration order does, 0.006% vs 0.011%)
+                gemm(rows, self.hessian, 2.0 / total, self.samples / total)
+                self.samples = total
+                return
+        x = rows.to(self.hessian.device, torch.float32)
         self.hessian.mul_(self.samples / total)
         # (scaling inside addmm_ by alpha instead flipped 2% of the codes between batched and one-sample
         # calibration on the tiny test models: GPTQ amplifies the different rounding)
@@ -71,6 +82,54 @@ class HessianAccumulator:
             x.mul_((2.0 / total) ** 0.5)
         self.hessian.addmm_(x.t(), x)
         self.samples = total
+
+
+@functools.cache
+def _bf16_gemm():
+    """``gemm(x, h, alpha, beta)``: h = alpha·xᵀx + beta·h for bf16 rows ``x`` [N, C] and a float32 [C, C]
+    ``h``, by MKL's ``cblas_gemm_bf16bf16f32`` (exported by torch's own CPU library), on a CPU that
+    multiplies bf16 in hardware (AMX / AVX512-BF16); None elsewhere.
+
+    A product of two bf16 numbers is exact in float32 and MKL sums the products in float32, so this is
+    the float32 XᵀX of the widened rows up to the summation order (on the 135M demo's activations its
+    error against float64 is 2-10x below float32 sgemm's), 5x faster than widening the rows and
+    multiplying in float32 (torch has no bf16 x bf16 -> float32 matmul on the CPU). A small product
+    is checked against float32 once; any mismatch (another BLAS, another integer ABI) leaves it off.
+    """
+    if not any(bool(getattr(torch.cpu, name, lambda: False)())
+               for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        fn = lib.cblas_gemm_bf16bf16f32
+    except (OSError, AttributeError):
+        return None
+    i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    fn.restype = None
+    fn.argtypes = [i32, i32, i32, i32, i32, i32, f32, ptr, i32, ptr, i32, f32, ptr, i32]
+    row_major, trans, no_trans = 101, 112, 111
+
+    def gemm(x: torch.Tensor, h: torch.Tensor, alpha: float, beta: float) -> None:
+        if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
+            x = x.contiguous()
+        n, c = x.shape
+        assert h.dtype == torch.float32 and h.is_contiguous() and h.shape == (c, c)
+        if n == 0:
+            h.mul_(beta)
+            return
+        fn(row_major, trans, no_trans, c, c, n, alpha, x.data_ptr(), x.stride(0), x.data_ptr(), x.stride(0),
+           beta, h.data_ptr(), c)
+
+    probe = (torch.arange(-40, 56, dtype=torch.float32).reshape(-1, 1) * torch.linspace(-1, 1, 24)
+             ).to(torch.bfloat16)  # [96, 24]
+    got = torch.full((24, 24), 1.0)
+    gemm(probe, got, 0.5, 2.0)
+    wide = probe.float()
+    want = 0.5 * (wide.t() @ wide) + 2.0
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-3):
+        log.warning("MKL's bf16 gemm disagrees with float32 here; Hessians use the float32 matmul")
+        return None
+    return gemm
 
 
 def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

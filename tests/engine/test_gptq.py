@@ -169,3 +169,18 @@ def test_the_sweep_gives_the_textbook_loop_codes_bit_for_bit(symmetric, masked):
     q, losses = torch.zeros_like(w), torch.zeros(w.shape[0])
     gptq_mod._gptq_sweep(w.clone(), upper, col_scale, m, q, losses, 32, gptq_mod._column_quantizer(args, col_zp))
     assert torch.equal(q, _textbook_gptq_sweep(w.clone(), upper, col_scale, col_zp, m, 32))
+
+
+def test_bf16_rows_give_the_hessian_of_their_float32_widening():
+    # the bf16 path (MKL's bf16 gemm where the CPU has AMX / AVX512-BF16) sums exact products in fp32
+    gen = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(2, 96, 48, generator=gen) * torch.linspace(0.1, 30, 48)).to(torch.bfloat16)
+              for _ in range(3)]
+    fast, wide = HessianAccumulator(48), HessianAccumulator(48)
+    for x in chunks:
+        fast.add(x)
+        wide.add(x.float())
+    assert fast.samples == wide.samples == 6
+    torch.testing.assert_close(fast.hessian, wide.hessian, rtol=1e-5, atol=1e-6 * float(wide.hessian.abs().max()))
+    x = torch.cat([c.float().reshape(-1, 48) for c in chunks])
+    torch.testing.assert_close(fast.hessian, 2 * x.t() @ x / 6, rtol=1e-5, atol=1e-6 * float(wide.hessian.abs().max()))
