@@ -906,6 +906,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         return weight.to(dtype).to(compute)
     record = report.modules.setdefault(plan.name, ModuleRecord(plan.name, tuple(module.weight.shape)))
     hessian = stats["hessian"].hessian if "hessian" in stats else None
+    inverses = stats["hessian"].inverses if "hessian" in stats else None  # shared by the modules sharing H
     masks = {} if masks is None else masks
     mask = masks.get(plan.name)
     for path, modifier, group in plan.steps:
@@ -942,7 +943,8 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
             if modifier.kind == "GPTQModifier" and hessian is not None:
                 result = gptq_quantize(weight, hessian, args, block_size=modifier.block_size,
                                        dampening_frac=modifier.dampening_frac,
-                                       actorder=args.actorder or modifier.actorder, mask=mask, scale_dtype=dtype)
+                                       actorder=args.actorder or modifier.actorder, mask=mask, scale_dtype=dtype,
+                                       inverses=inverses)
                 loss, fallback = result.loss, result.fallback
                 record.dead_columns = max(record.dead_columns, result.dead_columns)
                 kind = "gptq"

@@ -56,12 +56,14 @@ class HessianAccumulator:
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.samples = 0
+        self.inverses: dict = {}  # inverse factors of the finished Hessian (see :func:`cached_inverse`)
 
     def add(self, x: torch.Tensor, sequences: int | None = None) -> None:
         """Add one forward call's input ``x`` of shape [batch, ..., columns]; ``sequences``: how many
         sequences its rows come from (default: ``batch`` for a 3-D ``x``, else one), e.g. the samples
         of a padded batch whose pad rows were left out."""
         batch = sequences if sequences is not None else (x.shape[0] if x.dim() > 2 else 1)
+        self.inverses.clear()
         rows = x.reshape(-1, x.shape[-1])
         total = self.samples + batch
         if rows.dtype == torch.bfloat16 and rows.device.type == "cpu" and self.hessian.device.type == "cpu":
@@ -152,6 +154,24 @@ def inverse_hessian_upper(hessian: torch.Tensor, dampening_frac: float) -> tuple
         return _inverse_hessian_upper(hessian, dampening_frac)
 
 
+def cached_inverse(inverses: dict | None, hessian: torch.Tensor, dampening_frac: float,
+                   order: str | None = None) -> tuple[torch.Tensor, float]:
+    """:func:`inverse_hessian_upper` of the prepared ``hessian`` (its columns in ``order``: None, or sorted
+    by decreasing diagonal), looked up in and kept in ``inverses`` (a failure too)."""
+    key = (float(dampening_frac), order)
+    found = inverses.get(key) if inverses is not None else None
+    if found is None:
+        try:
+            found = inverse_hessian_upper(hessian, dampening_frac)
+        except CholeskyFailed as exc:
+            found = exc
+        if inverses is not None:
+            inverses[key] = found
+    if isinstance(found, CholeskyFailed):
+        raise found
+    return found
+
+
 def _inverse_hessian_upper(hessian: torch.Tensor, dampening_frac: float) -> tuple[torch.Tensor, float]:
     mean_diag = torch.mean(torch.diag(hessian)).item()
     fracs = [dampening_frac] + [max(dampening_frac, 1e-3) * m for m in DAMPENING_RETRIES]
@@ -231,7 +251,8 @@ def round_to_nearest(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.d
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
                   dampening_frac: float = 0.01, actorder: str | None = None, mask: torch.Tensor | None = None,
-                  scale_dtype: torch.dtype | None = None, refit: bool = True) -> QuantResult:
+                  scale_dtype: torch.dtype | None = None, refit: bool = True,
+                  inverses: dict | None = None) -> QuantResult:
     """Quantize ``weight`` [out, in] column by column, compensating each error on the later columns.
 
     Static groups: scales (and zero points) come from the (dead-column-cleaned) original weight
@@ -246,6 +267,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     ``refit`` (integer group / channel scales, static groups): once the sweep has fixed the integer
     codes, each row's scales are re-fitted by least squares in the Hessian metric
     (:func:`refit_scales`) -- the engine's addition to GPTQ; llm-compressor keeps the observer's scales.
+
+    ``inverses``: a dict kept with ``hessian`` (:attr:`HessianAccumulator.inverses`) that holds the
+    inverse factor (it depends on the Hessian, the dampening and the visiting order alone) for the
+    other modules sharing the Hessian (q/k/v, gate/up).
     """
     assert weight.dim() == 2 and hessian.shape == (weight.shape[1],) * 2, (weight.shape, hessian.shape)
     assert block_size > 0
@@ -262,7 +287,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     with sweep_threads(w.device):  # the MSE search is many mid-sized ops too
         scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale)
     try:
-        upper_full, used = inverse_hessian_upper(h[perm][:, perm] if perm is not None else h, dampening_frac)
+        upper_full, used = cached_inverse(inverses, h if perm is None else h[perm][:, perm], dampening_frac,
+                                          None if perm is None else "by decreasing diagonal")
     except CholeskyFailed as exc:
         r = quantize_weight(w, args, scale_dtype, mask)
         r.weight = r.weight.to(weight.dtype)

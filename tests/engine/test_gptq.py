@@ -184,3 +184,19 @@ def test_bf16_rows_give_the_hessian_of_their_float32_widening():
     torch.testing.assert_close(fast.hessian, wide.hessian, rtol=1e-5, atol=1e-6 * float(wide.hessian.abs().max()))
     x = torch.cat([c.float().reshape(-1, 48) for c in chunks])
     torch.testing.assert_close(fast.hessian, 2 * x.t() @ x / 6, rtol=1e-5, atol=1e-6 * float(wide.hessian.abs().max()))
+
+
+def test_modules_sharing_a_hessian_share_its_inverse(monkeypatch):
+    w, _, acc = _layer()
+    alone = [gptq_quantize(w * k, acc.hessian, INT4_G16, block_size=16) for k in (1.0, 0.5)]
+    calls = []
+    real = gptq_mod.inverse_hessian_upper
+    monkeypatch.setattr(gptq_mod, "inverse_hessian_upper", lambda h, f: calls.append(1) or real(h, f))
+    shared = [gptq_quantize(w * k, acc.hessian, INT4_G16, block_size=16, inverses=acc.inverses) for k in (1.0, 0.5)]
+    assert len(calls) == 1
+    for a, b in zip(alone, shared):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    gptq_quantize(w, acc.hessian, INT4_G16, block_size=16, actorder="static", inverses=acc.inverses)
+    assert len(calls) == 2  # another visiting order: another factor
+    acc.add(torch.randn(1, 8, 64))
+    assert not acc.inverses  # a Hessian that changed forgets its factors
