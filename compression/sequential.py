@@ -776,6 +776,10 @@ def _token_absmax(states: torch.Tensor, per_head: bool = False) -> torch.Tensor:
     return (states.amax(dim=(0, 2, 3)) if per_head else states.amax()).float()
 
 
+class _StatisticsDone(Exception):
+    """Raised by the statistics hook of the module that runs last in a layer call."""
+
+
 def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
                         inputs: LayerInputs, kv: "_KVRecorder | None" = None) -> dict[str, dict]:
     """Run every sample through the (still uncompressed) layer; hooks record H and input ranges,
@@ -791,8 +795,24 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
     # the first of them accumulates it and the others adopt that accumulator. The inputs of the
     # current layer call are held here (so no id is reused) and dropped when the call ends.
     call_inputs: dict[int, tuple[torch.Tensor, list[HessianAccumulator]]] = {}
-    handles = [layer.register_forward_pre_hook(lambda *_: call_inputs.clear()),
-               layer.register_forward_hook(lambda *_: call_inputs.clear())]
+    # The rest of a layer call after its last statistic is not needed (in a dense layer, the down
+    # projection and the residual): once the first call has shown every hooked module running exactly
+    # once, later calls stop after the one that ran last. Not with a KV-cache recorder or MoE experts
+    # (their counts), where the layer's own forward order decides what runs.
+    order: list[int] = []  # hooked modules in the order they ran in this call
+    last: list[int | None] = [None]  # the module that ends a call, once known
+    early = kv is None and not per_expert_modules(layer)
+
+    def start(*_):
+        call_inputs.clear()
+        order.clear()
+
+    def end(*_):
+        call_inputs.clear()
+        if early and last[0] is None and sorted(order) == sorted(id(p.module) for p in wanted):
+            last[0] = order[-1]
+
+    handles = [layer.register_forward_pre_hook(start), layer.register_forward_hook(end)]
     for plan in wanted:
         entry: dict[str, Any] = {}
         if plan.needs_hessian:
@@ -803,7 +823,7 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
             entry["hi"] = torch.zeros((), device=plan.module.weight.device)
         stats[plan.name] = entry
 
-        def hook(mod, args, out, entry=entry):
+        def hook(mod, args, entry=entry):
             x = args[0]
             if "hessian" in entry:
                 _add_shared(entry, x, call_inputs)
@@ -812,10 +832,20 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
                 entry["absmax"] = torch.maximum(entry["absmax"], rows.abs().amax().float())
                 entry["lo"] = torch.minimum(entry["lo"], rows.amin().float())
                 entry["hi"] = torch.maximum(entry["hi"], rows.amax().float())
+            order.append(id(mod))
+            if last[0] == id(mod):
+                raise _StatisticsDone
 
-        handles.append(plan.module.register_forward_hook(hook))
+        handles.append(plan.module.register_forward_pre_hook(hook))
+
+    def run(*args, **kwargs):
+        try:
+            return layer(*args, **kwargs)
+        except _StatisticsDone:
+            call_inputs.clear()
+            return None
     try:
-        inputs.forward(layer, index, extra=None if kv is None else {"past_key_values": kv}, keep=False)
+        inputs.forward(run, index, extra=None if kv is None else {"past_key_values": kv}, keep=False)
     finally:
         for h in handles:
             h.remove()

@@ -136,3 +136,28 @@ def test_modules_with_one_input_share_one_hessian_and_batching_changes_nothing(m
     layer = decoder_layers(model)[1][0]
     for a, b in zip(batched_inputs.forward(layer, 0), single_inputs.forward(layer, 0)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_statistics_pass_stops_each_call_after_its_last_statistic(model, calibration):
+    from compression.model_io.moe import CheckpointNames
+    from compression.sequential import _collect_statistics, _plan_layer
+
+    recipe = Recipe.from_preset("W4A16", group_size=32)
+    layer = model.model.layers[0]
+    inputs = capture_layer_inputs(model, model.model.layers, calibration, "cpu", batch_tokens=0)
+    plans = _plan_layer(recipe, "model.layers.0", layer, CheckpointNames.for_model(model))
+    seen, ran = {}, []  # every Linear's inputs over a full layer call, and how often down_proj ran
+    handles = [p.module.register_forward_hook(
+        lambda m, a, o, name=p.name: seen.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for p in plans]
+    inputs.forward(layer, 0, keep=False)
+    for h in handles:
+        h.remove()
+    handle = layer.mlp.down_proj.register_forward_hook(lambda *_: ran.append(1))
+    stats = _collect_statistics(layer, 0, plans, inputs)
+    handle.remove()
+    assert len(ran) == 1 < len(calibration)  # only the first call runs the down projection
+    for name, xs in seen.items():
+        x = torch.cat(xs)
+        torch.testing.assert_close(stats[name]["hessian"].hessian, 2 * x.t() @ x / len(calibration),
+                                   rtol=1e-5, atol=1e-5)
