@@ -358,17 +358,16 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         a[:, :, g] = (c * part).reshape(rows, n_groups, size).sum(-1)
     b = (c * (weight.float() @ h)).reshape(rows, n_groups, size).sum(-1)
     ridge = 1e-6 * torch.diagonal(a, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-    a = a + torch.diag_embed(ridge.unsqueeze(1).expand(rows, n_groups))
-    solved, info = torch.linalg.solve_ex(a, b.unsqueeze(-1))
+    solved, info = torch.linalg.solve_ex(a + torch.diag_embed(ridge.unsqueeze(1).expand(rows, n_groups)),
+                                         b.unsqueeze(-1))
     new = solved.squeeze(-1)
     ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
     new = torch.where(ok.unsqueeze(1), new, scale.float()).to(scale.dtype)
-
-    def row_error(s: torch.Tensor) -> torch.Tensor:
-        delta = weight.float() - c * expand_scale(s.float(), c.shape)
-        return ((delta @ h) * delta).sum(dim=1)
-
-    better = ok & (row_error(new) < row_error(scale))
+    # a row's error is e(s) = sᵀAs - 2bᵀs + wᵀHw, so e(new) - e(old) = dᵀ(A(new + old) - 2b) with
+    # d = new - old: the same comparison without two more [rows, cols] x [cols, cols] products
+    s_new, s_old = new.float(), scale.float()
+    change = ((s_new - s_old) * (torch.bmm(a, (s_new + s_old).unsqueeze(-1)).squeeze(-1) - 2 * b)).sum(dim=1)
+    better = ok & (change < 0)
     return torch.where(better.unsqueeze(1), new, scale)
 
 
