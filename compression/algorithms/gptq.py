@@ -353,9 +353,11 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if zero_point is not None:
         c = c - expand_scale(zero_point.float(), c.shape)
     a = torch.empty(rows, n_groups, n_groups, dtype=torch.float32, device=weight.device)
-    for g in range(n_groups):
-        part = c[:, g * size:(g + 1) * size] @ h[g * size:(g + 1) * size, :]  # [rows, cols]
-        a[:, :, g] = (c * part).reshape(rows, n_groups, size).sum(-1)
+    for g in range(n_groups):  # A is symmetric: the blocks on and below the diagonal, mirrored
+        lo = g * size
+        part = c[:, lo:lo + size] @ h[lo:lo + size, lo:]  # [rows, cols - lo]
+        a[:, g:, g] = (c[:, lo:] * part).reshape(rows, n_groups - g, size).sum(-1)
+        a[:, g, g + 1:] = a[:, g + 1:, g]
     b = (c * (weight.float() @ h)).reshape(rows, n_groups, size).sum(-1)
     ridge = 1e-6 * torch.diagonal(a, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
     solved, info = torch.linalg.solve_ex(a + torch.diag_embed(ridge.unsqueeze(1).expand(rows, n_groups)),
