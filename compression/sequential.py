@@ -961,7 +961,8 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
             result = sparsegpt_prune(weight, hessian, sparsity=sparsity,
                                      mask_structure=modifier.mask_structure, block_size=modifier.block_size,
                                      dampening_frac=modifier.dampening_frac,
-                                     preserve=(weight == 0) if modifier.preserve_sparsity_mask else None)
+                                     preserve=(weight == 0) if modifier.preserve_sparsity_mask else None,
+                                     inverses=inverses)
             _store_weight(module, stored(result.weight))
             mask = masks[plan.name] = result.mask
             record.mask_structure, record.sparsity = modifier.mask_structure, result.sparsity

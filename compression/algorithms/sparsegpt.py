@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.algorithms.gptq import (CholeskyFailed, disable_tf32, inverse_hessian_upper, prepare_hessian, quadratic_loss,
+from compression.algorithms.gptq import (CholeskyFailed, cached_inverse, disable_tf32, prepare_hessian, quadratic_loss,
                               sweep_threads)
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def wanda_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.5,
                     mask_structure: str = "2:4", block_size: int = 128,
-                    dampening_frac: float = 0.01, preserve: torch.Tensor | None = None) -> PruneResult:
+                    dampening_frac: float = 0.01, preserve: torch.Tensor | None = None,
+                    inverses: dict | None = None) -> PruneResult:
     """Prune ``weight`` [out, in] to ``mask_structure`` ("N:M" such as "2:4", or "0:0" = unstructured at ``sparsity``).
 
     N:M: when the sweep reaches column i (i % M == 0), each row prunes the N of columns i..i+M-1 with
@@ -99,7 +100,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     prune the ``sparsity`` fraction with the smallest saliency over the whole block. Pruned
     weights are exactly +0.0. Falls back to magnitude pruning if the Cholesky inverse fails.
     ``preserve`` (llm-compressor's ``preserve_sparsity_mask``): entries that are pruned already and
-    stay pruned; the mask is extended around them to reach the target.
+    stay pruned; the mask is extended around them to reach the target. ``inverses``: as in
+    :func:`compression.algorithms.gptq.gptq_quantize` (the modules sharing this Hessian share its inverse).
     """
     assert weight.dim() == 2 and hessian.shape == (weight.shape[1],) * 2, (weight.shape, hessian.shape)
     nm = nm_pattern(mask_structure)
@@ -110,7 +112,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     disable_tf32()
     h, w, n_dead = prepare_hessian(hessian, weight)
     try:
-        upper, used = inverse_hessian_upper(h, dampening_frac)
+        upper, used = cached_inverse(inverses, h, dampening_frac)
     except CholeskyFailed as exc:
         mask = _magnitude_mask(w.masked_fill(preserve, 0.0) if preserve is not None else w, sparsity, nm)
         pruned = w.masked_fill(mask, 0.0).to(weight.dtype)

@@ -200,3 +200,16 @@ def test_modules_sharing_a_hessian_share_its_inverse(monkeypatch):
     assert len(calls) == 2  # another visiting order: another factor
     acc.add(torch.randn(1, 8, 64))
     assert not acc.inverses  # a Hessian that changed forgets its factors
+
+
+def test_sparsegpt_shares_the_inverse_too(monkeypatch):
+    w, _, acc = _layer()
+    alone = [sparsegpt_prune(w * k, acc.hessian, block_size=16) for k in (1.0, 0.5)]
+    calls = []
+    real = gptq_mod.inverse_hessian_upper
+    monkeypatch.setattr(gptq_mod, "inverse_hessian_upper", lambda h, f: calls.append(1) or real(h, f))
+    shared = [sparsegpt_prune(w * k, acc.hessian, block_size=16, inverses=acc.inverses) for k in (1.0, 0.5)]
+    for a, b in zip(alone, shared):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+    gptq_quantize(shared[0].weight, acc.hessian, INT4_G16, block_size=16, mask=shared[0].mask, inverses=acc.inverses)
+    assert len(calls) == 1  # q/k/v (gate/up) pruned, then quantized in the same column order: one factor
