@@ -26,6 +26,7 @@ refuses a job that cannot fit (:class:`MemoryPlanError`, naming the setting to c
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -314,19 +315,20 @@ def release_heap() -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``). A layer's tensors are under glibc's
     dynamic mmap threshold once a few have been freed, so they land on the heap; without a trim the
     process's resident memory creeps up layer after layer although the tensors are gone."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _glibc("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
-_TRIM: Any = None
+@functools.cache
+def _glibc(name: str) -> Any:
+    """glibc's function ``name`` (through ctypes), or None where the C library is not glibc."""
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 LARGE_BLOCK_BYTES = 8 * 2 ** 20  # host blocks at least this large get their own mapping (map_large_blocks)
 
@@ -341,12 +343,9 @@ def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> None:
     Left alone when the environment sets glibc's own threshold (``MALLOC_MMAP_THRESHOLD_`` or GLIBC_TUNABLES)."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
 
 
 def _numel(shape: list[int]) -> int:
