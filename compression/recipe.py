@@ -571,8 +571,8 @@ def _prune_before_quantize(modifiers: list["Modifier"], stage: str) -> list["Mod
     before the first quantizing modifier, and a note says so. Pruning already quantized weights would
     move the kept ones off the grid; masked GPTQ after pruning keeps both. Across stages the order
     stays the user's (and :meth:`Recipe._validate_order` refuses prune-after-quantize there)."""
-    first = next((i for i, m in enumerate(modifiers) if m.quantizes), None)
-    late = [m for i, m in enumerate(modifiers) if first is not None and i > first and m.prunes]
+    first = next((i for i, m in enumerate(modifiers) if m.quantizes), len(modifiers))
+    late = [m for m in modifiers[first + 1:] if m.prunes]
     if not late:
         return modifiers
     quant = modifiers[first]
