@@ -47,6 +47,11 @@ def _quant(modifier: str, weights: str, extra: str = "") -> str:
 ROWS: dict[str, str] = {
     "W4A16 g64 GPTQ": "quant_stage:\n  quant_modifiers:\n" + _quant("GPTQModifier", _W4.format(sym="true")),
     "W4A16_ASYM g64 GPTQ": "quant_stage:\n  quant_modifiers:\n" + _quant("GPTQModifier", _W4.format(sym="false")),
+    # AutoRound at 50 steps per layer (its default is 200: 4x the time, out of reach on a 2-core CPU for both
+    # tools in one sitting); torch.compile off for llm-compressor's CPU run (no effect here)
+    "W4A16 g64 AutoRound 50": "quant_stage:\n  quant_modifiers:\n" + _quant(
+        "AutoRoundModifier", _W4.format(sym="true"),
+        "      iters: 50\n      batch_size: 8\n      enable_torch_compile: false\n"),
     "W4A16_ASYM g64 AWQ": ("quant_stage:\n  quant_modifiers:\n    AWQModifier: {duo_scaling: true}\n"
                            + _quant("QuantizationModifier", _W4.format(sym="false"))),
     "FP8_DYNAMIC": ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n"
@@ -74,6 +79,7 @@ PRESET_OF_ROW: dict[str, dict] = {
     "W4A16 g64 GPTQ": {"preset": "W4A16", "options": {"group_size": 64}},
     "W4A16_ASYM g64 GPTQ": {"preset": "W4A16_ASYM", "options": {"group_size": 64}},
     "W4A16_ASYM g64 AWQ": {"preset": "AWQ+W4A16_ASYM", "options": {"group_size": 64}},
+    "W4A16 g64 AutoRound 50": {"preset": "AutoRound+W4A16", "options": {"group_size": 64, "iters": 50}},
     "FP8_DYNAMIC": {"preset": "FP8_DYNAMIC", "options": {}},
     "W8A8 + SmoothQuant": {"preset": "SQ+W8A8", "options": {}},
     "2:4 SparseGPT": {"preset": "2:4", "options": {}},

@@ -242,7 +242,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     # each layer's outputs overwrite its inputs (LayerInputs.forward in_place), so one set of activations
     # is held; two where a reconstruction keeps the dense model's stream or AWQ/SmoothQuant (or OWL) replay them
     streams = 2 if any(m.transforms or m.owl is not None or (m.prunes and m.reconstruction is not None)
-                       for m in recipe.modifiers) else 1
+                       or m.autoround is not None for m in recipe.modifiers) else 1
     device_bytes = 1.5 * (biggest_layer * dtype_bytes + streams * act_bytes + max(hessian_bytes.values(), default=0))
     from compression.model_io.walk import BATCH_TOKENS
 

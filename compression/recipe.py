@@ -31,6 +31,7 @@ from compression.errors import RecipeError
 from compression.algorithms.quant import QuantArgs
 from compression.algorithms.distill import MODIFIER as FINETUNE, FinetuneSettings, parse_settings as _parse_finetune
 from compression.algorithms.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
+from compression.algorithms import autoround as _autoround
 
 __all__ = ["PRESETS", "Modifier", "Recipe", "RecipeError", "SchemeGroup", "SCHEME_PRESETS"]
 
@@ -44,6 +45,8 @@ PRESETS: dict[str, str] = {
     "W8A8": "INT8 per-channel weights with GPTQ, INT8 per-token dynamic activations",
     "W4A16_ASYM": "INT4 asymmetric weights (zero points, MSE scales) with GPTQ, group 128 default, 16-bit activations",
     "AWQ+W4A16_ASYM": "AWQ activation-aware scaling, then INT4 asymmetric group weights (group 128 default)",
+    "AutoRound+W4A16": "INT4 symmetric group weights whose rounding and clipping AutoRound tunes against each "
+                       "layer's dense output (200 steps per layer default)",
     "SQ+W8A8": "SmoothQuant (strength 0.8) moves activation outliers into weights, then INT8 W8A8 with GPTQ",
     "FP8+KV_FP8": "FP8 per-tensor weights and static activations, plus an FP8 KV cache with calibrated K/V scales",
     "FP8_BLOCK": "FP8 weights in 128x128 blocks, FP8 dynamic activations per 128-channel token group; no calibration",
@@ -126,6 +129,11 @@ MODIFIER_FIELDS = {
     "WandaPruningModifier": {"targets", "ignore", "sparsity", "mask_structure", "sequential_update",
                              "sparsity_profile", "owl_m", "owl_lmbda"},
     "AWQModifier": {"mappings", "duo_scaling", "n_grid", "offload_device", "ignore", "sequential_targets"},
+    # llm-compressor 0.14's AutoRoundModifier fields, plus AutoRound's own minmax_lr, enable_minmax_tuning
+    # and seed (compression.algorithms.autoround)
+    "AutoRoundModifier": _QUANT_MIXIN | {"iters", "batch_size", "lr", "minmax_lr", "enable_minmax_tuning", "seed",
+                                         "enable_torch_compile", "device_ids", "disable_opt_rtn",
+                                         "sequential_targets"},
     "SmoothQuantModifier": set(_SMOOTHQUANT),
     # llm-compressor 0.14 keeps it as an alias of SmoothQuantModifier(algorithm="log_equalization")
     "LogarithmicEqualizationModifier": set(_SMOOTHQUANT),
@@ -135,12 +143,12 @@ for _kind in MODIFIER_FIELDS:
     MODIFIER_FIELDS[_kind] |= BASE_FIELDS
 MODIFIER_FIELDS[FINETUNE] = set(FinetuneSettings.__dataclass_fields__)  # its own stage; see compression.algorithms.distill
 TRANSFORMS = ("AWQModifier", "SmoothQuantModifier", "LogarithmicEqualizationModifier")
+QUANTIZERS = ("QuantizationModifier", "GPTQModifier", "AutoRoundModifier")
 PRUNERS = ("SparseGPTModifier", "WandaPruningModifier")
 # llm-compressor 0.14 modifiers this engine does not run, with the reason (refused by name)
 UNSUPPORTED_MODIFIERS = {
     "MagnitudePruningModifier": "gradual magnitude pruning needs a training loop; use SparseGPTModifier",
     "ConstantPruningModifier": "it holds masks during training; one-shot compression has no training loop",
-    "AutoRoundModifier": "AutoRound is not implemented; use GPTQModifier with the same scheme",
     "QuIPModifier": "QuIP rotations (transform_config) are not implemented",
     "SpinQuantModifier": "SpinQuant rotations (transform_config) are not implemented",
     "REAPPruningModifier": "REAP expert pruning is not implemented",
@@ -191,6 +199,7 @@ class Modifier:
     mask_structure: str = "2:4"
     reconstruction: ReconstructionSettings | None = None  # SparseGPTModifier: layer-wise fit after pruning
     finetune: FinetuneSettings | None = None  # DistillationFinetuneModifier's arguments
+    autoround: "_autoround.AutoRoundSettings | None" = None  # AutoRoundModifier's tuning options
     kv_cache: QuantArgs | None = None  # kv_cache_scheme: FP8 per-tensor K/V scales
     preserve_sparsity_mask: bool = False
     sequential_targets: list[str] | None = None
@@ -210,7 +219,7 @@ class Modifier:
 
     @property
     def quantizes(self) -> bool:
-        return self.kind in ("QuantizationModifier", "GPTQModifier")
+        return self.kind in QUANTIZERS
 
     @property
     def transforms(self) -> bool:
@@ -258,6 +267,8 @@ class Modifier:
             out["dampening_frac"] = self.dampening_frac
         if self.kind == "GPTQModifier":
             out["actorder"] = self.actorder
+        if self.autoround is not None:
+            out.update({k: v for k, v in self.autoround.to_dict().items() if k != "compute"})
         if self.prunes:
             out["sparsity"] = list(self.sparsity_list) if self.sparsity_list is not None else self.sparsity
             out["mask_structure"] = self.mask_structure
@@ -444,7 +455,8 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         for m in self.modifiers:
-            if m.kind == "GPTQModifier" or m.prunes or m.transforms or m.kv_cache is not None:
+            if (m.kind == "GPTQModifier" or (m.autoround is not None and m.autoround.iters > 0) or m.prunes
+                    or m.transforms or m.kv_cache is not None):
                 return True
             if any(g.input_activations and (not g.input_activations.dynamic or g.input_activations.has_global_scale)
                    for g in m.config_groups.values()):
@@ -480,7 +492,9 @@ class Recipe:
                              + (" + layer-wise reconstruction" if m.reconstruction else ""))
                 continue
             for g in m.config_groups.values():
-                parts.append(("GPTQ " if m.kind == "GPTQModifier" else "") + _describe_group(g, m))
+                parts.append(("GPTQ " if m.kind == "GPTQModifier" else
+                              f"AutoRound ({m.autoround.iters} iters) " if m.autoround is not None else "")
+                             + _describe_group(g, m))
         text = " → ".join(parts) + "".join(f" [{n}]" for n in self.notes)
         return f"{self.preset}: {text}" if self.preset else text
 
@@ -744,6 +758,8 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
         m.actorder_given = "actorder" in args
     if m.prunes:
         _parse_sparsity(m, args, path)
+    if kind == "AutoRoundModifier":
+        m.autoround = _parse_autoround(m, args, path)
     if m.quantizes:
         has_scheme, has_groups = args.get("scheme") is not None, args.get("config_groups") is not None
         if has_scheme and has_groups:
@@ -752,6 +768,8 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
             if kind == "QuantizationModifier" and args.get("kv_cache_scheme") is None:
                 raise RecipeError(path, f"{kind} needs 'scheme' (a preset name: {', '.join(SCHEME_PRESETS)}), "
                                   "'config_groups' or 'kv_cache_scheme'")
+            if kind == "AutoRoundModifier":
+                raise RecipeError(path, "AutoRoundModifier needs 'scheme' (a preset name) or 'config_groups'")
             m.inherits_scheme = kind == "GPTQModifier"  # resolved against the preceding QuantizationModifier
         elif has_scheme:
             m.config_groups = _scheme_groups(args["scheme"], m.targets, f"{path}.scheme")
@@ -863,6 +881,48 @@ def _parse_sparsity(m: Modifier, args: dict, path: str) -> None:
         m.preserve_sparsity_mask = _bool(args.get("preserve_sparsity_mask", False), f"{path}.preserve_sparsity_mask")
 
 
+AUTOROUND_TORCH_COMPILE_NOTE = ("AutoRound enable_torch_compile has no effect here: the tuning runs eagerly")
+AUTOROUND_DEVICE_NOTE = "AutoRound device_ids has no effect here: each layer is tuned on the job's device"
+AUTOROUND_RTN_NOTE = ("AutoRound iters 0 is plain round-to-nearest here (AutoRound's optimised RTN is not "
+                      "implemented)")
+
+
+def _parse_autoround(m: Modifier, args: dict, path: str) -> "_autoround.AutoRoundSettings":
+    """AutoRoundModifier options (llm-compressor's: iters, batch_size, lr; AutoRound's: minmax_lr,
+    enable_minmax_tuning, seed). enable_torch_compile, device_ids and disable_opt_rtn are accepted,
+    kept for the round trip, and a note says what they do here."""
+    values: dict[str, Any] = {}
+    for key, (lo, hi) in _autoround.LIMITS.items():
+        if args.get(key) is not None:
+            values[key] = _int(args[key], f"{path}.{key}", lo=lo, hi=hi)
+    for key in ("lr", "minmax_lr"):
+        raw = args.get(key)
+        if isinstance(raw, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
+            try:
+                raw = float(raw)
+            except ValueError:
+                pass
+        if raw is not None:
+            values[key] = _float(raw, f"{path}.{key}", *_autoround.LR_RANGE)
+    if args.get("enable_minmax_tuning") is not None:
+        values["enable_minmax_tuning"] = _bool(args["enable_minmax_tuning"], f"{path}.enable_minmax_tuning")
+    for key in ("enable_torch_compile", "disable_opt_rtn"):
+        if args.get(key) is not None:
+            m.extra[key] = _bool(args[key], f"{path}.{key}")
+    if m.extra.get("enable_torch_compile"):
+        _NOTES.add(AUTOROUND_TORCH_COMPILE_NOTE)
+    if args.get("device_ids") is not None:
+        ids = args["device_ids"]
+        if not isinstance(ids, str) or len(ids) > MAX_NAME_CHARS:
+            raise RecipeError(f"{path}.device_ids", "must be a short string such as '0,1' or 'auto'")
+        m.extra["device_ids"] = ids
+        _NOTES.add(AUTOROUND_DEVICE_NOTE)
+    settings = _autoround.AutoRoundSettings(**values)
+    if settings.iters == 0:
+        _NOTES.add(AUTOROUND_RTN_NOTE)
+    return settings
+
+
 def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
     """SparseGPTModifier ``reconstruction``: null/false (off), true (defaults) or a mapping of
     steps, lr, batch_size, optimizer, target (see compression.algorithms.reconstruction)."""
@@ -897,6 +957,10 @@ def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
 
 def _check_groups(m: Modifier, path: str) -> None:
     for gname, g in m.config_groups.items():
+        if m.autoround is not None and g.weights is not None:
+            why = _autoround.supports(g.weights)
+            if why:
+                raise RecipeError(f"{path}.config_groups.{gname}.weights", f"AutoRound cannot tune {why}")
         if g.weights is None or m.kind != "GPTQModifier":
             continue  # an UNQUANTIZED group leaves its modules 16-bit
         if g.weights.actorder is not None and m.actorder_given and g.weights.actorder != m.actorder:
@@ -1342,6 +1406,7 @@ _PRESET_OPTIONS = {
     "W8A8": {"ignore", "actorder", "dampening_frac", "block_size"},
     "W4A16_ASYM": {"ignore", "group_size", "actorder", "dampening_frac", "block_size"},
     "AWQ+W4A16_ASYM": {"ignore", "group_size", "duo_scaling"},
+    "AutoRound+W4A16": {"ignore", "group_size", "iters", "batch_size"},
     "SQ+W8A8": {"ignore", "smoothing_strength", "actorder", "dampening_frac", "block_size"},
     "FP8+KV_FP8": {"ignore"},
     "FP8_BLOCK": {"ignore"},
@@ -1353,7 +1418,7 @@ def presets_with_option(option: str) -> list[str]:
     return [name for name in PRESETS if option in _PRESET_OPTIONS.get(name, ())]
 
 
-PARITY_PRESETS = ("W4A16_ASYM", "AWQ+W4A16_ASYM", "SQ+W8A8", "FP8+KV_FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16")
+PARITY_PRESETS = ("W4A16_ASYM", "AWQ+W4A16_ASYM", "AutoRound+W4A16", "SQ+W8A8", "FP8+KV_FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16")
 _KV_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 
 
@@ -1386,6 +1451,9 @@ def _parity_preset_stages(name: str, options: dict) -> dict:
         duo = options.get("duo_scaling", True)
         mods = {"AWQModifier": {"duo_scaling": duo},
                 **quant("QuantizationModifier", _group_weights("W4A16_ASYM", options.get("group_size")), None)}
+    elif name == "AutoRound+W4A16":
+        tuning = {k: options[k] for k in ("iters", "batch_size") if k in options}
+        mods = quant("AutoRoundModifier", _group_weights("W4A16", options.get("group_size")), None, **tuning)
     elif name == "SQ+W8A8":
         strength = options.get("smoothing_strength", 0.8)
         p = SCHEME_PRESETS["W8A8"]

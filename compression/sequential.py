@@ -33,11 +33,13 @@ from typing import Any
 import torch
 
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError
-from compression.algorithms.gptq import HessianAccumulator, disable_tf32, gptq_quantize, quadratic_loss, quantize_weight
+from compression.algorithms.gptq import (HessianAccumulator, QuantResult, disable_tf32, gptq_quantize, quadratic_loss,
+                                       quantize_weight)
 from compression.model_io.moe import (CheckpointNames, is_fused_experts, is_router, per_expert_modules, router_names,
                                       unfuse_experts)
 from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
 from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
+from compression.algorithms.autoround import AutoRoundSettings, autoround_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 from compression.model_io.streaming import map_large_blocks, release_heap
@@ -120,6 +122,7 @@ class CompressionReport:
     calibrate_all_experts: bool = False
     hooks: list = field(default_factory=list, repr=False)
     reconstruction: dict[int, dict] = field(default_factory=dict)  # layer index -> ReconstructionResult.to_dict()
+    autoround: dict[int, dict] = field(default_factory=dict)  # layer index -> AutoRoundResult.to_dict()
     kv_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # "<attention>.k_scale" → [1]
     smoothing: list[dict] = field(default_factory=list)  # AWQ / SmoothQuant per mapping
 
@@ -145,7 +148,9 @@ class CompressionReport:
                 "kv_cache_scales": {k: float(v.float().max()) for k, v in self.kv_scales.items()},
                 "modules": [r.summary() for r in self.modules.values()],
                 **({"reconstruction": [{"layer": i, **r} for i, r in sorted(self.reconstruction.items())]}
-                   if self.reconstruction else {})}
+                   if self.reconstruction else {}),
+                **({"autoround": [{"layer": i, **r} for i, r in sorted(self.autoround.items())]}
+                   if self.autoround else {})}
 
     def remove_activation_hooks(self) -> None:
         for handle in self.hooks:
@@ -517,20 +522,28 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                 report.hooks.extend(attach_all(model, layer_kv))  # FP8 K/V from here on, like a deployment
             _expert_fallbacks(layer, plans, stats, min_expert_tokens)
             recon = _reconstruction_settings(plans) if inputs else None
-            targets = (reconstruction_targets(layer, inputs.pairs(index), (dense_inputs or inputs).pairs(index), recon)
-                       if recon else None)
+            rounding = _autoround_settings(plans) if inputs else None
+            # the dense layer's outputs, taken before it is compressed: on the dense stream (kept for a
+            # reconstruction with target "dense" and for AutoRound), else on the compressed model's inputs
+            dense_out = layer_outputs(layer, (dense_inputs or inputs).pairs(index)) if recon or rounding else None
+            targets = (layer_outputs(layer, inputs.pairs(index)) if recon and recon.target == "layer" else dense_out)
             masks = {p.name: held_masks[p.name].to(device) for p in plans if p.name in (held_masks or {})}
+            staged = recon is not None or rounding is not None  # pruning first, then the layer-level fit
             for plan in plans:
                 _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
-                                 masks=masks, only=_is_sparsity if recon else None, storage_dtype=storage)
+                                 masks=masks, only=_is_sparsity if staged else None, storage_dtype=storage)
             if recon:
                 _reconstruct(layer, plans, masks, inputs.pairs(index), targets, recon, report, emit, index,
                              len(layers), should_stop)
-                if recon.target == "dense" and dense_inputs is not None:
-                    dense_inputs = dense_inputs.advanced(targets)
+            tuned = (_autoround(layer, plans, masks, inputs.pairs(index), dense_out, rounding, report, emit, index,
+                                len(layers), storage, should_stop) if rounding else None)
+            if staged:
+                if dense_inputs is not None:
+                    dense_inputs = dense_inputs.advanced(dense_out)
                 for plan in plans:
                     _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
-                                     masks=masks, only=lambda m: not _is_sparsity(m), storage_dtype=storage)
+                                     masks=masks, only=lambda m: not _is_sparsity(m), storage_dtype=storage,
+                                     tuned=tuned)
             for plan in plans:
                 record = report.modules[plan.name]
                 if record.input_activations is not None:
@@ -568,8 +581,9 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
 
 
 def _keeps_dense_stream(recipe: Recipe) -> bool:
-    """Whether some layer-wise reconstruction fits the pruned layer to the dense model's own stream."""
-    return any(m.prunes and m.reconstruction is not None and m.reconstruction.target == "dense"
+    """Whether some layer-wise reconstruction fits the pruned layer to the dense model's own stream
+    (or AutoRound tunes the quantized layer against it)."""
+    return any(m.autoround is not None or m.prunes and m.reconstruction is not None and m.reconstruction.target == "dense"
                for m in recipe.modifiers)
 
 
@@ -682,6 +696,8 @@ def padded_batching(model: torch.nn.Module, recipe: Recipe) -> str | None:
         return "MoE experts: pad tokens would be routed into the expert statistics"
     if any(m.prunes and m.reconstruction is not None for m in recipe.modifiers):
         return "layer-wise reconstruction fits one sample at a time"
+    if any(m.autoround is not None for m in recipe.modifiers):
+        return "AutoRound draws its batches from single samples"
     if _batch_dependent(recipe):
         return "dynamic per-tensor activation scales depend on the batch"
     return None
@@ -694,7 +710,8 @@ def batching_plan(model: torch.nn.Module, recipe: Recipe, device: torch.device |
     why_not = padded_batching(model, recipe) if batch_calibration else "batching turned off"
     if why_not is None and max_padding is None and torch.device(device).type == "cpu":
         why_not = "a CPU: pad positions cost more time than fewer layer calls save"
-    batch_tokens = BATCH_TOKENS if batch_calibration and not _batch_dependent(recipe) else 0
+    batch_tokens = (BATCH_TOKENS if batch_calibration and not _batch_dependent(recipe)
+                    and not any(m.autoround is not None for m in recipe.modifiers) else 0)
     return why_not, batch_tokens, MAX_PADDING if max_padding is None else max_padding
 
 
@@ -897,7 +914,7 @@ def offloadable(recipe: Recipe) -> bool:
     activations is a plain layer call (no KV-cache recorder, smoothing or reconstruction replay)."""
     return recipe.kv_cache is None and not any(
         m.transforms or m.owl is not None or (m.kind == "SparseGPTModifier" and m.reconstruction is not None)
-        for m in recipe.modifiers)
+        or m.autoround is not None for m in recipe.modifiers)
 
 
 def compute_dtype(model: torch.nn.Module, device: torch.device | str) -> torch.dtype | None:
@@ -922,7 +939,8 @@ def cpu_has_native(dtype: torch.dtype) -> bool:
 def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: Progress,
                      index: int, layers: int, device: torch.device | str, *,
                      masks: dict[str, torch.Tensor] | None = None,
-                     only: Callable[[Modifier], bool] | None = None, storage_dtype: torch.dtype | None = None) -> None:
+                     only: Callable[[Modifier], bool] | None = None, storage_dtype: torch.dtype | None = None,
+                     tuned: dict[str, QuantResult] | None = None) -> None:
     """Run the plan's steps (those ``only`` accepts) on one Linear; a pruning mask is kept in ``masks``.
 
     The layer may compute in a wider dtype than the model stores (``storage_dtype``, see
@@ -971,7 +989,10 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
         else:
             args = group.weights
             record.weights, record.input_activations = args, group.input_activations
-            if modifier.kind == "GPTQModifier" and hessian is not None:
+            if modifier.kind == "AutoRoundModifier" and tuned is not None and plan.name in tuned:
+                result = tuned[plan.name]
+                loss, fallback, kind = result.loss, None, "autoround"
+            elif modifier.kind == "GPTQModifier" and hessian is not None:
                 result = gptq_quantize(weight, hessian, args, block_size=modifier.block_size,
                                        dampening_frac=modifier.dampening_frac,
                                        actorder=args.actorder or modifier.actorder, mask=mask, scale_dtype=dtype,
@@ -1030,13 +1051,6 @@ def _reconstruction_settings(plans: list[_Plan]) -> ReconstructionSettings | Non
     return None
 
 
-def reconstruction_targets(layer: torch.nn.Module, inputs: list, dense_inputs: list,
-                           settings: ReconstructionSettings) -> list[torch.Tensor]:
-    """The dense layer's outputs the pruned layer is fitted to: on the dense stream (target "dense")
-    or on the pruned model's own inputs (target "layer"). Call before the layer is compressed."""
-    return layer_outputs(layer, dense_inputs if settings.target == "dense" else inputs)
-
-
 def _reconstruct(layer, plans, masks, inputs, targets, settings, report, emit, index, layers, should_stop) -> None:
     weights = {plan.name: (plan.module, masks[plan.name]) for plan in plans if plan.name in masks}
     if not weights:
@@ -1054,6 +1068,34 @@ def _reconstruct(layer, plans, masks, inputs, targets, settings, report, emit, i
           "message": f"layer {index + 1}/{layers} reconstruction: output MSE {result.error_before:.4g} → "
                      f"{result.error_after:.4g} ({result.steps} Adam steps, lr {settings.lr:g})"
                      + ("" if result.kept else "; no gain, pruned weights kept")})
+
+
+# AutoRound (compression/algorithms/autoround.py) ----------------------------------------------------------
+def _autoround_settings(plans: list[_Plan]) -> AutoRoundSettings | None:
+    """The settings of the AutoRoundModifier that quantizes this layer (first one wins)."""
+    for plan in plans:
+        for _, modifier, _ in plan.steps:
+            if modifier.autoround is not None:
+                return modifier.autoround
+    return None
+
+
+def _autoround(layer, plans, masks, inputs, targets, settings, report, emit, index, layers, storage,
+               should_stop) -> dict[str, QuantResult]:
+    """Tune every Linear of the layer an AutoRoundModifier quantizes, together; {checkpoint name: result}."""
+    chosen = {plan.local: (plan, group) for plan in plans for _, m, group in plan.steps if m.autoround is not None}
+    modules = {local: (plan.module, group.weights, masks.get(plan.name)) for local, (plan, group) in chosen.items()}
+    results, summary = autoround_layer(layer, inputs, targets, modules, settings, storage=storage,
+                                       should_stop=should_stop)
+    report.autoround[index] = summary.to_dict()
+    emit({"stage": "compress", "kind": "autoround", "layer": index, "layers": layers,
+          "error_before": summary.error_rtn, "error_after": summary.error_tuned,
+          "relative_before": summary.relative_rtn, "relative_after": summary.relative_tuned,
+          "steps": summary.iters, "seconds": summary.seconds, "kept": summary.kept,
+          "message": f"layer {index + 1}/{layers} AutoRound: output MSE {summary.error_rtn:.4g} (round-to-nearest) → "
+                     f"{summary.error_tuned:.4g} ({summary.iters} sign-SGD steps, best at {summary.best_iter})"
+                     + ("" if summary.kept else "; no gain, round-to-nearest kept")})
+    return {chosen[local][0].name: result for local, result in results.items()}
 
 
 def sparsity_masks(model: torch.nn.Module, report: CompressionReport, *,

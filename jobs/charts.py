@@ -336,7 +336,9 @@ def finetune_loss(events: Iterable[dict], title: str = "Fine-tuning loss (distil
 
 
 def reconstruction_error(events: Iterable[dict],
-                         title: str = "Layer-wise reconstruction: output error before / after") -> dict:
+                         title: str = "Layer-wise reconstruction: output error before / after", *,
+                         kind: str = "reconstruction",
+                         labels: tuple[str, str] = ("after pruning (one-shot)", "after reconstruction")) -> dict:
     """Per decoder layer, the pruned layer's output error against the dense output before and after
     reconstruction, from engine events ``{"kind": "reconstruction", "layer": i, "layers": N,
     "error_before": float, "error_after": float, "relative_before", "relative_after"}`` (or the
@@ -344,20 +346,20 @@ def reconstruction_error(events: Iterable[dict],
     every event has them, so layers of different scale compare; log axis when all are positive."""
     rows: dict[int, dict] = {}
     for ev in events:
-        if ev.get("kind", "reconstruction") != "reconstruction" or ev.get("layer") is None:
+        if ev.get("kind", kind) != kind or ev.get("layer") is None:
             continue
         if _finite(ev.get("error_before")) and _finite(ev.get("error_after")):
             rows[int(ev["layer"])] = ev
     if not rows:
-        return _empty(title, "No layer-wise reconstruction reported")
+        return _empty(title, f"No {labels[1].removeprefix('after ')} reported")
     layers = sorted(rows)
     relative = all(_finite(rows[i].get("relative_before")) and _finite(rows[i].get("relative_after")) for i in layers)
     before_key, after_key = ("relative_before", "relative_after") if relative else ("error_before", "error_after")
     before = [rows[i][before_key] for i in layers]
     after = [rows[i][after_key] for i in layers]
     fig = go.Figure()
-    fig.add_trace(go.Bar(name="after pruning (one-shot)", x=layers, y=before, marker_color=BASELINE_COLOR))
-    fig.add_trace(go.Bar(name="after reconstruction", x=layers, y=after, marker_color=RECOVERY_COLOR,
+    fig.add_trace(go.Bar(name=labels[0], x=layers, y=before, marker_color=BASELINE_COLOR))
+    fig.add_trace(go.Bar(name=labels[1], x=layers, y=after, marker_color=RECOVERY_COLOR,
                          text=[f"−{(1 - a / b) * 100:.0f}%" if b > 0 and a <= b else "" for a, b in zip(after, before)],
                          textposition="outside", cliponaxis=False))
     positive = all(v > 0 for v in before + after)
@@ -367,3 +369,16 @@ def reconstruction_error(events: Iterable[dict],
                      type="log" if positive else "linear")
     _layout(fig, title, barmode="group", height=440)
     return _to_dict(fig)
+
+
+def autoround_error(events: Iterable[dict]) -> dict:
+    """Per decoder layer, the quantized layer's output error against the dense output with plain
+    round-to-nearest and with AutoRound's tuned rounding (engine events ``{"kind": "autoround", ...}``
+    or the report's ``autoround`` list: error_rtn / error_tuned and their relative forms)."""
+    rows = [{**ev, "error_before": ev.get("error_before", ev.get("error_rtn")),
+             "error_after": ev.get("error_after", ev.get("error_tuned")),
+             "relative_before": ev.get("relative_before", ev.get("relative_rtn")),
+             "relative_after": ev.get("relative_after", ev.get("relative_tuned")), "kind": "autoround"}
+            for ev in events]
+    return reconstruction_error(rows, "AutoRound: layer output error, round-to-nearest vs tuned rounding",
+                                kind="autoround", labels=("round-to-nearest", "after AutoRound"))

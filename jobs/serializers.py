@@ -13,7 +13,7 @@ from rest_framework.reverse import reverse
 from .models import CalibrationUpload, Job, JobEvent, Status
 
 PRESET_OPTIONS = ("group_size", "actorder", "dampening_frac", "block_size", "ignore", "smoothing_strength",
-                  "duo_scaling")
+                  "duo_scaling", "iters")
 MAX_ROW_NUMBER = 2 ** 63 - 1  # offsets and ids beyond a signed 64-bit integer overflow the database driver
 RECIPE_FORMS = ("preset", "yaml", "recipe")
 
@@ -56,6 +56,8 @@ class RecipeInputSerializer(StrictSerializer):
     smoothing_strength = serializers.FloatField(required=False, min_value=0.0, max_value=1.0,
                                                 help_text="SQ+W8A8: SmoothQuant alpha (default 0.8)")
     duo_scaling = serializers.JSONField(required=False, help_text="AWQ+W4A16_ASYM: true, false or 'both'")
+    iters = serializers.IntegerField(required=False, min_value=0, max_value=100_000,
+                                     help_text="AutoRound+W4A16: sign-SGD steps per decoder layer (default 200)")
     ignore = serializers.ListField(child=serializers.CharField(), required=False, max_length=200,
                                    help_text="Module names or re: patterns left uncompressed")
     yaml = serializers.CharField(required=False, trim_whitespace=False, max_length=100_000,  # recipe.MAX_YAML_CHARS

@@ -105,7 +105,7 @@ class ProgressRecorder:
     def __call__(self, event: dict) -> None:
         stage = event.get("stage", "")
         event = self._time_stages(stage, event)
-        is_layer_event = "module" in event or event.get("kind") in ("layer", "reconstruction", "finetune")
+        is_layer_event = "module" in event or event.get("kind") in ("layer", "reconstruction", "autoround", "finetune")
         if is_layer_event or stage != self.last_stage or event.get("level") in ("warning", "error"):
             JobEvent.objects.create(job_id=self.job_id, stage=stage[:40], level=event.get("level", "info"),
                                     message=str(event.get("message", ""))[:2000],

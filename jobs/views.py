@@ -180,8 +180,8 @@ def _card_html(job: Job) -> str:
 
 
 def _recovery_charts(job: Job) -> dict:
-    """Fine-tuning loss curve and per-layer reconstruction error (only for jobs that have them)."""
-    from .charts import finetune_loss, reconstruction_error
+    """Fine-tuning loss curve, per-layer reconstruction and AutoRound error (only for jobs that have them)."""
+    from .charts import autoround_error, finetune_loss, reconstruction_error
 
     # values_list, not .only("data") on job.events: that re-reads each event's deferred job_id (a query per event)
     events = JobEvent.objects.filter(job_id=job.id)
@@ -189,10 +189,13 @@ def _recovery_charts(job: Job) -> dict:
     steps = list(events.filter(stage="finetune", data__kind="finetune").order_by("id").values_list("data", flat=True))
     if not steps:  # events trimmed or never stored: the results keep a thinned curve
         steps = ((job.results or {}).get("finetune") or {}).get("loss_curve") or []
-    if not recon:
-        recon = ((job.results or {}).get("compression") or {}).get("reconstruction") or []
+    tuned = list(events.filter(stage="compress", data__kind="autoround").order_by("id").values_list("data", flat=True))
+    compression = (job.results or {}).get("compression") or {}
+    recon = recon or compression.get("reconstruction") or []
+    tuned = tuned or compression.get("autoround") or []
     return {"finetune_loss": finetune_loss(steps) if steps else None,
-            "reconstruction": reconstruction_error(recon) if recon else None}
+            "reconstruction": reconstruction_error(recon) if recon else None,
+            "autoround": autoround_error(tuned) if tuned else None}
 
 
 @login_required

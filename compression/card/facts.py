@@ -31,9 +31,12 @@ def scheme_summary(recipe: Recipe) -> dict[str, Any]:
                 summary["damping"] = modifier.dampening_frac
             algorithms.append("SparseGPT" if modifier.kind == "SparseGPTModifier" else "Wanda")
             continue
-        algorithms.append("GPTQ" if modifier.kind == "GPTQModifier" else "round-to-nearest")
+        algorithms.append("GPTQ" if modifier.kind == "GPTQModifier" else
+                          "AutoRound" if modifier.autoround is not None else "round-to-nearest")
         if modifier.kind == "GPTQModifier":
             summary["damping"] = modifier.dampening_frac
+        if modifier.autoround is not None:
+            summary["autoround_iters"] = modifier.autoround.iters
         group = next(iter(modifier.config_groups.values()), None)
         if group is None:
             continue

@@ -346,6 +346,9 @@ def _optimizations(facts: dict) -> str:
         f"Algorithm: {NOT_RECORDED}"
     if scheme.get("damping") is not None:
         sentence += f" with a damping factor of {scheme['damping']:g}"
+    if scheme.get("autoround_iters") is not None:
+        sentence += (f" ({scheme['autoround_iters']} signed-gradient steps per decoder layer tuning each weight's "
+                     "rounding and each group's clipping range against the dense model's layer output)")
     if cal.get("samples"):
         sentence += (f", calibrated on {cal['samples']} sequences"
                      + (f" of up to {cal['seq_len']} tokens" if cal.get("seq_len") else "")

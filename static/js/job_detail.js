@@ -17,6 +17,7 @@
       lastLossPoints = points;
     }
     compressorCharts.draw("chart-reconstruction", charts.reconstruction);
+    compressorCharts.draw("chart-autoround", charts.autoround);
     compressorCharts.draw("chart-finetune-loss", charts.finetune_loss);
   }
   drawCharts(JSON.parse(document.getElementById("job-charts").textContent));
