@@ -219,7 +219,8 @@ REFUSED = [
     (q("AWQModifier: {}"), "stages[0].modifiers[0]", "after it"),
     (q("GPTQModifier: {scheme: W8A8}") + q("SparseGPTModifier: {sparsity: 0.5}", stage="sparsity_stage"),
      "stages[1].modifiers[0]", "before"),  # in one stage it is reordered instead (test below)
-    (q("AutoRoundModifier: {scheme: W4A16, iters: 200}"), "stages[0].modifiers[0]", "AutoRound"),
+    (q("QuIPModifier: {rotations: [v, u]}"), "stages[0].modifiers[0]", "QuIP"),
+    (q("AutoRoundModifier: {iters: 200}"), "stages[0].modifiers[0]", "scheme"),
     (q("QuantizationModifier: {scheme: W4A16, start: soon}"), "stages[0].modifiers[0].start", "number"),
     ("quant_stage:\n  run_type: oneshot\n  quant_modifers:\n    QuantizationModifier: {scheme: W4A16}\n",
      "stages[0].quant_modifers", "_modifiers"),
