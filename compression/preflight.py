@@ -243,7 +243,15 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     # is held; two where a reconstruction keeps the dense model's stream or AWQ/SmoothQuant (or OWL) replay them
     streams = 2 if any(m.transforms or m.owl is not None or (m.prunes and m.reconstruction is not None)
                        or m.autoround is not None for m in recipe.modifiers) else 1
-    device_bytes = 1.5 * (biggest_layer * dtype_bytes + streams * act_bytes + max(hessian_bytes.values(), default=0))
+    # AutoRound keeps one batch's autograd activations (attention and MLP intermediates, float32) and
+    # float32 copies of the layer's weights with their rounding offsets and gradients
+    tuning = [m.autoround for m in recipe.modifiers if m.autoround is not None and m.autoround.iters > 0] \
+        if calib else []
+    tuning_bytes = max((min(t.batch_size, samples) * seqlen * (12 * hidden + 4 * int(_cfg(text, "intermediate_size")
+                                                                                    or 4 * hidden)) * 4
+                        + 4 * biggest_layer * 4 for t in tuning), default=0)
+    device_bytes = 1.5 * (biggest_layer * dtype_bytes + streams * act_bytes + max(hessian_bytes.values(), default=0)
+                          + tuning_bytes)
     from compression.model_io.walk import BATCH_TOKENS
 
     host_bytes, streaming_bytes = host_memory_estimates(
@@ -251,7 +259,11 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
         hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=int(_cfg(text, "intermediate_size") or 0),
         batch_tokens=min(BATCH_TOKENS, samples * seqlen) if calib else 0)
     forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
-    seconds = (forward_flops + solver_flops) / THROUGHPUT.get(device.split(":")[0], THROUGHPUT["cpu"])
+    # AutoRound: per step a forward and backward (3 forwards) of batch_size samples through each layer, plus
+    # the dense targets and three error passes over every sample
+    tuning_flops = sum(2 * sum(layer_params.values()) * seqlen * 3 * (t.iters * min(t.batch_size, samples) + samples)
+                       for t in tuning)
+    seconds = (forward_flops + solver_flops + tuning_flops) / THROUGHPUT.get(device.split(":")[0], THROUGHPUT["cpu"])
     warnings = []
     if calib and samples < 64:
         warnings.append(f"only {samples} calibration samples; 128-512 are usual")

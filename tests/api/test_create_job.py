@@ -148,3 +148,19 @@ def test_it_enforces_the_limit_of_active_jobs(api, owner, sent, settings):
     assert response.status_code == 400
     assert "queued or running" in errors(response)[None]
     assert Job.objects.count() == 1
+
+
+def test_an_autoround_preset_takes_its_steps_per_layer_and_refuses_them_elsewhere(api, sent):
+    from compression.recipe import Recipe
+
+    body = {**VALID, "recipe": {"preset": "AutoRound+W4A16", "group_size": 64, "iters": 20}}
+    response = api.post(URL, body, format="json")
+    assert response.status_code == 201, response.content
+    job = Job.objects.get(pk=response.json()["id"])
+    assert job.recipe["preset_options"] == {"group_size": 64, "iters": 20}
+    assert Recipe.from_dict(job.recipe).modifiers[0].autoround.iters == 20
+    bad = api.post(URL, {**VALID, "recipe": {"preset": "W4A16", "iters": 20}}, format="json")
+    assert bad.status_code == 400 and "not an option of preset W4A16" in errors(bad)["recipe.iters"]
+    negative = api.post(URL, {**body, "recipe": {"preset": "AutoRound+W4A16", "iters": -1}}, format="json")
+    assert negative.status_code == 400 and "recipe.iters" in errors(negative)
+    assert Job.objects.count() == 1

@@ -63,3 +63,26 @@ def test_the_job_page_and_status_carry_both_charts_from_the_recorded_events(clie
     assert 'id="chart-finetune-loss"' in page and 'id="chart-reconstruction"' in page
     other = make_job(owner)
     assert client.get(reverse("job-status", args=[other.id])).json()["charts"]["finetune_loss"] is None
+
+
+@pytest.mark.django_db
+def test_autoround_events_are_logged_and_drawn_as_round_to_nearest_vs_tuned(client, owner):
+    job = make_job(owner)
+    Job.claim(job.id, "w")
+    record = ProgressRecorder(job.id)
+    for i in range(3):
+        record({"stage": "compress", "kind": "autoround", "layers": 3, "layer": i, "error_before": 4.0,
+                "error_after": 1.0 + i, "relative_before": 0.4, "relative_after": 0.1 * (i + 1), "message": "ar"})
+    assert JobEvent.objects.filter(job=job, data__kind="autoround").count() == 3  # every layer is logged
+    client.force_login(owner)
+    charts = client.get(reverse("job-status", args=[job.id])).json()["charts"]
+    rtn, tuned = charts["autoround"]["data"]
+    assert rtn["name"] == "round-to-nearest" and tuned["name"] == "after AutoRound"
+    assert tuned["x"] == [0, 1, 2] and tuned["y"] == pytest.approx([0.1, 0.2, 0.3]) and tuned["text"][0] == "−75%"
+    assert charts["reconstruction"] is None
+    assert 'id="chart-autoround"' in client.get(reverse("job-detail", args=[job.id])).content.decode()
+    # the report's rows (error_rtn / error_tuned) draw the same way when the events are gone
+    from jobs.charts import autoround_error
+
+    rows = autoround_error([{"layer": 0, "error_rtn": 2.0, "error_tuned": 1.0}])
+    assert rows["data"][1]["y"] == [1.0]
