@@ -15,7 +15,7 @@ from compression.model_io.walk import capture_layer_inputs
 from compression.recipe import Recipe
 from compression.sequential import compress_model
 from tests.engine.conftest import random_calibration
-from tests.tiny import demo_tokenizer, tiny_llama
+from tests.tiny import FAMILIES, demo_tokenizer, tiny_family_model, tiny_llama
 
 W4G32 = QuantArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
 SCHEMES = {
@@ -207,3 +207,24 @@ def test_options_autoround_cannot_honour_are_refused_with_the_field(body, field,
     with pytest.raises(RecipeError) as err:
         Recipe.from_yaml(f"s:\n  quant_modifiers:\n    AutoRoundModifier: {body}\n")
     assert field in err.value.field and hint in str(err.value)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_is_tuned_exported_and_loads_with_the_same_logits(family, tmp_path):
+    """Dense, sliding-window, fused-projection, MLA and MoE layers (experts unfused; an expert no token
+    reaches keeps round-to-nearest): every targeted Linear is tuned in its layer and exported."""
+    model = tiny_family_model(family)
+    recipe = Recipe.from_preset("AutoRound+W4A16", group_size=32, iters=4, batch_size=2)
+    report = compress_model(model, recipe, random_calibration(n=4, length=16, vocab=256))
+    rows = report.summary()["autoround"]
+    assert [r["layer"] for r in rows] == [0, 1]
+    assert all(r["error_tuned"] <= r["error_rtn"] for r in rows)
+    assert all(m.losses.get("autoround") is not None for m in report.modules.values())
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids).logits
+    export_checkpoint(model, None, recipe, report, tmp_path)
+    loaded = load_compressed_model(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours, rtol=2e-2, atol=2e-2)
