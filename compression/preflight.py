@@ -243,13 +243,14 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     # is held; two where a reconstruction keeps the dense model's stream or AWQ/SmoothQuant (or OWL) replay them
     streams = 2 if any(m.transforms or m.owl is not None or (m.prunes and m.reconstruction is not None)
                        or m.autoround is not None for m in recipe.modifiers) else 1
-    # AutoRound keeps one batch's autograd activations (attention and MLP intermediates, float32) and
-    # float32 copies of the layer's weights with their rounding offsets and gradients
+    # AutoRound keeps one batch's autograd activations (attention and MLP intermediates, float32) and, in
+    # float32, the layer, a copy of its weights, their rounding offsets, the offsets' gradients and the
+    # quantized weights (5 x 4 bytes per parameter)
     tuning = [m.autoround for m in recipe.modifiers if m.autoround is not None and m.autoround.iters > 0] \
         if calib else []
     tuning_bytes = max((min(t.batch_size, samples) * seqlen * (12 * hidden + 4 * int(_cfg(text, "intermediate_size")
                                                                                     or 4 * hidden)) * 4
-                        + 4 * biggest_layer * 4 for t in tuning), default=0)
+                        + 5 * biggest_layer * 4 for t in tuning), default=0)
     device_bytes = 1.5 * (biggest_layer * dtype_bytes + streams * act_bytes + max(hessian_bytes.values(), default=0)
                           + tuning_bytes)
     from compression.model_io.walk import BATCH_TOKENS
