@@ -1061,13 +1061,20 @@ def _reconstruct(layer, plans, masks, inputs, targets, settings, report, emit, i
         if record.mask_structure == "2:4" and not is_24_sparse(module.weight.data):
             raise SparsityPatternError(f"{name} lost its 2:4 pattern in layer-wise reconstruction")
     report.reconstruction[index] = result.to_dict()
-    emit({"stage": "compress", "kind": "reconstruction", "layer": index, "layers": layers,
-          "error_before": result.error_before, "error_after": result.error_after,
-          "relative_before": result.relative_before, "relative_after": result.relative_after,
-          "steps": result.steps, "seconds": result.seconds, "kept": result.kept,
-          "message": f"layer {index + 1}/{layers} reconstruction: output MSE {result.error_before:.4g} → "
-                     f"{result.error_after:.4g} ({result.steps} Adam steps, lr {settings.lr:g})"
-                     + ("" if result.kept else "; no gain, pruned weights kept")})
+    emit(_fit_event("reconstruction", index, layers, (result.error_before, result.error_after),
+                    (result.relative_before, result.relative_after), result.steps, result.seconds, result.kept,
+                    f"reconstruction: output MSE {result.error_before:.4g} → {result.error_after:.4g} "
+                    f"({result.steps} Adam steps, lr {settings.lr:g})"
+                    + ("" if result.kept else "; no gain, pruned weights kept")))
+
+
+def _fit_event(kind: str, index: int, layers: int, errors: tuple[float, float], relative: tuple[float, float],
+               steps: int, seconds: float, kept: bool, message: str) -> dict:
+    """The progress event of a layer-level fit (reconstruction, AutoRound): output error before / after."""
+    return {"stage": "compress", "kind": kind, "layer": index, "layers": layers,
+            "error_before": errors[0], "error_after": errors[1], "relative_before": relative[0],
+            "relative_after": relative[1], "steps": steps, "seconds": seconds, "kept": kept,
+            "message": f"layer {index + 1}/{layers} {message}"}
 
 
 # AutoRound (compression/algorithms/autoround.py) ----------------------------------------------------------
@@ -1088,13 +1095,11 @@ def _autoround(layer, plans, masks, inputs, targets, settings, report, emit, ind
     results, summary = autoround_layer(layer, inputs, targets, modules, settings, storage=storage,
                                        should_stop=should_stop)
     report.autoround[index] = summary.to_dict()
-    emit({"stage": "compress", "kind": "autoround", "layer": index, "layers": layers,
-          "error_before": summary.error_rtn, "error_after": summary.error_tuned,
-          "relative_before": summary.relative_rtn, "relative_after": summary.relative_tuned,
-          "steps": summary.iters, "seconds": summary.seconds, "kept": summary.kept,
-          "message": f"layer {index + 1}/{layers} AutoRound: output MSE {summary.error_rtn:.4g} (round-to-nearest) → "
-                     f"{summary.error_tuned:.4g} ({summary.iters} sign-SGD steps, best at {summary.best_iter})"
-                     + ("" if summary.kept else "; no gain, round-to-nearest kept")})
+    emit(_fit_event("autoround", index, layers, (summary.error_rtn, summary.error_tuned),
+                    (summary.relative_rtn, summary.relative_tuned), summary.iters, summary.seconds, summary.kept,
+                    f"AutoRound: output MSE {summary.error_rtn:.4g} (round-to-nearest) → {summary.error_tuned:.4g} "
+                    f"({summary.iters} sign-SGD steps, best at {summary.best_iter})"
+                    + ("" if summary.kept else "; no gain, round-to-nearest kept")))
     return {chosen[local][0].name: result for local, result in results.items()}
 
 
