@@ -22,11 +22,13 @@ Optimiser (as AutoRound): signed gradient descent, ``p -= lr · sign(∂L/∂p)`
 decaying linearly from ``lr`` (default ``1 / iters``) to 0 over ``iters`` steps; each step draws
 ``batch_size`` calibration samples at random (a seeded permutation, cycled), the loss is the mean
 squared error between the quantized layer's output (on the compressed model's own inputs) and the
-dense model's output of the layer (on the dense model's inputs: the second activation stream), and the
-parameters of the step with the lowest batch loss are kept. Then the engine's own check: the output
-error of the tuned layer over *all* calibration samples is compared with plain round-to-nearest's and
-the better of the two is exported (``AutoRoundResult.kept`` says which), so tuning never makes a layer
-worse on the calibration set. Activations are not quantized during tuning (their scales come from
+dense model's output of the layer (on the dense model's inputs: the second activation stream).
+AutoRound keeps the parameters of the step with the lowest batch loss; a batch of easy samples can win
+that, so here three candidates are scored by the output error over *all* calibration samples -- that
+step, the last step (its learning rate has decayed to 0) and plain round-to-nearest -- and the best is
+exported (``AutoRoundResult.kept`` is False when round-to-nearest won): tuning never makes a layer
+worse on the calibration set. The clip factors' step defaults to ``1 / max(iters, 200)`` (AutoRound:
+``1 / iters``, too coarse below 200 steps; see ``AutoRoundSettings.minmax_lr``). Activations are not quantized during tuning (their scales come from
 the calibration statistics, as for GPTQ).
 
 Plain functions; :func:`compression.sequential.compress_model` calls :func:`autoround_layer` once
@@ -39,6 +41,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -249,12 +252,15 @@ def _forward(layer, weights: dict[str, torch.Tensor], hidden: torch.Tensor, kwar
 
 
 @torch.no_grad()
-def _error(layer, tuned: list[_Tuned], inputs: Inputs, targets: Sequence[torch.Tensor],
-           weights: dict[str, torch.Tensor]) -> tuple[float, float]:
+def _error(layer, inputs: Inputs, targets: Sequence[torch.Tensor], weights: dict[str, torch.Tensor],
+           amp: Callable[[], Any]) -> tuple[float, float]:
+    """(MSE, MSE / mean square of the targets) of the layer with ``weights`` over every sample, computed
+    in the tuning's precision (``amp``: its autocast context)."""
     sq_err = sq_ref = 0.0
     count = 0
     for (hidden, kwargs), target in zip(inputs, targets):
-        out = _forward(layer, weights, hidden, kwargs)
+        with amp():
+            out = _forward(layer, weights, hidden, kwargs).float()
         ref = target.float()
         sq_err += float(((out - ref) ** 2).sum())
         sq_ref += float((ref ** 2).sum())
@@ -283,13 +289,16 @@ def autoround_layer(layer: torch.nn.Module, inputs: Inputs, targets: Sequence[to
              for name, (module, args, mask) in modules.items()]
     requires = {id(p): p.requires_grad for p in layer.parameters()}
     dtype = next(layer.parameters()).dtype
+
+    def amp():
+        return _autocast(settings, device, dtype)
     if dtype != torch.float32:
         layer.float()
     try:
         for p in layer.parameters():
             p.requires_grad_(False)
         rtn = {f"{t.name}.weight": t.qdq().detach() for t in tuned}
-        error_rtn, rel_rtn = _error(layer, tuned, inputs, targets, rtn)
+        error_rtn, rel_rtn = _error(layer, inputs, targets, rtn, amp)
         best_iter, best_loss = 0, float("inf")
         best = [t.state() for t in tuned]
         if settings.iters > 0:
@@ -313,7 +322,7 @@ def autoround_layer(layer: torch.nn.Module, inputs: Inputs, targets: Sequence[to
                     loss_sum = None
                     for i in picks:
                         hidden, kwargs = inputs[i]
-                        with _autocast(settings, device, dtype):
+                        with amp():
                             out = _forward(layer, weights, hidden, kwargs)
                         loss = ((out.float() - targets[i].float()) ** 2).sum() / tokens
                         loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -340,7 +349,7 @@ def autoround_layer(layer: torch.nn.Module, inputs: Inputs, targets: Sequence[to
         for label, states in candidates:
             for t, state in zip(tuned, states):
                 t.load(state)
-            err, rel = _error(layer, tuned, inputs, targets, {f"{t.name}.weight": t.qdq().detach() for t in tuned})
+            err, rel = _error(layer, inputs, targets, {f"{t.name}.weight": t.qdq().detach() for t in tuned}, amp)
             if err < error_tuned:
                 error_tuned, rel_tuned, chosen = err, rel, (label, states)
         if chosen is not None:
