@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compression.recipe import PRESET_GROUP_SIZES, PRESETS, Recipe, RecipeError
+from compression.recipe import PRESET_GROUP_SIZES, PRESETS, Recipe, RecipeError, presets_with_option
 
 TABLE_PATH = Path(__file__).with_name("quality_table.json")
 # presets whose form / API options take a group size (see compression.recipe._PRESET_OPTIONS)
-GROUP_SIZE_PRESETS = ("W4A16", "2:4+W4A16", "W4A16_ASYM", "AWQ+W4A16_ASYM")
+GROUP_SIZE_PRESETS = tuple(presets_with_option("group_size"))
 
 
 def nominal_weight_bits(recipe: Recipe) -> float:
