@@ -2,8 +2,9 @@
 
     python bench/autoround_layer.py [--samples 32] [--layer 5] [--group-size 64] SPEC [SPEC ...]
 
-SPEC is ``iters[,minmax][,minmax_lr]``: e.g. ``50`` (defaults), ``50,off`` (no clip tuning), ``50,on,0.02``
-(clip step 0.02, AutoRound's 1/iters at 50 steps). The layer's inputs are the dense model's own
+SPEC is ``iters[,minmax][,minmax_lr][,full]``: e.g. ``50`` (defaults), ``50,off`` (no clip tuning),
+``50,on,0.02`` (clip step 0.02, AutoRound's 1/iters at 50 steps), ``50,on,,full`` (AutoRound's full-range
+symmetric grid). The layer's inputs are the dense model's own
 (the first ``--layer`` layers run dense), on the quality benchmark's calibration chunks
 (bench/peer.py: ``article_split``). Prints, per SPEC, the output MSE of round-to-nearest and of the
 tuned layer (over every sample), their ratio, the step kept and the seconds. A tuning aid; the
@@ -32,8 +33,9 @@ from compression.model_io.walk import capture_layer_inputs  # noqa: E402
 def _settings(spec: str) -> AutoRoundSettings:
     parts = spec.split(",")
     minmax = len(parts) < 2 or parts[1] != "off"
-    clip = float(parts[2]) if len(parts) > 2 else None
-    return AutoRoundSettings(iters=int(parts[0]), enable_minmax_tuning=minmax, minmax_lr=clip)
+    clip = float(parts[2]) if len(parts) > 2 and parts[2] else None
+    return AutoRoundSettings(iters=int(parts[0]), enable_minmax_tuning=minmax, minmax_lr=clip,
+                             full_range=len(parts) > 3 and parts[3] == "full")
 
 
 def main(argv: list[str] | None = None) -> int:

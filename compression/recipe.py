@@ -130,8 +130,9 @@ MODIFIER_FIELDS = {
                              "sparsity_profile", "owl_m", "owl_lmbda"},
     "AWQModifier": {"mappings", "duo_scaling", "n_grid", "offload_device", "ignore", "sequential_targets"},
     # llm-compressor 0.14's AutoRoundModifier fields, plus AutoRound's own minmax_lr, enable_minmax_tuning
-    # and seed (compression.algorithms.autoround)
+    # and seed, and full_range (compression.algorithms.autoround)
     "AutoRoundModifier": _QUANT_MIXIN | {"iters", "batch_size", "lr", "minmax_lr", "enable_minmax_tuning", "seed",
+                                         "full_range",
                                          "enable_torch_compile", "device_ids", "disable_opt_rtn",
                                          "sequential_targets"},
     "SmoothQuantModifier": set(_SMOOTHQUANT),
@@ -904,8 +905,9 @@ def _parse_autoround(m: Modifier, args: dict, path: str) -> "_autoround.AutoRoun
                 pass
         if raw is not None:
             values[key] = _float(raw, f"{path}.{key}", *_autoround.LR_RANGE)
-    if args.get("enable_minmax_tuning") is not None:
-        values["enable_minmax_tuning"] = _bool(args["enable_minmax_tuning"], f"{path}.enable_minmax_tuning")
+    for key in ("enable_minmax_tuning", "full_range"):
+        if args.get(key) is not None:
+            values[key] = _bool(args[key], f"{path}.{key}")
     for key in ("enable_torch_compile", "disable_opt_rtn"):
         if args.get(key) is not None:
             m.extra[key] = _bool(args[key], f"{path}.{key}")

@@ -72,6 +72,12 @@ class AutoRoundSettings:
     batch_size: int = 8
     enable_minmax_tuning: bool = True
     seed: int = 42
+    # symmetric integer weights: AutoRound's own grid (scale = ±absmax / 2^(bits-1), the sign chosen so the
+    # larger side lands on -2^(bits-1) exactly: all 16 INT4 levels, finer steps, negative scales in the
+    # checkpoint, as llm-compressor's AutoRoundModifier writes them); False: compressed-tensors' observer
+    # grid (scale = absmax / 7.5, positive). Demo model, layer 5, 50 steps: output error 0.0250 vs 0.0283
+    # (round-to-nearest 0.0625 vs 0.0768)
+    full_range: bool = True
     # the tuning forward/backward: "bfloat16" under autocast (AutoRound's amp), "float32", or "auto":
     # bfloat16 for a 16-bit model on a GPU or on a CPU with native bf16 matmuls, else float32
     compute: str = "auto"
@@ -135,6 +141,18 @@ def _grid(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     return torch.clamp(x, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
 
 
+def _full_range_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """AutoRound's symmetric integer scale: the larger of |lo| and hi over 2^(bits-1), negative when hi is
+    the larger, so that side maps to -2^(bits-1) exactly."""
+    sign = torch.where(hi > -lo, -1.0, 1.0)
+    return sign * torch.maximum(-lo, hi) / 2 ** (bits - 1)
+
+
+def _away_from_zero(x: torch.Tensor, tiny: float) -> torch.Tensor:
+    """|x| at least ``tiny``, sign kept (a zero becomes +tiny)."""
+    return torch.where(x < 0, x.clamp(max=-tiny), x.clamp(min=tiny))
+
+
 def _ungroup(g: torch.Tensor, shape: tuple[int, int], args: QuantArgs) -> torch.Tensor:
     """Inverse of :func:`compression.algorithms.quant._groups`: [*scale_shape, n] back to ``shape``."""
     rows, cols = shape
@@ -149,7 +167,7 @@ class _Tuned:
     """One Linear under tuning: its original weight, the observed group ranges and the tuned parameters."""
 
     def __init__(self, name: str, module: torch.nn.Linear, args: QuantArgs, mask: torch.Tensor | None,
-                 storage: torch.dtype, minmax: bool):
+                 storage: torch.dtype, minmax: bool, full_range: bool = False):
         self.name, self.module, self.args, self.mask, self.storage = name, module, args, mask, storage
         w = module.weight.detach().float()
         self.weight = w.masked_fill(mask, 0.0) if mask is not None else w
@@ -159,6 +177,7 @@ class _Tuned:
         self.global_scale = fp4_global_scale(self.weight) if args.has_global_scale else None
         self.v = torch.zeros_like(self.weight, requires_grad=True)
         tune_range = minmax and not args.is_mx  # MX scales are powers of two: no range to tune
+        self.full_range = full_range and args.type == "int" and args.symmetric
         self.alpha = torch.ones_like(self.hi, requires_grad=tune_range)
         self.beta = torch.ones_like(self.lo, requires_grad=tune_range)
 
@@ -172,7 +191,9 @@ class _Tuned:
         if args.is_mx:
             return mx_scale(torch.maximum(lo.abs(), hi).detach(), args.num_bits), None
         qmin, qmax = _q_range(args)
-        if args.symmetric:
+        if self.full_range:
+            scale, zp = _full_range_scale(lo, hi, args.num_bits), None
+        elif args.symmetric:
             scale, zp = torch.maximum(-lo, hi) / _half_range(args), None
         else:
             scale = ((hi - lo) / (qmax - qmin)).clamp_min(torch.finfo(torch.float32).eps)
@@ -181,7 +202,7 @@ class _Tuned:
         if self.global_scale is not None:
             scale = scale * self.global_scale
         tiny = torch.finfo(store).eps
-        stored = scale.detach().clamp_min(tiny).to(store).float()
+        stored = _away_from_zero(scale.detach(), tiny).to(store).float()
         scale = _ste(scale, stored)
         if self.global_scale is not None:
             scale = scale / self.global_scale
@@ -218,8 +239,14 @@ class _Tuned:
     def result(self, loss: float) -> QuantResult:
         """Codes, stored scale (and zero point / global scale) of the current parameters, as exported."""
         args = self.args
-        scale, zp = qparams_from_range(self.lo * self.beta, self.hi * self.alpha, args, self.storage,
-                                       global_scale=self.global_scale)
+        if self.full_range:
+            store = _torch_dtype(args.scale_dtype) or self.storage
+            scale = _away_from_zero(_full_range_scale(self.lo * self.beta, self.hi * self.alpha, args.num_bits),
+                                    torch.finfo(store).eps).to(store)
+            zp = None
+        else:
+            scale, zp = qparams_from_range(self.lo * self.beta, self.hi * self.alpha, args, self.storage,
+                                           global_scale=self.global_scale)
         effective = scale.float() / self.global_scale if self.global_scale is not None else scale.float()
         block = args.block_structure if args.strategy == "block" else None
         shifted = self.weight + self.v * expand_scale(effective, self.weight.shape, block=block)
@@ -285,7 +312,7 @@ def autoround_layer(layer: torch.nn.Module, inputs: Inputs, targets: Sequence[to
         raise ValueError("no quantized Linear in this layer to tune")
     started = time.perf_counter()
     device = targets[0].device
-    tuned = [_Tuned(name, module, args, mask, storage, settings.enable_minmax_tuning)
+    tuned = [_Tuned(name, module, args, mask, storage, settings.enable_minmax_tuning, settings.full_range)
              for name, (module, args, mask) in modules.items()]
     requires = {id(p): p.requires_grad for p in layer.parameters()}
     dtype = next(layer.parameters()).dtype

@@ -228,3 +228,28 @@ def test_every_family_is_tuned_exported_and_loads_with_the_same_logits(family, t
     loaded = load_compressed_model(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, ours, rtol=2e-2, atol=2e-2)
+
+
+def test_the_full_range_grid_puts_each_groups_larger_side_on_minus_8_and_beats_the_observer_grid():
+    linear = torch.nn.Linear(64, 48, bias=False)
+    torch.nn.init.normal_(linear.weight, std=0.05)
+    full = _Tuned("x", linear, W4G32, None, torch.float32, minmax=True, full_range=True).result(0.0)
+    observer = _Tuned("x", linear, W4G32, None, torch.float32, minmax=True, full_range=False).result(0.0)
+    w = linear.weight.detach()
+    assert full.zero_point is None and int(full.codes.min()) == -8 and int(full.codes.max()) <= 7
+    assert (full.scale < 0).any() and (full.scale > 0).any()  # the sign follows the larger side
+    groups = w.reshape(48, 2, 32)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    codes = full.codes.reshape(48, 2, 32).float()
+    assert torch.equal(codes.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1),
+                       torch.full_like(extreme, -8.0))
+    assert torch.equal(full.weight, dequantize(full.codes, full.scale, torch.float32))
+    assert float((full.weight - w).pow(2).mean()) < float((observer.weight - w).pow(2).mean())
+
+
+def test_full_range_can_be_turned_off_in_the_recipe():
+    recipe = _recipe("{num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}",
+                     "iters: 10, full_range: false")
+    assert recipe.modifiers[0].autoround.full_range is False
+    assert Recipe.from_yaml(recipe.to_yaml()).modifiers[0].autoround.full_range is False
+    assert _recipe("{num_bits: 4, type: int, strategy: group, group_size: 32}").modifiers[0].autoround.full_range
