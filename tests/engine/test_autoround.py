@@ -105,8 +105,11 @@ def test_a_tuning_that_does_not_help_keeps_round_to_nearest(model, calibration):
                                        AutoRoundSettings(iters=3, lr=5.0, minmax_lr=5.0, batch_size=1),
                                        storage=torch.float32)
     assert not summary.kept and summary.error_tuned == summary.error_rtn
-    rtn = quantize_weight(layer.mlp.down_proj.weight.detach(), W4G32, torch.float32)
+    # round-to-nearest on the default (full-range) grid: v = 0, alpha = beta = 1
+    rtn = _Tuned("mlp.down_proj", layer.mlp.down_proj, W4G32, None, torch.float32, minmax=True,
+                 full_range=True).result(0.0)
     assert torch.equal(results["mlp.down_proj"].codes, rtn.codes)
+    assert torch.equal(results["mlp.down_proj"].scale, rtn.scale)
 
 
 def test_a_pruned_weight_stays_pruned():
