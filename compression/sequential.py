@@ -523,10 +523,12 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
             _expert_fallbacks(layer, plans, stats, min_expert_tokens)
             recon = _reconstruction_settings(plans) if inputs else None
             rounding = _autoround_settings(plans) if inputs else None
-            # the dense layer's outputs, taken before it is compressed: on the dense stream (kept for a
-            # reconstruction with target "dense" and for AutoRound), else on the compressed model's inputs
-            dense_out = layer_outputs(layer, (dense_inputs or inputs).pairs(index)) if recon or rounding else None
-            targets = (layer_outputs(layer, inputs.pairs(index)) if recon and recon.target == "layer" else dense_out)
+            # the dense layer's outputs, taken before it is compressed: on the dense stream whenever it is kept
+            # (every layer advances it, fitted or not), else on the compressed model's inputs for AutoRound
+            fit_layer = recon is not None and recon.target == "layer"
+            dense_out = (layer_outputs(layer, (dense_inputs or inputs).pairs(index))
+                         if dense_inputs is not None or rounding or (recon and not fit_layer) else None)
+            targets = layer_outputs(layer, inputs.pairs(index)) if fit_layer else dense_out
             masks = {p.name: held_masks[p.name].to(device) for p in plans if p.name in (held_masks or {})}
             staged = recon is not None or rounding is not None  # pruning first, then the layer-level fit
             for plan in plans:
@@ -537,9 +539,9 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                              len(layers), should_stop)
             tuned = (_autoround(layer, plans, masks, inputs.pairs(index), dense_out, rounding, report, emit, index,
                                 len(layers), storage, should_stop) if rounding else None)
+            if dense_inputs is not None:
+                dense_inputs = dense_inputs.advanced(dense_out)
             if staged:
-                if dense_inputs is not None:
-                    dense_inputs = dense_inputs.advanced(dense_out)
                 for plan in plans:
                     _compress_module(plan, stats.get(plan.name, {}), report, emit, index, len(layers), device,
                                      masks=masks, only=lambda m: not _is_sparsity(m), storage_dtype=storage,

@@ -12,11 +12,12 @@ weight rounding via signed gradient descent", EMNLP 2024 findings; llm-compresso
 
 The quantized weight is ``(clamp(round(w / s + v) + zp) - zp) · s`` with the straight-through
 estimator for the rounding (``round`` for integers, the FP8 / FP4 grid for float formats), so the
-gradient reaches ``v`` and, through ``s`` and ``zp``, ``alpha`` and ``beta``. Scales are computed as
-the engine's observers compute them (compressed-tensors' ``calculate_qparams``: symmetric ``absmax /
-7.5`` for INT4, asymmetric ``(max - min) / 15`` with an integer zero point, NVFP4 under its global
-scale, each rounded to its stored dtype), so the exported checkpoint dequantizes to exactly the weight
-that was tuned.
+gradient reaches ``v`` and, through ``s`` and ``zp``, ``alpha`` and ``beta``. Symmetric integer weights
+use AutoRound's full-range grid by default (``s = ±absmax / 2^(bits-1)``, see
+``AutoRoundSettings.full_range``); every other scale is computed as the engine's observers compute it
+(compressed-tensors' ``calculate_qparams``: asymmetric ``(max - min) / 15`` with an integer zero point,
+NVFP4 under its global scale, symmetric ``absmax / 7.5`` with ``full_range: false``), each rounded to its
+stored dtype, so the exported checkpoint dequantizes to exactly the weight that was tuned.
 
 Optimiser (as AutoRound): signed gradient descent, ``p -= lr · sign(∂L/∂p)``, the learning rate
 decaying linearly from ``lr`` (default ``1 / iters``) to 0 over ``iters`` steps; each step draws
