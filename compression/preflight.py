@@ -248,8 +248,8 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     # quantized weights (5 x 4 bytes per parameter)
     tuning = [m.autoround for m in recipe.modifiers if m.autoround is not None and m.autoround.iters > 0] \
         if calib else []
-    tuning_bytes = max((min(t.batch_size, samples) * seqlen * (12 * hidden + 4 * int(_cfg(text, "intermediate_size")
-                                                                                    or 4 * hidden)) * 4
+    intermediate = int(_cfg(text, "intermediate_size") or 0)
+    tuning_bytes = max((min(t.batch_size, samples) * seqlen * (12 * hidden + 4 * (intermediate or 4 * hidden)) * 4
                         + 5 * biggest_layer * 4 for t in tuning), default=0)
     device_bytes = 1.5 * (biggest_layer * dtype_bytes + streams * act_bytes + max(hessian_bytes.values(), default=0)
                           + tuning_bytes)
@@ -257,7 +257,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
 
     host_bytes, streaming_bytes = host_memory_estimates(
         layout, device=device, storage_bytes=dtype_bytes, activation_bytes=streams * act_bytes,
-        hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=int(_cfg(text, "intermediate_size") or 0),
+        hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=intermediate,
         batch_tokens=min(BATCH_TOKENS, samples * seqlen) if calib else 0)
     forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
     # AutoRound: per step a forward and backward (3 forwards) of batch_size samples through each layer, plus

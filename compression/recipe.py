@@ -897,14 +897,8 @@ def _parse_autoround(m: Modifier, args: dict, path: str) -> "_autoround.AutoRoun
         if args.get(key) is not None:
             values[key] = _int(args[key], f"{path}.{key}", lo=lo, hi=hi)
     for key in ("lr", "minmax_lr"):
-        raw = args.get(key)
-        if isinstance(raw, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
-            try:
-                raw = float(raw)
-            except ValueError:
-                pass
-        if raw is not None:
-            values[key] = _float(raw, f"{path}.{key}", *_autoround.LR_RANGE)
+        if args.get(key) is not None:
+            values[key] = _float(args[key], f"{path}.{key}", *_autoround.LR_RANGE)
     for key in ("enable_minmax_tuning", "full_range"):
         if args.get(key) is not None:
             values[key] = _bool(args[key], f"{path}.{key}")
@@ -939,11 +933,6 @@ def _parse_reconstruction(raw: Any, path: str) -> ReconstructionSettings | None:
     if unknown:
         raise RecipeError(f"{path}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(defaults))}")
     values = {**defaults, **raw}
-    if isinstance(values["lr"], str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            values["lr"] = float(values["lr"])
-        except ValueError:
-            pass
     for key, (lo, hi) in RECON_LIMITS.items():
         values[key] = _int(values[key], f"{path}.{key}", lo=lo)
         if values[key] > hi:
@@ -1388,6 +1377,11 @@ def _int(value: Any, path: str, *, lo: int, hi: int = MAX_INT) -> int:
 
 
 def _float(value: Any, path: str, lo: float, hi: float) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string; pydantic would coerce it too
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
         raise RecipeError(path, f"must be a number between {lo} and {hi}")
     return float(value)

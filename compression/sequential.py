@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError
-from compression.algorithms.gptq import (HessianAccumulator, QuantResult, disable_tf32, gptq_quantize, quadratic_loss,
-                                       quantize_weight)
+from compression.algorithms.gptq import (HessianAccumulator, QuantResult, cpu_has_native, disable_tf32, gptq_quantize,
+                                       quadratic_loss, quantize_weight)
 from compression.model_io.moe import (CheckpointNames, is_fused_experts, is_router, per_expert_modules, router_names,
                                       unfuse_experts)
 from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
@@ -929,13 +929,6 @@ def compute_dtype(model: torch.nn.Module, device: torch.device | str) -> torch.d
             and not cpu_has_native(dtype):
         return torch.float32
     return None
-
-
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies ``dtype`` matrices in hardware (AMX tiles, AVX512-BF16, AMX-FP16)."""
-    checks = {torch.bfloat16: ("_is_amx_tile_supported", "_is_avx512_bf16_supported"),
-              torch.float16: ("_is_amx_fp16_supported",)}.get(dtype, ())
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: Progress,

@@ -47,11 +47,11 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from compression.algorithms.gptq import QuantResult
-from compression.algorithms.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, _groups, _half_range, _q_range,
-                                          _torch_dtype, dequantize, expand_scale, fp4_global_scale, mx_scale,
+from compression.algorithms.gptq import QuantResult, cpu_has_native
+from compression.algorithms.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, _clean_scale, _groups, _half_range,
+                                          _q_range, _torch_dtype, dequantize, expand_scale, fp4_global_scale, mx_scale,
                                           qparams_from_range, quantize, round_to_e2m1)
-from compression.algorithms.reconstruction import _cast, _output
+from compression.algorithms.reconstruction import _cast, _output, relative_mse
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,6 @@ def _full_range_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Te
     return sign * torch.maximum(-lo, hi) / 2 ** (bits - 1)
 
 
-def _away_from_zero(x: torch.Tensor, tiny: float) -> torch.Tensor:
-    """|x| at least ``tiny``, sign kept (a zero becomes +tiny)."""
-    return torch.where(x < 0, x.clamp(max=-tiny), x.clamp(min=tiny))
-
-
 def _ungroup(g: torch.Tensor, shape: tuple[int, int], args: QuantArgs) -> torch.Tensor:
     """Inverse of :func:`compression.algorithms.quant._groups`: [*scale_shape, n] back to ``shape``."""
     rows, cols = shape
@@ -202,8 +197,7 @@ class _Tuned:
         store = _torch_dtype(args.scale_dtype) or (FP8_DTYPE if args.is_fp4 else self.storage)
         if self.global_scale is not None:
             scale = scale * self.global_scale
-        tiny = torch.finfo(store).eps
-        stored = _away_from_zero(scale.detach(), tiny).to(store).float()
+        stored = _clean_scale(scale.detach(), store).float()
         scale = _ste(scale, stored)
         if self.global_scale is not None:
             scale = scale / self.global_scale
@@ -242,8 +236,7 @@ class _Tuned:
         args = self.args
         if self.full_range:
             store = _torch_dtype(args.scale_dtype) or self.storage
-            scale = _away_from_zero(_full_range_scale(self.lo * self.beta, self.hi * self.alpha, args.num_bits),
-                                    torch.finfo(store).eps).to(store)
+            scale = _clean_scale(_full_range_scale(self.lo * self.beta, self.hi * self.alpha, args.num_bits), store)
             zp = None
         else:
             scale, zp = qparams_from_range(self.lo * self.beta, self.hi * self.alpha, args, self.storage,
@@ -265,8 +258,6 @@ Inputs = Sequence[tuple[torch.Tensor, dict]]
 def _autocast(settings: AutoRoundSettings, device: torch.device, model_dtype: torch.dtype):
     compute = settings.compute
     if compute == "auto":
-        from compression.sequential import cpu_has_native
-
         sixteen = model_dtype in (torch.bfloat16, torch.float16)
         compute = "bfloat16" if sixteen and (device.type != "cpu" or cpu_has_native(torch.bfloat16)) else "float32"
     if compute == "bfloat16":
@@ -284,16 +275,12 @@ def _error(layer, inputs: Inputs, targets: Sequence[torch.Tensor], weights: dict
            amp: Callable[[], Any]) -> tuple[float, float]:
     """(MSE, MSE / mean square of the targets) of the layer with ``weights`` over every sample, computed
     in the tuning's precision (``amp``: its autocast context)."""
-    sq_err = sq_ref = 0.0
-    count = 0
-    for (hidden, kwargs), target in zip(inputs, targets):
-        with amp():
-            out = _forward(layer, weights, hidden, kwargs).float()
-        ref = target.float()
-        sq_err += float(((out - ref) ** 2).sum())
-        sq_ref += float((ref ** 2).sum())
-        count += ref.numel()
-    return sq_err / max(count, 1), (sq_err / sq_ref if sq_ref > 0 else float("inf"))
+    def outputs():
+        for hidden, kwargs in inputs:
+            with amp():
+                out = _forward(layer, weights, hidden, kwargs).float()
+            yield out
+    return relative_mse(zip(outputs(), targets))
 
 
 def autoround_layer(layer: torch.nn.Module, inputs: Inputs, targets: Sequence[torch.Tensor],

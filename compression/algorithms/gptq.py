@@ -32,6 +32,13 @@ def disable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (AMX tiles, AVX512-BF16, AMX-FP16)."""
+    checks = {torch.bfloat16: ("_is_amx_tile_supported", "_is_avx512_bf16_supported"),
+              torch.float16: ("_is_amx_fp16_supported",)}.get(dtype, ())
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
 @contextlib.contextmanager
 def sweep_threads(device: torch.device):
     """Run the column sweep (and the scale search) single-threaded on CPU.

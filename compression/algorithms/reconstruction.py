@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -100,24 +100,31 @@ def layer_outputs(layer: torch.nn.Module, inputs: Inputs) -> list[torch.Tensor]:
     return [_output(layer(hidden, **kwargs)).detach() for hidden, kwargs in inputs]
 
 
+def relative_mse(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """(MSE, MSE / mean square of the references) over (output, reference) pairs, accumulated in float32."""
+    sq_err = sq_ref = 0.0
+    count = 0
+    for out, ref in pairs:
+        out, ref = out.float(), ref.float()
+        sq_err += float(((out - ref) ** 2).sum())
+        sq_ref += float((ref ** 2).sum())
+        count += ref.numel()
+    return sq_err / max(count, 1), (sq_err / sq_ref if sq_ref > 0 else float("inf"))
+
+
 @torch.no_grad()
 def output_error(layer: torch.nn.Module, inputs: Inputs, targets: Sequence[torch.Tensor],
                  dtype: torch.dtype | None = None) -> tuple[float, float]:
     """(MSE, MSE / mean square of the targets) of the layer's outputs against ``targets``."""
     if len(inputs) != len(targets) or not inputs:
         raise ValueError(f"need as many targets as inputs (got {len(inputs)} inputs, {len(targets)} targets)")
-    sq_err = sq_ref = 0.0
-    count = 0
-    for (hidden, kwargs), target in zip(inputs, targets):
-        if dtype is not None:
-            hidden, kwargs = hidden.to(dtype), _cast(kwargs, dtype)
-        out = _output(layer(hidden, **kwargs)).float()
-        ref = target.float()
-        sq_err += float(((out - ref) ** 2).sum())
-        sq_ref += float((ref ** 2).sum())
-        count += ref.numel()
-    mse = sq_err / count
-    return mse, (sq_err / sq_ref if sq_ref > 0 else float("inf"))
+
+    def outputs():
+        for hidden, kwargs in inputs:
+            if dtype is not None:
+                hidden, kwargs = hidden.to(dtype), _cast(kwargs, dtype)
+            yield _output(layer(hidden, **kwargs))
+    return relative_mse(zip(outputs(), targets))
 
 
 def apply_masks(masks: dict[torch.nn.Parameter, torch.Tensor]) -> None:

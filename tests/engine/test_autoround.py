@@ -256,3 +256,56 @@ def test_full_range_can_be_turned_off_in_the_recipe():
     assert recipe.modifiers[0].autoround.full_range is False
     assert Recipe.from_yaml(recipe.to_yaml()).modifiers[0].autoround.full_range is False
     assert _recipe("{num_bits: 4, type: int, strategy: group, group_size: 32}").modifiers[0].autoround.full_range
+
+
+def test_a_layer_after_untuned_layers_is_tuned_against_its_own_dense_output():
+    """With AutoRound on the last layer only, the dense stream must still advance through the layers before
+    it: the reported round-to-nearest error is that of the last layer against its own dense output."""
+    model = tiny_llama(layers=3)
+    reference = tiny_llama(layers=3)
+    calibration = random_calibration(n=6, length=32)
+    scheme = "{num_bits: 4, type: int, symmetric: false, strategy: group, group_size: 32}"
+    recipe = Recipe.from_yaml("quant_stage:\n  quant_modifiers:\n    AutoRoundModifier:\n"
+                              "      {iters: 5, batch_size: 2, ignore: [lm_head, 're:model\\.layers\\.[01]\\..*'],\n"
+                              f"       config_groups: {{group_0: {{targets: [Linear], weights: {scheme}}}}}}}\n")
+    report = compress_model(model, recipe, calibration)
+    assert sorted(report.autoround) == [2]
+    # the expected value, computed by hand on the dense model: layer 2's inputs, its outputs, and the
+    # error of its round-to-nearest copy
+    layers = reference.model.layers
+    inputs = capture_layer_inputs(reference, layers, calibration, "cpu").pairs(0)
+    for layer in layers[:2]:
+        inputs = [(out, kwargs) for out, (_, kwargs) in zip(layer_outputs(layer, inputs), inputs)]
+    targets = layer_outputs(layers[2], inputs)
+    args = QuantArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    with torch.no_grad():
+        for module in layers[2].modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(quantize_weight(module.weight.detach().float(), args, torch.float32).weight)
+    from compression.algorithms.reconstruction import output_error
+
+    mse, relative = output_error(layers[2], inputs, targets)
+    got = report.autoround[2]
+    assert got["error_rtn"] == pytest.approx(mse, rel=1e-3)
+    assert got["relative_rtn"] == pytest.approx(relative, rel=1e-3)
+    assert got["relative_rtn"] < 0.05
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("full_range", [False, True])
+def test_small_scales_in_a_16_bit_model_are_not_clamped(storage, full_range):
+    """Scales stored in bf16/fp16 keep their value however small (only a zero becomes eps): clamping them
+    at the dtype's eps (0.0078 in bf16) once made every group of small weights coarse."""
+    linear = torch.nn.Linear(128, 64, bias=False).to(storage)
+    torch.nn.init.normal_(linear.weight, std=0.002)
+    for args in (W4G32, SCHEMES["int4 asym group"]):
+        tuned = _Tuned("x", linear, args, None, storage, minmax=True, full_range=full_range)
+        weight = linear.weight.detach().float()
+        rtn = quantize_weight(weight, args, storage)
+        mine = tuned.result(0.0)
+        assert float(mine.scale.float().abs().max()) < 0.003
+        if not tuned.full_range:
+            assert torch.equal(mine.scale, rtn.scale)
+        err = float((mine.weight.float() - weight).pow(2).mean())
+        assert err <= 1.02 * float((rtn.weight.float() - weight).pow(2).mean())
+        torch.testing.assert_close(tuned.qdq().detach(), mine.weight.float(), rtol=1e-2, atol=1e-5)
