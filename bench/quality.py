@@ -52,6 +52,9 @@ ROWS: dict[str, str] = {
     "W4A16 g64 AutoRound 50": "quant_stage:\n  quant_modifiers:\n" + _quant(
         "AutoRoundModifier", _W4.format(sym="true"),
         "      iters: 50\n      batch_size: 8\n      enable_torch_compile: false\n"),
+    "W4A16_ASYM g64 AutoRound 50": "quant_stage:\n  quant_modifiers:\n" + _quant(
+        "AutoRoundModifier", _W4.format(sym="false"),
+        "      iters: 50\n      batch_size: 8\n      enable_torch_compile: false\n"),
     "W4A16_ASYM g64 AWQ": ("quant_stage:\n  quant_modifiers:\n    AWQModifier: {duo_scaling: true}\n"
                            + _quant("QuantizationModifier", _W4.format(sym="false"))),
     "FP8_DYNAMIC": ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n"
@@ -72,7 +75,7 @@ ROWS: dict[str, str] = {
                                           "      sparsity: 0.5\n      mask_structure: '2:4'\n      targets: [Linear]\n"
                                           "      ignore: ['re:.*lm_head']\n"),
 }
-ASYMMETRIC = ("W4A16_ASYM g64 GPTQ", "W4A16_ASYM g64 AWQ")
+ASYMMETRIC = ("W4A16_ASYM g64 GPTQ", "W4A16_ASYM g64 AWQ", "W4A16_ASYM g64 AutoRound 50")
 TOOLS = ("ours", "llmcompressor")
 # the form/API preset that builds the same recipe (compression.recommend reads this from the table)
 PRESET_OF_ROW: dict[str, dict] = {
