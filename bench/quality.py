@@ -83,6 +83,7 @@ PRESET_OF_ROW: dict[str, dict] = {
     "W4A16_ASYM g64 GPTQ": {"preset": "W4A16_ASYM", "options": {"group_size": 64}},
     "W4A16_ASYM g64 AWQ": {"preset": "AWQ+W4A16_ASYM", "options": {"group_size": 64}},
     "W4A16 g64 AutoRound 50": {"preset": "AutoRound+W4A16", "options": {"group_size": 64, "iters": 50}},
+    "W4A16_ASYM g64 AutoRound 50": {"preset": "AutoRound+W4A16_ASYM", "options": {"group_size": 64, "iters": 50}},
     "FP8_DYNAMIC": {"preset": "FP8_DYNAMIC", "options": {}},
     "W8A8 + SmoothQuant": {"preset": "SQ+W8A8", "options": {}},
     "2:4 SparseGPT": {"preset": "2:4", "options": {}},

@@ -47,6 +47,8 @@ PRESETS: dict[str, str] = {
     "AWQ+W4A16_ASYM": "AWQ activation-aware scaling, then INT4 asymmetric group weights (group 128 default)",
     "AutoRound+W4A16": "INT4 symmetric group weights whose rounding and clipping AutoRound tunes against each "
                        "layer's dense output (200 steps per layer default)",
+    "AutoRound+W4A16_ASYM": "INT4 asymmetric group weights (zero points) whose rounding and clipping AutoRound "
+                            "tunes against each layer's dense output (200 steps per layer default)",
     "SQ+W8A8": "SmoothQuant (strength 0.8) moves activation outliers into weights, then INT8 W8A8 with GPTQ",
     "FP8+KV_FP8": "FP8 per-tensor weights and static activations, plus an FP8 KV cache with calibrated K/V scales",
     "FP8_BLOCK": "FP8 weights in 128x128 blocks, FP8 dynamic activations per 128-channel token group; no calibration",
@@ -1403,6 +1405,7 @@ _PRESET_OPTIONS = {
     "W4A16_ASYM": {"ignore", "group_size", "actorder", "dampening_frac", "block_size"},
     "AWQ+W4A16_ASYM": {"ignore", "group_size", "duo_scaling"},
     "AutoRound+W4A16": {"ignore", "group_size", "iters", "batch_size"},
+    "AutoRound+W4A16_ASYM": {"ignore", "group_size", "iters", "batch_size"},
     "SQ+W8A8": {"ignore", "smoothing_strength", "actorder", "dampening_frac", "block_size"},
     "FP8+KV_FP8": {"ignore"},
     "FP8_BLOCK": {"ignore"},
@@ -1414,7 +1417,8 @@ def presets_with_option(option: str) -> list[str]:
     return [name for name in PRESETS if option in _PRESET_OPTIONS.get(name, ())]
 
 
-PARITY_PRESETS = ("W4A16_ASYM", "AWQ+W4A16_ASYM", "AutoRound+W4A16", "SQ+W8A8", "FP8+KV_FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16")
+PARITY_PRESETS = ("W4A16_ASYM", "AWQ+W4A16_ASYM", "AutoRound+W4A16", "AutoRound+W4A16_ASYM", "SQ+W8A8", "FP8+KV_FP8",
+                  "FP8_BLOCK", "NVFP4", "NVFP4A16")
 _KV_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
 
 
@@ -1447,9 +1451,10 @@ def _parity_preset_stages(name: str, options: dict) -> dict:
         duo = options.get("duo_scaling", True)
         mods = {"AWQModifier": {"duo_scaling": duo},
                 **quant("QuantizationModifier", _group_weights("W4A16_ASYM", options.get("group_size")), None)}
-    elif name == "AutoRound+W4A16":
+    elif name in ("AutoRound+W4A16", "AutoRound+W4A16_ASYM"):
         tuning = {k: options[k] for k in ("iters", "batch_size") if k in options}
-        mods = quant("AutoRoundModifier", _group_weights("W4A16", options.get("group_size")), None, **tuning)
+        mods = quant("AutoRoundModifier", _group_weights(name.split("+")[1], options.get("group_size")), None,
+                     **tuning)
     elif name == "SQ+W8A8":
         strength = options.get("smoothing_strength", 0.8)
         p = SCHEME_PRESETS["W8A8"]

@@ -57,7 +57,7 @@ class RecipeInputSerializer(StrictSerializer):
                                                 help_text="SQ+W8A8: SmoothQuant alpha (default 0.8)")
     duo_scaling = serializers.JSONField(required=False, help_text="AWQ+W4A16_ASYM: true, false or 'both'")
     iters = serializers.IntegerField(required=False, min_value=0, max_value=100_000,
-                                     help_text="AutoRound+W4A16: sign-SGD steps per decoder layer (default 200)")
+                                     help_text="AutoRound+W4A16(_ASYM): sign-SGD steps per decoder layer (default 200)")
     ignore = serializers.ListField(child=serializers.CharField(), required=False, max_length=200,
                                    help_text="Module names or re: patterns left uncompressed")
     yaml = serializers.CharField(required=False, trim_whitespace=False, max_length=100_000,  # recipe.MAX_YAML_CHARS

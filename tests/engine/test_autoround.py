@@ -309,3 +309,16 @@ def test_small_scales_in_a_16_bit_model_are_not_clamped(storage, full_range):
         err = float((mine.weight.float() - weight).pow(2).mean())
         assert err <= 1.02 * float((rtn.weight.float() - weight).pow(2).mean())
         torch.testing.assert_close(tuned.qdq().detach(), mine.weight.float(), rtol=1e-2, atol=1e-5)
+
+
+def test_the_asymmetric_preset_builds_zero_point_group_weights_with_the_tuning_options():
+    recipe = Recipe.from_preset("AutoRound+W4A16_ASYM", group_size=64, iters=7, batch_size=4)
+    (modifier,) = recipe.modifiers
+    assert modifier.kind == "AutoRoundModifier"
+    assert modifier.autoround.iters == 7 and modifier.autoround.batch_size == 4
+    stage = recipe.stage_dict()
+    text = json.dumps(stage)
+    assert '"symmetric": false' in text and '"group_size": 64' in text
+    assert Recipe.from_yaml(recipe.to_yaml()).stage_dict() == stage
+    with pytest.raises(RecipeError, match="group_size"):
+        Recipe.from_preset("AutoRound+W4A16_ASYM", group_size=48)

@@ -17,12 +17,12 @@ from tests.tiny import demo_tokenizer, tiny_llama
 FORMATS = {"FP8_DYNAMIC": "float-quantized", "FP8": "float-quantized", "W4A16": "pack-quantized",
            "2:4": "dense", "2:4+FP8_DYNAMIC": "float-quantized", "2:4+W4A16": "pack-quantized",
            "W8A8": "int-quantized", "W4A16_ASYM": "pack-quantized", "AWQ+W4A16_ASYM": "pack-quantized",
-           "AutoRound+W4A16": "pack-quantized",
+           "AutoRound+W4A16": "pack-quantized", "AutoRound+W4A16_ASYM": "pack-quantized",
            "SQ+W8A8": "int-quantized", "FP8+KV_FP8": "float-quantized", "FP8_BLOCK": "float-quantized",
            "NVFP4": "nvfp4-pack-quantized", "NVFP4A16": "nvfp4-pack-quantized"}
 
 
-ASYMMETRIC = ("W4A16_ASYM", "AWQ+W4A16_ASYM")
+ASYMMETRIC = ("W4A16_ASYM", "AWQ+W4A16_ASYM", "AutoRound+W4A16_ASYM")
 
 
 def _tensors(out_dir):

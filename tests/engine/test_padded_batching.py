@@ -166,7 +166,9 @@ def _assert_same_compression(a, b, *, max_flipped: float):
 
 @pytest.mark.parametrize("preset,options,max_flipped", [
     ("W4A16", {"group_size": 32}, 1e-3),
-    ("W4A16", {"group_size": 32, "ignore": []}, 1e-3),  # lm_head too, on the last layer's padded outputs
+    # lm_head too, on the last layer's padded outputs: its 49152 rows sit on many rounding boundaries; on an
+    # AVX512 CPU (no AMX) reversing the samples in the one-sample path alone flips 0.19% of the codes
+    ("W4A16", {"group_size": 32, "ignore": []}, 3e-3),
     ("FP8", {}, 0.0),  # static per-tensor input scales from the same maxima: identical
     ("SQ+W8A8", {}, 2e-2),  # 256 levels: more boundaries; reordering the samples alone flips 1.2%
     ("AWQ+W4A16_ASYM", {"group_size": 32}, 1e-3),
