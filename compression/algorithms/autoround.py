@@ -278,8 +278,8 @@ def _error(layer, inputs: Inputs, targets: Sequence[torch.Tensor], weights: dict
     def outputs():
         for hidden, kwargs in inputs:
             with amp():
-                out = _forward(layer, weights, hidden, kwargs).float()
-            yield out
+                out = _forward(layer, weights, hidden, kwargs)
+            yield out  # relative_mse widens to float32
     return relative_mse(zip(outputs(), targets))
 
 

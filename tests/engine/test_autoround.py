@@ -7,7 +7,7 @@ import torch
 from compression.algorithms.autoround import AutoRoundSettings, _Tuned, autoround_layer
 from compression.algorithms.gptq import quantize_weight
 from compression.algorithms.quant import QuantArgs, dequantize
-from compression.algorithms.reconstruction import layer_outputs
+from compression.algorithms.reconstruction import layer_outputs, output_error
 from compression.errors import RecipeError
 from compression.model_io.export import export_checkpoint
 from compression.model_io.runtime import load_compressed_model
@@ -282,8 +282,6 @@ def test_a_layer_after_untuned_layers_is_tuned_against_its_own_dense_output():
         for module in layers[2].modules():
             if isinstance(module, torch.nn.Linear):
                 module.weight.copy_(quantize_weight(module.weight.detach().float(), args, torch.float32).weight)
-    from compression.algorithms.reconstruction import output_error
-
     mse, relative = output_error(layers[2], inputs, targets)
     got = report.autoround[2]
     assert got["error_rtn"] == pytest.approx(mse, rel=1e-3)
