@@ -122,8 +122,9 @@ _SMOOTHQUANT = {"smoothing_strength", "mappings", "ignore", "num_calibration_ste
                 "algorithm"}
 MODIFIER_FIELDS = {
     "QuantizationModifier": set(_QUANT_MIXIN),
+    # (plus full_range, the engine's: compression.algorithms.gptq.gptq_quantize)
     "GPTQModifier": _QUANT_MIXIN | {"block_size", "dampening_frac", "actorder", "batched_quantization",
-                                    "sequential_targets", "offload_hessians"},
+                                    "sequential_targets", "offload_hessians", "full_range"},
     "SparseGPTModifier": {"targets", "ignore", "sparsity", "mask_structure", "block_size", "dampening_frac",
                           "preserve_sparsity_mask", "sequential_targets", "offload_hessians", "sequential_update",
                           "sparsity_profile", "owl_m", "owl_lmbda"},
@@ -217,6 +218,7 @@ class Modifier:
     algorithm: str = "smoothquant"  # SmoothQuant's scales, or "log_equalization" (s = r / log2(2 + r))
     sparsity_list: list[float] | None = None  # SparseGPT: one sparsity per target module (in model order)
     owl: tuple[float, float] | None = None  # SparseGPT sparsity_profile "owl": (owl_m, owl_lmbda)
+    full_range: bool = True  # GPTQModifier: full-range scales for symmetric integer weight-only groups / channels
     actorder_given: bool = False  # GPTQModifier: actorder was set (llm-compressor refuses a clash with a group's)
     lm_head_defaulted: bool = False  # ignore was not given and the targets reach lm_head (see _default_ignore)
 
@@ -270,6 +272,8 @@ class Modifier:
             out["dampening_frac"] = self.dampening_frac
         if self.kind == "GPTQModifier":
             out["actorder"] = self.actorder
+            if not self.full_range:  # the engine's option; written only when off (llm-compressor has no such field)
+                out["full_range"] = False
         if self.autoround is not None:
             out.update({k: v for k, v in self.autoround.to_dict().items() if k != "compute"})
         if self.prunes:
@@ -759,6 +763,8 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
             _NOTES.add(ACTORDER_GROUP_NOTE)
         m.actorder = _actorder(args.get("actorder", "static"), f"{path}.actorder")
         m.actorder_given = "actorder" in args
+        if args.get("full_range") is not None:
+            m.full_range = _bool(args["full_range"], f"{path}.full_range")
     if m.prunes:
         _parse_sparsity(m, args, path)
     if kind == "AutoRoundModifier":

@@ -49,7 +49,8 @@ from torch.func import functional_call
 
 from compression.algorithms.gptq import QuantResult, cpu_has_native
 from compression.algorithms.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, _clean_scale, _groups, _half_range,
-                                          _q_range, _torch_dtype, dequantize, expand_scale, fp4_global_scale, mx_scale,
+                                          _q_range, _torch_dtype, dequantize, expand_scale, fp4_global_scale,
+                                          full_range_scale, mx_scale,
                                           qparams_from_range, quantize, round_to_e2m1)
 from compression.algorithms.reconstruction import _cast, _output, relative_mse
 
@@ -142,13 +143,6 @@ def _grid(x: torch.Tensor, args: QuantArgs) -> torch.Tensor:
     return torch.clamp(x, -FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
 
 
-def _full_range_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    """AutoRound's symmetric integer scale: the larger of |lo| and hi over 2^(bits-1), negative when hi is
-    the larger, so that side maps to -2^(bits-1) exactly."""
-    sign = torch.where(hi > -lo, -1.0, 1.0)
-    return sign * torch.maximum(-lo, hi) / 2 ** (bits - 1)
-
-
 def _ungroup(g: torch.Tensor, shape: tuple[int, int], args: QuantArgs) -> torch.Tensor:
     """Inverse of :func:`compression.algorithms.quant._groups`: [*scale_shape, n] back to ``shape``."""
     rows, cols = shape
@@ -188,7 +182,7 @@ class _Tuned:
             return mx_scale(torch.maximum(lo.abs(), hi).detach(), args.num_bits), None
         qmin, qmax = _q_range(args)
         if self.full_range:
-            scale, zp = _full_range_scale(lo, hi, args.num_bits), None
+            scale, zp = full_range_scale(lo, hi, args.num_bits), None
         elif args.symmetric:
             scale, zp = torch.maximum(-lo, hi) / _half_range(args), None
         else:
@@ -236,7 +230,7 @@ class _Tuned:
         args = self.args
         if self.full_range:
             store = _torch_dtype(args.scale_dtype) or self.storage
-            scale = _clean_scale(_full_range_scale(self.lo * self.beta, self.hi * self.alpha, args.num_bits), store)
+            scale = _clean_scale(full_range_scale(self.lo * self.beta, self.hi * self.alpha, args.num_bits), store)
             zp = None
         else:
             scale, zp = qparams_from_range(self.lo * self.beta, self.hi * self.alpha, args, self.storage,

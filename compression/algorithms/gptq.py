@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from compression.algorithms.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, compute_qparams, dequantize, expand_scale,
-                               fp4_global_scale, int_range, quantize, round_to_e2m1)
+                               fp4_global_scale, full_range_qparams, int_range, quantize, round_to_e2m1,
+                               uses_full_range)
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ def round_to_nearest(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.d
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
                   dampening_frac: float = 0.01, actorder: str | None = None, mask: torch.Tensor | None = None,
-                  scale_dtype: torch.dtype | None = None, refit: bool = True,
+                  scale_dtype: torch.dtype | None = None, refit: bool = True, full_range: bool = False,
                   inverses: dict | None = None) -> QuantResult:
     """Quantize ``weight`` [out, in] column by column, compensating each error on the later columns.
 
@@ -274,6 +275,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     ``refit`` (integer group / channel scales, static groups): once the sweep has fixed the integer
     codes, each row's scales are re-fitted by least squares in the Hessian metric
     (:func:`refit_scales`) -- the engine's addition to GPTQ; llm-compressor keeps the observer's scales.
+
+    ``full_range`` (symmetric integer group / channel scales under the min-max observer,
+    :func:`~compression.algorithms.quant.uses_full_range`): the scales are the full-range grid's
+    (:func:`~compression.algorithms.quant.full_range_scale`: absmax / 2^(bits-1), negative where the
+    positive side is the larger) instead of min-max's absmax / 7.5 -- the engine's choice for GPTQ
+    (on the demo model, W4A16 group 64: perplexity ratio 1.203 against 1.287 with min-max scales).
 
     ``inverses``: a dict kept with ``hessian`` (:attr:`HessianAccumulator.inverses`) that holds the
     inverse factor (it depends on the Hessian, the dampening and the visiting order alone) for the
@@ -292,7 +299,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     gscale = fp4_global_scale(w) if args.has_global_scale else None
     # scales from the original weight: in column order, or in visiting order for act-order "group"
     with sweep_threads(w.device):  # the MSE search is many mid-sized ops too
-        scale, zp = compute_qparams(w[:, perm] if group_order else w, args, scale_dtype, global_scale=gscale)
+        observed = w[:, perm] if group_order else w
+        if full_range and uses_full_range(args):
+            scale, zp = full_range_qparams(observed, args, scale_dtype), None
+        else:
+            scale, zp = compute_qparams(observed, args, scale_dtype, global_scale=gscale)
     try:
         upper_full, used = cached_inverse(inverses, h if perm is None else h[perm][:, perm], dampening_frac,
                                           None if perm is None else "by decreasing diagonal")
@@ -339,6 +350,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         codes = codes.masked_fill(mask, 0) if codes.dtype != FP8_DTYPE else codes.view(torch.uint8).masked_fill(
             mask, 0).view(FP8_DTYPE)
     deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale, g_idx=g_idx)
+    if mask is not None:
+        deq.add_(0.0)  # pruned zeros times a negative (full-range) scale are -0.0; 2:4 zeros stay +0.0
     return QuantResult(deq, codes, scale, loss, n_dead, used, None, zp, gscale, g_idx)
 
 
@@ -349,7 +362,8 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     ŵ_j = s_g(j) · (q_j - z_g(j)) is linear in the row's scales s (one per group, or one per row for
     channel scales), so the optimum solves A s = b with A_gh = Σ_{j∈g, k∈h} c_j H_jk c_k and
     b_g = Σ_{j∈g} c_j (H w)_j, c = q - z. A row keeps its old scales where the solution is not
-    finite and positive or, after rounding to the scale dtype, does not lower that row's error.
+    finite and of the old scales' signs (full-range scales may be negative) or, after rounding to the
+    scale dtype, does not lower that row's error.
     Returns the new scale tensor (same shape and dtype as ``scale``).
     """
     rows, cols = weight.shape
@@ -370,7 +384,7 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     solved, info = torch.linalg.solve_ex(a + torch.diag_embed(ridge.unsqueeze(1).expand(rows, n_groups)),
                                          b.unsqueeze(-1))
     new = solved.squeeze(-1)
-    ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new > 0).all(dim=1)
+    ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new * scale.float() > 0).all(dim=1)
     new = torch.where(ok.unsqueeze(1), new, scale.float()).to(scale.dtype)
     # a row's error is e(s) = sᵀAs - 2bᵀs + wᵀHw, so e(new) - e(old) = dᵀ(A(new + old) - 2b) with
     # d = new - old: the same comparison without two more [rows, cols] x [cols, cols] products

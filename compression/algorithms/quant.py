@@ -224,6 +224,29 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, dtyp
     return _clean_scale(scale, store), zp
 
 
+def full_range_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """The full-range symmetric integer scale (AutoRound's): the larger of |lo| and hi over 2^(bits-1),
+    negative when hi is the larger, so that side maps to -2^(bits-1) exactly. Against min-max's
+    ``absmax / (2^bits - 1) * 2`` (absmax / 7.5 at 4 bits, whose positive extreme clips at 7 steps and whose
+    -8 level lies beyond the range) every one of the 16 levels lies inside the group's range and the
+    step is absmax / 8."""
+    sign = torch.where(hi > -lo, -1.0, 1.0)
+    return sign * torch.maximum(-lo, hi) / 2 ** (bits - 1)
+
+
+def uses_full_range(args: QuantArgs) -> bool:
+    """Whether a full-range grid can replace the min-max scale of ``args``: symmetric integer weights
+    with group or channel scales under the (default) min-max observer."""
+    return (args.type == "int" and args.symmetric and args.strategy in ("group", "channel")
+            and args.observer not in ("mse", "memoryless_mse"))
+
+
+def full_range_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`full_range_scale` of every group / row of ``w``, in the storage dtype (scale shape of ``args``)."""
+    lo, hi = _observe(w, args)
+    return _clean_scale(full_range_scale(lo, hi, args.num_bits), _torch_dtype(args.scale_dtype) or dtype)
+
+
 def _observe(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
     groups = _groups(w.float(), args)
     return groups.amin(dim=-1), groups.amax(dim=-1)

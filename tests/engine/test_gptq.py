@@ -213,3 +213,45 @@ def test_sparsegpt_shares_the_inverse_too(monkeypatch):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
     gptq_quantize(shared[0].weight, acc.hessian, INT4_G16, block_size=16, mask=shared[0].mask, inverses=acc.inverses)
     assert len(calls) == 1  # q/k/v (gate/up) pruned, then quantized in the same column order: one factor
+
+
+@pytest.mark.parametrize("strategy", ["group", "channel"])
+def test_full_range_scales_put_each_groups_larger_side_on_the_grid_and_lower_the_layer_error(strategy):
+    """The full-range grid (absmax / 8, negative where the positive side is larger) against min-max's
+    absmax / 7.5: the extreme weight of every group is a grid point, and over a few layers the GPTQ error
+    is lower (the demo model's W4A16 g64 perplexity ratio went 1.287 -> 1.203 with it)."""
+    args = QuantArgs(num_bits=4, strategy=strategy, group_size=16 if strategy == "group" else None)
+    full_err = minmax_err = 0.0
+    for seed in range(3):
+        w, x, acc = _layer(seed=seed)
+        minmax = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, refit=False)
+        full = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, refit=False, full_range=True)
+        assert full.codes.min() >= -8 and full.codes.max() <= 7 and (minmax.scale > 0).all()
+        groups = w.reshape(w.shape[0], full.scale.shape[1], -1)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        positive_larger = hi > -lo
+        assert torch.equal(full.scale < 0, positive_larger) and positive_larger.any() and (~positive_larger).any()
+        assert torch.allclose(full.scale.abs(), torch.maximum(-lo, hi) / 8)
+        assert torch.allclose(full.weight, full.codes.float() * expand_scale(full.scale, w.shape))
+        full_err += _recon(w, full.weight, x)
+        minmax_err += _recon(w, minmax.weight, x)
+    assert full_err < minmax_err
+
+
+def test_the_refit_keeps_negative_full_range_scales_negative():
+    w, x, acc = _layer()
+    plain = gptq_quantize(w, acc.hessian, INT4_G16, actorder="static", block_size=16, refit=False, full_range=True)
+    refit = gptq_quantize(w, acc.hessian, INT4_G16, actorder="static", block_size=16, full_range=True)
+    assert torch.equal(plain.codes, refit.codes) and not torch.equal(refit.scale, plain.scale)
+    assert torch.equal(refit.scale < 0, plain.scale < 0)
+    assert _recon(w, refit.weight, x) < _recon(w, plain.weight, x)
+
+
+@pytest.mark.parametrize("args", [QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=16),
+                                  QuantArgs(num_bits=4, strategy="group", group_size=16, observer="mse"),
+                                  QuantArgs(num_bits=8, type="float", strategy="channel")])
+def test_full_range_leaves_zero_point_mse_and_float_scales_alone(args):
+    w, _, acc = _layer()
+    a = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16)
+    b = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, full_range=True)
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.weight, b.weight)

@@ -153,3 +153,15 @@ def test_scheme_shorthand_and_regex_ignore_are_accepted():
     m = recipe.modifiers[0]
     assert m.ignore == ["lm_head", "re:.*down_proj"] and m.targets == ["Linear"]
     assert m.config_groups["group_0"].input_activations.strategy == "token"
+
+
+def test_gptq_full_range_is_on_by_default_and_round_trips_when_turned_off():
+    text = ("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      scheme: W4A16\n      targets: [Linear]\n"
+            "      ignore: [lm_head]\n")
+    on = Recipe.from_yaml(text)
+    assert on.modifiers[0].full_range and "full_range" not in on.to_yaml()  # llm-compressor has no such field
+    off = Recipe.from_yaml(text + "      full_range: false\n")
+    assert not off.modifiers[0].full_range and Recipe.from_yaml(off.to_yaml()) == off
+    with pytest.raises(RecipeError) as err:
+        Recipe.from_yaml(text + "      full_range: sometimes\n")
+    assert err.value.field == "stages[0].modifiers[0].full_range"

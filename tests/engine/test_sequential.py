@@ -161,3 +161,29 @@ def test_the_statistics_pass_stops_each_call_after_its_last_statistic(model, cal
         x = torch.cat(xs)
         torch.testing.assert_close(stats[name]["hessian"].hessian, 2 * x.t() @ x / len(calibration),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _gptq_yaml(extra: str = "", activations: str = "") -> str:
+    return ("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      ignore: [lm_head]\n" + extra
+            + "      config_groups:\n        group_0:\n          targets: [Linear]\n"
+            "          weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}\n"
+            + activations)
+
+
+def test_gptq_uses_full_range_scales_for_symmetric_weight_only_groups_unless_turned_off(calibration):
+    from tests.tiny import tiny_llama
+
+    def scales(recipe_text):
+        model = tiny_llama()
+        report = compress_model(model, Recipe.from_yaml(recipe_text), calibration)
+        rec = report.modules["model.layers.1.mlp.up_proj"]
+        w = model.model.layers[1].mlp.up_proj.weight
+        assert torch.equal(w, rec.codes.float() * rec.scale.repeat_interleave(32, dim=1))
+        return torch.cat([r.scale.flatten() for r in report.modules.values() if r.scale is not None])
+
+    full = scales(_gptq_yaml())
+    assert (full < 0).any() and (full > 0).any()  # the sign picks the side that maps to -8
+    assert (scales(_gptq_yaml("      full_range: false\n")) > 0).all()
+    # quantized activations keep min-max weight scales (W4A8: int8 dynamic per-token inputs)
+    acts = "          input_activations: {num_bits: 8, type: int, symmetric: true, strategy: token, dynamic: true}\n"
+    assert (scales(_gptq_yaml(activations=acts)) > 0).all()
