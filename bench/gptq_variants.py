@@ -35,6 +35,9 @@ VARIANTS = {  # name -> (QuantArgs kwargs, gptq_quantize kwargs)
                                                                                         "refit": True}),
     "asym minmax, actorder static + least-squares scale refit": (dict(W4, symmetric=False),
                                                                  {"actorder": "static", "refit": True}),
+    "full-range, actorder static": (dict(W4, symmetric=True), {"actorder": "static", "full_range": True}),
+    "full-range, actorder static + least-squares scale refit (engine default)": (
+        dict(W4, symmetric=True), {"actorder": "static", "refit": True, "full_range": True}),
     "mse observer, actorder static": (dict(W4, symmetric=True, observer="mse"), {"actorder": "static"}),
     "asym minmax, actorder static": (dict(W4, symmetric=False), {"actorder": "static"}),
     "asym mse observer, actorder static": (dict(W4, symmetric=False, observer="mse"), {"actorder": "static"}),

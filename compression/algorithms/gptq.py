@@ -369,26 +369,30 @@ def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     rows, cols = weight.shape
     n_groups = scale.shape[1]
     size = cols // n_groups
-    h = hessian.float()
-    c = codes.float()
+    # float64: a Hessian dominated by a few huge activations (an attention-sink token holds 94% of the
+    # demo's layer-11 down_proj input energy) leaves A so ill-conditioned that float32 sums decided rows
+    # the wrong way (that module's refit error doubled when only the order of A's sums changed)
+    wide = torch.float64 if weight.device.type != "mps" else torch.float32
+    h = hessian.to(wide)
+    c = codes.to(wide)
     if zero_point is not None:
-        c = c - expand_scale(zero_point.float(), c.shape)
-    a = torch.empty(rows, n_groups, n_groups, dtype=torch.float32, device=weight.device)
+        c = c - expand_scale(zero_point.to(wide), c.shape)
+    a = torch.empty(rows, n_groups, n_groups, dtype=wide, device=weight.device)
     for g in range(n_groups):  # A is symmetric: the blocks on and below the diagonal, mirrored
         lo = g * size
         part = c[:, lo:lo + size] @ h[lo:lo + size, lo:]  # [rows, cols - lo]
         a[:, g:, g] = (c[:, lo:] * part).reshape(rows, n_groups - g, size).sum(-1)
         a[:, g, g + 1:] = a[:, g + 1:, g]
-    b = (c * (weight.float() @ h)).reshape(rows, n_groups, size).sum(-1)
+    b = (c * (weight.to(wide) @ h)).reshape(rows, n_groups, size).sum(-1)
     ridge = 1e-6 * torch.diagonal(a, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
     solved, info = torch.linalg.solve_ex(a + torch.diag_embed(ridge.unsqueeze(1).expand(rows, n_groups)),
                                          b.unsqueeze(-1))
     new = solved.squeeze(-1)
     ok = (info == 0) & torch.isfinite(new).all(dim=1) & (new * scale.float() > 0).all(dim=1)
-    new = torch.where(ok.unsqueeze(1), new, scale.float()).to(scale.dtype)
+    new = torch.where(ok.unsqueeze(1), new, scale.to(wide)).to(scale.dtype)
     # a row's error is e(s) = sᵀAs - 2bᵀs + wᵀHw, so e(new) - e(old) = dᵀ(A(new + old) - 2b) with
     # d = new - old: the same comparison without two more [rows, cols] x [cols, cols] products
-    s_new, s_old = new.float(), scale.float()
+    s_new, s_old = new.to(wide), scale.to(wide)
     change = ((s_new - s_old) * (torch.bmm(a, (s_new + s_old).unsqueeze(-1)).squeeze(-1) - 2 * b)).sum(dim=1)
     better = ok & (change < 0)
     return torch.where(better.unsqueeze(1), new, scale)

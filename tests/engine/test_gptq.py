@@ -255,3 +255,28 @@ def test_full_range_leaves_zero_point_mse_and_float_scales_alone(args):
     a = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16)
     b = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, full_range=True)
     assert torch.equal(a.scale, b.scale) and torch.equal(a.weight, b.weight)
+
+
+def test_the_refit_reaches_the_least_squares_optimum_under_a_hessian_dominated_by_one_huge_token():
+    """An attention-sink token can hold most of a Linear's input energy (94% for the demo's layer-11
+    down_proj); the refit still finds each row's least-squares optimum."""
+    torch.manual_seed(0)
+    tokens, cols, rows, size = 512, 128, 16, 32
+    x = torch.randn(tokens, cols, dtype=torch.float64)
+    x[0] *= 400.0  # one massive activation row
+    acc = HessianAccumulator(cols)
+    acc.add(x.float().unsqueeze(0))
+    w = torch.randn(rows, cols)
+    args = QuantArgs(num_bits=4, symmetric=False, strategy="group", group_size=size)
+    r = gptq_quantize(w, acc.hessian, args, actorder="static", refit=False)
+    refit = gptq_mod.refit_scales(w, r.codes, r.scale, r.zero_point, acc.hessian, args)
+    c = (r.codes.double() - expand_scale(r.zero_point.double(), w.shape))
+    h = 2 * x.t() @ x  # the same Hessian in float64 (one sequence)
+
+    def loss(s):
+        d = w.double() - c * expand_scale(s.double(), w.shape)
+        return float(((d @ h) * d).sum())
+    best = torch.stack([torch.linalg.lstsq((x @ torch.block_diag(*c[i].reshape(-1, size).unsqueeze(-1))),
+                                           x @ w[i].double()).solution for i in range(rows)])
+    assert loss(refit) < loss(r.scale)
+    assert loss(refit) <= loss(best) * 1.001

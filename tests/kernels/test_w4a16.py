@@ -42,3 +42,18 @@ def test_it_rejects_mismatched_packing() -> None:
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     with pytest.raises(AssertionError):
         w4a16_gemm_reference(x, torch.zeros(8, 7, dtype=torch.int32), torch.ones(8, 1))
+
+
+def test_negative_full_range_scales_run_through_the_kernel(device: str, triton_path) -> None:
+    """GPTQ's and AutoRound's full-range grid stores a negative scale where a group's positive side is the
+    larger; the kernel multiplies by it like any other."""
+    x, q, scale = _case(9, 40, 128, 32, torch.bfloat16, seed=5)
+    scale = scale * torch.where(torch.rand(scale.shape, generator=torch.Generator().manual_seed(6)) < 0.5, -1, 1
+                                ).to(scale.dtype)
+    assert (scale < 0).any() and (scale > 0).any()
+    packed = pack_int4_by_hand(q)
+    dense = q.float() * scale.float().repeat_interleave(32, dim=1)
+    ref = w4a16_gemm_reference(x, packed, scale)
+    assert_close(ref, (x.float() @ dense.T).to(torch.bfloat16), rtol=1e-2, name="reference vs dense")
+    out = w4a16_gemm(x.to(device), packed.to(device), scale.to(device)).cpu()
+    assert_close(out, ref, rtol=1e-2, name="w4a16 negative scales")
