@@ -260,7 +260,7 @@ def round_to_nearest(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.d
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
                   dampening_frac: float = 0.01, actorder: str | None = None, mask: torch.Tensor | None = None,
                   scale_dtype: torch.dtype | None = None, refit: bool = True, full_range: bool = False,
-                  inverses: dict | None = None) -> QuantResult:
+                  resweeps: int | None = None, inverses: dict | None = None) -> QuantResult:
     """Quantize ``weight`` [out, in] column by column, compensating each error on the later columns.
 
     Static groups: scales (and zero points) come from the (dead-column-cleaned) original weight
@@ -275,6 +275,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     ``refit`` (integer group / channel scales, static groups): once the sweep has fixed the integer
     codes, each row's scales are re-fitted by least squares in the Hessian metric
     (:func:`refit_scales`) -- the engine's addition to GPTQ; llm-compressor keeps the observer's scales.
+    Then up to ``resweeps`` more sweeps run with the refitted scales (new codes), each refitted again,
+    while the Hessian-metric error keeps falling (on the demo's layers 0, 5, 11 two more sweeps lowered
+    the summed error 8% for full-range symmetric and 17% for asymmetric group-64 INT4 scales). Default
+    (None): 2 for integer weights of at most 4 bits, where it was measured; 0 for wider ones (INT8 has
+    256 levels: little to win, and more sweeps amplify float-rounding differences into flipped codes).
 
     ``full_range`` (symmetric integer group / channel scales under the min-max observer,
     :func:`~compression.algorithms.quant.uses_full_range`): the scales are the full-range grid's
@@ -315,37 +320,54 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         return r
 
     block = args.block_structure if args.strategy == "block" else None
-    eff = scale.float() / gscale if gscale is not None else scale.float()
-    col_scale = expand_scale(eff, w.shape, block=block)  # visiting order already when group_order
-    col_zp = expand_scale(zp.float(), w.shape, block=block) if zp is not None else None
-    m = mask
-    if perm is not None:
-        w = w[:, perm]
-        m = mask[:, perm] if mask is not None else None
-        if not group_order:
+    m = mask[:, perm] if mask is not None and perm is not None else mask
+    w_visit = w[:, perm] if perm is not None else w
+    inverse = torch.argsort(perm) if perm is not None else None
+    g_idx = (inverse // args.group_size).to(torch.int32) if group_order else None
+    fits = refit and args.type == "int" and args.strategy in ("group", "channel") and g_idx is None
+    if resweeps is None:
+        resweeps = 2 if args.num_bits <= 4 else 0
+
+    def sweep(scale: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(codes, loss) of one GPTQ sweep over the weight with these (static) scales."""
+        eff = scale.float() / gscale if gscale is not None else scale.float()
+        col_scale = expand_scale(eff, w.shape, block=block)  # visiting order already when group_order
+        col_zp = expand_scale(zp.float(), w.shape, block=block) if zp is not None else None
+        if perm is not None and not group_order:
             col_scale = col_scale[:, perm]
             col_zp = col_zp[:, perm] if col_zp is not None else None
-    rows, cols = w.shape
-    q_all = torch.zeros_like(w)
-    losses = torch.zeros(rows, device=w.device)
-    with sweep_threads(w.device):
-        _gptq_sweep(w, upper_full, col_scale, m, q_all, losses, block_size, _column_quantizer(args, col_zp))
-    g_idx = None
-    if perm is not None:
-        inverse = torch.argsort(perm)
-        q_all = q_all[:, inverse]
-        if group_order:
-            g_idx = (inverse // args.group_size).to(torch.int32)
-    codes = quantize(q_all, scale, args, zero_point=zp, global_scale=gscale, g_idx=g_idx)
-    loss = float(losses.sum())
-    if refit and args.type == "int" and args.strategy in ("group", "channel") and g_idx is None:
+        work = w_visit.clone() if fits else w_visit  # the sweep works in place; later sweeps need the weight
+        q_all = torch.zeros_like(work)
+        losses = torch.zeros(work.shape[0], device=work.device)
         with sweep_threads(w.device):
-            refitted = refit_scales(w_ref, codes, scale, zp, h, args)
-        if not torch.equal(refitted, scale):
-            scale = refitted
-            damped = _damped(h, used * torch.mean(torch.diag(h)))
-            deq = dequantize(codes, scale, torch.float32, args=args, zero_point=zp)
-            loss = quadratic_loss(deq - w_ref, damped)  # the same measure as the sweep's loss
+            _gptq_sweep(work, upper_full, col_scale, m, q_all, losses, block_size, _column_quantizer(args, col_zp))
+        if inverse is not None:
+            q_all = q_all[:, inverse]
+        return quantize(q_all, scale, args, zero_point=zp, global_scale=gscale, g_idx=g_idx), float(losses.sum())
+
+    codes, loss = sweep(scale)
+    # The refit (integer group / channel scales, static groups): the scales that fit the sweep's codes best;
+    # then up to ``resweeps`` more sweeps with those scales, each refitted, while the error keeps falling.
+    # Rounds are compared in the undamped Hessian metric the refit minimizes: the damping term (1% of the
+    # mean diagonal) can outweigh most of H where one huge activation dominates it (the sweep's own loss
+    # on the demo's layer-11 down_proj was 7x the undamped error), and a damped comparison picked worse rounds.
+    def error(codes: torch.Tensor, scale: torch.Tensor, metric: torch.Tensor) -> float:
+        return quadratic_loss(dequantize(codes, scale, torch.float32, args=args, zero_point=zp) - w_ref, metric)
+    first = scale
+    if fits:
+        with sweep_threads(w.device):
+            scale = refit_scales(w_ref, codes, scale, zp, h, args)
+        err = error(codes, scale, h)
+        for _ in range(resweeps):  # a round: a sweep with the current scales, its codes' own refit
+            new_codes, _ = sweep(scale)
+            with sweep_threads(w.device):
+                new_scale = refit_scales(w_ref, new_codes, scale, zp, h, args)
+            new_err = error(new_codes, new_scale, h)
+            if new_err >= err:
+                break
+            codes, scale, err = new_codes, new_scale, new_err
+    if fits and not torch.equal(scale, first):  # reported in the same measure as the sweep's loss
+        loss = error(codes, scale, _damped(h, used * torch.mean(torch.diag(h))))
     if mask is not None:
         codes = codes.masked_fill(mask, 0) if codes.dtype != FP8_DTYPE else codes.view(torch.uint8).masked_fill(
             mask, 0).view(FP8_DTYPE)

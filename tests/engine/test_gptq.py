@@ -129,7 +129,7 @@ def test_the_scale_refit_keeps_the_codes_and_lowers_the_layer_error(symmetric, s
     w, x, acc = _layer()
     args = QuantArgs(num_bits=4, symmetric=symmetric, strategy=strategy, group_size=16 if strategy == "group" else None)
     plain = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, refit=False)
-    refit = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16)
+    refit = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, resweeps=0)
     assert torch.equal(plain.codes, refit.codes) and refit.scale.shape == plain.scale.shape
     assert _recon(w, refit.weight, x) < _recon(w, plain.weight, x)
     assert (refit.scale > 0).all() and not torch.equal(refit.scale, plain.scale)
@@ -241,7 +241,7 @@ def test_full_range_scales_put_each_groups_larger_side_on_the_grid_and_lower_the
 def test_the_refit_keeps_negative_full_range_scales_negative():
     w, x, acc = _layer()
     plain = gptq_quantize(w, acc.hessian, INT4_G16, actorder="static", block_size=16, refit=False, full_range=True)
-    refit = gptq_quantize(w, acc.hessian, INT4_G16, actorder="static", block_size=16, full_range=True)
+    refit = gptq_quantize(w, acc.hessian, INT4_G16, actorder="static", block_size=16, full_range=True, resweeps=0)
     assert torch.equal(plain.codes, refit.codes) and not torch.equal(refit.scale, plain.scale)
     assert torch.equal(refit.scale < 0, plain.scale < 0)
     assert _recon(w, refit.weight, x) < _recon(w, plain.weight, x)
@@ -280,3 +280,19 @@ def test_the_refit_reaches_the_least_squares_optimum_under_a_hessian_dominated_b
                                            x @ w[i].double()).solution for i in range(rows)])
     assert loss(refit) < loss(r.scale)
     assert loss(refit) <= loss(best) * 1.001
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_more_sweeps_with_the_refitted_scales_never_raise_and_mostly_lower_the_layer_error(symmetric):
+    args = QuantArgs(num_bits=4, symmetric=symmetric, strategy="group", group_size=16)
+    once = more = 0.0
+    for seed in range(4):
+        w, x, acc = _layer(seed=seed)
+        a = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, full_range=True, resweeps=0)
+        b = gptq_quantize(w, acc.hessian, args, actorder="static", block_size=16, full_range=True, resweeps=3)
+        undamped = (quadratic_loss(a.weight - w, acc.hessian), quadratic_loss(b.weight - w, acc.hessian))
+        assert undamped[1] <= undamped[0] * (1 + 1e-6)
+        zp = 0 if b.zero_point is None else expand_scale(b.zero_point.float(), w.shape)
+        assert torch.allclose(b.weight, (b.codes.float() - zp) * expand_scale(b.scale, w.shape))
+        once, more = once + _recon(w, a.weight, x), more + _recon(w, b.weight, x)
+    assert more < once
