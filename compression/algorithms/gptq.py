@@ -298,7 +298,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     h, w, n_dead = prepare_hessian(hessian, weight)
     if mask is not None:
         w = w.masked_fill(mask, 0.0)
-    w_ref = w.clone() if refit else None  # the target the refit fits (dead columns cleaned, pruned zeros)
     perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
     group_order = actorder == "group" and args.strategy == "group"
     gscale = fp4_global_scale(w) if args.has_global_scale else None
@@ -321,10 +320,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
 
     block = args.block_structure if args.strategy == "block" else None
     m = mask[:, perm] if mask is not None and perm is not None else mask
-    w_visit = w[:, perm] if perm is not None else w
     inverse = torch.argsort(perm) if perm is not None else None
     g_idx = (inverse // args.group_size).to(torch.int32) if group_order else None
     fits = refit and args.type == "int" and args.strategy in ("group", "channel") and g_idx is None
+    w_ref = w  # the target the refit fits (dead columns cleaned, pruned zeros): never swept in place when it fits
     if resweeps is None:
         resweeps = 2 if args.num_bits <= 4 else 0
 
@@ -336,7 +335,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         if perm is not None and not group_order:
             col_scale = col_scale[:, perm]
             col_zp = col_zp[:, perm] if col_zp is not None else None
-        work = w_visit.clone() if fits else w_visit  # the sweep works in place; later sweeps need the weight
+        # the sweep works in place: on a copy (in visiting order) when the weight is needed again
+        work = w[:, perm] if perm is not None else (w.clone() if fits else w)
         q_all = torch.zeros_like(work)
         losses = torch.zeros(work.shape[0], device=work.device)
         with sweep_threads(w.device):
