@@ -34,6 +34,7 @@ and the few properties the prose needs are passed explicitly in ``facts["scheme"
         "activation_bits": 8 | None (None = activations stay 16-bit), "activation_type": "int" | "float",
         "granularity": "group" | "channel" | "tensor", "group_size": 128 | None,
         "symmetric": True | False | None,
+        "full_range": True | False | None,           # symmetric integer scales on the full-range grid
         "activation_dynamic": True | False | None,   # dynamic per-token vs static scales
         "activation_granularity": "token" | "tensor" | None,
         "sparsity": "2:4" | None,
@@ -329,6 +330,9 @@ def _optimizations(facts: dict) -> str:
                "tensor": "per-tensor quantization (one scale for the whole matrix)"}.get(
                    gran, f"quantization with {NOT_RECORDED} granularity")
         parts.append(f"{sym} {how} maps the {wt} weights to the original floating-point values.")
+        if scheme.get("full_range"):
+            parts.append(f"The scales use the full-range grid: each group's larger side maps exactly to the lowest "
+                         f"{wt} code, so a scale is negative where a group's positive side is the larger.")
     if at:
         dyn = scheme.get("activation_dynamic")
         agran = scheme.get("activation_granularity") or ("token" if dyn else "tensor")

@@ -205,3 +205,22 @@ quant_stage:
     assert "Steps, in order:" in creation and all(line in creation for line in numbered)
     assert [creation.index(line) for line in numbered] == sorted(creation.index(line) for line in numbered)
     assert "Steps, in order" not in build_model_card(facts())  # a one-shot card without the list
+
+
+@pytest.mark.parametrize("yaml_text,full_range", [
+    ("GPTQModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head]}", True),
+    ("GPTQModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head], full_range: false}", False),
+    ("GPTQModifier: {scheme: W4A16_ASYM, targets: [Linear], ignore: [lm_head]}", False),
+    ("QuantizationModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head]}", False),
+    ("AutoRoundModifier: {scheme: W4A16, targets: [Linear], ignore: [lm_head], iters: 5}", True),
+])
+def test_the_card_says_when_the_scales_use_the_full_range_grid(yaml_text, full_range):
+    """Negative scales in a checkpoint surprise whoever inspects it: the card says why they are there."""
+    from compression.card.facts import scheme_summary
+    from compression.recipe import Recipe
+
+    recipe = Recipe.from_yaml("quant_stage:\n  quant_modifiers:\n    " + yaml_text + "\n")
+    scheme = scheme_summary(recipe)
+    assert scheme["full_range"] is full_range
+    text = build_model_card(facts(scheme=scheme))
+    assert ("full-range grid" in text) is full_range
