@@ -26,7 +26,9 @@ Estimates (rough, for planning only):
   (``map_large_blocks``), but fragmentation still keeps part of what a layer freed resident.
   Checked against ``bench/memory.py`` (docs/benchmarks.md);
 * device memory ≈ the largest decoder layer's weights + activations (as above, one or two sets)
-  + the fp32 Hessians of that layer's targeted Linears (Σ in² · 4 B) + a 1.5x workspace factor;
+  + the fp32 Hessians of that layer's targeted Linears (Σ in² · 4 B) + GPTQ's float64 scale refit of
+  the largest integer Linear (its Hessian, codes and products: (in² + 3 · out · in) · 8 B) + a 1.5x
+  workspace factor (the refit's temporaries are added to the CPU workspace too);
 * time ≈ (forward FLOPs: 2 passes · 2 · layer params · samples · seqlen · layers
   + solver FLOPs: Σ over Linears of (in³/3 + 2·out·in²) for GPTQ/SparseGPT) / throughput,
   throughput 2e10 FLOP/s on "cpu" and 2e13 FLOP/s on "cuda".
@@ -197,6 +199,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
 
     targeted: dict[str, LinearSlot] = {}
     hessian_bytes: dict[int, float] = {}
+    refit_bytes = 0.0  # GPTQ's float64 scale refit of the largest integer-quantized Linear
     layer_params: dict[int, int] = {}
     solver_flops = 0.0
     for slot in layout.linears:
@@ -234,6 +237,10 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
                 hessian_bytes[s.layer] = hessian_bytes.get(s.layer, 0) + s.in_features ** 2 * 4
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):
                 solver_flops += s.in_features ** 3 / 3 + 2 * s.out_features * s.in_features ** 2
+            if m.kind == "GPTQModifier" and group is not None and group.weights is not None \
+                    and group.weights.type == "int" and group.weights.strategy in ("group", "channel"):
+                # the Hessian, the codes, their products and the weight in float64 (gptq.refit_scales)
+                refit_bytes = max(refit_bytes, 8.0 * (s.in_features ** 2 + 3 * s.out_features * s.in_features))
         if m.quantizes:
             _check_embeddings(path, m, layout)
     calib = recipe.needs_calibration
@@ -252,13 +259,13 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     tuning_bytes = max((min(t.batch_size, samples) * seqlen * (12 * hidden + 4 * (intermediate or 4 * hidden)) * 4
                         + 5 * biggest_layer * 4 for t in tuning), default=0)
     device_bytes = 1.5 * (biggest_layer * dtype_bytes + streams * act_bytes + max(hessian_bytes.values(), default=0)
-                          + tuning_bytes)
+                          + tuning_bytes + refit_bytes)
     from compression.model_io.walk import BATCH_TOKENS
 
     host_bytes, streaming_bytes = host_memory_estimates(
         layout, device=device, storage_bytes=dtype_bytes, activation_bytes=streams * act_bytes,
         hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=intermediate,
-        batch_tokens=min(BATCH_TOKENS, samples * seqlen) if calib else 0)
+        batch_tokens=min(BATCH_TOKENS, samples * seqlen) if calib else 0, refit_bytes=refit_bytes)
     forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
     # AutoRound: per step a forward and backward (3 forwards) of batch_size samples through each layer, plus
     # the dense targets and three error passes over every sample
@@ -280,9 +287,11 @@ PROCESS_BASE_BYTES = 600 * 2 ** 20  # python + torch + transformers + tokenizer,
 
 
 def host_memory_estimates(layout: ModelLayout, *, device: str, storage_bytes: int, activation_bytes: int,
-                          hessian_bytes: float, intermediate: int, batch_tokens: int = 0) -> tuple[float, float]:
+                          hessian_bytes: float, intermediate: int, batch_tokens: int = 0,
+                          refit_bytes: float = 0.0) -> tuple[float, float]:
     """(in memory, streamed) peak host bytes of a job (see the module doc). ``batch_tokens``: tokens of
-    one calibration batch through a layer (0: a data-free recipe runs no calibration forward pass)."""
+    one calibration batch through a layer (0: a data-free recipe runs no calibration forward pass).
+    ``refit_bytes``: the float64 temporaries of GPTQ's scale refit for the largest Linear."""
     from compression.model_io.export import DEFAULT_SHARD_BYTES
 
     compute = 2 if device.startswith("cuda") else 4
@@ -296,7 +305,7 @@ def host_memory_estimates(layout: ModelLayout, *, device: str, storage_bytes: in
         # weight and the dequantized result (3 copies); GPTQ/SparseGPT the weight, its reference, the
         # quantized result and the expanded scales (5), plus the Hessians of the layer's Linears and an inverse.
         largest = max((s.out_features * s.in_features for s in layout.linears if s.layer is not None), default=0)
-        solver = 2 * hessian_bytes + (5 if hessian_bytes else 3) * largest * 4
+        solver = 2 * hessian_bytes + (5 if hessian_bytes else 3) * largest * 4 + refit_bytes
         # one calibration batch through the layer's MLP: gate, up and their product (fp32)
         forward = 3 * batch_tokens * max(intermediate, 1) * 4
         workspace = solver + forward

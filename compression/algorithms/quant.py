@@ -227,9 +227,9 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, dtyp
 def full_range_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
     """The full-range symmetric integer scale (AutoRound's): the larger of |lo| and hi over 2^(bits-1),
     negative when hi is the larger, so that side maps to -2^(bits-1) exactly. Against min-max's
-    ``absmax / (2^bits - 1) * 2`` (absmax / 7.5 at 4 bits, whose positive extreme clips at 7 steps and whose
-    -8 level lies beyond the range) every one of the 16 levels lies inside the group's range and the
-    step is absmax / 8."""
+    ``absmax / ((2^bits - 1) / 2)`` (absmax / 7.5 at 4 bits, whose positive extreme clips at 7 steps and
+    whose -8 level lies beyond the range) every level lies inside the group's range and the step is
+    absmax / 8."""
     sign = torch.where(hi > -lo, -1.0, 1.0)
     return sign * torch.maximum(-lo, hi) / 2 ** (bits - 1)
 
