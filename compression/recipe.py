@@ -28,7 +28,7 @@ import regex
 import yaml
 
 from compression.errors import RecipeError
-from compression.algorithms.quant import QuantArgs
+from compression.algorithms.quant import QuantArgs, uses_full_range
 from compression.algorithms.distill import MODIFIER as FINETUNE, FinetuneSettings, parse_settings as _parse_finetune
 from compression.algorithms.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
 from compression.algorithms import autoround as _autoround
@@ -219,6 +219,7 @@ class Modifier:
     sparsity_list: list[float] | None = None  # SparseGPT: one sparsity per target module (in model order)
     owl: tuple[float, float] | None = None  # SparseGPT sparsity_profile "owl": (owl_m, owl_lmbda)
     full_range: bool = True  # GPTQModifier: full-range scales for symmetric integer weight-only groups / channels
+    full_range_given: bool = False  # GPTQModifier: full_range was written in the recipe
     actorder_given: bool = False  # GPTQModifier: actorder was set (llm-compressor refuses a clash with a group's)
     lm_head_defaulted: bool = False  # ignore was not given and the targets reach lm_head (see _default_ignore)
 
@@ -765,6 +766,7 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
         m.actorder_given = "actorder" in args
         if args.get("full_range") is not None:
             m.full_range = _bool(args["full_range"], f"{path}.full_range")
+            m.full_range_given = True
     if m.prunes:
         _parse_sparsity(m, args, path)
     if kind == "AutoRoundModifier":
@@ -967,8 +969,14 @@ def _check_groups(m: Modifier, path: str) -> None:
                               f"actorder {g.weights.actorder!r} (llm-compressor refuses this too); set it in one place")
         if g.weights.actorder is None and m.actorder:
             g.weights = _replace(g.weights, actorder=m.actorder)
+    if m.kind == "GPTQModifier" and m.full_range and m.full_range_given and m.config_groups and not any(
+            g.weights is not None and g.input_activations is None and uses_full_range(g.weights)
+            for g in m.config_groups.values()):
+        _NOTES.add(FULL_RANGE_NOTE)
 
 
+FULL_RANGE_NOTE = ("full_range: true changes nothing here: the full-range grid replaces min-max scales of symmetric "
+                   "integer weight-only group/channel schemes; this scheme keeps its observer's scales")
 ACTORDER_RTN_NOTE = ("act-order in a QuantizationModifier's scheme has no effect without a GPTQModifier: "
                      "round-to-nearest has no column order")
 

@@ -165,3 +165,20 @@ def test_gptq_full_range_is_on_by_default_and_round_trips_when_turned_off():
     with pytest.raises(RecipeError) as err:
         Recipe.from_yaml(text + "      full_range: sometimes\n")
     assert err.value.field == "stages[0].modifiers[0].full_range"
+
+
+@pytest.mark.parametrize("weights,activations,noted", [
+    ("{num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 64}", "", False),
+    ("{num_bits: 4, type: int, symmetric: false, strategy: group, group_size: 64}", "", True),
+    ("{num_bits: 8, type: float, symmetric: true, strategy: channel}", "", True),
+    ("{num_bits: 8, type: int, symmetric: true, strategy: channel}",
+     "\n          input_activations: {num_bits: 8, type: int, symmetric: true, strategy: token, dynamic: true}", True),
+])
+def test_an_explicit_full_range_that_cannot_apply_is_noted_not_silently_ignored(weights, activations, noted):
+    text = ("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      ignore: [lm_head]\n      full_range: true\n"
+            "      config_groups:\n        group_0:\n          targets: [Linear]\n          weights: " + weights
+            + activations + "\n")
+    recipe = Recipe.from_yaml(text)
+    assert any("full_range: true changes nothing" in n for n in recipe.notes) is noted
+    # the default (not written) is never noted
+    assert not any("full_range" in n for n in Recipe.from_yaml(text.replace("      full_range: true\n", "")).notes)
