@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from compression.algorithms.gptq import refittable
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
 from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, pattern_matches
@@ -238,7 +239,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):
                 solver_flops += s.in_features ** 3 / 3 + 2 * s.out_features * s.in_features ** 2
             if m.kind == "GPTQModifier" and group is not None and group.weights is not None \
-                    and group.weights.type == "int" and group.weights.strategy in ("group", "channel"):
+                    and refittable(group.weights):
                 # the Hessian, the codes, their products and the weight in float64 (gptq.refit_scales)
                 refit_bytes = max(refit_bytes, 8.0 * (s.in_features ** 2 + 3 * s.out_features * s.in_features))
         if m.quantizes:

@@ -253,6 +253,20 @@ class Modifier:
                 return group
         return None
 
+    def full_range_grid(self, group: SchemeGroup) -> bool:
+        """Whether this modifier puts ``group``'s weights on the full-range symmetric integer grid
+        (:func:`compression.algorithms.quant.full_range_scale`): GPTQ with its ``full_range`` option, for the
+        weight-only schemes :func:`~compression.algorithms.quant.uses_full_range` accepts; AutoRound with its
+        own ``full_range`` setting, for any symmetric integer weights (``autoround._Tuned``)."""
+        w = group.weights
+        if w is None:
+            return False
+        if self.kind == "GPTQModifier":
+            return self.full_range and group.input_activations is None and uses_full_range(w)
+        if self.autoround is not None:
+            return self.autoround.full_range and w.type == "int" and w.symmetric
+        return False
+
     def to_dict(self) -> dict:
         if self.finetune is not None:
             return self.finetune.to_dict()
@@ -970,8 +984,7 @@ def _check_groups(m: Modifier, path: str) -> None:
         if g.weights.actorder is None and m.actorder:
             g.weights = _replace(g.weights, actorder=m.actorder)
     if m.kind == "GPTQModifier" and m.full_range and m.full_range_given and m.config_groups and not any(
-            g.weights is not None and g.input_activations is None and uses_full_range(g.weights)
-            for g in m.config_groups.values()):
+            m.full_range_grid(g) for g in m.config_groups.values()):
         _NOTES.add(FULL_RANGE_NOTE)
 
 

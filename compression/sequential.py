@@ -991,7 +991,7 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                 result = gptq_quantize(weight, hessian, args, block_size=modifier.block_size,
                                        dampening_frac=modifier.dampening_frac,
                                        actorder=args.actorder or modifier.actorder, mask=mask, scale_dtype=dtype,
-                                       full_range=modifier.full_range and group.input_activations is None,
+                                       full_range=modifier.full_range_grid(group),
                                        inverses=inverses)
                 loss, fallback = result.loss, result.fallback
                 record.dead_columns = max(record.dead_columns, result.dead_columns)

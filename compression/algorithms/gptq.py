@@ -322,7 +322,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     m = mask[:, perm] if mask is not None and perm is not None else mask
     inverse = torch.argsort(perm) if perm is not None else None
     g_idx = (inverse // args.group_size).to(torch.int32) if group_order else None
-    fits = refit and args.type == "int" and args.strategy in ("group", "channel") and g_idx is None
+    fits = refit and refittable(args) and g_idx is None
     w_ref = w  # the target the refit fits (dead columns cleaned, pruned zeros): never swept in place when it fits
     if resweeps is None:
         resweeps = 2 if args.num_bits <= 4 else 0
@@ -375,6 +375,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     if mask is not None:
         deq.add_(0.0)  # pruned zeros times a negative (full-range) scale are -0.0; 2:4 zeros stay +0.0
     return QuantResult(deq, codes, scale, loss, n_dead, used, None, zp, gscale, g_idx)
+
+
+def refittable(args: QuantArgs) -> bool:
+    """Whether :func:`refit_scales` applies to ``args``: integer weights with group or channel scales (and
+    static groups: no g_idx, which :func:`gptq_quantize` checks)."""
+    return args.type == "int" and args.strategy in ("group", "channel")
 
 
 def refit_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

@@ -9,7 +9,6 @@ import datetime as dt
 import re
 from typing import Any
 
-from compression.algorithms.quant import uses_full_range
 from compression.recipe import Recipe
 
 
@@ -45,9 +44,7 @@ def scheme_summary(recipe: Recipe) -> dict[str, Any]:
             w = group.weights
             summary.update(weight_bits=w.num_bits, weight_type=w.type, granularity=w.strategy,
                            group_size=w.group_size, symmetric=w.symmetric)
-            grid = (modifier.full_range and group.input_activations is None if modifier.kind == "GPTQModifier"
-                    else modifier.autoround.full_range if modifier.autoround is not None else False)
-            summary["full_range"] = bool(grid and uses_full_range(w))
+            summary["full_range"] = modifier.full_range_grid(group)
         if group.input_activations is not None:
             a = group.input_activations
             summary.update(activation_bits=a.num_bits, activation_type=a.type,
