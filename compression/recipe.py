@@ -28,7 +28,7 @@ import regex
 import yaml
 
 from compression.errors import RecipeError
-from compression.algorithms.quant import QuantArgs, uses_full_range
+from compression.algorithms.quant import QuantArgs, clippable, uses_full_range
 from compression.algorithms.distill import MODIFIER as FINETUNE, FinetuneSettings, parse_settings as _parse_finetune
 from compression.algorithms.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
 from compression.algorithms import autoround as _autoround
@@ -131,7 +131,9 @@ MODIFIER_FIELDS = {
     # llm-compressor's SparsityModifierBase fields; Wanda scores |W|·‖X‖ and updates no weights
     "WandaPruningModifier": {"targets", "ignore", "sparsity", "mask_structure", "sequential_update",
                              "sparsity_profile", "owl_m", "owl_lmbda"},
-    "AWQModifier": {"mappings", "duo_scaling", "n_grid", "offload_device", "ignore", "sequential_targets"},
+    # (plus apply_clip, the engine's: AWQ's weight clipping, compression.algorithms.awq.clip_quantize)
+    "AWQModifier": {"mappings", "duo_scaling", "n_grid", "offload_device", "ignore", "sequential_targets",
+                    "apply_clip"},
     # llm-compressor 0.14's AutoRoundModifier fields, plus AutoRound's own minmax_lr, enable_minmax_tuning
     # and seed, and full_range (compression.algorithms.autoround)
     "AutoRoundModifier": _QUANT_MIXIN | {"iters", "batch_size", "lr", "minmax_lr", "enable_minmax_tuning", "seed",
@@ -214,6 +216,8 @@ class Modifier:
     mappings: list | None = None  # AWQ: [{smooth_layer, balance_layers}], SmoothQuant: [[balance], smooth]
     duo_scaling: bool | str = True
     n_grid: int = 20
+    apply_clip: bool = True  # AWQModifier: AWQ's clipping search for the weights a later QuantizationModifier rounds
+    apply_clip_given: bool = False  # AWQModifier: apply_clip was written in the recipe
     smoothing_strength: float = 0.5
     algorithm: str = "smoothquant"  # SmoothQuant's scales, or "log_equalization" (s = r / log2(2 + r))
     sparsity_list: list[float] | None = None  # SparseGPT: one sparsity per target module (in model order)
@@ -474,6 +478,23 @@ class Recipe:
     def modifiers(self) -> list[Modifier]:
         return [m for s in self.stages for m in s.modifiers]
 
+    def awq_clip(self, quantizer: Modifier, weights: QuantArgs | None) -> bool:
+        """Whether AWQ's weight clipping (``AWQModifier.apply_clip``) chooses the ranges of ``weights`` that
+        ``quantizer`` rounds: an earlier AWQModifier asks for it, ``quantizer`` is a QuantizationModifier
+        (GPTQ and AutoRound choose their own roundings) and the scheme is one
+        :func:`~compression.algorithms.quant.clippable` accepts. Which modules: see
+        :func:`compression.algorithms.awq.clips_module` (query / key projections stay unclipped)."""
+        if quantizer.kind != "QuantizationModifier" or weights is None or not clippable(weights):
+            return False
+        earlier = self.modifiers[:next(i for i, m in enumerate(self.modifiers) if m is quantizer)]
+        return any(m.kind == "AWQModifier" and m.apply_clip for m in earlier)
+
+    def awq_clipped(self, awq: Modifier) -> bool:
+        """Whether the clipping of ``awq`` (an AWQModifier) reaches any scheme of a later modifier."""
+        later = self.modifiers[next(i for i, m in enumerate(self.modifiers) if m is awq) + 1:]
+        return awq.apply_clip and any(self.awq_clip(q, g.weights) for q in later if q.quantizes
+                                      for g in q.config_groups.values())
+
     @property
     def needs_calibration(self) -> bool:
         for m in self.modifiers:
@@ -492,7 +513,8 @@ class Recipe:
                 parts.append(m.finetune.describe())
                 continue
             if m.kind == "AWQModifier":
-                parts.append(f"AWQ scaling (duo_scaling {m.duo_scaling}, {m.n_grid}-point grid)")
+                parts.append(f"AWQ scaling (duo_scaling {m.duo_scaling}, {m.n_grid}-point grid"
+                             + (", weight clipping" if m.apply_clip and self.awq_clipped(m) else "") + ")")
                 continue
             if m.transforms and m.algorithm == "log_equalization":
                 parts.append("logarithmic activation equalization")
@@ -550,6 +572,8 @@ class Recipe:
                 raise RecipeError(path, f"{m.kind} after a quantization modifier needs explicit 'mappings' "
                                   "that leave the modules quantized before it alone (its default mappings "
                                   "rescale every projection); or move it before the quantization modifiers")
+            if m.kind == "AWQModifier" and m.apply_clip and m.apply_clip_given and not self.awq_clipped(m):
+                _NOTES.add(APPLY_CLIP_NOTE)
             if m.kind == "AWQModifier" and not any(q.quantizes and q.config_groups for _, q in flat[k + 1:]):
                 raise RecipeError(path, "AWQModifier only rescales weights for a quantization scheme: add a "
                                   "QuantizationModifier or GPTQModifier after it")
@@ -988,6 +1012,9 @@ def _check_groups(m: Modifier, path: str) -> None:
         _NOTES.add(FULL_RANGE_NOTE)
 
 
+APPLY_CLIP_NOTE = ("apply_clip: true changes nothing here: AWQ's clipping chooses the ranges of integer group/channel "
+                   "min-max weights that a later QuantizationModifier rounds to nearest; GPTQ and AutoRound choose "
+                   "their own, and other schemes keep their observer's scales")
 FULL_RANGE_NOTE = ("full_range: true changes nothing here: the full-range grid replaces min-max scales of symmetric "
                    "integer weight-only group/channel schemes; this scheme keeps its observer's scales")
 ACTORDER_RTN_NOTE = ("act-order in a QuantizationModifier's scheme has no effect without a GPTQModifier: "
@@ -1087,6 +1114,9 @@ def _parse_transform(m: Modifier, args: dict, path: str) -> Modifier:
             raise RecipeError(f"{path}.duo_scaling", "allowed: true, false or 'both'")
         m.duo_scaling = duo
         m.n_grid = _int(args.get("n_grid", 20), f"{path}.n_grid", lo=2)
+        if args.get("apply_clip") is not None:
+            m.apply_clip = _bool(args["apply_clip"], f"{path}.apply_clip")
+            m.apply_clip_given = True
         raw = args.get("mappings")
         if raw is not None:
             if not isinstance(raw, list) or not raw:
@@ -1136,6 +1166,8 @@ def _transform_dict(m: Modifier) -> dict:
     out: dict[str, Any] = {}
     if m.kind == "AWQModifier":
         out.update({"duo_scaling": m.duo_scaling, "n_grid": m.n_grid})
+        if not m.apply_clip:  # the engine's option; written only when off (llm-compressor has no such field)
+            out["apply_clip"] = False
         if m.mappings is not None:
             out["mappings"] = copy.deepcopy(m.mappings)
         if m.sequential_targets:

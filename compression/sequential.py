@@ -42,6 +42,7 @@ from compression.algorithms.reconstruction import ReconstructionSettings, layer_
 from compression.algorithms.autoround import AutoRoundSettings, autoround_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
+from compression.algorithms.awq import clip_quantize, clips_module
 from compression.model_io.streaming import map_large_blocks, release_heap
 from compression.model_io.walk import (BATCH_TOKENS, MAX_PADDING, LayerInputs, capture_layer_inputs, decoder_layers,
                                        token_mask, valid_rows)
@@ -179,10 +180,11 @@ class _Plan:
     steps: list[tuple[str, Modifier, SchemeGroup | None]]
     fallback: str | None = None  # set for an expert that saw too few calibration tokens
     sparsity: dict[int, float] = field(default_factory=dict)  # id(pruning modifier) → this module's sparsity
+    clip: bool = False  # AWQ's clipping chooses its round-to-nearest ranges (Recipe.awq_clip)
 
     @property
     def needs_hessian(self) -> bool:
-        return any(m.kind == "GPTQModifier" or m.prunes for _, m, _ in self.steps)
+        return self.clip or any(m.kind == "GPTQModifier" or m.prunes for _, m, _ in self.steps)
 
     @property
     def needs_absmax(self) -> bool:
@@ -252,9 +254,11 @@ def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, names: Chec
         steps = _steps(recipe, name, type(module).__name__, parents)
         if steps:
             plan = _Plan(name, local, module, steps)
-            for _, m, _ in steps:
+            for _, m, group in steps:
                 if m.prunes and sparsities and (id(m), name) in sparsities:
                     plan.sparsity[id(m)] = sparsities[(id(m), name)]
+                if m.quantizes and recipe.awq_clip(m, group.weights) and clips_module(name):
+                    plan.clip = True
             plans.append(plan)
     return plans
 
@@ -996,6 +1000,9 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                 loss, fallback = result.loss, result.fallback
                 record.dead_columns = max(record.dead_columns, result.dead_columns)
                 kind = "gptq"
+            elif plan.clip and hessian is not None:
+                result = clip_quantize(weight, hessian, args, dtype, mask)
+                loss, fallback, kind = quadratic_loss(result.weight.float() - weight.float(), hessian), None, "awq-clip"
             else:
                 result = quantize_weight(weight, args, dtype, mask)
                 loss = quadratic_loss(result.weight.float() - weight.float(), hessian) if hessian is not None else float(

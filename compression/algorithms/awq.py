@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.algorithms.quant import QuantArgs, compute_qparams, fake_quantize, fp4_global_scale
+from compression.algorithms.gptq import QuantResult, quantize_weight, refit_scales
+from compression.algorithms.quant import (QuantArgs, clippable, compute_qparams, dequantize, fake_quantize,
+                                          fp4_global_scale, observe, qparams_from_range)
 
 DEFAULT_MAPPINGS = [
     {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]},
@@ -126,3 +128,95 @@ def awq_search(x_mean: torch.Tensor, balance: list[torch.nn.Linear], schemes: li
         raise ValueError("AWQ found no finite loss: the parent module produced NaN/inf on the calibration data")
     best.initial_error = initial
     return best
+
+
+# AWQ's weight clipping (Lin et al., section 3; AutoAWQ's ``apply_clip``): 20 shrink factors of the
+# group's range, down to half of it
+CLIP_GRID = 20
+CLIP_MAX_SHRINK = 0.5
+
+
+def _group_errors(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """δ_g H_gg δ_gᵀ per row and scale group: delta [rows, groups, size], blocks [groups, size, size]."""
+    return torch.einsum("rgi,gij,rgj->rg", delta, blocks, delta)
+
+
+@torch.no_grad()
+def clip_qparams(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, dtype: torch.dtype, *,
+                 n_grid: int = CLIP_GRID, max_shrink: float = CLIP_MAX_SHRINK,
+                 rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """AWQ's activation-aware clipping: per row and scale group, the range [p·min, p·max] (p = 1,
+    1 - 1/n_grid, ... down to 1 - max_shrink) whose round-to-nearest error on the calibration inputs,
+    δ_g H_gg δ_gᵀ with H = (2/n) Σ XᵀX and δ = dequantized - original weight, is smallest.
+
+    A group's error counts its own inputs only (H's diagonal block; the whole H for channel scales):
+    the rows' outputs are sums over groups, and AutoAWQ's search scores each group alone the same way,
+    from 512 sampled tokens where this uses all of them. Ties keep the wider range (p = 1 first: plain
+    min-max). Returns (scale, zero point or None) in the storage dtype, like
+    :func:`~compression.algorithms.quant.compute_qparams`.
+    """
+    assert clippable(args), args
+    rows, cols = weight.shape
+    size = args.group_size if args.strategy == "group" else cols
+    n_groups = cols // size
+    h = _live_hessian(hessian)
+    blocks = torch.stack([h[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(n_groups)])
+    w = weight.float()
+    lo, hi = observe(w, args)  # [rows, groups]
+    best_scale, best_zp = qparams_from_range(lo, hi, args, dtype)
+    shrinks = [1 - i / n_grid for i in range(1, int(max_shrink * n_grid) + 1)]
+    for start in range(0, rows, rows_per_step):  # bounds the [rows, cols] temporaries on wide layers
+        part = slice(start, min(rows, start + rows_per_step))
+        wp = w[part]
+
+        def error(scale, zp):
+            deq = fake_quantize(wp, scale, args, zero_point=zp)
+            return _group_errors((deq - wp).reshape(wp.shape[0], n_groups, size), blocks)
+
+        best_err = error(best_scale[part], None if best_zp is None else best_zp[part])
+        for p in shrinks:
+            scale, zp = qparams_from_range(lo[part] * p, hi[part] * p, args, dtype)
+            err = error(scale, zp)
+            better = err < best_err
+            if bool(better.any()):
+                best_err = torch.where(better, err, best_err)
+                best_scale[part] = torch.where(better, scale, best_scale[part])
+                if best_zp is not None:
+                    best_zp[part] = torch.where(better, zp, best_zp[part])
+    return best_scale, best_zp
+
+
+# AutoAWQ leaves the attention's query and key projections unclipped: their errors pass through the
+# softmax, which an output-error search does not see (its rule: "q_", "k_", "query", "key" or a fused
+# qkv in the module's name)
+_UNCLIPPED = ("q_", "k_", "query", "key", "qkv")
+
+
+def clips_module(name: str) -> bool:
+    """Whether AWQ's clipping may touch the Linear ``name`` (not a query / key projection)."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return not any(part in last for part in _UNCLIPPED)
+
+
+def _live_hessian(hessian: torch.Tensor) -> torch.Tensor:
+    """H in float32 with the diagonal of inputs no calibration token reached set to 1 (weight-space
+    error there), so a group of dead inputs still gets a finite, sensible choice."""
+    h = hessian.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    return h
+
+
+def clip_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, dtype: torch.dtype,
+                  mask: torch.Tensor | None = None) -> QuantResult:
+    """Round-to-nearest on AWQ's clipped ranges (:func:`clip_qparams`), then each row's scales re-fitted by
+    least squares in the Hessian metric with the codes held fixed (:func:`~compression.algorithms.gptq.
+    refit_scales`, as GPTQ does here; a row keeps its clipped scales unless the fit lowers its error).
+    ``mask`` (True = pruned) keeps those weights at exactly zero."""
+    if mask is not None:
+        weight = weight.masked_fill(mask, 0.0)
+    scale, zp = clip_qparams(weight, hessian, args, dtype)
+    rounded = quantize_weight(weight, args, dtype, qparams=(scale, zp))
+    scale = refit_scales(weight.float(), rounded.codes, scale, zp, _live_hessian(hessian), args)
+    deq = dequantize(rounded.codes, scale, weight.dtype, args=args, zero_point=zp)
+    return QuantResult(deq, rounded.codes, scale, 0.0, zero_point=zp)

@@ -238,12 +238,15 @@ def quadratic_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 
 def quantize_weight(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
-                    mask: torch.Tensor | None = None) -> QuantResult:
-    """Round-to-nearest for any weight scheme (int sym/asym, FP8 tensor/channel/block, NVFP4)."""
+                    mask: torch.Tensor | None = None, *,
+                    qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> QuantResult:
+    """Round-to-nearest for any weight scheme (int sym/asym, FP8 tensor/channel/block, NVFP4), with the
+    observer's scales or the given ``qparams`` (scale, zero point; not for schemes with a global scale)."""
     if mask is not None:
         weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for every format
     gscale = fp4_global_scale(weight) if args.has_global_scale else None
-    scale, zp = compute_qparams(weight, args, scale_dtype, global_scale=gscale)
+    assert qparams is None or gscale is None, "given qparams carry no global scale"
+    scale, zp = qparams if qparams is not None else compute_qparams(weight, args, scale_dtype, global_scale=gscale)
     codes = quantize(weight, scale, args, zero_point=zp, global_scale=gscale, storage=scale_dtype)
     deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale)
     return QuantResult(deq, codes, scale, 0.0, zero_point=zp, global_scale=gscale)

@@ -241,13 +241,22 @@ def uses_full_range(args: QuantArgs) -> bool:
             and args.observer not in ("mse", "memoryless_mse"))
 
 
+def clippable(args: QuantArgs) -> bool:
+    """Whether AWQ's activation-aware clipping (:func:`compression.algorithms.awq.clip_qparams`) applies:
+    integer weights with group or channel scales under the min-max observer (an MSE observer runs its own
+    range search)."""
+    return (args.type == "int" and args.strategy in ("group", "channel")
+            and args.observer not in ("mse", "memoryless_mse"))
+
+
 def full_range_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> torch.Tensor:
     """:func:`full_range_scale` of every group / row of ``w``, in the storage dtype (scale shape of ``args``)."""
-    lo, hi = _observe(w, args)
+    lo, hi = observe(w, args)
     return _clean_scale(full_range_scale(lo, hi, args.num_bits), _torch_dtype(args.scale_dtype) or dtype)
 
 
-def _observe(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def observe(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of every scale entry of ``w`` (the min-max observer's ranges, scale shape of ``args``)."""
     groups = _groups(w.float(), args)
     return groups.amin(dim=-1), groups.amax(dim=-1)
 
@@ -256,7 +265,7 @@ def compute_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None 
                     global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(scale, zero point or None) for a weight, with the observer ``args.observer`` picks."""
     dtype = dtype or w.dtype
-    lo, hi = _observe(w, args)
+    lo, hi = observe(w, args)
     if args.observer in ("mse", "memoryless_mse"):
         return _mse_search(w, args, dtype, lo, hi, global_scale)
     return qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
