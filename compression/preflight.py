@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from compression.algorithms.gptq import refittable
+from compression.algorithms.awq import clips_module
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
 from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, pattern_matches
@@ -234,12 +235,14 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             if group is not None and group.weights is not None:
                 _check_parity_shapes(group, s.local, s.in_features)
             targeted[s.name] = s
-            if m.kind == "GPTQModifier" or m.prunes:
+            # AWQ's clipping rounds on ranges chosen by the calibration inputs' Hessian, and refits the scales
+            clip = m.quantizes and group is not None and recipe.awq_clip(m, group.weights) and clips_module(s.name)
+            if m.kind == "GPTQModifier" or m.prunes or clip:
                 hessian_bytes[s.layer] = hessian_bytes.get(s.layer, 0) + s.in_features ** 2 * 4
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):
                 solver_flops += s.in_features ** 3 / 3 + 2 * s.out_features * s.in_features ** 2
-            if m.kind == "GPTQModifier" and group is not None and group.weights is not None \
-                    and refittable(group.weights):
+            if (m.kind == "GPTQModifier" and group is not None and group.weights is not None
+                    and refittable(group.weights)) or clip:
                 # the Hessian, the codes, their products and the weight in float64 (gptq.refit_scales)
                 refit_bytes = max(refit_bytes, 8.0 * (s.in_features ** 2 + 3 * s.out_features * s.in_features))
         if m.quantizes:

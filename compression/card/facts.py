@@ -23,6 +23,12 @@ def scheme_summary(recipe: Recipe) -> dict[str, Any]:
     for modifier in recipe.modifiers:
         if getattr(modifier, "finetune", None) is not None:  # a training stage: nothing to summarise here
             continue
+        if modifier.transforms:  # a smoothing step before the quantizer: named in the algorithm
+            algorithms.append("AWQ" if modifier.kind == "AWQModifier" else
+                              "logarithmic equalization" if modifier.algorithm == "log_equalization" else "SmoothQuant")
+            if modifier.kind == "AWQModifier":
+                summary["awq_clip"] = recipe.awq_clipped(modifier)
+            continue
         summary["targets"], summary["ignore"] = list(modifier.targets), list(modifier.ignore)
         if modifier.prunes:
             summary["sparsity"] = modifier.mask_structure if modifier.mask_structure != "0:0" \

@@ -35,6 +35,7 @@ and the few properties the prose needs are passed explicitly in ``facts["scheme"
         "granularity": "group" | "channel" | "tensor", "group_size": 128 | None,
         "symmetric": True | False | None,
         "full_range": True | False | None,           # symmetric integer scales on the full-range grid
+        "awq_clip": True | False (AWQ recipes only),  # AWQ's clipping search chose the rounded ranges
         "activation_dynamic": True | False | None,   # dynamic per-token vs static scales
         "activation_granularity": "token" | "tensor" | None,
         "sparsity": "2:4" | None,
@@ -330,6 +331,10 @@ def _optimizations(facts: dict) -> str:
                "tensor": "per-tensor quantization (one scale for the whole matrix)"}.get(
                    gran, f"quantization with {NOT_RECORDED} granularity")
         parts.append(f"{sym} {how} maps the {wt} weights to the original floating-point values.")
+        if scheme.get("awq_clip"):
+            parts.append("AWQ's clipping search chose each group's range by its rounding error on the calibration "
+                         "inputs (the query and key projections keep their full ranges), and the scales were then "
+                         "refitted by least squares with the integer codes held fixed.")
         if scheme.get("full_range"):
             parts.append(f"The scales use the full-range grid: each group's larger side maps exactly to the lowest "
                          f"{wt} code, so a scale is negative where a group's positive side is the larger.")

@@ -62,6 +62,24 @@ def test_the_host_estimate_charges_what_one_layer_step_allocates():
     assert host("SQ+W8A8") - host("W8A8") == pytest.approx(acts, abs=0.2 * mb)
 
 
+def test_the_host_estimate_charges_awqs_clipping_hessians_and_refit():
+    """AWQ's clipping needs the Hessians of the projections it clips (all but q/k) and refits in float64."""
+    hidden, inter = 256, 1024
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=1000)
+    mb = 2 ** 20
+
+    def host(clip: bool):
+        recipe = Recipe.from_preset("AWQ+W4A16_ASYM", group_size=64)
+        recipe.modifiers[0].apply_clip = clip
+        return preflight(cfg, recipe, samples=16, seqlen=256).peak_host_mb * mb
+
+    largest = inter * hidden
+    hessians = (4 * hidden ** 2 + inter ** 2) * 4  # v, o, gate, up: hidden; down: inter (q and k stay unclipped)
+    refit = 8 * (inter ** 2 + 3 * hidden * inter)
+    assert host(True) - host(False) == pytest.approx(2 * hessians + 2 * largest * 4 + refit, abs=0.2 * mb)
+
+
 def test_it_rejects_24_sparsity_when_widths_are_not_divisible_by_four():
     cfg = {"hidden_size": 130, "intermediate_size": 256, "num_attention_heads": 1, "num_hidden_layers": 2,
            "vocab_size": 100}  # a plain dict works too

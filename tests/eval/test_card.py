@@ -224,3 +224,24 @@ def test_the_card_says_when_the_scales_use_the_full_range_grid(yaml_text, full_r
     assert scheme["full_range"] is full_range
     text = build_model_card(facts(scheme=scheme))
     assert ("full-range grid" in text) is full_range
+
+
+@pytest.mark.parametrize("awq,quantizer,algorithm,clip", [
+    ("AWQModifier: {}", "QuantizationModifier", "AWQ + round-to-nearest", True),
+    ("AWQModifier: {apply_clip: false}", "QuantizationModifier", "AWQ + round-to-nearest", False),
+    ("AWQModifier: {}", "GPTQModifier", "AWQ + GPTQ", False),
+    ("SmoothQuantModifier: {smoothing_strength: 0.8}", "GPTQModifier", "SmoothQuant + GPTQ", None),
+])
+def test_the_card_names_the_smoothing_step_and_awqs_clipping(awq, quantizer, algorithm, clip):
+    from compression.card.facts import scheme_summary
+    from compression.recipe import Recipe
+
+    scheme_name = "W8A8" if awq.startswith("Smooth") else "W4A16_ASYM"
+    recipe = Recipe.from_yaml(f"quant_stage:\n  quant_modifiers:\n    {awq}\n    {quantizer}: "
+                              f"{{scheme: {scheme_name}, targets: [Linear], ignore: [lm_head]}}\n")
+    scheme = scheme_summary(recipe)
+    assert scheme["algorithm"] == algorithm and scheme.get("awq_clip") is clip
+    assert scheme["targets"] == ["Linear"] and scheme["weight_bits"] == (8 if scheme_name == "W8A8" else 4)
+    text = build_model_card(facts(scheme=scheme))
+    assert f"The {algorithm} algorithm" in text
+    assert ("AWQ's clipping search" in text) is bool(clip)
