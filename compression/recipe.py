@@ -44,7 +44,7 @@ PRESETS: dict[str, str] = {
     "2:4+W4A16": "SparseGPT 2:4, then per-channel INT4 GPTQ that keeps every pruned weight at zero",
     "W8A8": "INT8 per-channel weights with GPTQ, INT8 per-token dynamic activations",
     "W4A16_ASYM": "INT4 asymmetric weights (zero points, MSE scales) with GPTQ, group 128 default, 16-bit activations",
-    "AWQ+W4A16_ASYM": "AWQ activation-aware scaling, then INT4 asymmetric group weights (group 128 default)",
+    "AWQ+W4A16_ASYM": "AWQ activation-aware scaling and clipping, then INT4 asymmetric group weights (group 128 default)",
     "AutoRound+W4A16": "INT4 symmetric group weights whose rounding and clipping AutoRound tunes against each "
                        "layer's dense output (200 steps per layer default)",
     "AutoRound+W4A16_ASYM": "INT4 asymmetric group weights (zero points) whose rounding and clipping AutoRound "
@@ -486,14 +486,18 @@ class Recipe:
         :func:`compression.algorithms.awq.clips_module` (query / key projections stay unclipped)."""
         if quantizer.kind != "QuantizationModifier" or weights is None or not clippable(weights):
             return False
-        earlier = self.modifiers[:next(i for i, m in enumerate(self.modifiers) if m is quantizer)]
-        return any(m.kind == "AWQModifier" and m.apply_clip for m in earlier)
+        for m in self.modifiers:
+            if m is quantizer:
+                return False
+            if m.kind == "AWQModifier" and m.apply_clip:
+                return True
+        return False
 
     def awq_clipped(self, awq: Modifier) -> bool:
         """Whether the clipping of ``awq`` (an AWQModifier) reaches any scheme of a later modifier."""
-        later = self.modifiers[next(i for i, m in enumerate(self.modifiers) if m is awq) + 1:]
-        return awq.apply_clip and any(self.awq_clip(q, g.weights) for q in later if q.quantizes
-                                      for g in q.config_groups.values())
+        position = next((i for i, m in enumerate(self.modifiers) if m is awq), len(self.modifiers))
+        return awq.apply_clip and any(self.awq_clip(q, g.weights) for q in self.modifiers[position + 1:]
+                                      if q.quantizes for g in q.config_groups.values())
 
     @property
     def needs_calibration(self) -> bool:
