@@ -22,24 +22,34 @@ from compression.algorithms.gptq import QuantResult, quantize_weight, refit_scal
 from compression.algorithms.quant import (QuantArgs, clippable, compute_qparams, dequantize, fake_quantize,
                                           fp4_global_scale, observe, qparams_from_range)
 
-DEFAULT_MAPPINGS = [
-    {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*q_proj$", "re:.*k_proj$", "re:.*v_proj$"]},
-    {"smooth_layer": "re:.*v_proj$", "balance_layers": ["re:.*o_proj$"]},
-    {"smooth_layer": "re:.*post_attention_layernorm$", "balance_layers": ["re:.*gate_proj$", "re:.*up_proj$"]},
-    {"smooth_layer": "re:.*up_proj$", "balance_layers": ["re:.*down_proj$"]},
-]
-MOE_MAPPINGS = [
-    DEFAULT_MAPPINGS[0], DEFAULT_MAPPINGS[1],
-    {"smooth_layer": "re:.*post_attention_layernorm$",
-     "balance_layers": ["re:.*mlp.gate$", "re:.*mlp.experts.*.gate_proj$", "re:.*mlp.experts.*.up_proj$"]},
-    DEFAULT_MAPPINGS[3],
-]
-PHI3_MAPPINGS = [
-    {"smooth_layer": "re:.*input_layernorm$", "balance_layers": ["re:.*qkv_proj$"]},
-    {"smooth_layer": "re:.*qkv_proj$", "balance_layers": ["re:.*o_proj$"]},
-    {"smooth_layer": "re:.*post_attention_layernorm$", "balance_layers": ["re:.*gate_up_proj$"]},
-    {"smooth_layer": "re:.*gate_up_proj$", "balance_layers": ["re:.*down_proj$"]},
-]
+def _awq(smooth: str, *balance: str) -> dict:
+    return {"smooth_layer": f"re:.*{smooth}$", "balance_layers": [f"re:.*{b}$" for b in balance]}
+
+
+# Default mappings, as llm-compressor 0.14's registry has them per architecture; the engine picks them per
+# decoder layer from the module names it finds there (compression.algorithms.smoothing._default_mappings):
+# an attention part and an MLP part.
+ATTENTION_MAPPINGS = {
+    "default": [_awq("input_layernorm", "q_proj", "k_proj", "v_proj"), _awq("v_proj", "o_proj")],
+    "phi3": [_awq("input_layernorm", "qkv_proj"), _awq("qkv_proj", "o_proj")],
+    # multi-head latent attention (DeepSeek V2/V3): the query may be low-rank (q_a_proj → q_a_layernorm → q_b_proj)
+    "mla": [_awq("input_layernorm", "(q|q_a)_proj", "kv_a_proj_with_mqa"), _awq("q_a_layernorm", "q_b_proj"),
+            _awq("kv_a_layernorm", "kv_b_proj")],
+    # Gemma 3 normalises q and k after their projections (q_norm, k_norm); llm-compressor leaves
+    # input_layernorm → q/k/v out for it (smoothing it scored worse than plain rounding: its issue 2522)
+    "gemma3": [_awq("v_proj", "o_proj")],
+}
+MLP_MAPPINGS = {
+    "default": [_awq("post_attention_layernorm", "gate_proj", "up_proj"), _awq("up_proj", "down_proj")],
+    "phi3": [_awq("post_attention_layernorm", "gate_up_proj"), _awq("gate_up_proj", "down_proj")],
+    # Gemma 2/3: the MLP reads pre_feedforward_layernorm (post_attention_layernorm normalises the attention
+    # output before the residual add)
+    "gemma": [_awq("pre_feedforward_layernorm", "gate_proj", "up_proj"), _awq("up_proj", "down_proj")],
+    # MoE: the router reads the norm too and is rescaled with the experts (and any shared expert)
+    "moe": [_awq("post_attention_layernorm", "mlp.gate", "gate_proj", "up_proj"), _awq("up_proj", "down_proj")],
+    # Mixtral's experts: w1 (gate), w3 (up), w2 (down)
+    "mixtral": [_awq("post_attention_layernorm", "mlp.gate", "experts.*.w1", "experts.*.w3"), _awq("w3", "w2")],
+}
 
 
 def grid_points(n_grid: int, duo_scaling: bool | str) -> list[tuple[float, bool]]:
@@ -188,8 +198,8 @@ def clip_qparams(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, d
 
 # AutoAWQ leaves the attention's query and key projections unclipped: their errors pass through the
 # softmax, which an output-error search does not see (its rule: "q_", "k_", "query", "key" or a fused
-# qkv in the module's name)
-_UNCLIPPED = ("q_", "k_", "query", "key", "qkv")
+# qkv in the module's name; "kv_" adds the joint key/value projections of multi-head latent attention)
+_UNCLIPPED = ("q_", "k_", "kv_", "query", "key", "qkv")
 
 
 def clips_module(name: str) -> bool:

@@ -5,8 +5,10 @@ layer). Mappings are resolved inside the decoder layer (module names ``<layer pr
 matched against the mapping patterns, compressed-tensors style: exact name, class name or
 ``re:`` + re.match); a mapping whose smooth or balance layers do not exist in the layer is skipped,
 as is one whose shapes do not line up (v_proj → o_proj under grouped-query attention, as in
-llm-compressor). A mapping is refused when its smooth layer is a norm we cannot fold into
-(Gemma-style ``1 + weight`` norms).
+llm-compressor). A norm smooth layer must feed its balance layers: the first calibration call checks
+that the first balance layer's input is the norm's output, and a mapping where it is not (Gemma's
+post_attention_layernorm normalises the attention output, not the MLP input) is refused -- folding
+scales into it would change the model. Gemma-style ``1 + weight`` norms are folded as such.
 
 Calibration inputs may be padded batches: the activation statistics and the AWQ output error count
 the tokens only (the parent's calls are replayed with their token masks).
@@ -21,13 +23,30 @@ import torch
 
 from compression.algorithms import awq as awq_lib
 from compression.algorithms import smoothquant as sq_lib
-from compression.errors import RecipeError, UnsupportedModelError
+from compression.errors import RecipeError
+from compression.model_io.moe import router_names
 from compression.model_io.walk import LayerInputs, masking, token_mask, valid_rows
 from compression.recipe import Modifier, Recipe, matches_any
 
 
 def _named(layer: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
     return {f"{prefix}.{n}": m for n, m in layer.named_modules() if n}
+
+
+def _weighted(layer: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The modules of ``layer`` a smoothing scale can be folded into on the input side: its Linears and its
+    MoE routers (transformers' TopKRouter modules: a [experts, hidden] weight, not a Linear)."""
+    found = {id(m): m for m in layer.modules() if isinstance(m, torch.nn.Linear)}
+    for path in router_names(layer):
+        router = layer.get_submodule(path)
+        weight = getattr(router, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            found[id(router)] = router
+    return found
+
+
+def _in_features(module: torch.nn.Module) -> int:
+    return module.weight.shape[1]
 
 
 def _match(pattern: str, name: str, module: torch.nn.Module) -> bool:
@@ -37,11 +56,26 @@ def _match(pattern: str, name: str, module: torch.nn.Module) -> bool:
 
 
 def _default_mappings(modifier: Modifier, layer: torch.nn.Module) -> list:
-    has_experts = any(".experts." in n for n, _ in layer.named_modules())
-    is_phi = any(n.endswith("qkv_proj") for n, _ in layer.named_modules())
+    """The family's mappings for this decoder layer, told apart by its module names (a DeepSeek model's
+    first dense layers get the dense MLP mappings, its MoE layers the router-and-experts ones)."""
+    names = [n for n, _ in layer.named_modules()]
+
+    def has(suffix: str) -> bool:
+        return any(n.endswith(suffix) for n in names)
+    experts = any(".experts." in n for n in names)
+    mla, phi, gemma = has("kv_a_proj_with_mqa"), has("qkv_proj"), has("pre_feedforward_layernorm")
     if modifier.kind == "AWQModifier":
-        return awq_lib.PHI3_MAPPINGS if is_phi else awq_lib.MOE_MAPPINGS if has_experts else awq_lib.DEFAULT_MAPPINGS
-    return sq_lib.PHI3_MAPPINGS if is_phi else sq_lib.DEFAULT_MAPPINGS
+        attention = awq_lib.ATTENTION_MAPPINGS["mla" if mla else "phi3" if phi else
+                                               "gemma3" if gemma and has("q_norm") else "default"]
+        mlp = awq_lib.MLP_MAPPINGS["phi3" if phi else "gemma" if gemma else
+                                   ("mixtral" if has(".w1") else "moe") if experts else "default"]
+        return attention + mlp
+    if phi:
+        return sq_lib.PHI3_MAPPINGS
+    if gemma:
+        return sq_lib.GEMMA_MAPPINGS
+    attention = sq_lib.MLA_MAPPINGS if mla else sq_lib.MOE_MAPPINGS
+    return attention if experts else attention + sq_lib.DEFAULT_MAPPINGS[1:]
 
 
 def _common_prefix(a: str, b: str | None) -> str:
@@ -83,6 +117,7 @@ def match_sets(modules: dict[str, torch.nn.Module], targets: list[str]) -> list[
 def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str) -> list[dict]:
     """[{smooth: (name, module), balance: [(name, module)], parent: (name, module)}] for this layer."""
     modules = _named(layer, prefix)
+    weighted = _weighted(layer)
     raw = modifier.mappings if modifier.mappings is not None else _default_mappings(modifier, layer)
     resolved = []
     for spec in raw:
@@ -92,7 +127,7 @@ def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str)
             balance_pats, smooth_pat = spec
         for found in match_sets(modules, [smooth_pat, *balance_pats]):
             smooth = found[0]
-            balance = [(n, m) for group in found[1:] for n, m in group if isinstance(m, torch.nn.Linear)]
+            balance = [(n, m) for group in found[1:] for n, m in group if id(m) in weighted]
             if not balance:
                 continue
             if len(smooth) > 1:
@@ -103,17 +138,41 @@ def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str)
             if modifier.ignore and matches_any(modifier.ignore, s_name, type(s_mod).__name__):
                 continue
             channels = s_mod.weight.shape[0]
-            if any(m.in_features != channels for _, m in balance):
+            if any(_in_features(m) != channels for _, m in balance):
                 if modifier.mappings is not None and not s_name.endswith(("v_proj", "qkv_proj")):
                     raise RecipeError(f"{path}.mappings", f"{s_name} has {channels} output channels but "
-                                      f"{balance[0][0]} takes {balance[0][1].in_features} inputs")
+                                      f"{balance[0][0]} takes {_in_features(balance[0][1])} inputs")
                 continue  # e.g. v_proj → o_proj with grouped-query attention
-            if "Gemma" in type(s_mod).__name__ and not isinstance(s_mod, torch.nn.Linear):
-                raise UnsupportedModelError(f"{s_name}: {type(s_mod).__name__} scales by (1 + weight); smoothing "
-                                            "cannot be folded into it")
             resolved.append({"smooth": (s_name, s_mod), "balance": balance,
                              "parent": _parent(layer, prefix, [n for n, _ in balance])})
     return resolved
+
+
+def _complete_readers(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str, mapping: dict,
+                      readers: set[int]) -> bool:
+    """Folding scales into a norm is exact only when every Linear reading its output is rescaled: check
+    the mapping against the Linears that read the norm's output (:func:`_capture`). The first balance
+    layer must be one of them (unless it is an expert, which reads a share of the tokens); a reader left
+    out is added to the balance layers of the family's default mappings (Qwen2-MoE's shared-expert gate
+    reads the norm too), and refused in a recipe's own mappings. True when the mapping was extended."""
+    s_name = mapping["smooth"][0]
+    first_name, first = mapping["balance"][0]
+    if id(first) not in readers and ".experts." not in first_name:
+        raise RecipeError(f"{path}.mappings", f"{s_name} does not feed {first_name} in {type(layer).__name__} "
+                          "(its output is not that layer's input): scaling it would change the model; map the norm "
+                          "whose output the balance layers read")
+    balanced = {id(m) for _, m in mapping["balance"]}
+    missing = [(f"{prefix}.{n}", m) for n, m in layer.named_modules()
+               if id(m) in readers and id(m) not in balanced]
+    if not missing:
+        return False
+    if modifier.mappings is not None:
+        raise RecipeError(f"{path}.mappings", f"{s_name} also feeds {missing[0][0]}, which this mapping does not "
+                          "rescale: folding the scales into the norm would change that layer's output; add it to "
+                          "the balance layers")
+    mapping["balance"] = mapping["balance"] + missing
+    mapping["parent"] = _parent(layer, prefix, [n for n, _ in mapping["balance"]])
+    return True
 
 
 def _check_not_quantized_before(recipe: Recipe, position: int, path: str, mapping: dict) -> None:
@@ -163,17 +222,41 @@ def _scheme_for(recipe: Recipe, name: str, module: torch.nn.Module):
     return None
 
 
+def _same_data(produced: torch.Tensor, consumed: torch.Tensor) -> bool:
+    """Whether ``consumed`` (a Linear's input) is ``produced`` (the smooth norm's output): the same memory,
+    or the same values up to reshaping (an MoE router sees the tokens flattened) and a dtype cast."""
+    if produced.numel() != consumed.numel():
+        return False
+    if produced.data_ptr() == consumed.data_ptr():
+        return True
+    a = produced.detach().reshape(-1).float()
+    b = consumed.detach().reshape(-1).float()
+    return bool(torch.allclose(a, b, rtol=1e-2, atol=1e-3 * float(a.abs().max().clamp_min(1e-30))))
+
+
 @torch.no_grad()
 def _capture(layer: torch.nn.Module, inputs: LayerInputs, index: int, parent: torch.nn.Module,
-             first_balance: torch.nn.Module, want_parent: bool) -> tuple[list, torch.Tensor, torch.Tensor, Any]:
+             first_balance: torch.nn.Module, want_parent: bool, smooth: torch.nn.Module | None = None
+             ) -> tuple[list, torch.Tensor, torch.Tensor, Any, set[int]]:
     """Run the layer (decoder layer ``index``) on every sample: the parent's call arguments (with the
-    call's token mask), and Σ|x| / count, max|x| and max x - min x per channel of the balance layers'
-    input tokens."""
+    call's token mask), Σ|x| / count, max|x| and max x - min x per channel of the balance layers'
+    input tokens, and (``smooth``: a norm) the ids of the layer's Linears that read the norm's output
+    in the first call (:func:`_same_data`; an expert reading a share of the tokens is not seen)."""
     calls: list = []
     stats: dict[str, Any] = {"sum": None, "count": 0, "absmax": None, "lo": None, "hi": None}
+    feed: dict[str, Any] = {"out": None, "calls": 0}
+    readers: set[int] = set()
 
     def parent_hook(module, args, kwargs):
         calls.append((args, dict(kwargs), token_mask()))
+
+    def smooth_hook(module, args, out):
+        feed["calls"] += 1
+        feed["out"] = _first(out).detach() if feed["calls"] == 1 else None
+
+    def reader_hook(module, args):
+        if feed["out"] is not None and args and isinstance(args[0], torch.Tensor) and _same_data(feed["out"], args[0]):
+            readers.add(id(module))
 
     def input_hook(module, args, out):
         signed = valid_rows(args[0].detach())[0].float()  # the token rows (a padded batch's pad rows left out)
@@ -186,6 +269,9 @@ def _capture(layer: torch.nn.Module, inputs: LayerInputs, index: int, parent: to
         stats["count"] += x.shape[0]
 
     handles = [first_balance.register_forward_hook(input_hook)]
+    if smooth is not None:
+        handles.append(smooth.register_forward_hook(smooth_hook))
+        handles.extend(m.register_forward_pre_hook(reader_hook) for m in _weighted(layer).values())
     if want_parent:
         handles.append(parent.register_forward_pre_hook(parent_hook, with_kwargs=True))
     try:
@@ -194,7 +280,7 @@ def _capture(layer: torch.nn.Module, inputs: LayerInputs, index: int, parent: to
         for h in handles:
             h.remove()
     stats["range"] = stats["hi"] - stats["lo"] if stats["hi"] is not None else None
-    return calls, stats["sum"] / max(stats["count"], 1), stats["absmax"], stats["range"]
+    return calls, stats["sum"] / max(stats["count"], 1), stats["absmax"], stats["range"], readers
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -232,8 +318,14 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: La
                 balance = [m for _, m in mapping["balance"]]
                 p_name, parent = mapping["parent"]
                 awq = modifier.kind == "AWQModifier"
-                calls, x_mean, x_absmax, x_range = _capture(layer, inputs, index, parent, balance[0],
-                                                            want_parent=awq)
+                norm = None if isinstance(smooth, torch.nn.Linear) else smooth
+                calls, x_mean, x_absmax, x_range, readers = _capture(layer, inputs, index, parent, balance[0],
+                                                                     want_parent=awq, smooth=norm)
+                if norm is not None and _complete_readers(modifier, prefix, layer, path, mapping, readers):
+                    balance = [m for _, m in mapping["balance"]]
+                    p_name, parent = mapping["parent"]
+                    calls, x_mean, x_absmax, x_range, _ = _capture(layer, inputs, index, parent, balance[0],
+                                                                   want_parent=awq)
                 entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
                          "balance_layers": [n for n, _ in mapping["balance"]]}
                 if awq:

@@ -18,6 +18,21 @@ PHI3_MAPPINGS = [
     [["re:.*qkv_proj$"], "re:.*input_layernorm$"],
     [["re:.*gate_up_proj$"], "re:.*post_attention_layernorm$"],
 ]
+# Gemma 2/3 normalise the attention output (post_attention_layernorm) before the residual add; the MLP
+# reads pre_feedforward_layernorm. (llm-compressor 0.14 maps post_attention_layernorm → gate/up for
+# Gemma too, which rescales a norm that does not feed them.)
+GEMMA_MAPPINGS = [DEFAULT_MAPPINGS[0], [DEFAULT_MAPPINGS[1][0], "re:.*pre_feedforward_layernorm$"]]
+# MoE layers smooth the attention inputs only (llm-compressor's Mixtral / Qwen-MoE convention: one scale
+# across all experts unbalances them); multi-head latent attention reads input_layernorm in q(_a)_proj and
+# kv_a_proj_with_mqa
+MOE_MAPPINGS = [DEFAULT_MAPPINGS[0]]
+MLA_MAPPINGS = [[["re:.*(q|q_a)_proj$", "re:.*kv_a_proj_with_mqa$"], "re:.*input_layernorm$"]]
+
+
+def adds_one(norm: torch.nn.Module) -> bool:
+    """Whether ``norm`` scales by (1 + weight), as Gemma's RMSNorms do (their weight starts at zero)."""
+    name = type(norm).__name__
+    return not isinstance(norm, torch.nn.Linear) and "Gemma" in name and "Norm" in name
 
 
 def smoothquant_scales(act_absmax: torch.Tensor, balance_weights: list[torch.Tensor], strength: float
@@ -42,10 +57,13 @@ def log_equalization_scales(act_range: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def fold_scales(smooth: torch.nn.Module, balance: list[torch.nn.Linear], scales: torch.Tensor) -> None:
     """Divide the smooth layer's output channels by ``scales`` and multiply the balance layers' input
-    columns by them (a norm's weight, or a Linear's output rows and bias)."""
+    columns by them (a norm's weight -- of a Gemma-style norm, its 1 + weight --, or a Linear's output
+    rows and bias)."""
     s = scales.to(smooth.weight.device, torch.float32)
     if isinstance(smooth, torch.nn.Linear):
         smooth.weight.data = (smooth.weight.data.float() / s.unsqueeze(1)).to(smooth.weight.dtype)
+    elif adds_one(smooth):  # (1 + w') = (1 + w) / s
+        smooth.weight.data = ((1.0 + smooth.weight.data.float()) / s - 1.0).to(smooth.weight.dtype)
     else:  # RMSNorm / LayerNorm: one weight per channel
         smooth.weight.data = (smooth.weight.data.float() / s).to(smooth.weight.dtype)
     if getattr(smooth, "bias", None) is not None:

@@ -85,7 +85,8 @@ def test_inputs_no_token_reached_still_get_finite_scales():
 
 def test_query_and_key_projections_stay_unclipped():
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.0.self_attn.qkv_proj",
-                 "transformer.h.0.attention.query_key_value", "model.layers.1.self_attn.q_a_proj"):
+                 "transformer.h.0.attention.query_key_value", "model.layers.1.self_attn.q_a_proj",
+                 "model.layers.1.self_attn.kv_a_proj_with_mqa", "model.layers.1.self_attn.kv_b_proj"):
         assert not clips_module(name), name
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                  "model.layers.2.mlp.experts.3.up_proj", "model.layers.0.mlp.gate_up_proj"):

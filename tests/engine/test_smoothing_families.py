@@ -1,0 +1,87 @@
+"""AWQ and SmoothQuant on every decoder family: the default mappings fold into the float model exactly
+(the model's function is unchanged: every Linear reading a smoothed norm is rescaled), Gemma's
+(1 + weight) norms included, and a recipe mapping whose norm does not feed its balance layers, or that
+leaves out a layer reading the norm, is refused with the field named."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compression.algorithms.smoothing import smooth_layer
+from compression.errors import RecipeError
+from compression.model_io.moe import unfuse_experts
+from compression.model_io.walk import capture_layer_inputs, decoder_layers
+from compression.recipe import Recipe
+from compression.sequential import CompressionReport
+from tests.engine.conftest import random_calibration
+from tests.tiny import FAMILIES, tiny_family_model
+
+AWQ = ("q:\n  q_modifiers:\n    AWQModifier: {{duo_scaling: true{mappings}}}\n    QuantizationModifier:\n"
+       "      ignore: [lm_head]\n      config_groups:\n        g:\n          targets: [Linear]\n"
+       "          weights: {{num_bits: 4, symmetric: false, strategy: group, group_size: 32}}\n")
+SQ = ("q:\n  q_modifiers:\n    SmoothQuantModifier: {{smoothing_strength: 0.8{mappings}}}\n    GPTQModifier:\n"
+      "      ignore: [lm_head]\n      targets: [Linear]\n      scheme: W8A8\n")
+
+
+def _smooth_all(model, recipe: Recipe, calib) -> CompressionReport:
+    """Only the smoothing step of every decoder layer (no quantization): the float model, rescaled."""
+    prefix, layers = decoder_layers(model)
+    inputs = capture_layer_inputs(model, list(layers), calib, "cpu")
+    report = CompressionReport()
+    for index, layer in enumerate(layers):
+        smooth_layer(recipe, f"{prefix}.{index}", layer, inputs, report, lambda e: None, index, len(layers))
+        inputs = inputs.advanced(inputs.forward(layer, index))
+    return report
+
+
+def _outlier_model(family: str):
+    model = tiny_family_model(family)
+    unfuse_experts(model)
+    with torch.no_grad():  # norms that are not all ones (Gemma's start at zero), so a wrong fold shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.rand_like(p) * 0.5)
+    return model
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("kind", ["AWQ", "SQ"])
+def test_default_mappings_keep_the_float_model(family, kind):
+    calib = random_calibration(n=2, length=12, vocab=256)
+    model, reference = _outlier_model(family), _outlier_model(family)
+    report = _smooth_all(model, Recipe.from_yaml((AWQ if kind == "AWQ" else SQ).format(mappings="")), calib)
+    assert report.smoothing, "no mapping applied"
+    with torch.no_grad():
+        for sample in calib:
+            got, want = model(**sample).logits, reference(**sample).logits
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), family
+    if family in ("gemma2", "gemma3_text"):
+        assert any(e["smooth_layer"].endswith("pre_feedforward_layernorm") for e in report.smoothing)
+        assert not any(e["smooth_layer"].endswith("post_attention_layernorm") for e in report.smoothing)
+
+
+def test_qwen2_moe_shared_expert_gate_is_rescaled_with_the_experts():
+    """The norm before Qwen2-MoE's MLP feeds the router, every expert, the shared expert and its gate."""
+    calib = random_calibration(n=2, length=12, vocab=256)
+    report = _smooth_all(_outlier_model("qwen2_moe"), Recipe.from_yaml(AWQ.format(mappings="")), calib)
+    mlp = [e for e in report.smoothing if e["smooth_layer"].endswith("post_attention_layernorm")]
+    assert mlp and all(any(b.endswith("mlp.shared_expert_gate") for b in e["balance_layers"]) for e in mlp)
+    assert all(any(b.endswith("mlp.gate") for b in e["balance_layers"]) for e in mlp)
+
+
+@pytest.mark.parametrize("mappings,message", [
+    # Gemma: post_attention_layernorm normalises the attention output, the MLP reads pre_feedforward_layernorm
+    (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: ['re:.*gate_proj$', "
+     "'re:.*up_proj$']}]", "does not feed"),
+    # input_layernorm feeds q, k and v: rescaling q and k alone changes v's input
+    (", mappings: [{smooth_layer: 're:.*input_layernorm$', balance_layers: ['re:.*q_proj$', 're:.*k_proj$']}]",
+     "also feeds"),
+])
+def test_recipe_mappings_that_would_change_the_model_are_refused(mappings, message):
+    calib = random_calibration(n=2, length=12, vocab=256)
+    model = _outlier_model("gemma2")
+    with pytest.raises(RecipeError) as err:
+        _smooth_all(model, Recipe.from_yaml(AWQ.format(mappings=mappings)), calib)
+    assert err.value.field == "q.modifiers[0].mappings" or err.value.field.endswith(".mappings")
+    assert message in err.value.message and "v_proj" in err.value.message if message == "also feeds" else True
