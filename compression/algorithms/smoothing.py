@@ -5,10 +5,12 @@ layer). Mappings are resolved inside the decoder layer (module names ``<layer pr
 matched against the mapping patterns, compressed-tensors style: exact name, class name or
 ``re:`` + re.match); a mapping whose smooth or balance layers do not exist in the layer is skipped,
 as is one whose shapes do not line up (v_proj → o_proj under grouped-query attention, as in
-llm-compressor). A norm smooth layer must feed its balance layers: the first calibration call checks
-that the first balance layer's input is the norm's output, and a mapping where it is not (Gemma's
-post_attention_layernorm normalises the attention output, not the MLP input) is refused -- folding
-scales into it would change the model. Gemma-style ``1 + weight`` norms are folded as such.
+llm-compressor). Folding scales into a norm keeps the model only when every module reading the norm's
+output is rescaled: the first calibration call finds those readers (Linears and MoE routers); a
+mapping whose norm does not feed its first balance layer (Gemma's post_attention_layernorm normalises
+the attention output, not the MLP input), or a recipe mapping that leaves a reader out, is refused; a
+family default that leaves one out is completed (:func:`_complete_readers`). Gemma-style
+``1 + weight`` norms are folded as such.
 
 Calibration inputs may be padded batches: the activation statistics and the AWQ output error count
 the tokens only (the parent's calls are replayed with their token masks).
