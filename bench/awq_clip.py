@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import peer  # noqa: E402
-from bench.gptq_variants import hessians  # noqa: E402
+from bench.gptq_variants import demo_hessians  # noqa: E402
 from compression.algorithms.awq import clip_qparams, clip_quantize  # noqa: E402
 from compression.algorithms.gptq import quadratic_loss, quantize_weight, refit_scales  # noqa: E402
 from compression.algorithms.quant import QuantArgs, dequantize  # noqa: E402
@@ -57,13 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="*", default=[0, 5, 11])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "awq_clip.json"))
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    model_dir = peer.demo_dense_dir()
-    split = peer.article_split(peer.load_tokenizer(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    hs = hessians(model, peer.calibration_samples(split)[: args.samples], args.layers)
+    hs = demo_hessians(args.samples, args.layers)
     results: dict[str, dict] = {}
     for label, symmetric in (("W4A16_ASYM g64", False), ("W4A16 g64", True)):
         qargs = QuantArgs(num_bits=4, type="int", strategy="group", group_size=64, symmetric=symmetric)

@@ -68,6 +68,18 @@ def hessians(model, samples, layers: list[int]) -> dict[str, tuple[torch.Tensor,
     return {k: (modules[f"model.{k}"].weight.detach().float().clone(), acc.hessian) for k, acc in accs.items()}
 
 
+def demo_hessians(samples: int, layers: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`hessians` of the bf16 demo checkpoint (loaded in fp32) on its first ``samples`` calibration
+    chunks (bench/peer.py's split); torch on one thread."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model_dir = peer.demo_dense_dir()
+    split = peer.article_split(peer.load_tokenizer(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return hessians(model, peer.calibration_samples(split)[:samples], layers)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=32)
@@ -75,14 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gptq_variants.json"))
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM
-
-    torch.set_num_threads(1)
-    model_dir = peer.demo_dense_dir()
-    split = peer.article_split(peer.load_tokenizer(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     t0 = time.perf_counter()
-    hs = hessians(model, peer.calibration_samples(split)[: args.samples], args.layers)
+    hs = demo_hessians(args.samples, args.layers)
     print(f"hessians of {len(hs)} Linears in {time.perf_counter() - t0:.0f} s", flush=True)
     results: dict[str, dict] = {}
     for name, (qargs, kwargs) in VARIANTS.items():
