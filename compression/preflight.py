@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from compression.algorithms.gptq import refittable
-from compression.algorithms.awq import clips_module
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
 from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, pattern_matches
@@ -236,7 +235,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
                 _check_parity_shapes(group, s.local, s.in_features)
             targeted[s.name] = s
             # AWQ's clipping rounds on ranges chosen by the calibration inputs' Hessian, and refits the scales
-            clip = m.quantizes and group is not None and recipe.awq_clip(m, group.weights) and clips_module(s.name)
+            clip = m.quantizes and group is not None and recipe.awq_clip(m, group.weights, s.name)
             if m.kind == "GPTQModifier" or m.prunes or clip:
                 hessian_bytes[s.layer] = hessian_bytes.get(s.layer, 0) + s.in_features ** 2 * 4
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):

@@ -32,6 +32,7 @@ from compression.algorithms.quant import QuantArgs, clippable, uses_full_range
 from compression.algorithms.distill import MODIFIER as FINETUNE, FinetuneSettings, parse_settings as _parse_finetune
 from compression.algorithms.reconstruction import LIMITS as RECON_LIMITS, LR_RANGE, OPTIMIZERS, TARGETS, ReconstructionSettings
 from compression.algorithms import autoround as _autoround
+from compression.algorithms.awq import clips_module
 
 __all__ = ["PRESETS", "Modifier", "Recipe", "RecipeError", "SchemeGroup", "SCHEME_PRESETS"]
 
@@ -478,13 +479,16 @@ class Recipe:
     def modifiers(self) -> list[Modifier]:
         return [m for s in self.stages for m in s.modifiers]
 
-    def awq_clip(self, quantizer: Modifier, weights: QuantArgs | None) -> bool:
+    def awq_clip(self, quantizer: Modifier, weights: QuantArgs | None, name: str | None = None) -> bool:
         """Whether AWQ's weight clipping (``AWQModifier.apply_clip``) chooses the ranges of ``weights`` that
-        ``quantizer`` rounds: an earlier AWQModifier asks for it, ``quantizer`` is a QuantizationModifier
-        (GPTQ and AutoRound choose their own roundings) and the scheme is one
-        :func:`~compression.algorithms.quant.clippable` accepts. Which modules: see
-        :func:`compression.algorithms.awq.clips_module` (query / key projections stay unclipped)."""
+        ``quantizer`` rounds (in the Linear ``name``, when given): an earlier AWQModifier asks for it,
+        ``quantizer`` is a QuantizationModifier (GPTQ and AutoRound choose their own roundings), the scheme
+        is one :func:`~compression.algorithms.quant.clippable` accepts, and the module is not a query / key
+        projection (:func:`compression.algorithms.awq.clips_module`). Read by the pipeline, the preflight
+        and the card."""
         if quantizer.kind != "QuantizationModifier" or weights is None or not clippable(weights):
+            return False
+        if name is not None and not clips_module(name):
             return False
         for m in self.modifiers:
             if m is quantizer:

@@ -42,7 +42,7 @@ from compression.algorithms.reconstruction import ReconstructionSettings, layer_
 from compression.algorithms.autoround import AutoRoundSettings, autoround_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
 from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
-from compression.algorithms.awq import clip_quantize, clips_module
+from compression.algorithms.awq import clip_quantize
 from compression.model_io.streaming import map_large_blocks, release_heap
 from compression.model_io.walk import (BATCH_TOKENS, MAX_PADDING, LayerInputs, capture_layer_inputs, decoder_layers,
                                        token_mask, valid_rows)
@@ -257,7 +257,7 @@ def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, names: Chec
             for _, m, group in steps:
                 if m.prunes and sparsities and (id(m), name) in sparsities:
                     plan.sparsity[id(m)] = sparsities[(id(m), name)]
-                if m.quantizes and recipe.awq_clip(m, group.weights) and clips_module(name):
+                if m.quantizes and recipe.awq_clip(m, group.weights, name):
                     plan.clip = True
             plans.append(plan)
     return plans

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compression.algorithms.gptq import QuantResult, quantize_weight, refit_scales
+from compression.algorithms.gptq import QuantResult, live_hessian, quantize_weight, refit_scales
 from compression.algorithms.quant import (QuantArgs, clippable, compute_qparams, dequantize, fake_quantize,
                                           fp4_global_scale, observe, qparams_from_range)
 
@@ -169,8 +169,10 @@ def clip_qparams(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, d
     rows, cols = weight.shape
     size = args.group_size if args.strategy == "group" else cols
     n_groups = cols // size
-    h = _live_hessian(hessian)
+    h = hessian.float()
     blocks = torch.stack([h[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(n_groups)])
+    diagonals = torch.diagonal(blocks, dim1=1, dim2=2)  # dead inputs: weight-space error (gptq.live_hessian)
+    diagonals[diagonals == 0] = 1.0
     w = weight.float()
     lo, hi = observe(w, args)  # [rows, groups]
     best_scale, best_zp = qparams_from_range(lo, hi, args, dtype)
@@ -208,15 +210,6 @@ def clips_module(name: str) -> bool:
     return not any(part in last for part in _UNCLIPPED)
 
 
-def _live_hessian(hessian: torch.Tensor) -> torch.Tensor:
-    """H in float32 with the diagonal of inputs no calibration token reached set to 1 (weight-space
-    error there), so a group of dead inputs still gets a finite, sensible choice."""
-    h = hessian.float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    return h
-
-
 def clip_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, dtype: torch.dtype,
                   mask: torch.Tensor | None = None) -> QuantResult:
     """Round-to-nearest on AWQ's clipped ranges (:func:`clip_qparams`), then each row's scales re-fitted by
@@ -227,6 +220,6 @@ def clip_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         weight = weight.masked_fill(mask, 0.0)
     scale, zp = clip_qparams(weight, hessian, args, dtype)
     rounded = quantize_weight(weight, args, dtype, qparams=(scale, zp))
-    scale = refit_scales(weight.float(), rounded.codes, scale, zp, _live_hessian(hessian), args)
+    scale = refit_scales(weight.float(), rounded.codes, scale, zp, live_hessian(hessian)[0], args)
     deq = dequantize(rounded.codes, scale, weight.dtype, args=args, zero_point=zp)
     return QuantResult(deq, rounded.codes, scale, 0.0, zero_point=zp)

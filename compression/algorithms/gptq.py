@@ -142,12 +142,19 @@ def _bf16_gemm():
     return gemm
 
 
-def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Handle dead inputs: H_ii = 0 → H_ii = 1 and W[:, i] = 0. Returns copies (H, W, n_dead)."""
+def live_hessian(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of H with the diagonal of dead inputs (H_ii = 0: no calibration token reached them)
+    set to 1, and the dead inputs' mask."""
     h = hessian.clone().float()
-    w = weight.clone().float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
+    return h, dead
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Handle dead inputs: H_ii = 0 → H_ii = 1 and W[:, i] = 0. Returns copies (H, W, n_dead)."""
+    h, dead = live_hessian(hessian)
+    w = weight.clone().float()
     w[:, dead] = 0.0
     return h, w, int(dead.sum())
 

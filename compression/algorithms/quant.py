@@ -234,19 +234,18 @@ def full_range_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Ten
     return sign * torch.maximum(-lo, hi) / 2 ** (bits - 1)
 
 
-def uses_full_range(args: QuantArgs) -> bool:
-    """Whether a full-range grid can replace the min-max scale of ``args``: symmetric integer weights
-    with group or channel scales under the (default) min-max observer."""
-    return (args.type == "int" and args.symmetric and args.strategy in ("group", "channel")
-            and args.observer not in ("mse", "memoryless_mse"))
-
-
 def clippable(args: QuantArgs) -> bool:
     """Whether AWQ's activation-aware clipping (:func:`compression.algorithms.awq.clip_qparams`) applies:
     integer weights with group or channel scales under the min-max observer (an MSE observer runs its own
     range search)."""
     return (args.type == "int" and args.strategy in ("group", "channel")
             and args.observer not in ("mse", "memoryless_mse"))
+
+
+def uses_full_range(args: QuantArgs) -> bool:
+    """Whether a full-range grid can replace the min-max scale of ``args``: symmetric integer weights
+    with group or channel scales under the (default) min-max observer."""
+    return args.symmetric and clippable(args)
 
 
 def full_range_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype) -> torch.Tensor:

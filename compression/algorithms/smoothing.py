@@ -324,10 +324,10 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: La
                 calls, x_mean, x_absmax, x_range, readers = _capture(layer, inputs, index, parent, balance[0],
                                                                      want_parent=awq, smooth=norm)
                 if norm is not None and _complete_readers(modifier, prefix, layer, path, mapping, readers):
-                    balance = [m for _, m in mapping["balance"]]
-                    p_name, parent = mapping["parent"]
-                    calls, x_mean, x_absmax, x_range, _ = _capture(layer, inputs, index, parent, balance[0],
-                                                                   want_parent=awq)
+                    balance = [m for _, m in mapping["balance"]]  # the added readers come last: same statistics
+                    if awq and mapping["parent"][1] is not parent:  # AWQ replays the new parent's calls
+                        p_name, parent = mapping["parent"]
+                        calls = _capture(layer, inputs, index, parent, balance[0], want_parent=True)[0]
                 entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
                          "balance_layers": [n for n, _ in mapping["balance"]]}
                 if awq:
