@@ -85,3 +85,28 @@ def test_recipe_mappings_that_would_change_the_model_are_refused(mappings, messa
         _smooth_all(model, Recipe.from_yaml(AWQ.format(mappings=mappings)), calib)
     assert err.value.field == "q.modifiers[0].mappings" or err.value.field.endswith(".mappings")
     assert message in err.value.message and "v_proj" in err.value.message if message == "also feeds" else True
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_recipe_mapping_leaving_out_experts_is_refused(family):
+    """Experts read only their routed tokens (the readers check cannot see them), but the block hands
+    every expert the hidden states its router reads: a mapping naming the router and expert 0 alone
+    would rescale the input of experts 1.. without compensating their weights."""
+    gate, up = ("w1", "w3") if family == "mixtral" else ("gate_proj", "up_proj")
+    mappings = (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: "
+                f"['re:.*mlp\\.gate$', 're:.*experts\\.0\\.{gate}$', 're:.*experts\\.0\\.{up}$']}}]")
+    calib = random_calibration(n=2, length=12, vocab=256)
+    with pytest.raises(RecipeError) as err:
+        _smooth_all(_outlier_model(family), Recipe.from_yaml(AWQ.format(mappings=mappings)), calib)
+    assert err.value.field.endswith(".mappings")
+    assert "also feeds" in err.value.message and "experts.1." in err.value.message
+    # every expert named: accepted, and the float model is kept
+    full = (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: "
+            f"['re:.*mlp\\.gate$', 're:.*experts\\.\\d+\\.{gate}$', 're:.*experts\\.\\d+\\.{up}$']}}]")
+    model, reference = _outlier_model(family), _outlier_model(family)
+    report = _smooth_all(model, Recipe.from_yaml(AWQ.format(mappings=full)), calib)
+    assert report.smoothing
+    with torch.no_grad():
+        for sample in calib:
+            got, want = model(**sample).logits, reference(**sample).logits
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
