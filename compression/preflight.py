@@ -238,10 +238,13 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             clip = m.quantizes and group is not None and recipe.awq_clip(m, group.weights, s.name)
             if m.kind == "GPTQModifier" or m.prunes or clip:
                 hessian_bytes[s.layer] = hessian_bytes.get(s.layer, 0) + s.in_features ** 2 * 4
+            refit = m.kind == "GPTQModifier" and group is not None and group.weights is not None \
+                and refittable(group.weights)
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):
-                solver_flops += s.in_features ** 3 / 3 + 2 * s.out_features * s.in_features ** 2
-            if (m.kind == "GPTQModifier" and group is not None and group.weights is not None
-                    and refittable(group.weights)) or clip:
+                # a sweep is 2·out·in² flops; a refitted scheme of <= 4 bits runs up to two more (gptq.quantize_gptq)
+                sweeps = 3 if refit and group.weights.num_bits <= 4 else 1
+                solver_flops += s.in_features ** 3 / 3 + sweeps * 2 * s.out_features * s.in_features ** 2
+            if refit or clip:
                 # the Hessian, the codes, their products and the weight in float64 (gptq.refit_scales)
                 refit_bytes = max(refit_bytes, 8.0 * (s.in_features ** 2 + 3 * s.out_features * s.in_features))
         if m.quantizes:
@@ -274,7 +277,20 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     # the dense targets and three error passes over every sample
     tuning_flops = sum(2 * sum(layer_params.values()) * seqlen * 3 * (t.iters * min(t.batch_size, samples) + samples)
                        for t in tuning)
-    seconds = (forward_flops + solver_flops + tuning_flops) / THROUGHPUT.get(device.split(":")[0], THROUGHPUT["cpu"])
+    # AWQ / SmoothQuant: one statistics forward of the layer per mapping; AWQ then runs each mapping's parent
+    # once per grid point (the default four parents -- attention, o_proj, MLP, down_proj -- hold about 1.35x
+    # the layer's parameters together, so a quarter of that per mapping; measured on the demo model, the grid is most of an AWQ job's time)
+    smoothing_flops = 0.0
+    for m in (recipe.modifiers if calib else []):
+        if not m.transforms:
+            continue
+        awq = m.kind == "AWQModifier"
+        mappings = len(m.mappings) if m.mappings is not None else (4 if awq else 2)
+        layer_forward = 2 * sum(layer_params.values()) * samples * seqlen
+        smoothing_flops += mappings * layer_forward
+        if awq:
+            smoothing_flops += m.n_grid * mappings * 1.35 / 4 * layer_forward
+    seconds = (forward_flops + solver_flops + tuning_flops + smoothing_flops) / THROUGHPUT.get(device.split(":")[0], THROUGHPUT["cpu"])
     warnings = []
     if calib and samples < 64:
         warnings.append(f"only {samples} calibration samples; 128-512 are usual")

@@ -144,3 +144,39 @@ def test_hub_datasets_are_loaded_through_datasets(monkeypatch):
 def test_it_rejects_sources_that_are_neither_files_nor_hub_ids(tmp_path):
     with pytest.raises(CalibrationError):
         load_calibration("not-a-dataset", demo_tokenizer(), samples=1, seqlen=8, data_dir=tmp_path)
+
+
+def test_the_time_estimate_charges_awqs_grid_smoothquant_and_gptq_resweeps():
+    """AWQ's grid search (its parents run once per grid point) dominates an AWQ job; SmoothQuant adds one
+    statistics forward per mapping; a refitted <= 4-bit GPTQ runs up to three sweeps, an 8-bit one a
+    single sweep. Each term shows as a difference between recipes."""
+    from compression.preflight import THROUGHPUT
+
+    hidden, inter, layers, samples, seqlen = 256, 1024, 4, 16, 256
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=1000)
+
+    def seconds(recipe):
+        return preflight(cfg, recipe, samples=samples, seqlen=seqlen).estimated_seconds
+
+    layer_params = 4 * hidden ** 2 + 3 * hidden * inter
+    layer_forward = 2 * layers * layer_params * samples * seqlen / THROUGHPUT["cpu"]
+    awq = Recipe.from_preset("AWQ+W4A16_ASYM", group_size=64)
+    rtn = Recipe.from_yaml("q:\n  q_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n      config_groups:\n"
+                           "        g:\n          targets: [Linear]\n          weights: {num_bits: 4, symmetric: false,"
+                           " strategy: group, group_size: 64}\n")
+    # data-free RTN runs no calibration; AWQ: the calibration pass (2 layer forwards), 4 default mappings' statistics
+    # forwards and 20 grid points x 1.35 layer forwards
+    assert seconds(rtn) == 0
+    assert seconds(awq) == pytest.approx((2 + 4 + 20 * 1.35) * layer_forward, rel=0.01, abs=0.2)
+    awq.modifiers[0].n_grid = 10
+    assert seconds(awq) == pytest.approx((2 + 4 + 10 * 1.35) * layer_forward, rel=0.01, abs=0.2)
+    assert seconds(Recipe.from_preset("SQ+W8A8")) - seconds(Recipe.from_preset("W8A8")) == pytest.approx(
+        2 * layer_forward, rel=0.01, abs=0.2)
+    # sweeps: W4A16 group 64 (refitted, 4 bits) pays two more 2·out·in² terms than an 8-bit GPTQ would
+    w4 = seconds(Recipe.from_preset("W4A16", group_size=64))
+    w8 = seconds(Recipe.from_yaml("q:\n  q_modifiers:\n    GPTQModifier:\n      ignore: [lm_head]\n      config_groups:\n"
+                                  "        g:\n          targets: [Linear]\n          weights: {num_bits: 8, "
+                                  "symmetric: true, strategy: group, group_size: 64}\n"))
+    sweep = layers * 2 * (4 * hidden * hidden ** 2 + 2 * inter * hidden ** 2 + hidden * inter ** 2) / THROUGHPUT["cpu"]
+    assert w4 - w8 == pytest.approx(2 * sweep, rel=0.01, abs=0.2)
