@@ -435,7 +435,9 @@ def _check_embeddings(path: str, m, layout: ModelLayout) -> None:
         for gname, g in m.config_groups.items():
             if g.weights is not None and matches_any(g.targets, name, "Embedding"):
                 raise RecipeError(f"{path}.config_groups.{gname}.targets", f"{name} is an Embedding: this engine "
-                                  "quantizes Linear layers only; drop the Embedding target or add it to ignore")
+                                  "quantizes Linear layers only (vLLM's compressed-tensors loader reads quantized Linear, "
+                                  "attention and MoE weights, never an embedding); drop the Embedding target or add "
+                                  "it to ignore")
 
 
 def _check_parity_shapes(g, local: str, in_f: int) -> None:
