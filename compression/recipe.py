@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import copy
 import functools
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -163,8 +164,19 @@ UNSUPPORTED_MODIFIERS = {
 ARGS_FIELDS = {"num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "actorder",
                "observer", "observer_kwargs", "block_structure", "scale_dtype", "zp_dtype"}
 OBSERVERS = {"minmax": "minmax", "static_minmax": "minmax", "memoryless_minmax": "minmax",
-             "memoryless": "minmax", "mse": "mse", "memoryless_mse": "mse"}
-OBSERVER_KWARGS = {"maxshrink", "grid", "norm", "patience", "averaging_constant"}
+             "memoryless": "minmax", "mse": "mse", "memoryless_mse": "mse",
+             # llm-compressor 0.14: the importance-weighted MSE search (E[x²] per input channel) and the NVFP4
+             # "range expansion" variants, which search from 1.8x the observed range down to 0.8x
+             "imatrix_mse": "imatrix_mse", "nvfp4_expanded_mse": "mse", "fouroversix": "mse",
+             "nvfp4_expanded_imatrix": "imatrix_mse"}
+_EXPANDED = {"expand": 1.8, "maxshrink": 1 - 0.8 / 1.8, "grid": 200.0, "patience": 1000}
+# the search settings a named observer implies (llm-compressor's defaults for it), under the recipe's own kwargs
+OBSERVER_PRESETS = {"nvfp4_expanded_mse": _EXPANDED, "fouroversix": _EXPANDED,
+                    "nvfp4_expanded_imatrix": {**_EXPANDED, "norm": 2.4}}
+OBSERVER_KWARGS = {"maxshrink", "grid", "norm", "patience", "averaging_constant", "expand", "strict",
+                   "triton_error_buffer"}
+INPUT_OBSERVER_NOTE = ("static input-activation scales here always come from the calibration inputs' min/max range "
+                       "(an MSE or imatrix input observer searches nothing for them)")
 SCALE_DTYPES = ("float8_e4m3fn", "float16", "bfloat16", "float32")
 # sequential_targets: the engine always works one decoder layer at a time, so only the decoder
 # layer classes of the supported families are honoured (anything else is refused).
@@ -512,6 +524,8 @@ class Recipe:
             if any(g.input_activations and (not g.input_activations.dynamic or g.input_activations.has_global_scale)
                    for g in m.config_groups.values()):
                 return True
+            if any(g.weights is not None and g.weights.observer == "imatrix_mse" for g in m.config_groups.values()):
+                return True  # the importance-weighted observer reads E[x²] of each input channel
         return False
 
     def describe(self) -> str:
@@ -1074,12 +1088,40 @@ def _apply_observers(m: Modifier, args: dict, path: str) -> None:
             raise RecipeError(field_path, f"allowed: {', '.join(OBSERVERS)}")
         for g in m.config_groups.values():
             if role == "weights" and g.weights is not None:
-                g.weights = _replace(g.weights, observer=OBSERVERS[name])
+                g.weights = _replace(g.weights, observer=OBSERVERS[name], observer_kwargs={
+                    **OBSERVER_PRESETS.get(name, {}), **g.weights.observer_kwargs})
             elif role == "input" and g.input_activations is not None and not g.input_activations.dynamic:
                 g.input_activations = _replace(g.input_activations, observer=OBSERVERS[name])
+                if OBSERVERS[name] != "minmax":
+                    _NOTES.add(INPUT_OBSERVER_NOTE)
     for key in ("observer", "weight_observer", "input_observer"):
         if args.get(key) is not None:
             m.extra[key] = copy.deepcopy(args[key])
+
+
+def _observer_kwargs(observer: str, raw: Any, path: str) -> dict:
+    """The observer's search settings: a named variant's presets under the recipe's ``observer_kwargs``."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise RecipeError(path, "must be a mapping")
+    bad = sorted(set(raw) - OBSERVER_KWARGS)
+    if bad:
+        raise RecipeError(f"{path}.{bad[0]}", f"allowed: {', '.join(sorted(OBSERVER_KWARGS))}")
+    for key, value in raw.items():
+        if key == "strict":
+            if not isinstance(value, bool):
+                raise RecipeError(f"{path}.strict", "must be true or false")
+            continue
+        low = 0 if key == "patience" else None  # patience 0: search every step
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                value < low if low is not None else value <= 0):
+            raise RecipeError(f"{path}.{key}", "must be a non-negative number" if low is not None
+                              else "must be a positive number")
+    if raw.get("maxshrink", 0) >= 1:
+        raise RecipeError(f"{path}.maxshrink", "must be below 1 (the share of the range to search)")
+    if raw.get("expand", 1.0) < 1.0:
+        raise RecipeError(f"{path}.expand", "must be at least 1.0 (the search starts at expand x the observed range)")
+    return {**OBSERVER_PRESETS.get(observer, {}), **raw}
 
 
 def _parse_kv_cache(raw: Any, path: str) -> QuantArgs:
@@ -1371,17 +1413,9 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     observer = raw.get("observer") or "minmax"
     if observer not in OBSERVERS:
         raise RecipeError(f"{path}.observer", f"allowed: {', '.join(OBSERVERS)}")
-    kwargs = raw.get("observer_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise RecipeError(f"{path}.observer_kwargs", "must be a mapping")
-    bad = sorted(set(kwargs) - OBSERVER_KWARGS)
-    if bad:
-        raise RecipeError(f"{path}.observer_kwargs.{bad[0]}", f"allowed: {', '.join(sorted(OBSERVER_KWARGS))}")
-    for key, value in kwargs.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise RecipeError(f"{path}.observer_kwargs.{key}", "must be a positive number")
-    if kwargs.get("maxshrink", 0) >= 1:
-        raise RecipeError(f"{path}.observer_kwargs.maxshrink", "must be below 1 (the share of the range to search)")
+    kwargs = _observer_kwargs(observer, raw.get("observer_kwargs"), f"{path}.observer_kwargs")
+    if not weights and OBSERVERS[observer] != "minmax" and not dynamic:
+        _NOTES.add(INPUT_OBSERVER_NOTE)
     scale_dtype = "uint8" if mx else _scale_dtype(raw.get("scale_dtype"), f"{path}.scale_dtype")
     if fp4 and not mx and scale_dtype not in (None, "float8_e4m3fn"):
         raise RecipeError(f"{path}.scale_dtype", "NVFP4 group scales are float8_e4m3fn")

@@ -37,7 +37,8 @@ from compression.algorithms.gptq import (HessianAccumulator, QuantResult, cpu_ha
                                        quadratic_loss, quantize_weight)
 from compression.model_io.moe import (CheckpointNames, is_fused_experts, is_router, per_expert_modules, router_names,
                                       unfuse_experts)
-from compression.algorithms.quant import QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range
+from compression.algorithms.quant import (QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range,
+                                         usable_importance)
 from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.algorithms.autoround import AutoRoundSettings, autoround_layer
 from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
@@ -185,6 +186,12 @@ class _Plan:
     @property
     def needs_hessian(self) -> bool:
         return self.clip or any(m.kind == "GPTQModifier" or m.prunes for _, m, _ in self.steps)
+
+    @property
+    def needs_importance(self) -> bool:
+        """The "imatrix_mse" weight observer weighs errors by E[x²] per input channel (from H where GPTQ has it)."""
+        return not self.needs_hessian and any(g is not None and g.weights is not None
+                                              and g.weights.observer == "imatrix_mse" for _, _, g in self.steps)
 
     @property
     def needs_absmax(self) -> bool:
@@ -465,7 +472,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                           "recipe (KV-cache scales, AWQ/SmoothQuant or reconstruction) cannot keep them in host "
                           "memory; use fewer or shorter calibration samples")
     if recipe.needs_calibration and not calibration:
-        raise CalibrationError("this recipe needs calibration samples (GPTQ/SparseGPT/static activation scales)")
+        raise CalibrationError("this recipe needs calibration samples (GPTQ, pruning, AWQ/SmoothQuant, static "
+                               "activation scales, KV-cache scales or the imatrix_mse observer)")
     report = CompressionReport(layers=len(layers), samples=len(calibration),
                                routers=[names.checkpoint(r) for r in router_names(model)],
                                calibrate_all_experts=calibrate_all_experts)
@@ -809,7 +817,7 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
     and (kv_cache_scheme) a recorder standing in for the KV cache sees the key/value states."""
     for _, experts in per_expert_modules(layer):
         experts.reset_counts()
-    wanted = [p for p in plans if p.needs_hessian or p.needs_absmax]
+    wanted = [p for p in plans if p.needs_hessian or p.needs_absmax or p.needs_importance]
     want_kv = kv is not None and kv.args is not None
     if (not wanted and not want_kv) or not inputs:
         return {}
@@ -840,6 +848,8 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
         entry: dict[str, Any] = {}
         if plan.needs_hessian:
             entry["hessian"] = HessianAccumulator(plan.module.in_features, plan.module.weight.device)
+        if plan.needs_importance:
+            entry["squares"] = torch.zeros(plan.module.in_features, device=plan.module.weight.device)
         if plan.needs_absmax:
             entry["absmax"] = torch.zeros((), device=plan.module.weight.device)
             entry["lo"] = torch.zeros((), device=plan.module.weight.device)  # zero-point schemes
@@ -850,6 +860,8 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
             x = args[0]
             if "hessian" in entry:
                 _add_shared(entry, x, call_inputs)
+            if "squares" in entry:  # Σ x² per input channel over the token rows (E[x²] up to a constant)
+                entry["squares"] += valid_rows(x.detach())[0].float().pow(2).sum(0)
             if "absmax" in entry:
                 rows = valid_rows(x.detach())[0]
                 entry["absmax"] = torch.maximum(entry["absmax"], rows.abs().amax().float())
@@ -1004,7 +1016,15 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                 result = clip_quantize(weight, hessian, args, dtype, mask)
                 loss, fallback, kind = quadratic_loss(result.weight.float() - weight.float(), hessian), None, "awq-clip"
             else:
-                result = quantize_weight(weight, args, dtype, mask)
+                importance = None
+                if args.observer == "imatrix_mse":  # E[x²] per input channel, up to a constant
+                    importance = stats["squares"] if "squares" in stats else (
+                        torch.diag(hessian) if hessian is not None else None)
+                    if args.observer_kwargs.get("strict") and usable_importance(importance, weight.shape[1]) is None:
+                        raise CalibrationError(f"{plan.name}: the imatrix_mse observer (strict: true) has no usable "
+                                               "activation statistics for it (it saw no calibration tokens)",
+                                               field=f"{path}.observer_kwargs.strict")
+                result = quantize_weight(weight, args, dtype, mask, importance=importance)
                 loss = quadratic_loss(result.weight.float() - weight.float(), hessian) if hessian is not None else float(
                     torch.mean((result.weight.float() - weight.float()) ** 2))
                 fallback, kind = (plan.fallback if modifier.kind == "GPTQModifier" else None), "rtn"

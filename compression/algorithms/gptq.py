@@ -246,14 +246,17 @@ def quadratic_loss(delta: torch.Tensor, hessian: torch.Tensor) -> float:
 
 def quantize_weight(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype,
                     mask: torch.Tensor | None = None, *,
-                    qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> QuantResult:
+                    qparams: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                    importance: torch.Tensor | None = None) -> QuantResult:
     """Round-to-nearest for any weight scheme (int sym/asym, FP8 tensor/channel/block, NVFP4), with the
-    observer's scales or the given ``qparams`` (scale, zero point; not for schemes with a global scale)."""
+    observer's scales or the given ``qparams`` (scale, zero point; not for schemes with a global scale).
+    ``importance``: E[x²] per input channel, for the "imatrix_mse" observer."""
     if mask is not None:
         weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for every format
     gscale = fp4_global_scale(weight) if args.has_global_scale else None
     assert qparams is None or gscale is None, "given qparams carry no global scale"
-    scale, zp = qparams if qparams is not None else compute_qparams(weight, args, scale_dtype, global_scale=gscale)
+    scale, zp = qparams if qparams is not None else compute_qparams(weight, args, scale_dtype, global_scale=gscale,
+                                                                    importance=importance)
     codes = quantize(weight, scale, args, zero_point=zp, global_scale=gscale, storage=scale_dtype)
     deq = dequantize(codes, scale, weight.dtype, args=args, zero_point=zp, global_scale=gscale)
     return QuantResult(deq, codes, scale, 0.0, zero_point=zp, global_scale=gscale)
@@ -317,7 +320,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         if full_range and uses_full_range(args):
             scale, zp = full_range_qparams(observed, args, scale_dtype), None
         else:
-            scale, zp = compute_qparams(observed, args, scale_dtype, global_scale=gscale)
+            # the imatrix observer weighs each input channel by E[x²]: H's diagonal (up to a constant)
+            importance = torch.diag(hessian) if args.observer == "imatrix_mse" else None
+            if importance is not None and group_order:
+                importance = importance[perm]
+            scale, zp = compute_qparams(observed, args, scale_dtype, global_scale=gscale, importance=importance)
     try:
         upper_full, used = cached_inverse(inverses, h if perm is None else h[perm][:, perm], dampening_frac,
                                           None if perm is None else "by decreasing diagonal")

@@ -20,7 +20,12 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 E2M1 magnitudes by
 STRATEGIES = ("tensor", "channel", "group", "block", "tensor_group", "token")
 # llm-compressor's MSE observer search (observers/mse.py): shrink factors 1 - i/grid for
 # i < maxshrink·grid, error |x - fq(x)|^norm, stop after `patience` steps without improvement.
-MSE_DEFAULTS = {"maxshrink": 0.20, "grid": 100.0, "norm": 2.4, "patience": 5}
+MSE_DEFAULTS = {"maxshrink": 0.20, "grid": 100.0, "norm": 2.4, "patience": 5, "expand": 1.0}
+# llm-compressor 0.14's importance-weighted MSE observer (observers/imatrix.py, "imatrix_mse"): each weight's
+# error counts E[x²] of its input channel (normalised to mean 1); candidates 1 - i/grid for i = 0 ...
+# int(maxshrink·grid) inclusive, times ``expand``
+IMATRIX_DEFAULTS = {"maxshrink": 0.95, "grid": 20.0, "norm": 3.0, "patience": 5, "expand": 1.0}
+MSE_OBSERVERS = ("mse", "memoryless_mse", "imatrix_mse")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class QuantArgs:
     group_size: int | None = None
     dynamic: bool | str = False  # True, False, or "local" (NVFP4 activations: per-group scales on the fly)
     actorder: str | None = None
-    observer: str = "minmax"  # "minmax" | "mse"
+    observer: str = "minmax"  # "minmax" | "mse" | "imatrix_mse"
     block_structure: tuple[int, int] | None = None  # strategy "block": [rows, cols]
     scale_dtype: str | None = None  # e.g. "float8_e4m3fn" (scales rounded to and stored in it)
     zp_dtype: str | None = None  # asymmetric: the zero point's dtype (int8 for int schemes)
@@ -239,7 +244,7 @@ def clippable(args: QuantArgs) -> bool:
     integer weights with group or channel scales under the min-max observer (an MSE observer runs its own
     range search)."""
     return (args.type == "int" and args.strategy in ("group", "channel")
-            and args.observer not in ("mse", "memoryless_mse"))
+            and args.observer not in MSE_OBSERVERS)
 
 
 def uses_full_range(args: QuantArgs) -> bool:
@@ -261,28 +266,53 @@ def observe(w: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tenso
 
 
 def compute_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None = None, *,
-                    global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scale, zero point or None) for a weight, with the observer ``args.observer`` picks."""
+                    global_scale: torch.Tensor | None = None, importance: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero point or None) for a weight, with the observer ``args.observer`` picks.
+
+    ``importance`` ([in]: E[x²] of each input channel on the calibration data) weights the errors of the
+    "imatrix_mse" observer; without it (or where it is unusable: not finite, negative, all zero) that
+    observer is a plain MSE search over its own range, as llm-compressor falls back."""
     dtype = dtype or w.dtype
     lo, hi = observe(w, args)
-    if args.observer in ("mse", "memoryless_mse"):
-        return _mse_search(w, args, dtype, lo, hi, global_scale)
+    if args.observer in MSE_OBSERVERS:
+        return _mse_search(w, args, dtype, lo, hi, global_scale,
+                           importance if args.observer == "imatrix_mse" else None)
     return qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
 
 
-def _mse_search(w, args, dtype, lo, hi, global_scale):
-    opts = {**MSE_DEFAULTS, **(args.observer_kwargs or {})}
+def usable_importance(importance: torch.Tensor | None, cols: int) -> torch.Tensor | None:
+    """``importance`` normalised to mean 1, or None where llm-compressor's imatrix observer would not use it."""
+    if importance is None or importance.numel() != cols:
+        return None
+    imp = importance.detach().float().reshape(-1)
+    if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()) or not bool((imp > 0).any()):
+        return None
+    return imp / (imp.mean() + torch.finfo(torch.float32).tiny)
+
+
+def _mse_search(w, args, dtype, lo, hi, global_scale, importance=None):
+    imatrix = args.observer == "imatrix_mse"
+    opts = {**(IMATRIX_DEFAULTS if imatrix else MSE_DEFAULTS), **(args.observer_kwargs or {})}
     grid, norm, patience = float(opts["grid"]), float(opts["norm"]), int(opts["patience"])
+    expand = float(opts["expand"])
+    lo, hi = lo * expand, hi * expand
     steps = int(float(opts["maxshrink"]) * grid)
+    # llm-compressor: the MSE observers try i = 0 ... steps - 1, the imatrix observer i = 0 ... steps
+    candidates = max(steps, 1) + 1 if imatrix else max(steps, 1)
     wf = w.float()
+    weights = usable_importance(importance, w.shape[1]) if imatrix else None
     best = qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
     best_err = torch.full(lo.shape, float("inf"), device=lo.device)
     stale = 0
-    for i in range(max(steps, 1)):
+    for i in range(candidates):
         p = 1 - i / grid
         scale, zp = qparams_from_range(lo * p, hi * p, args, dtype, global_scale=global_scale)
         deq = fake_quantize(wf, scale, args, zero_point=zp, global_scale=global_scale)
-        err = _groups((deq - wf).abs().pow(norm), args).sum(dim=-1)
+        delta = (deq - wf).abs().pow(norm)
+        if weights is not None:
+            delta = delta * weights
+        err = _groups(delta, args).sum(dim=-1)
         better = err < best_err
         if bool(better.any()):
             best_err = torch.where(better, err, best_err)
@@ -292,7 +322,7 @@ def _mse_search(w, args, dtype, lo, hi, global_scale):
             stale = 0
         else:
             stale += 1
-            if stale >= patience:
+            if stale >= patience and (patience > 0 or not imatrix):  # imatrix: patience 0 searches every step
                 break
     return best
 
