@@ -175,6 +175,8 @@ OBSERVER_PRESETS = {"nvfp4_expanded_mse": _EXPANDED, "fouroversix": _EXPANDED,
                     "nvfp4_expanded_imatrix": {**_EXPANDED, "norm": 2.4}}
 OBSERVER_KWARGS = {"maxshrink", "grid", "norm", "patience", "averaging_constant", "expand", "strict",
                    "triton_error_buffer"}
+TRITON_BUFFER_NOTE = ("observer_kwargs.triton_error_buffer has no effect here: it tunes llm-compressor's Triton "
+                      "search kernel's early stop; this engine's search runs every group to the same patience")
 INPUT_OBSERVER_NOTE = ("static input-activation scales here always come from the calibration inputs' min/max range "
                        "(an MSE or imatrix input observer searches nothing for them)")
 SCALE_DTYPES = ("float8_e4m3fn", "float16", "bfloat16", "float32")
@@ -1119,6 +1121,8 @@ def _observer_kwargs(observer: str, raw: Any, path: str) -> dict:
                               else "must be a positive number")
     if raw.get("maxshrink", 0) >= 1:
         raise RecipeError(f"{path}.maxshrink", "must be below 1 (the share of the range to search)")
+    if "triton_error_buffer" in raw:
+        _NOTES.add(TRITON_BUFFER_NOTE)
     if raw.get("expand", 1.0) < 1.0:
         raise RecipeError(f"{path}.expand", "must be at least 1.0 (the search starts at expand x the observed range)")
     return {**OBSERVER_PRESETS.get(observer, {}), **raw}

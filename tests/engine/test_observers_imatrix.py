@@ -178,3 +178,11 @@ def test_the_pipeline_feeds_each_module_its_inputs_squares():
     plain, _ = compute_qparams(weight, args, weight.dtype, importance=None)
     assert not torch.equal(want, plain)  # the check below can tell the two apart
     assert torch.equal(report.modules["model.layers.0.self_attn.q_proj"].scale, want)
+
+
+def test_the_triton_search_buffer_is_accepted_with_a_note():
+    from compression.recipe import TRITON_BUFFER_NOTE
+
+    recipe = _recipe("nvfp4_expanded_mse", ", observer_kwargs: {triton_error_buffer: 0.3}")
+    assert TRITON_BUFFER_NOTE in recipe.notes
+    assert TRITON_BUFFER_NOTE not in _recipe("nvfp4_expanded_mse").notes
