@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from compression.algorithms.quant import (FP8_DTYPE, FP8_MAX, QuantArgs, compute_qparams, dequantize, expand_scale,
-                               fp4_global_scale, full_range_qparams, int_range, quantize, round_to_e2m1,
-                               uses_full_range)
+                               full_range_qparams, int_range, quantize, round_to_e2m1,
+                               uses_full_range, weight_global_scale)
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def quantize_weight(weight: torch.Tensor, args: QuantArgs, scale_dtype: torch.dt
     ``importance``: E[x²] per input channel, for the "imatrix_mse" observer."""
     if mask is not None:
         weight = weight.masked_fill(mask, 0.0)  # quantize(+0.0) is 0 for every format
-    gscale = fp4_global_scale(weight) if args.has_global_scale else None
+    gscale = weight_global_scale(weight, args)
     assert qparams is None or gscale is None, "given qparams carry no global scale"
     scale, zp = qparams if qparams is not None else compute_qparams(weight, args, scale_dtype, global_scale=gscale,
                                                                     importance=importance)
@@ -313,7 +313,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
         w = w.masked_fill(mask, 0.0)
     perm = torch.argsort(torch.diag(h), descending=True) if actorder else None
     group_order = actorder == "group" and args.strategy == "group"
-    gscale = fp4_global_scale(w) if args.has_global_scale else None
+    gscale = weight_global_scale(w, args)
     # scales from the original weight: in column order, or in visiting order for act-order "group"
     with sweep_threads(w.device):  # the MSE search is many mid-sized ops too
         observed = w[:, perm] if group_order else w

@@ -177,6 +177,17 @@ def fp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     return (FP8_MAX * FP4_MAX / absmax).reshape(1)
 
 
+def weight_global_scale(w: torch.Tensor, args: QuantArgs) -> torch.Tensor | None:
+    """NVFP4 weights' global scale, or None. An MSE observer with ``expand`` > 1 may widen a group's range up
+    to expand x its absmax, so the global scale leaves that room (llm-compressor searches in float32 and
+    takes the global scale from the chosen ranges; a global scale from the plain absmax would push the
+    widened group scales past FP8's 448)."""
+    if not args.has_global_scale:
+        return None
+    expand = float((args.observer_kwargs or {}).get("expand", 1.0)) if args.observer in MSE_OBSERVERS else 1.0
+    return fp4_global_scale(w) / expand
+
+
 MX_ELEMENT_OFFSET = {4: 2, 8: 8}  # floor(log2(largest E2M1 / E4M3 value)): 6 → 2, 448 → 8
 
 

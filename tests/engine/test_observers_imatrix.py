@@ -186,3 +186,20 @@ def test_the_triton_search_buffer_is_accepted_with_a_note():
     recipe = _recipe("nvfp4_expanded_mse", ", observer_kwargs: {triton_error_buffer: 0.3}")
     assert TRITON_BUFFER_NOTE in recipe.notes
     assert TRITON_BUFFER_NOTE not in _recipe("nvfp4_expanded_mse").notes
+
+
+def test_expanded_nvfp4_ranges_fit_fp8_group_scales():
+    """nvfp4_expanded_mse widens group ranges up to 1.8x: the global scale leaves room for that, so no FP8
+    group scale overflows (a NaN in float8_e4m3fn) and the error is not above plain NVFP4's."""
+    from compression.algorithms.gptq import quantize_weight
+
+    recipe = Recipe.from_yaml("q:\n  q_modifiers:\n    QuantizationModifier:\n      ignore: [lm_head]\n"
+                              "      targets: [Linear]\n      scheme: NVFP4A16\n      weight_observer: nvfp4_expanded_mse\n")
+    args = next(iter(recipe.modifiers[0].config_groups.values())).weights
+    plain = dataclasses.replace(args, observer="minmax", observer_kwargs={})
+    w, _ = _weight_and_importance(3)
+    expanded, minmax = quantize_weight(w, args, torch.bfloat16), quantize_weight(w, plain, torch.bfloat16)
+    assert torch.isfinite(expanded.scale.float()).all() and torch.isfinite(expanded.weight).all()
+    assert float(expanded.global_scale) == pytest.approx(float(minmax.global_scale) / 1.8)
+    err = lambda r: float((r.weight.float() - w).abs().pow(2.4).sum())  # noqa: E731
+    assert err(expanded) <= err(minmax)
