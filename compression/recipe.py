@@ -852,6 +852,9 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
                 raise RecipeError(f"{path}.config_groups", "must be a non-empty mapping group_0: {...}")
             m.config_groups = {str(k): _parse_group(v, f"{path}.config_groups.{k}") for k, v in groups.items()}
         _apply_observers(m, args, path)
+        if kind == "AutoRoundModifier" and any(g.weights is not None and g.weights.observer != "minmax"
+                                               for g in m.config_groups.values()):
+            _NOTES.add(AUTOROUND_OBSERVER_NOTE)
         if args.get("kv_cache_scheme") is not None:
             m.kv_cache = _parse_kv_cache(args["kv_cache_scheme"], f"{path}.kv_cache_scheme")
         _check_groups(m, path)
@@ -956,6 +959,8 @@ def _parse_sparsity(m: Modifier, args: dict, path: str) -> None:
 
 AUTOROUND_TORCH_COMPILE_NOTE = ("AutoRound enable_torch_compile has no effect here: the tuning runs eagerly")
 AUTOROUND_DEVICE_NOTE = "AutoRound device_ids has no effect here: each layer is tuned on the job's device"
+AUTOROUND_OBSERVER_NOTE = ("AutoRound tunes each group's range from its min/max itself (as llm-compressor's "
+                           "AutoRoundModifier does); the scheme's weight observer has no effect on it")
 AUTOROUND_RTN_NOTE = ("AutoRound iters 0 is plain round-to-nearest here (AutoRound's optimised RTN is not "
                       "implemented)")
 

@@ -203,3 +203,10 @@ def test_expanded_nvfp4_ranges_fit_fp8_group_scales():
     assert float(expanded.global_scale) == pytest.approx(float(minmax.global_scale) / 1.8)
     err = lambda r: float((r.weight.float() - w).abs().pow(2.4).sum())  # noqa: E731
     assert err(expanded) <= err(minmax)
+
+
+def test_an_autoround_scheme_with_a_searching_observer_is_noted():
+    from compression.recipe import AUTOROUND_OBSERVER_NOTE
+
+    assert AUTOROUND_OBSERVER_NOTE in _recipe("imatrix_mse", modifier="AutoRoundModifier").notes
+    assert AUTOROUND_OBSERVER_NOTE not in _recipe("minmax", modifier="AutoRoundModifier").notes
