@@ -177,6 +177,8 @@ OBSERVER_KWARGS = {"maxshrink", "grid", "norm", "patience", "averaging_constant"
                    "triton_error_buffer"}
 TRITON_BUFFER_NOTE = ("observer_kwargs.triton_error_buffer has no effect here: it tunes llm-compressor's Triton "
                       "search kernel's early stop; this engine's search runs every group to the same patience")
+OBSERVER_KWARG_MAX = {"grid": 1000, "norm": 16, "expand": 16, "averaging_constant": 1, "patience": 100_000,
+                      "triton_error_buffer": 100}
 INPUT_OBSERVER_NOTE = ("static input-activation scales here always come from the calibration inputs' min/max range "
                        "(an MSE or imatrix input observer searches nothing for them)")
 SCALE_DTYPES = ("float8_e4m3fn", "float16", "bfloat16", "float32")
@@ -1126,6 +1128,9 @@ def _observer_kwargs(observer: str, raw: Any, path: str) -> dict:
                               else "must be a positive number")
     if raw.get("maxshrink", 0) >= 1:
         raise RecipeError(f"{path}.maxshrink", "must be below 1 (the share of the range to search)")
+    for key, top in OBSERVER_KWARG_MAX.items():  # every candidate is a pass over the weight: bounded work
+        if key in raw and raw[key] > top:
+            raise RecipeError(f"{path}.{key}", f"must be at most {top:g}")
     if "triton_error_buffer" in raw:
         _NOTES.add(TRITON_BUFFER_NOTE)
     if raw.get("expand", 1.0) < 1.0:

@@ -126,6 +126,9 @@ def test_named_observers_parse_with_llm_compressors_presets(name, kind, expected
     (", observer_kwargs: {patience: -1}", "patience"),
     (", observer_kwargs: {maxshrink: 1.0}", "maxshrink"),
     (", observer_kwargs: {shrink: 0.5}", "shrink"),
+    (", observer_kwargs: {grid: 1000000000, patience: 1000000000}", "grid"),  # a search that never ends
+    (", observer_kwargs: {expand: 1e300}", "expand"),
+    (", observer_kwargs: {norm: .inf}", "norm"),
 ])
 def test_bad_observer_kwargs_are_refused_with_the_field(kwargs, field):
     with pytest.raises(RecipeError) as exc:
