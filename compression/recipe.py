@@ -706,6 +706,8 @@ def _describe_group(g: SchemeGroup, m: Modifier) -> str:
         text = f"{kind} weights ({gran}"
         if m.kind == "GPTQModifier" and m.actorder:
             text += f", act-order {m.actorder}"
+        if w.observer != "minmax" and m.autoround is None:
+            text += ", importance-weighted MSE scales" if w.observer == "imatrix_mse" else ", MSE scales"
         text += ")"
     a = g.input_activations
     if a:
