@@ -81,8 +81,13 @@ ROWS: dict[str, str] = {
 # first 32 of the same 128 calibration chunks, for both tools, scored on the same windows as every row
 ROWS["W4A16_ASYM g64 AWQ, 32 chunks"] = ROWS["W4A16_ASYM g64 AWQ"]
 CALIBRATION_CHUNKS = {"W4A16_ASYM g64 AWQ, 32 chunks": 32}
+# llm-compressor 0.14's importance-weighted MSE observer (E[x²] per input channel) on round-to-nearest:
+# the same observer in both tools, a comparison-only row
+ROWS["W4A16_ASYM g64 RTN imatrix_mse"] = "quant_stage:\n  quant_modifiers:\n" + _quant(
+    "QuantizationModifier", "{num_bits: 4, type: int, symmetric: false, strategy: group, group_size: 64, "
+    "observer: imatrix_mse}")
 ASYMMETRIC = ("W4A16_ASYM g64 GPTQ", "W4A16_ASYM g64 AWQ", "W4A16_ASYM g64 AutoRound 50",
-              "W4A16_ASYM g64 AWQ, 32 chunks")
+              "W4A16_ASYM g64 AWQ, 32 chunks", "W4A16_ASYM g64 RTN imatrix_mse")
 TOOLS = ("ours", "llmcompressor")
 # the form/API preset that builds the same recipe (compression.recommend reads this from the table)
 PRESET_OF_ROW: dict[str, dict] = {
