@@ -459,9 +459,11 @@ class Recipe:
             modifiers = []
             for group_name, mods in groups:
                 for kind, args in mods.items():
-                    m = _parse_modifier(kind, args, f"{path}.modifiers[{len(modifiers)}]")
-                    m.group_key = group_name if group_name != groups[0][0] else None
-                    modifiers.append(m)
+                    mpath = f"{path}.modifiers[{len(modifiers)}]"
+                    parsed = [_parse_modifier(k, a, mpath) for k, a in _split_legacy_awq(kind, args)]
+                    for m in parsed:
+                        m.group_key = group_name if group_name != groups[0][0] else None
+                        modifiers.append(m)
             modifiers = _prune_before_quantize(modifiers, str(stage_name))
             stages.append(Stage(str(stage_name), groups[0][0], modifiers))
             index += 1
@@ -863,6 +865,26 @@ def _parse_modifier(kind: Any, args: Any, path: str) -> Modifier:
             m.kv_cache = _parse_kv_cache(args["kv_cache_scheme"], f"{path}.kv_cache_scheme")
         _check_groups(m, path)
     return m
+
+
+# llm-compressor's old AWQModifier API carried its own quantization scheme; 0.14's Python shim
+# (llmcompressor.modifiers.awq.AWQModifier) splits it into AWQModifier + QuantizationModifier by these keys
+LEGACY_AWQ_QUANT_KEYS = ("config_groups", "targets", "ignore", "scheme", "kv_cache_scheme", "weight_observer",
+                         "input_observer", "output_observer", "observer", "bypass_divisibility_checks")
+LEGACY_AWQ_NOTE = ("AWQModifier with its own scheme (llm-compressor's old API) "
+                   "ran as AWQModifier + QuantizationModifier, the split llm-compressor 0.14's compatibility shim makes")
+
+
+def _split_legacy_awq(kind: str, args: Any) -> list[tuple[str, Any]]:
+    """[(kind, args)]: an AWQModifier holding a scheme / config_groups becomes the AWQ transform and a
+    QuantizationModifier with the quantization keys (both parsed under the recipe's own path)."""
+    if kind != "AWQModifier" or not isinstance(args, dict) or not any(
+            args.get(k) is not None for k in ("scheme", "config_groups")):
+        return [(kind, args)]
+    _NOTES.add(LEGACY_AWQ_NOTE)
+    quant = {k: v for k, v in args.items() if k in LEGACY_AWQ_QUANT_KEYS}
+    awq = {k: v for k, v in args.items() if k not in LEGACY_AWQ_QUANT_KEYS}
+    return [(kind, awq), ("QuantizationModifier", quant)]
 
 
 def _parse_base_fields(m: Modifier, args: dict, path: str) -> None:

@@ -182,3 +182,32 @@ def test_an_explicit_full_range_that_cannot_apply_is_noted_not_silently_ignored(
     assert any("full_range: true changes nothing" in n for n in recipe.notes) is noted
     # the default (not written) is never noted
     assert not any("full_range" in n for n in Recipe.from_yaml(text.replace("      full_range: true\n", "")).notes)
+
+
+def test_an_awq_modifier_with_its_own_scheme_runs_as_awq_plus_quantization():
+    """llm-compressor's old AWQ API (AWQModifier holding scheme/config_groups, what older saved recipes
+    carry): split as llm-compressor 0.14's compatibility shim splits it, with a note; a bad value in the
+    quantization part is reported under the recipe's own modifier path."""
+    from compression.recipe import LEGACY_AWQ_NOTE
+
+    recipe = Recipe.from_yaml("default_stage:\n  default_modifiers:\n    AWQModifier:\n      ignore: [lm_head]\n"
+                              "      scheme: W4A16_ASYM\n      targets: [Linear]\n      duo_scaling: both\n")
+    awq, quant = recipe.modifiers
+    assert (awq.kind, awq.duo_scaling, quant.kind, quant.ignore) == ("AWQModifier", "both", "QuantizationModifier",
+                                                                      ["lm_head"])
+    weights = next(iter(quant.config_groups.values())).weights
+    assert (weights.num_bits, weights.symmetric, weights.group_size) == (4, False, 128)
+    assert LEGACY_AWQ_NOTE in recipe.notes
+    again = Recipe.from_yaml(recipe.to_yaml())
+    assert [m.kind for m in again.modifiers] == ["AWQModifier", "QuantizationModifier"]
+    groups = Recipe.from_yaml(
+        "s:\n  m_modifiers:\n    AWQModifier:\n      config_groups:\n        g:\n          targets: [Linear]\n"
+        "          weights: {num_bits: 4, symmetric: true, strategy: group, group_size: 64}\n")
+    assert [m.kind for m in groups.modifiers] == ["AWQModifier", "QuantizationModifier"]
+    with pytest.raises(RecipeError) as exc:
+        Recipe.from_yaml("s:\n  m_modifiers:\n    AWQModifier: {scheme: W9A16}\n")
+    assert exc.value.field == "stages[0].modifiers[0].scheme"
+    # without a scheme it stays the transform alone, and its unknown fields are refused as before
+    assert [m.kind for m in Recipe.from_yaml("s:\n  m_modifiers:\n    AWQModifier: {duo_scaling: true}\n"
+                                             "    QuantizationModifier: {scheme: W4A16, targets: [Linear]}\n"
+                                             ).modifiers] == ["AWQModifier", "QuantizationModifier"]
