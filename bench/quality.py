@@ -80,7 +80,7 @@ ROWS: dict[str, str] = {
 # 512-token call), 7.5 minutes per decoder layer on 32 chunks; it never finished here. Its AWQ row loads the
 # model in float32 (unquantized tensors keep the bf16 checkpoint's values; the norms it folds scales into stay
 # float32, if anything an advantage to it). This engine computes each layer in float32 on a CPU anyway.
-PEER_DTYPE = {"W4A16_ASYM g64 AWQ": "float32"}
+PEER_DTYPE = {"W4A16_ASYM g64 AWQ": "float32", "W4A16_ASYM g64 RTN imatrix_mse": "float32"}
 # llm-compressor 0.14's importance-weighted MSE observer (E[x²] per input channel) on round-to-nearest:
 # the same observer in both tools, a comparison-only row
 ROWS["W4A16_ASYM g64 RTN imatrix_mse"] = "quant_stage:\n  quant_modifiers:\n" + _quant(
