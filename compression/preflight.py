@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from compression.algorithms.gptq import refittable
+from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
 from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, pattern_matches
@@ -241,8 +241,8 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             refit = m.kind == "GPTQModifier" and group is not None and group.weights is not None \
                 and refittable(group.weights)
             if m.kind in ("GPTQModifier", "SparseGPTModifier"):
-                # a sweep is 2·out·in² flops; a refitted scheme of <= 4 bits runs up to two more (gptq.quantize_gptq)
-                sweeps = 3 if refit and group.weights.num_bits <= 4 else 1
+                # a sweep is 2·out·in² flops; a refitted scheme runs up to default_resweeps more (gptq.gptq_quantize)
+                sweeps = 1 + (default_resweeps(group.weights) if refit else 0)
                 solver_flops += s.in_features ** 3 / 3 + sweeps * 2 * s.out_features * s.in_features ** 2
             if refit or clip:
                 # the Hessian, the codes, their products and the weight in float64 (gptq.refit_scales)
@@ -272,21 +272,22 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
         layout, device=device, storage_bytes=dtype_bytes, activation_bytes=streams * act_bytes,
         hessian_bytes=max(hessian_bytes.values(), default=0), intermediate=intermediate,
         batch_tokens=min(BATCH_TOKENS, samples * seqlen) if calib else 0, refit_bytes=refit_bytes)
-    forward_flops = (2 * 2 * sum(layer_params.values()) * samples * seqlen) if calib else 0
+    layer_forward = 2 * sum(layer_params.values()) * samples * seqlen  # every calibration token through every layer
+    forward_flops = 2 * layer_forward if calib else 0
     # AutoRound: per step a forward and backward (3 forwards) of batch_size samples through each layer, plus
     # the dense targets and three error passes over every sample
     tuning_flops = sum(2 * sum(layer_params.values()) * seqlen * 3 * (t.iters * min(t.batch_size, samples) + samples)
                        for t in tuning)
     # AWQ / SmoothQuant: one statistics forward of the layer per mapping; AWQ then runs each mapping's parent
     # once per grid point (the default four parents -- attention, o_proj, MLP, down_proj -- hold about 1.35x
-    # the layer's parameters together, so a quarter of that per mapping; measured on the demo model, the grid is most of an AWQ job's time)
+    # the layer's parameters together, so a quarter of that per mapping; measured on the demo model, the grid is
+    # most of an AWQ job's time)
     smoothing_flops = 0.0
     for m in (recipe.modifiers if calib else []):
         if not m.transforms:
             continue
         awq = m.kind == "AWQModifier"
         mappings = len(m.mappings) if m.mappings is not None else (4 if awq else 2)
-        layer_forward = 2 * sum(layer_params.values()) * samples * seqlen
         smoothing_flops += mappings * layer_forward
         if awq:
             smoothing_flops += m.n_grid * mappings * 1.35 / 4 * layer_forward

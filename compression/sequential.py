@@ -860,10 +860,10 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
             x = args[0]
             if "hessian" in entry:
                 _add_shared(entry, x, call_inputs)
+            rows = valid_rows(x.detach())[0] if "squares" in entry or "absmax" in entry else None
             if "squares" in entry:  # Σ x² per input channel over the token rows (E[x²] up to a constant)
-                entry["squares"] += valid_rows(x.detach())[0].float().pow(2).sum(0)
+                entry["squares"] += rows.float().pow(2).sum(0)
             if "absmax" in entry:
-                rows = valid_rows(x.detach())[0]
                 entry["absmax"] = torch.maximum(entry["absmax"], rows.abs().amax().float())
                 entry["lo"] = torch.minimum(entry["lo"], rows.amin().float())
                 entry["hi"] = torch.maximum(entry["hi"], rows.amax().float())

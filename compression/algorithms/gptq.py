@@ -342,7 +342,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     fits = refit and refittable(args) and g_idx is None
     w_ref = w  # the target the refit fits (dead columns cleaned, pruned zeros): never swept in place when it fits
     if resweeps is None:
-        resweeps = 2 if args.num_bits <= 4 else 0
+        resweeps = default_resweeps(args)
 
     def sweep(scale: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(codes, loss) of one GPTQ sweep over the weight with these (static) scales."""
@@ -392,6 +392,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, args: QuantArgs, 
     if mask is not None:
         deq.add_(0.0)  # pruned zeros times a negative (full-range) scale are -0.0; 2:4 zeros stay +0.0
     return QuantResult(deq, codes, scale, loss, n_dead, used, None, zp, gscale, g_idx)
+
+
+def default_resweeps(args: QuantArgs) -> int:
+    """Sweeps after the first that :func:`gptq_quantize` runs by default for a refitted scheme: 2 at <= 4 bits
+    (where they were measured to help), none for wider integers."""
+    return 2 if args.num_bits <= 4 else 0
 
 
 def refittable(args: QuantArgs) -> bool:

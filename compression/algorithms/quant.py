@@ -287,8 +287,7 @@ def compute_qparams(w: torch.Tensor, args: QuantArgs, dtype: torch.dtype | None 
     dtype = dtype or w.dtype
     lo, hi = observe(w, args)
     if args.observer in MSE_OBSERVERS:
-        return _mse_search(w, args, dtype, lo, hi, global_scale,
-                           importance if args.observer == "imatrix_mse" else None)
+        return _mse_search(w, args, dtype, lo, hi, global_scale, importance)
     return qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
 
 

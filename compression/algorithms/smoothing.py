@@ -26,7 +26,7 @@ import torch
 from compression.algorithms import awq as awq_lib
 from compression.algorithms import smoothquant as sq_lib
 from compression.errors import RecipeError
-from compression.model_io.moe import ROUTER_NAMES, PerExpertLinears, is_router, router_names
+from compression.model_io.moe import PerExpertLinears, router_names
 from compression.model_io.walk import LayerInputs, masking, token_mask, valid_rows
 from compression.recipe import Modifier, Recipe, matches_any
 
@@ -155,8 +155,9 @@ def _complete_readers(modifier: Modifier, prefix: str, layer: torch.nn.Module, p
     """Folding scales into a norm is exact only when every Linear reading its output is rescaled: check
     the mapping against the Linears that read the norm's output (:func:`_capture`; the experts of an MoE
     block read it when the block's router does, :func:`_expert_readers`). The first balance layer must be
-    one of them (an expert outside a per-expert block is taken on trust); a reader left out is added to the balance layers of the family's default mappings (Qwen2-MoE's shared-expert gate
-    reads the norm too), and refused in a recipe's own mappings. True when the mapping was extended."""
+    one of them (an expert outside a per-expert block is taken on trust); a reader left out is added to the
+    balance layers of the family's default mappings (Qwen2-MoE's shared-expert gate reads the norm too), and
+    refused in a recipe's own mappings. True when the mapping was extended."""
     s_name = mapping["smooth"][0]
     first_name, first = mapping["balance"][0]
     readers = readers | _expert_readers(layer, readers)
@@ -182,15 +183,10 @@ def _expert_readers(layer: torch.nn.Module, readers: set[int]) -> set[int]:
     """The experts' input projections (gate and up of every expert) of each MoE block whose router reads
     the norm's output: an expert sees only the tokens routed to it, so :func:`_capture` cannot see it
     reading the norm, but the block passes every expert the same hidden states its router reads."""
+    feeding = {path.rpartition(".")[0] for path in router_names(layer) if id(layer.get_submodule(path)) in readers}
     found: set[int] = set()
     for name, block in layer.named_modules():
-        if not isinstance(block, PerExpertLinears):
-            continue
-        parent_name = name.rpartition(".")[0]
-        parent = layer.get_submodule(parent_name) if parent_name else layer
-        routers = [getattr(parent, a) for a in ROUTER_NAMES
-                   if is_router(parent, a) and isinstance(getattr(parent, a, None), torch.nn.Module)]
-        if any(id(r) in readers for r in routers):
+        if isinstance(block, PerExpertLinears) and name.rpartition(".")[0] in feeding:
             for e in range(block.num_experts):
                 found.update(id(m) for m in block.expert(e).projections()[:2])
     return found
