@@ -389,6 +389,12 @@ def _check_embeddings(model: torch.nn.Module, recipe: Recipe, names: CheckpointN
                                       "the Embedding target or add it to ignore")
 
 
+def _group_field(path: str, modifier: Modifier, group: SchemeGroup | None, leaf: str) -> str:
+    """The recipe field ``leaf`` of the config group ``group`` of the modifier at ``path``."""
+    name = next((key for key, g in modifier.config_groups.items() if g is group), None)
+    return f"{path}.config_groups.{name}.{leaf}" if name else f"{path}.{leaf}"
+
+
 def _modifier_path(recipe: Recipe, flat_index: int) -> str:
     k = 0
     for i, stage in enumerate(recipe.stages):
@@ -1023,7 +1029,8 @@ def _compress_module(plan: _Plan, stats: dict, report: CompressionReport, emit: 
                     if args.observer_kwargs.get("strict") and usable_importance(importance, weight.shape[1]) is None:
                         raise CalibrationError(f"{plan.name}: the imatrix_mse observer (strict: true) has no usable "
                                                "activation statistics for it (it saw no calibration tokens)",
-                                               field=f"{path}.observer_kwargs.strict")
+                                               field=_group_field(path, modifier, group,
+                                                                  "weights.observer_kwargs.strict"))
                 result = quantize_weight(weight, args, dtype, mask, importance=importance)
                 loss = quadratic_loss(result.weight.float() - weight.float(), hessian) if hessian is not None else float(
                     torch.mean((result.weight.float() - weight.float()) ** 2))

@@ -213,3 +213,23 @@ def test_an_autoround_scheme_with_a_searching_observer_is_noted():
 
     assert AUTOROUND_OBSERVER_NOTE in _recipe("imatrix_mse", modifier="AutoRoundModifier").notes
     assert AUTOROUND_OBSERVER_NOTE not in _recipe("minmax", modifier="AutoRoundModifier").notes
+
+
+def test_strict_imatrix_fails_on_a_module_without_usable_statistics_naming_the_group_field():
+    """Layer 0's attention reads an all-zero input (its norm's weight is 0): Σx² is zero, unusable."""
+    from compression.errors import CalibrationError
+
+    calib = random_calibration(n=2, length=8, vocab=1024)
+    for strict in (False, True):
+        model = tiny_llama(vocab=1024)
+        with torch.no_grad():
+            model.model.layers[0].input_layernorm.weight.zero_()
+        recipe = _recipe("imatrix_mse", ", observer_kwargs: {strict: true}" if strict else "")
+        if not strict:  # falls back to the plain MSE search, as llm-compressor does
+            report = compress_model(model, recipe, calib)
+            assert "model.layers.0.self_attn.q_proj" in report.modules
+            continue
+        with pytest.raises(CalibrationError) as caught:
+            compress_model(model, recipe, calib)
+        assert "model.layers.0.self_attn" in str(caught.value) and "strict" in str(caught.value)
+        assert caught.value.field.endswith(".config_groups.g.weights.observer_kwargs.strict"), caught.value.field
