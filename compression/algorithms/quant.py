@@ -303,6 +303,9 @@ def usable_importance(importance: torch.Tensor | None, cols: int) -> torch.Tenso
 
 # a scale entry wider than this is first scored on its PRUNE_TOP largest weights (see _mse_search)
 PRUNE_WIDTH, PRUNE_TOP = 64, 32
+# a candidate whose bound leaves more than PRUNE_KEEP of the entries open is scored on all of them, and
+# after PRUNE_PATIENCE such candidates in a row the bound is no longer computed for the tensor
+PRUNE_KEEP, PRUNE_PATIENCE = 0.95, 3
 
 
 def _mse_search(w, args, dtype, lo, hi, global_scale, importance=None, *, prune=True):
@@ -314,7 +317,9 @@ def _mse_search(w, args, dtype, lo, hi, global_scale, importance=None, *, prune=
     candidate is scored in full only on the entries where that bound is still below the best error so
     far (FP8 / INT8 per-channel: after the first candidates most rows are settled; 1536x576 FP8 rows
     ~5x faster). Entries of at most ``PRUNE_WIDTH`` weights (groups of 16-64) are always scored in
-    full. The early stop (``patience``) sees the same improvements either way."""
+    full; where the bound settles almost nothing for ``PRUNE_PATIENCE`` candidates in a row (INT4:
+    rounding error dominates) the rest of the search scores every entry without computing it.
+    The early stop (``patience``) sees the same improvements either way."""
     imatrix = args.observer == "imatrix_mse"
     opts = {**(IMATRIX_DEFAULTS if imatrix else MSE_DEFAULTS), **(args.observer_kwargs or {})}
     grid, norm, patience = float(opts["grid"]), float(opts["norm"]), int(opts["patience"])
@@ -346,19 +351,27 @@ def _mse_search(w, args, dtype, lo, hi, global_scale, importance=None, *, prune=
     s0, z0 = qparams_from_range(lo, hi, args, dtype, global_scale=global_scale)
     best_s, best_z = s0.reshape(-1).clone(), None if z0 is None else z0.reshape(-1).clone()
     best_err = torch.full((flat.shape[0],), float("inf"), device=w.device)
-    stale = 0
+    stale = unsettled = 0
     for i in range(candidates):
         p = 1 - i / grid
         scale, zp = qparams_from_range(lo * p, hi * p, args, dtype, global_scale=global_scale)
         scale = scale.reshape(-1)
         zp = None if zp is None else zp.reshape(-1)
+        rows = None
         if pruning and i > 0:
             bound = errors(top_w, scale, zp, top_weights)
             rows = torch.nonzero(bound * (1 - 1e-6) < best_err).flatten()
+            if rows.numel() > PRUNE_KEEP * flat.shape[0]:  # hardly any entry settled: no copies, all scored
+                rows, unsettled = None, unsettled + 1
+                # INT4: rounding error dominates, the bound never settles an entry; stop paying for it
+                pruning = unsettled < PRUNE_PATIENCE
+            else:
+                unsettled = 0
+        if rows is None:
+            err = errors(flat, scale, zp, flat_weights)  # every entry, no copies
+        else:
             err = errors(flat[rows], scale[rows], None if zp is None else zp[rows],
                          None if flat_weights is None else flat_weights[rows]) if rows.numel() else None
-        else:
-            rows, err = None, errors(flat, scale, zp, flat_weights)  # every entry, no copies
         improved = False
         if err is not None:
             better = err < (best_err if rows is None else best_err[rows])
