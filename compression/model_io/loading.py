@@ -18,7 +18,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -289,6 +289,30 @@ CONFIG_CACHE_ENV = "COMPRESSOR_CONFIG_CACHE_DIR"
 _DEMO_CONFIG_LOCK = threading.Lock()
 
 
+def _demo_cache(kind: str) -> Path | None:
+    """Where the demo model's ``kind`` ("config.json", "tokenizer", "weights") is cached, keyed by the GGUF
+    file's fingerprint; None without $COMPRESSOR_CONFIG_CACHE_DIR."""
+    root = os.environ.get(CONFIG_CACHE_ENV)
+    if not root:
+        return None
+    stem, _, ext = kind.partition(".")
+    return Path(root) / f"demo-{stem}-{_fingerprint(demo_model_dir() / DEMO_GGUF)}{'.' + ext if ext else ''}"
+
+
+def _publish(cache: Path, write: Callable[[Path], None], what: str) -> None:
+    """Write a cache directory through ``write(tmp)`` and rename it into place (another process sees all the
+    files or none); a failure, or another process's copy already there, leaves no temporary folder."""
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(cache)
+    except (OSError, ValueError) as exc:  # no space, or another process put its copy there first
+        if not cache.is_dir():
+            log.warning("could not cache the demo %s in %s: %s", what, cache, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _demo_config():
     """The demo model's config, read by one thread at a time: a submission arriving while the
     start-up warm-up still parses the GGUF waits for it instead of parsing it a second time."""
@@ -303,9 +327,8 @@ def _demo_config_once():
     fingerprint, which later processes (each web worker) read in milliseconds."""
     from transformers import AutoConfig
 
-    cache = None
-    if os.environ.get(CONFIG_CACHE_ENV):
-        cache = Path(os.environ[CONFIG_CACHE_ENV]) / f"demo-config-{_fingerprint(demo_model_dir() / DEMO_GGUF)}.json"
+    cache = _demo_cache("config.json")
+    if cache is not None:
         try:
             data = json.loads(cache.read_text(encoding="utf-8"))
             return AutoConfig.for_model(data.pop("model_type"), **data)
@@ -354,23 +377,15 @@ def load_tokenizer(source: str, *, allowed_roots: Sequence[str | os.PathLike] = 
 def _demo_tokenizer():
     from transformers import AutoTokenizer
 
-    cache = None
-    if os.environ.get(CONFIG_CACHE_ENV):
-        cache = Path(os.environ[CONFIG_CACHE_ENV]) / f"demo-tokenizer-{_fingerprint(demo_model_dir() / DEMO_GGUF)}"
-        if (cache / "tokenizer.json").is_file():
-            try:
-                return AutoTokenizer.from_pretrained(cache)
-            except (OSError, ValueError):
-                pass  # a damaged copy: parse the GGUF again
+    cache = _demo_cache("tokenizer")
+    if cache is not None and (cache / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except (OSError, ValueError):
+            pass  # a damaged copy: parse the GGUF again
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF)
     if cache is not None:
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        try:
-            tokenizer.save_pretrained(tmp)
-            tmp.replace(cache)  # atomic: another process sees all the files or none
-        except OSError as exc:
-            log.warning("could not cache the demo tokenizer in %s: %s", cache, exc)
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(cache, tokenizer.save_pretrained, "tokenizer")
     return tokenizer
 
 
@@ -387,27 +402,17 @@ def _demo_model(dtype: torch.dtype):
         model.config._name_or_path = str(demo_model_dir())  # as if read from the GGUF file's folder
         return model
 
-    cache = None
-    if os.environ.get(CONFIG_CACHE_ENV):
-        cache = Path(os.environ[CONFIG_CACHE_ENV]) / f"demo-weights-{_fingerprint(demo_model_dir() / DEMO_GGUF)}"
-        if (cache / "model.safetensors").is_file():
-            try:
-                return cached(cache)
-            except Exception as exc:  # noqa: BLE001 - any damage (safetensors raises its own errors): rebuild
-                log.warning("the cached demo weights in %s are unreadable (%s); reading the GGUF file", cache, exc)
-                shutil.rmtree(cache, ignore_errors=True)  # written again below
+    cache = _demo_cache("weights")
     if cache is None:
         return AutoModelForCausalLM.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF, dtype=dtype)
+    if (cache / "model.safetensors").is_file():
+        try:
+            return cached(cache)
+        except Exception as exc:  # noqa: BLE001 - any damage (safetensors raises its own errors): rebuild
+            log.warning("the cached demo weights in %s are unreadable (%s); reading the GGUF file", cache, exc)
+            shutil.rmtree(cache, ignore_errors=True)  # written again below
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), gguf_file=DEMO_GGUF, dtype=torch.float32)
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    try:
-        _save_plain_checkpoint(model, tmp)
-        tmp.replace(cache)  # atomic: another process sees all the files or none
-    except (OSError, ValueError) as exc:  # no space, or another process put its copy there first
-        if not (cache / "model.safetensors").is_file():
-            log.warning("could not cache the demo weights in %s: %s", cache, exc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _publish(cache, lambda tmp: _save_plain_checkpoint(model, tmp), "weights")
     try:  # the cached copy, so that a job sees the same model whether or not the cache was warm
         return cached(cache)
     except Exception:  # noqa: BLE001 - the cache could not be written or read back: the GGUF model itself
