@@ -133,6 +133,8 @@ def creation_steps(recipe, calibration_spec: dict, report=None, *, finetuned=Non
                          + f") on {dataset_label or f.dataset}: {f.total_steps} steps of "
                          f"{f.batch_size} × {f.seq_len} tokens × {f.grad_accum} accumulation = "
                          f"{f.total_steps * f.tokens_per_step:,} tokens{done}, lr {f.lr:g}, {held} mask held.")
+        elif m.transforms:
+            steps.append(_smoothing_step(m, report, calib))
         elif m.quantizes:
             from compression.recipe import Recipe, Stage
 
@@ -144,6 +146,30 @@ def creation_steps(recipe, calibration_spec: dict, report=None, *, finetuned=Non
                          + (", pruned weights kept at zero." if any(x.prunes
                                                                  for x in recipe.modifiers) else "."))
     return steps
+
+
+def _smoothing_step(m, report, calib: str) -> str:
+    """The card's sentence for an AWQ / SmoothQuant modifier: how many mappings it folded, and which of its
+    default mappings it left out (a post-norm block, a norm without weights, a fold that would change the
+    layer) -- or that it applied to no module, so that a no-op is never silent."""
+    what = ("AWQ (activation-aware scales, grid search)" if m.kind == "AWQModifier" else
+            "logarithmic activation equalization" if getattr(m, "algorithm", None) == "log_equalization" else
+            f"SmoothQuant (strength {m.smoothing_strength:g})")
+    entries = [e for e in (getattr(report, "smoothing", None) or []) if e.get("modifier") == m.kind]
+    applied = [e for e in entries if "skipped" not in e]
+    skipped = [e for e in entries if "skipped" in e]
+    layers = len({e["layer"] for e in applied})
+    left = ""
+    if skipped:
+        kinds = sorted({e["smooth_layer"].rsplit(".", 1)[-1] for e in skipped})
+        left = (f" {len(skipped)} default mapping(s) from {', '.join(kinds)} were left out: "
+                f"{skipped[0]['skipped'].split(': ')[-1] if ': ' in skipped[0]['skipped'] else skipped[0]['skipped']}.")
+    if report is not None and not applied:
+        return (f"Smoothing: {what} applied to no module -- its mappings matched nothing it could fold into in "
+                f"this model{'' if m.mappings is None else ' (the recipe gave its own mappings)'}; the "
+                f"quantization below ran on the unsmoothed weights.{left}")
+    count = f" on {len(applied)} mappings in {layers} decoder layers" if report is not None else ""
+    return f"Smoothing: {what}{count}, calibrated on {calib}.{left}"
 
 
 def _copy_model(model):

@@ -36,6 +36,7 @@ Estimates (rough, for planning only):
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,8 +44,10 @@ import torch
 
 from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
-from compression.model_io.moe import CheckpointNames, check_fused_experts, is_fused_experts, is_router
-from compression.recipe import FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, pattern_matches
+from compression.model_io.moe import (CheckpointNames, check_fused_experts, in_router, is_fused_experts,
+                                      router_weight_names, transposed_layout)
+from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any,
+                                outside_decoder_message, pattern_matches)
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
 MAX_LAYERS = 4096
@@ -80,6 +83,14 @@ class LinearSlot:
     local: str
     out_features: int
     in_features: int
+    path: str = ""  # the module path in the transformers model, where it differs from ``name``
+
+    head: bool = False  # the output head: it also answers to "lm_head" wherever it sits
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        found = (self.name, self.path) if self.path and self.path != self.name else (self.name,)
+        return found + ("lm_head",) if self.head and "lm_head" not in found else found
 
 
 @dataclass
@@ -117,7 +128,7 @@ def _as_config(model_config: Any) -> Any:
 
 def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> ModelLayout:
     """Build the model on the meta device and list what the engine would walk (see module doc)."""
-    from transformers import AutoModelForCausalLM
+    from compression.model_io.loading import auto_model_class
 
     config = _as_config(model_config)
     n_layers = int(_cfg(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers") or 0)
@@ -125,7 +136,7 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         raise RecipeError("model", f"the config's num_hidden_layers ({n_layers}) is outside 1..{MAX_LAYERS}")
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
         kind = getattr(config, "model_type", type(config).__name__)
         raise RecipeError("model", f"transformers cannot build a causal LM from this config (model_type "
@@ -140,14 +151,14 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         experts = 0
         for index, layer in enumerate(layers):
             base = f"{prefix}.{index}"
+            router_weights = set(router_weight_names(layer))
             for local, module in layer.named_modules():
-                parent_name, _, attr = local.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                if is_router(parent, attr):
-                    routers.append(names.checkpoint(f"{base}.{local}"))
+                if in_router(layer, local):  # a router, or the Linear that holds its weight, stays 16-bit
+                    if local in router_weights:
+                        routers.append(names.checkpoint(f"{base}.{local}"))
                 elif isinstance(module, torch.nn.Linear):
                     slots.append(LinearSlot(names.checkpoint(f"{base}.{local}"), index, local,
-                                            module.out_features, module.in_features))
+                                            module.out_features, module.in_features, f"{base}.{local}"))
                 elif is_fused_experts(module):
                     check_fused_experts(f"{base}.{local}", module)
                     slots.extend(_expert_slots(module, base, local, index, names))
@@ -156,12 +167,15 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         raise RecipeError("model", str(exc)) from exc
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.startswith(prefix + "."):
-            slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features))
+            slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features,
+                                    name))
     params = sum(p.numel() for p in model.parameters())
     embeddings = [names.checkpoint(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     from compression.sequential import output_head
 
     head = output_head(model, prefix)
+    slots = [dataclasses.replace(s, head=True) if head is not None and s.layer is None and s.path == head else s
+             for s in slots]
     return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts,
                        [sum(p.numel() for p in layer.parameters()) for layer in layers],
                        type(layers[0]).__name__ if len(layers) else "", embeddings,
@@ -172,7 +186,7 @@ def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
                   names: CheckpointNames) -> list[LinearSlot]:
     e_count, *_ = module.down_proj.shape
     down = module.down_proj.shape[1:]
-    if getattr(module, "is_transposed", False):
+    if transposed_layout(module):
         down = down[::-1]
     hidden, inter = down  # down: [H, I]
     gate, up, down_name = names.projections
@@ -180,7 +194,7 @@ def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
     for e in range(e_count):
         for proj, (o, i) in ((gate, (inter, hidden)), (up, (inter, hidden)), (down_name, (hidden, inter))):
             path = f"{local}.{e}.{proj}"
-            out.append(LinearSlot(names.checkpoint(f"{base}.{path}"), index, path, o, i))
+            out.append(LinearSlot(names.checkpoint(f"{base}.{path}"), index, path, o, i, f"{base}.{path}"))
     return out
 
 
@@ -206,17 +220,20 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     for slot in layout.linears:
         if slot.layer is not None:
             layer_params[slot.layer] = layer_params.get(slot.layer, 0) + slot.out_features * slot.in_features
-    matcher = _NameMatcher([s.name for s in layout.linears])
+    matcher = _NameMatcher(list(dict.fromkeys(n for s in layout.linears for n in s.names)))
     containers = _NameMatcher(sorted({s.name.rsplit(".", k)[0] for s in layout.linears
                                       for k in range(1, s.name.count(".") + 1)}))
     for path, m in _modifiers(recipe):
         hits = [s for s in layout.linears
-                if (matcher.any(m.targets, s.name) or (m.prunes and _in_target(containers, m.targets, s, layout)))
-                and not matcher.any(m.ignore, s.name)]
+                if (matcher.any(m.targets, s.names) or (m.prunes and _in_target(containers, m.targets, s, layout)))
+                and not matcher.any(m.ignore, s.names)]
         outside = [s for s in hits if s.layer is None and s.name != layout.head]
-        if outside:
-            raise RecipeError(f"{path}.ignore", f"{outside[0].name} lies outside the decoder layers and cannot "
-                              f"be compressed; add {outside[0].name!r} to ignore")
+        if outside and recipe.preset is not None:  # a preset compresses the language model's decoder layers
+            hits = [s for s in hits if s not in outside]
+        elif outside:
+            inside = next((s for s in layout.linears if s.layer is not None), None)
+            prefix = inside.name.split(f".{inside.layer}.")[0] if inside is not None else ""
+            raise RecipeError(f"{path}.ignore", outside_decoder_message(outside[0].name, prefix))
         if not hits:
             examples = ", ".join(example_names([s.name for s in layout.linears if s.layer is not None]))
             raise RecipeError(f"{path}.targets", f"{m.targets} (ignoring {m.ignore}) matches no Linear of the "
@@ -226,7 +243,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
             if every and s.in_features % every:
                 raise RecipeError("recipe.mask_structure", f"{m.mask_structure} sparsity needs input widths "
                                   f"divisible by {every}; {s.local} has {s.in_features}")
-            group = next((g for g in m.config_groups.values() if matcher.any(g.targets, s.name)), None) \
+            group = next((g for g in m.config_groups.values() if matcher.any(g.targets, s.names)), None) \
                 if m.quantizes else None
             if group is not None and group.weights is not None and group.weights.strategy == "group" \
                     and s.in_features % group.weights.group_size:
@@ -384,12 +401,13 @@ class _NameMatcher:
                 self.cache[pattern] = {n for n in self.names if pattern_matches(pattern, n)}
         return self.cache[pattern]
 
-    def any(self, patterns: list[str], name: str) -> bool:
+    def any(self, patterns: list[str], names: str | tuple[str, ...]) -> bool:
+        names = (names,) if isinstance(names, str) else names
         for pattern in patterns:
             if pattern.startswith("re:"):
-                if name in self.matching(pattern[3:]):
+                if any(n in self.matching(pattern[3:]) for n in names):
                     return True
-            elif pattern in (name, "Linear"):
+            elif pattern == "Linear" or pattern in names:
                 return True
         return False
 
@@ -461,6 +479,10 @@ def _check_kv_cache(model_config: Any, recipe: Recipe) -> None:
     text = getattr(config, "get_text_config", lambda: config)()
     model_type = str(_cfg(text, "model_type", "") or _cfg(config, "model_type", "") or "")
     no_cache = model_type in ("mamba", "mamba2", "falcon_mamba", "rwkv", "bert", "roberta", "t5encoder")
+    layer_types = _cfg(text, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and layer_types and not any(
+            "attention" in str(t) and "linear" not in str(t) for t in layer_types):
+        no_cache = True  # a hybrid config whose layers are all linear attention / state space
     if no_cache or _cfg(text, "use_cache", True) is False or not _cfg(text, "num_attention_heads"):
         raise RecipeError("recipe.kv_cache_scheme", f"this model ({model_type or 'unknown type'}) has no attention "
                           "KV cache to quantize; remove kv_cache_scheme")

@@ -329,15 +329,52 @@ class Stage:
     modifiers: list[Modifier]
 
 
-def matches_any(patterns: list[str], name: str, class_name: str) -> bool:
-    """compressed-tensors target matching: a class name, an exact module name, or ``re:<regex>``."""
+def matches_any(patterns: list[str], name: str | tuple[str, ...], class_name: str | tuple[str, ...]) -> bool:
+    """compressed-tensors target matching: a class name (``class_name``: one, or every class a module is
+    an instance of, :func:`class_names`), an exact module name, or ``re:<regex>``. ``name``: the module's
+    checkpoint name, or (checkpoint name, module path) where the two differ (:func:`module_names`)."""
+    classes = (class_name,) if isinstance(class_name, str) else class_name
+    names = (name,) if isinstance(name, str) else name
     for pattern in patterns:
         if pattern.startswith("re:"):
-            if pattern_matches(pattern[3:], name):
+            if any(pattern_matches(pattern[3:], n) for n in names):
                 return True
-        elif pattern in (name, class_name):
+        elif pattern in names or pattern in classes:
             return True
     return False
+
+
+def module_names(checkpoint_name: str, module_path: str) -> str | tuple[str, ...]:
+    """What recipe patterns are matched against: the checkpoint name (what vLLM and our export use) and,
+    where it differs, the module path in the loaded transformers model (what llm-compressor matches: a
+    multimodal model's ``model.language_model.layers.0...`` and ``lm_head`` against its checkpoint's
+    ``language_model.model.layers.0...`` and ``language_model.lm_head``)."""
+    return checkpoint_name if module_path == checkpoint_name else (checkpoint_name, module_path)
+
+
+def outside_decoder_message(name: str, decoder_prefix: str) -> str:
+    """The refusal for a targeted Linear outside the decoder layers, with the ``ignore`` entry that leaves out
+    its whole container (a vision tower, a projector) rather than that one Linear."""
+    parts, ours = name.split("."), decoder_prefix.split(".")
+    common = 0
+    while common < len(parts) - 1 and common < len(ours) and parts[common] == ours[common]:
+        common += 1
+    container = ".".join(parts[:common + 1])
+    hint = name if container == name else f"re:{container}.*"
+    return (f"{name} lies outside the decoder layers and cannot be compressed; add {hint!r} to ignore "
+            "(the presets leave out everything outside the language model's decoder layers)")
+
+
+def class_names(module: Any) -> tuple[str, ...]:
+    """The names of every module class ``module`` is an instance of, most derived first: as in
+    compressed-tensors, ``Linear`` matches a subclass of ``nn.Linear`` (Falcon's ``FalconLinear``) and vLLM's
+    ``LinearBase``."""
+    import torch
+
+    names = [c.__name__ for c in type(module).__mro__ if isinstance(c, type) and issubclass(c, torch.nn.Module)]
+    if "LinearBase" in names and "Linear" not in names:
+        names.append("Linear")
+    return tuple(names)
 
 
 # -- bounded pattern matching ---------------------------------------------------------------------

@@ -35,13 +35,15 @@ import torch
 from compression.errors import CalibrationError, JobCancelled, RecipeError, SparsityPatternError
 from compression.algorithms.gptq import (HessianAccumulator, QuantResult, cpu_has_native, disable_tf32, gptq_quantize,
                                        quadratic_loss, quantize_weight)
-from compression.model_io.moe import (CheckpointNames, is_fused_experts, is_router, per_expert_modules, router_names,
-                                      unfuse_experts)
+from compression.model_io.moe import (CheckpointNames, in_router, is_fused_experts, per_expert_modules, router_names,
+                                      router_weight_names, unfuse_experts)
 from compression.algorithms.quant import (QuantArgs, fake_quantize_activation, fp4_global_scale, qparams_from_range,
                                          usable_importance)
 from compression.algorithms.reconstruction import ReconstructionSettings, layer_outputs, reconstruct_layer
 from compression.algorithms.autoround import AutoRoundSettings, autoround_layer
-from compression.recipe import FINETUNE, Modifier, Recipe, SchemeGroup, matches_any
+from compression.recipe import (FINETUNE, Modifier, Recipe, SchemeGroup, class_names, matches_any, module_names,
+                                outside_decoder_message)
+from compression.algorithms.kvcache import cache_parameter as kv_cache_parameter
 from compression.algorithms.sparsegpt import magnitude_prune, sparsegpt_prune, wanda_prune
 from compression.algorithms.awq import clip_quantize
 from compression.model_io.streaming import map_large_blocks, release_heap
@@ -206,8 +208,7 @@ def _linears(root: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
     for local, module in root.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
-        parent_name, _, attr = local.rpartition(".")
-        if is_router(root.get_submodule(parent_name) if parent_name else root, attr):
+        if in_router(root, local):
             continue
         yield local, module
 
@@ -228,15 +229,22 @@ def ancestors(root: torch.nn.Module, path: str, name: str) -> tuple[tuple[str, s
     return tuple(out)
 
 
-def _steps(recipe: Recipe, name: str, cls: str, parents: tuple = ()) -> list[tuple[str, Modifier, SchemeGroup | None]]:
+def _steps(recipe: Recipe, name: str, cls: str, parents: tuple = (), path: str | None = None, head: bool = False
+           ) -> list[tuple[str, Modifier, SchemeGroup | None]]:
+    """The modifiers that act on the Linear ``name`` (its checkpoint name; ``path``: its module path, matched
+    too where it differs), in recipe order, with the config group each quantizer applies. The output head
+    (``head``) also answers to ``lm_head`` wherever it sits (Llama 4's ``language_model.lm_head``)."""
+    matched = name if path is None else module_names(name, path)
+    if head:
+        matched = tuple(dict.fromkeys(((matched,) if isinstance(matched, str) else matched) + ("lm_head",)))
     steps = []
     for i, stage in enumerate(recipe.stages):
         for j, m in enumerate(stage.modifiers):
             if m.transforms:
                 continue  # AWQ / SmoothQuant act on whole layers (compression.algorithms.smoothing)
-            if not m.matches(name, cls, parents):
+            if not m.matches(matched, cls, parents):
                 continue
-            group = m.scheme_for(name, cls) if m.quantizes else None
+            group = m.scheme_for(matched, cls) if m.quantizes else None
             if m.quantizes and (group is None or group.weights is None):
                 continue  # no config group, or an UNQUANTIZED one: the module stays 16-bit
             steps.append((f"stages[{i}].modifiers[{j}]", m, group))
@@ -258,7 +266,7 @@ def _plan_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, names: Chec
     for local, module in _linears(layer):
         name = names.checkpoint(f"{prefix}.{local}")
         parents = ancestors(root, f"{prefix}.{local}", name) if root is not None else ()
-        steps = _steps(recipe, name, type(module).__name__, parents)
+        steps = _steps(recipe, name, class_names(module), parents, path=f"{prefix}.{local}")
         if steps:
             plan = _Plan(name, local, module, steps)
             for _, m, group in steps:
@@ -278,16 +286,20 @@ def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Ch
     targeted = 0
     head = output_head(model, prefix)
     for name, module in _linears(model):
-        cname, cls = names.checkpoint(name), type(module).__name__
+        cname, cls = names.checkpoint(name), class_names(module)
         inside = name.startswith(prefix + ".") or name == head
         parents = ancestors(model, name, cname)
         hit = False
         for k, m in enumerate(recipe.modifiers):
-            if m.matches(cname, cls, parents):
+            aliases = module_names(cname, name)
+            if name == head:
+                aliases = tuple(dict.fromkeys(((aliases,) if isinstance(aliases, str) else aliases) + ("lm_head",)))
+            if m.matches(aliases, cls, parents):
+                if not inside and recipe.preset is not None:
+                    continue  # a preset compresses the language model's decoder layers (not a vision tower)
                 if not inside:
                     raise RecipeError(f"{_modifier_path(recipe, k)}.ignore",
-                                      f"{cname} lies outside the decoder layers and cannot be compressed; "
-                                      f"add {cname!r} to ignore")
+                                      outside_decoder_message(cname, names.checkpoint(prefix)))
                 _check_shapes(recipe, k, m, cname, cls, module)
                 matched[k] += 1
                 hit = True
@@ -336,7 +348,7 @@ def _head_plans(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Chec
         return []
     module = model.get_submodule(head)
     name = names.checkpoint(head)
-    steps = _steps(recipe, name, type(module).__name__, ancestors(model, head, name))
+    steps = _steps(recipe, name, class_names(module), ancestors(model, head, name), path=head, head=True)
     return [_Plan(name, head, module, steps)] if steps else []
 
 
@@ -481,7 +493,7 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
         raise CalibrationError("this recipe needs calibration samples (GPTQ, pruning, AWQ/SmoothQuant, static "
                                "activation scales, KV-cache scales or the imatrix_mse observer)")
     report = CompressionReport(layers=len(layers), samples=len(calibration),
-                               routers=[names.checkpoint(r) for r in router_names(model)],
+                               routers=[names.checkpoint(r) for r in router_weight_names(model)],
                                calibrate_all_experts=calibrate_all_experts)
     emit = progress or (lambda event: None)
     home = next(model.parameters()).device
@@ -531,6 +543,8 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
 
                 smooth_layer(recipe, f"{prefix}.{index}", layer, inputs, report, emit, index, len(layers))
             kv = _KVRecorder(recipe.kv_cache, f"{prefix}.{index}", layer) if recipe.kv_cache is not None else None
+            if kv is not None and kv.attention is None and _other_mixer(layer):
+                kv = None  # a hybrid model's linear-attention / state-space layer: it keeps no K/V to quantize
             stats = _collect_statistics(layer, index, plans, inputs, kv=kv)
             if kv is not None and inputs:
                 layer_kv = kv.scales()
@@ -588,6 +602,9 @@ def compress_model(model: torch.nn.Module, recipe: Recipe, calibration: list[dic
                 raise JobCancelled(f"cancelled after layer {index + 1}/{len(layers)}")
         if head_plans:
             _compress_head(model, prefix, head_plans, inputs, report, emit, len(layers), device, wide, home, storage)
+        if recipe.kv_cache is not None and inputs and not report.kv_scales:
+            raise RecipeError("kv_cache_scheme", f"no decoder layer of {type(model).__name__} has an attention KV "
+                              "cache to quantize; remove kv_cache_scheme")
     finally:
         for m in experts:
             m.calibrate_all_experts = False
@@ -640,7 +657,7 @@ def _listed_sparsities(model: torch.nn.Module, recipe: Recipe, prefix: str,
         if not m.prunes or m.sparsity_list is None:
             continue
         found = [names.checkpoint(n) for n, mod in model.named_modules()
-                 if n and matches_any(m.targets, names.checkpoint(n), type(mod).__name__)]
+                 if n and matches_any(m.targets, names.checkpoint(n), class_names(mod))]
         if len(found) != len(m.sparsity_list):
             raise RecipeError(f"{_modifier_path(recipe, k)}.sparsity",
                               f"{len(m.sparsity_list)} sparsities for {len(found)} modules matched by targets "
@@ -764,6 +781,12 @@ def _expert_fallbacks(layer: torch.nn.Module, plans: list[_Plan], stats: dict[st
         experts.reset_counts()
 
 
+def _other_mixer(layer: torch.nn.Module) -> bool:
+    """Whether a decoder layer mixes tokens with something other than attention (Qwen3-Next's
+    ``linear_attn``, Jamba's ``mamba``): hybrid models interleave such layers with attention layers."""
+    return any(n.split(".")[-1] in ("linear_attn", "mamba", "mixer", "conv", "ssm") for n, _ in layer.named_modules())
+
+
 class _KVRecorder:
     """A stand-in for the layer's KV cache during the statistics pass: the attention hands it the
     key/value states (after RoPE, as vLLM caches them) and it records their absmax."""
@@ -772,7 +795,7 @@ class _KVRecorder:
         self.args, self.prefix = kv_args, prefix
         self.key_absmax = self.value_absmax = None
         self.attention = next((n for n, m in layer.named_modules() if n.split(".")[-1] in (
-            "self_attn", "attention", "attn")), None)
+            "self_attn", "attention", "attn", "self_attention")), None)
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
         # [batch, kv heads, tokens, head dim]: one absmax per tensor, or per KV head ("attn_head")
@@ -886,7 +909,7 @@ def _collect_statistics(layer: torch.nn.Module, index: int, plans: list[_Plan],
             call_inputs.clear()
             return None
     try:
-        inputs.forward(run, index, extra=None if kv is None else {"past_key_values": kv}, keep=False)
+        inputs.forward(run, index, extra=None if kv is None else {kv_cache_parameter(layer): kv}, keep=False)
     finally:
         for h in handles:
             h.remove()

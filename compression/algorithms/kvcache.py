@@ -31,11 +31,25 @@ class FP8KVCache:
             return key_states, value_states
         return self.inner.update(key_states, value_states, *args, **kwargs)
 
+    def get_seq_length(self, *args, **kwargs) -> int:
+        inner = self.__dict__.get("inner")
+        return 0 if inner is None else inner.get_seq_length(*args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         inner = self.__dict__.get("inner")
         if inner is None:
             raise AttributeError(name)
         return getattr(inner, name)
+
+
+def cache_parameter(module: torch.nn.Module) -> str:
+    """The name under which a decoder layer or its attention takes the KV cache: ``past_key_values``
+    (transformers 5), or ``layer_past`` / ``past_key_value`` in older families (Falcon, GPT-J, MPT)."""
+    import inspect
+
+    parameters = inspect.signature(module.forward).parameters
+    return next((p for p in ("past_key_values", "past_key_value", "layer_past") if p in parameters),
+                "past_key_values")
 
 
 def attach_kv_quant(attention: torch.nn.Module, k_scale: torch.Tensor, v_scale: torch.Tensor):
@@ -44,8 +58,10 @@ def attach_kv_quant(attention: torch.nn.Module, k_scale: torch.Tensor, v_scale: 
     k_scale, v_scale = (s.detach().float().reshape(1) if s.numel() == 1 else s.detach().float().reshape(-1, 1, 1)
                         for s in (k_scale, v_scale))
 
+    key = cache_parameter(attention)
+
     def hook(module, args, kwargs):
-        kwargs["past_key_values"] = FP8KVCache(k_scale, v_scale, kwargs.get("past_key_values"))
+        kwargs[key] = FP8KVCache(k_scale, v_scale, kwargs.get(key))
         return args, kwargs
 
     return attention.register_forward_pre_hook(hook, with_kwargs=True)

@@ -17,6 +17,7 @@ the tokens only (the parent's calls are replayed with their token masks).
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Any
@@ -28,7 +29,9 @@ from compression.algorithms import smoothquant as sq_lib
 from compression.errors import RecipeError
 from compression.model_io.moe import PerExpertLinears, router_names
 from compression.model_io.walk import LayerInputs, masking, token_mask, valid_rows
-from compression.recipe import Modifier, Recipe, matches_any
+from compression.recipe import Modifier, Recipe, class_names, matches_any
+
+log = logging.getLogger(__name__)
 
 
 def _named(layer: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
@@ -137,8 +140,13 @@ def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str)
                                   f"together in {prefix} ({', '.join(n for n, _ in smooth[:3])}); it must match "
                                   "one per set of balance layers")
             s_name, s_mod = smooth[0]
-            if modifier.ignore and matches_any(modifier.ignore, s_name, type(s_mod).__name__):
+            if modifier.ignore and matches_any(modifier.ignore, s_name, class_names(s_mod)):
                 continue
+            if not isinstance(getattr(s_mod, "weight", None), torch.Tensor):
+                if modifier.mappings is not None:
+                    raise RecipeError(f"{path}.mappings", f"{s_name} ({type(s_mod).__name__}) has no weight to fold "
+                                      "smoothing scales into; map a norm or Linear that has one")
+                continue  # a default mapping onto a norm without parameters (OLMo's LayerNorm): left out
             channels = s_mod.weight.shape[0]
             if any(_in_features(m) != channels for _, m in balance):
                 if modifier.mappings is not None and not s_name.endswith(("v_proj", "qkv_proj")):
@@ -148,6 +156,12 @@ def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str)
             resolved.append({"smooth": (s_name, s_mod), "balance": balance,
                              "parent": _parent(layer, prefix, [n for n, _ in balance])})
     return resolved
+
+
+class _DoesNotFeed(Exception):
+    """A default mapping whose norm's output is not what its balance layers read (Olmo 2/3 and EXAONE 4
+    normalise after attention and after the MLP, so no norm precedes q/k/v or gate/up): left out, as
+    llm-compressor's own mappings for those families leave it out."""
 
 
 def _complete_readers(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str, mapping: dict,
@@ -162,6 +176,8 @@ def _complete_readers(modifier: Modifier, prefix: str, layer: torch.nn.Module, p
     first_name, first = mapping["balance"][0]
     readers = readers | _expert_readers(layer, readers)
     if id(first) not in readers and ".experts." not in first_name:
+        if modifier.mappings is None:  # a default that this family's layer does not fit (a post-norm block)
+            raise _DoesNotFeed(f"{s_name} does not feed {first_name} in {type(layer).__name__}")
         raise RecipeError(f"{path}.mappings", f"{s_name} does not feed {first_name} in {type(layer).__name__} "
                           "(its output is not that layer's input): scaling it would change the model; map the norm "
                           "whose output the balance layers read")
@@ -183,7 +199,8 @@ def _expert_readers(layer: torch.nn.Module, readers: set[int]) -> set[int]:
     """The experts' input projections (gate and up of every expert) of each MoE block whose router reads
     the norm's output: an expert sees only the tokens routed to it, so :func:`_capture` cannot see it
     reading the norm, but the block passes every expert the same hidden states its router reads."""
-    feeding = {path.rpartition(".")[0] for path in router_names(layer) if id(layer.get_submodule(path)) in readers}
+    feeding = {path.rpartition(".")[0] for path in router_names(layer)  # the router, or its Linear (gate.wg)
+               if any(id(m) in readers for m in layer.get_submodule(path).modules())}
     found: set[int] = set()
     for name, block in layer.named_modules():
         if isinstance(block, PerExpertLinears) and name.rpartition(".")[0] in feeding:
@@ -202,7 +219,7 @@ def _check_not_quantized_before(recipe: Recipe, position: int, path: str, mappin
         if not q.quantizes:
             continue
         for name, module in rescaled:
-            cls = type(module).__name__
+            cls = class_names(module)
             group = q.scheme_for(name, cls) if q.matches(name, cls) else None
             if group is not None and group.weights is not None:
                 raise RecipeError(f"{path}.mappings", f"{name} is quantized by an earlier modifier ({q.kind}) "
@@ -228,7 +245,7 @@ def _parent(layer: torch.nn.Module, prefix: str, names: list[str]) -> tuple[str,
 
 def _scheme_for(recipe: Recipe, name: str, module: torch.nn.Module):
     """The weight scheme the first quantizing modifier will apply to ``name`` (None if not targeted)."""
-    cls = type(module).__name__
+    cls = class_names(module)
     for m in recipe.modifiers:
         if not m.quantizes or not m.config_groups:
             continue
@@ -314,6 +331,55 @@ def _replay(parent: torch.nn.Module, calls: list) -> list[torch.Tensor]:
     return outs
 
 
+class _Probed(Exception):
+    """Stops a calibration pass after its first call (:func:`_probe`)."""
+
+
+def _probe(layer: torch.nn.Module, inputs: LayerInputs, index: int) -> torch.Tensor:
+    """The layer's output on its first calibration call."""
+    outs: list[torch.Tensor] = []
+
+    def run(*args, **kwargs):
+        outs.append(_first(layer(*args, **kwargs)).detach().float().clone())
+        raise _Probed
+
+    try:
+        inputs.forward(run, index, keep=False)
+    except _Probed:
+        pass
+    return outs[0]
+
+
+def _fold_drift(layer: torch.nn.Module, inputs: LayerInputs, index: int, smooth: torch.nn.Module,
+                balance: list[torch.nn.Module]) -> float:
+    """How far folding test scales (0.5 … 2 per channel) into ``smooth`` and its balance layers moves the
+    layer's output on one calibration call, relative to the output's largest magnitude; the weights are
+    restored. Exact smoothing moves it by rounding only. A layer that reads the smoothed output
+    elsewhere moves: MiniMax keeps the normed hidden states as its residual, gpt-oss clamps its up
+    projection, a family's own code may do anything the readers check (:func:`_capture`) cannot see."""
+    params = [t for m in (smooth, *balance) for t in (getattr(m, "weight", None), getattr(m, "bias", None))
+              if isinstance(t, torch.Tensor)]
+    saved = [t.detach().clone() for t in params]
+    channels = smooth.weight.shape[0]
+    scales = torch.linspace(0.5, 2.0, channels)[torch.randperm(channels, generator=torch.Generator().manual_seed(0))]
+    before = _probe(layer, inputs, index)
+    try:
+        with torch.no_grad():
+            sq_lib.fold_scales(smooth, balance, scales)
+        after = _probe(layer, inputs, index)
+    finally:
+        with torch.no_grad():
+            for t, v in zip(params, saved):
+                t.copy_(v)
+    return float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
+
+
+def _fold_tolerance(layer: torch.nn.Module) -> float:
+    """Rounding's share of :func:`_fold_drift` in the layer's compute dtype."""
+    dtype = next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float32)
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
 def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: LayerInputs, report, emit,
                  index: int, layers: int) -> None:
     """Apply every AWQModifier / SmoothQuantModifier of ``recipe`` to one decoder layer, in recipe order."""
@@ -338,13 +404,31 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: La
                 norm = None if isinstance(smooth, torch.nn.Linear) else smooth
                 calls, x_mean, x_absmax, x_range, readers = _capture(layer, inputs, index, parent, balance[0],
                                                                      want_parent=awq, smooth=norm)
-                if norm is not None and _complete_readers(modifier, prefix, layer, path, mapping, readers):
+                try:
+                    extended = norm is not None and _complete_readers(modifier, prefix, layer, path, mapping, readers)
+                except _DoesNotFeed as exc:
+                    report.smoothing.append({"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
+                                             "skipped": f"{exc}: its output is not those layers' input"})
+                    log.info("%s: default mapping left out: %s", modifier.kind, exc)
+                    continue
+                if extended:
                     balance = [m for _, m in mapping["balance"]]  # the added readers come last: same statistics
                     if awq and mapping["parent"][1] is not parent:  # AWQ replays the new parent's calls
                         p_name, parent = mapping["parent"]
                         calls = _capture(layer, inputs, index, parent, balance[0], want_parent=True)[0]
+                drift = _fold_drift(layer, inputs, index, smooth, balance)
+                if drift > _fold_tolerance(layer):
+                    why = (f"folding scales into {s_name} changes {type(layer).__name__}'s output by {drift:.1%} of "
+                           "its range (the smoothed output is also read where no balance layer rescales it: a "
+                           "residual, a clamp, a gate)")
+                    if modifier.mappings is not None:
+                        raise RecipeError(f"{path}.mappings", f"{why}; remove that mapping")
+                    report.smoothing.append({"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
+                                             "skipped": why})
+                    log.info("%s: default mapping left out: %s", modifier.kind, why)
+                    continue
                 entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
-                         "balance_layers": [n for n, _ in mapping["balance"]]}
+                         "balance_layers": [n for n, _ in mapping["balance"]], "fold_drift": drift}
                 if awq:
                     schemes = [_scheme_for(recipe, n, m) for n, m in mapping["balance"]]
 

@@ -30,9 +30,33 @@ MLA_MAPPINGS = [[["re:.*(q|q_a)_proj$", "re:.*kv_a_proj_with_mqa$"], "re:.*input
 
 
 def adds_one(norm: torch.nn.Module) -> bool:
-    """Whether ``norm`` scales by (1 + weight), as Gemma's RMSNorms do (their weight starts at zero)."""
+    """Whether ``norm`` scales by (1 + weight), as the RMSNorms of Gemma, Qwen3-Next and Qwen3.5 do (their
+    weight starts at zero). Told by running it once with its weight (and bias) zeroed: a plain norm then
+    outputs zeros, a (1 + weight) norm the normalised input. A norm that cannot be called on a plain
+    tensor is told by its class name."""
+    if isinstance(norm, torch.nn.Linear):
+        return False
     name = type(norm).__name__
-    return not isinstance(norm, torch.nn.Linear) and "Gemma" in name and "Norm" in name
+    by_name = "Gemma" in name and "Norm" in name
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.is_meta:
+        return by_name
+    bias = getattr(norm, "bias", None)
+    saved = weight.data.clone(), None if bias is None else bias.data.clone()
+    probe = torch.linspace(-1.0, 1.0, weight.numel(), dtype=weight.dtype, device=weight.device).unsqueeze(0)
+    try:
+        with torch.no_grad():
+            weight.data.zero_()
+            if bias is not None:
+                bias.data.zero_()
+            out = norm(probe)
+        return bool(torch.as_tensor(out).float().abs().amax() > 0)
+    except Exception:  # noqa: BLE001 -- a norm with another call signature (a gated norm)
+        return by_name
+    finally:
+        weight.data.copy_(saved[0])
+        if bias is not None:
+            bias.data.copy_(saved[1])
 
 
 def smoothquant_scales(act_absmax: torch.Tensor, balance_weights: list[torch.Tensor], strength: float

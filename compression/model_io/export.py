@@ -29,7 +29,7 @@ import torch
 
 from compression.model_io.moe import CheckpointNames
 from compression.algorithms.quant import QuantArgs, mx_exponents, pack_fp4
-from compression.recipe import Recipe, checkpoint_format, matches_any  # noqa: F401 (checkpoint_format: re-exported)
+from compression.recipe import Recipe, checkpoint_format, class_names, matches_any  # noqa: F401 (checkpoint_format: re-exported)
 from compression.sequential import CompressionReport, ModuleRecord
 from kernels.packing import pack_int
 
@@ -82,12 +82,15 @@ def quantization_config(model: torch.nn.Module, recipe: Recipe, report: Compress
         return None
     quantized = {name for name, r in report.modules.items() if r.codes is not None or r.written}
     names = CheckpointNames.for_model(model)
-    for name, module in model.named_modules():
-        # Every Linear we did not quantize must be ignored explicitly, or loaders would expect scales.
-        name = names.checkpoint(name)
-        if isinstance(module, torch.nn.Linear) and name not in quantized and not matches_any(
-                ignore, name, type(module).__name__):
-            ignore.append(name)
+    for path, module in model.named_modules():
+        # Every Linear we did not quantize must be ignored explicitly, or loaders would expect scales: by its
+        # checkpoint name and, where that differs, by its module path in transformers (what its loader and
+        # vLLM's match, e.g. a multimodal model's model.vision_tower...)
+        name = names.checkpoint(path)
+        if isinstance(module, torch.nn.Linear) and name not in quantized:
+            for alias in dict.fromkeys((name, path)):
+                if not matches_any(ignore, alias, class_names(module)):
+                    ignore.append(alias)
     ignore.extend(r for r in report.routers if not matches_any(ignore, r, ""))  # MoE routers stay 16-bit
     top = (formats[0] if len(set(formats)) == 1 else "mixed-precision") if formats else "dense"
     if top != "mixed-precision":
@@ -123,7 +126,7 @@ def sparsity_config(model: torch.nn.Module, recipe: Recipe, report: CompressionR
         targets = ["Linear"]  # targets naming containers (decoder layers): every Linear, the others ignored
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name not in pruned and matches_any(
-                targets, name, type(module).__name__) and not matches_any(ignore, name, type(module).__name__):
+                targets, name, class_names(module)) and not matches_any(ignore, name, class_names(module)):
             ignore.append(name)
     zeros, total = parameter_counts if parameter_counts is not None else zero_counts(model.parameters())
     structure = stats["sparsity_structure"]

@@ -139,6 +139,27 @@ def check_files_inside(directory: Path, roots: Sequence[Path]) -> None:
 HUB_MODEL_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 
 
+def auto_model_class(config: Any):
+    """The transformers Auto class that builds ``config``'s model with its LM head: AutoModelForCausalLM, or,
+    for a vision-language model (Gemma 3 4B+, Llama 4, Mistral 3, Qwen2.5-VL, ...), AutoModelForImageTextToText,
+    whose language model the engine compresses (the presets leave the vision tower and projector out)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers import AutoModelForImageTextToText
+    except ImportError:  # pragma: no cover - older transformers
+        return AutoModelForCausalLM
+    if getattr(config, "auto_map", None):
+        return AutoModelForCausalLM
+    try:
+        AutoModelForImageTextToText._model_mapping[type(config)]
+    except KeyError:
+        return AutoModelForCausalLM  # a text model; or its own error names the config
+    # a vision-language config: its full model (AutoModelForCausalLM would build Llama 4's text part alone,
+    # and an export without the vision tower would not be the model the user brought)
+    return AutoModelForImageTextToText
+
+
 def hub_snapshot(repo_id: str, revision: str | None = None, *, trust_remote_code: bool = False,
                  weights: bool = True) -> Path:
     """The folder holding a Hub model's files, fetched through huggingface_hub (the Hub or its local
@@ -225,7 +246,10 @@ def load_model(source: str, *, allowed_roots: Sequence[str | os.PathLike] = (), 
                                        reader=shard_reader(resolved, Path(location)))
                 model = stream.model
             else:
-                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+                model = auto_model_class(config).from_pretrained(location, config=config, **kwargs)
             if resolved.kind == "local":
                 revision = "local"
                 fingerprint = _dir_fingerprint(Path(location))

@@ -49,8 +49,9 @@ def check_fused_experts(name: str, module: nn.Module) -> None:
     gate_up = getattr(module, "gate_up_proj", None)
     if not (isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3):
         problems.append("a 3-D gate_up_proj parameter (experts without a gated MLP)")
-    if not getattr(module, "is_concatenated", True):
-        problems.append("the concatenated [gate; up] layout (its gate and up rows are interleaved)")
+    elif transposed_layout(module) is None:
+        problems.append(f"gate_up_proj {tuple(gate_up.shape)} and down_proj {tuple(module.down_proj.shape)} "
+                        "shaped as [E, 2I, H] and [E, H, I] (or both transposed)")
     if getattr(module, "has_post_expert_norm", False):
         problems.append("no per-expert output norm")
     if not callable(getattr(module, "act_fn", None)) and not hasattr(module, "_apply_gate"):
@@ -58,6 +59,18 @@ def check_fused_experts(name: str, module: nn.Module) -> None:
     if problems:
         raise UnsupportedModelError(f"cannot split the experts of {name} ({cls}) into per-expert Linears: "
                                     f"the engine needs {'; '.join(problems)}")
+
+
+def transposed_layout(fused: nn.Module) -> bool | None:
+    """Whether the fused weights are stored transposed ([E, H, 2I] / [E, I, H], as Llama 4 and gpt-oss do)
+    rather than [E, 2I, H] / [E, H, I]; read off the shapes (``is_transposed`` is not set on every
+    family's class), None when they fit neither."""
+    gate_up, down = fused.gate_up_proj.shape, fused.down_proj.shape
+    plain = gate_up[2] == down[1] and gate_up[1] == 2 * down[2]
+    transposed = gate_up[1] == down[2] and gate_up[2] == 2 * down[1]
+    if plain and transposed:  # only when H == 2I == I: impossible for I > 0; trust the class
+        return bool(getattr(fused, "is_transposed", False))
+    return True if transposed else False if plain else None
 
 
 class ExpertMLP(nn.Module):
@@ -85,17 +98,24 @@ class PerExpertLinears(nn.Module):
         self.calibrate_all_experts = False
         self.routed_tokens = torch.zeros(self.num_experts, dtype=torch.long)  # per expert, since reset
         self.tokens = 0  # tokens that entered the block since reset
-        transposed = bool(getattr(fused, "is_transposed", False))
+        # the family's own scalars its gating reads (gpt-oss: ``alpha``, ``limit``)
+        for key, value in vars(fused).items():
+            if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
+                setattr(self, key, value)
         gate_up, down = fused.gate_up_proj, fused.down_proj
-        if transposed:  # [E, H, 2I] / [E, I, H]
+        if transposed_layout(fused):  # [E, H, 2I] / [E, I, H]
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        # gate and up rows: concatenated [gate; up] (most families) or interleaved (gpt-oss: gate even, up odd)
+        self.concatenated = bool(getattr(fused, "is_concatenated", True))
         inter = gate_up.shape[1] // 2
+        rows = ((slice(0, inter), slice(inter, None)) if self.concatenated else
+                (slice(0, None, 2), slice(1, None, 2)))
         gate_up_bias = getattr(fused, "gate_up_proj_bias", None)
         down_bias = getattr(fused, "down_proj_bias", None)
         for e in range(self.num_experts):
             linears = []
-            for weight, bias in ((gate_up[e, :inter], None if gate_up_bias is None else gate_up_bias[e, :inter]),
-                                 (gate_up[e, inter:], None if gate_up_bias is None else gate_up_bias[e, inter:]),
+            for weight, bias in ((gate_up[e, rows[0]], None if gate_up_bias is None else gate_up_bias[e, rows[0]]),
+                                 (gate_up[e, rows[1]], None if gate_up_bias is None else gate_up_bias[e, rows[1]]),
                                  (down[e], None if down_bias is None else down_bias[e])):
                 linears.append(_linear(weight, bias))
             self.add_module(str(e), ExpertMLP(names, *linears))
@@ -112,18 +132,22 @@ class PerExpertLinears(nn.Module):
         return getattr(self, str(index))
 
     def _gated(self, gate_out: torch.Tensor, up_out: torch.Tensor) -> torch.Tensor:
-        if self._apply_gate_impl is not None:
-            return self._apply_gate_impl(self, torch.cat([gate_out, up_out], dim=-1))
+        if self._apply_gate_impl is not None:  # in the fused layout the family's gating reads
+            gate_up = (torch.cat([gate_out, up_out], dim=-1) if self.concatenated else
+                       torch.stack([gate_out, up_out], dim=-1).flatten(-2))
+            return self._apply_gate_impl(self, gate_up)
         return self.act_fn(gate_out) * up_out
 
     def run_expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.expert(index).projections()
         return down(self._gated(gate(x), up(x)))
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
         from compression.model_io.walk import PaddingMismatch, token_mask
 
+        if top_k_index is None:
+            return self._forward_prerouted(hidden_states)
         if token_mask() is not None:  # compress_model never pads an MoE model's calibration batches
             raise PaddingMismatch("MoE experts cannot leave the pad positions of a padded calibration batch "
                                   "out of their token counts; run such models one sample per call")
@@ -144,6 +168,32 @@ class PerExpertLinears(nn.Module):
             weighted = expert_out * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, weighted.to(out.dtype))
         return out
+
+
+    def _forward_prerouted(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Llama 4's experts call: ``hidden_states`` is [E x T, H], expert ``e``'s block of T rows already
+        scaled by its router score (all-zero rows for the tokens not routed to it). Each expert runs on
+        its routed rows (an expert without biases maps a zero row to zero), or with
+        ``calibrate_all_experts`` on its whole block, so its hooks see every token."""
+        from compression.model_io.walk import PaddingMismatch, token_mask
+
+        if token_mask() is not None:
+            raise PaddingMismatch("MoE experts cannot leave the pad positions of a padded calibration batch "
+                                  "out of their token counts; run such models one sample per call")
+        blocks = hidden_states.reshape(self.num_experts, -1, hidden_states.shape[-1])
+        out = torch.zeros_like(blocks)
+        routed = blocks.detach().abs().amax(dim=-1) > 0  # [E, T]
+        with torch.no_grad():
+            self.routed_tokens += routed.sum(dim=1).to(self.routed_tokens.device, torch.long)
+            self.tokens += int(blocks.shape[1])
+        for e in range(self.num_experts):
+            if self.calibrate_all_experts:
+                out[e] = self.run_expert(e, blocks[e]).to(out.dtype)
+                continue
+            rows = torch.where(routed[e])[0]
+            if rows.numel():
+                out[e, rows] = self.run_expert(e, blocks[e, rows]).to(out.dtype)
+        return out.reshape(hidden_states.shape)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -183,6 +233,19 @@ def is_router(parent: nn.Module | None, attr: str) -> bool:
     return parent is not None and attr in ROUTER_NAMES and hasattr(parent, "experts")
 
 
+def in_router(root: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` under ``root`` is a router or lies inside one (HunYuan's ``gate.wg``)."""
+    parts = path.split(".")
+    module = root
+    for part in parts:
+        if is_router(module, part):
+            return True
+        module = getattr(module, part, None)
+        if module is None:
+            return False
+    return False
+
+
 def router_names(model: nn.Module) -> list[str]:
     """Module paths of every MoE router in ``model`` (Linear or not)."""
     found = []
@@ -190,6 +253,17 @@ def router_names(model: nn.Module) -> list[str]:
         for attr in ROUTER_NAMES:
             if is_router(module, attr) and isinstance(getattr(module, attr, None), nn.Module):
                 found.append(f"{name}.{attr}" if name else attr)
+    return found
+
+
+def router_weight_names(model: nn.Module) -> list[str]:
+    """What a checkpoint's ``ignore`` must name to keep every router 16-bit: the router itself when it
+    holds its weight (a Linear, a TopKRouter), else the Linears inside it (HunYuan's ``gate.wg``)."""
+    found = []
+    for path in router_names(model):
+        router = model.get_submodule(path)
+        inner = [f"{path}.{n}" for n, m in router.named_modules() if n and isinstance(m, nn.Linear)]
+        found.extend(inner if inner and not isinstance(router, nn.Linear) else [path])
     return found
 
 

@@ -238,7 +238,9 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
     with at most two non-zeros) and turned into the compact form, for dense, INT4 and FP8 weights.
     """
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from compression.model_io.loading import auto_model_class
 
     root = Path(checkpoint_dir)
     if not (root / "config.json").exists():
@@ -262,7 +264,7 @@ def load_compressed_model(checkpoint_dir: str | Path, device: str | torch.device
     from accelerate import init_empty_weights  # parameters on meta, buffers (rotary freqs) real
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_model_class(config).from_config(config, dtype=dtype)
     names = CheckpointNames.for_model(model)
     unfuse_experts(model, names)  # MoE: per-expert Linears under the checkpoint's per-expert names
 

@@ -408,13 +408,14 @@ def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remo
     layers in memory; raises :class:`MemoryPlanError` (field ``model``) when it cannot be streamed.
     ``check_only``: read the shards' headers only, return None."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from compression.model_io.loading import auto_model_class
     from compression.model_io.walk import decoder_layers
 
     config = config or AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     reader = reader or ShardReader(location)
     reason = streaming_refusal(model, reader)

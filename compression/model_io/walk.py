@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, Callable
@@ -374,8 +375,10 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
             current.append(_to(kwargs, device, memo))
             if index == last:
                 raise _Captured
-            return hidden
+            return (hidden, None, None) if tuple_out else hidden
         return forward
+
+    tuple_out = _indexes_layer_output(model, layers)
 
     saved = [layer.__dict__.get("forward") for layer in layers]  # e.g. an offloading hook's wrapper
     for index, layer in enumerate(layers):
@@ -397,7 +400,8 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
                     f"{type(model).__name__}'s forward pass reached {len(current)} of its {len(layers)} decoder "
                     "layers; the engine needs every layer called once per forward pass")
             unpadded = mask is None or bool(mask.all())
-            key = int(ids.shape[1]) if unpadded and ids.shape[0] == 1 else None
+            key = (int(ids.shape[1]) if unpadded and ids.shape[0] == 1 and _batch_free(current, int(ids.shape[0]))
+                   else None)
             if key is not None:  # e.g. rotary tables: one copy for all samples of a length, not one each
                 first = by_length.setdefault(key, current)
                 if first is not current and _same_arguments(first, current, {}):
@@ -415,6 +419,30 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
     inputs = LayerInputs(hidden_states, calls, keys, masks, members)
     inputs.batch_tokens = batch_tokens
     return inputs
+
+
+def _batch_free(calls: list[dict], batch: int) -> bool:
+    """Whether every captured layer argument broadcasts over a batch of samples (rotary tables [1, T, D],
+    masks [1, 1, T, T], positions [T]), so equal-length samples can share them in one batched call. BLOOM's
+    ALiBi bias is [batch x heads, 1, T]: per sample, not shareable."""
+    found = []
+    _map_tensors(calls, lambda t: found.append(t) or t, {})
+    return all(t.dim() < 2 or t.shape[0] == batch for t in found)
+
+
+def _indexes_layer_output(model: torch.nn.Module, layers: Sequence[torch.nn.Module]) -> bool:
+    """Whether the model's layer loop takes the hidden states out of a tuple (``hidden_states =
+    outputs[0]``: Falcon, GPT-J, BLOOM, MPT, whose layers return (hidden, attention weights / cache))
+    rather than using the layer's return value as it is (transformers 5's decoder layers), so that the
+    capture's stand-in layers return the same shape of thing."""
+    owner = next((m for m in model.modules() if any(child is layers for child in m.children())), None)
+    if owner is None:
+        return False
+    try:
+        source = inspect.getsource(type(owner).forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"hidden_states\s*=\s*\w+\[0\]", source) is not None
 
 
 def _same_arguments(a: Any, b: Any, memo: dict[int, bool]) -> bool:

@@ -80,13 +80,25 @@ def test_a_model_that_is_not_a_causal_lm_is_refused_naming_the_model():
 
 
 def test_experts_the_engine_cannot_split_are_refused_naming_what_is_missing():
-    from transformers import GptOssConfig  # gate/up rows interleaved, clamped SwiGLU
+    from compression.errors import UnsupportedModelError
+    from compression.model_io.moe import check_fused_experts
 
-    cfg = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=256)
-    with pytest.raises(RecipeError) as exc:
-        preflight(cfg, Recipe.from_preset("FP8_DYNAMIC"))
-    assert exc.value.field == "model" and "experts" in exc.value.message and "interleaved" in exc.value.message
+    class NoGate(torch.nn.Module):  # experts without a gated MLP: up and down only
+        def __init__(self):
+            super().__init__()
+            self.up_proj = torch.nn.Parameter(torch.zeros(4, 32, 64))
+            self.down_proj = torch.nn.Parameter(torch.zeros(4, 64, 32))
+            self.act_fn = torch.nn.functional.silu
+
+    class Misshapen(NoGate):  # gate_up_proj that is neither [E, 2I, H] nor [E, H, 2I] against down_proj
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.zeros(4, 48, 64))
+
+    with pytest.raises(UnsupportedModelError, match="3-D gate_up_proj"):
+        check_fused_experts("model.layers.0.mlp.experts", NoGate())
+    with pytest.raises(UnsupportedModelError, match=r"gate_up_proj \(4, 48, 64\)"):
+        check_fused_experts("model.layers.0.mlp.experts", Misshapen())
 
 
 def test_compress_model_refuses_targets_that_match_nothing_before_touching_a_weight():
