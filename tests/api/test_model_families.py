@@ -38,16 +38,16 @@ def test_it_accepts_a_moe_model_and_refuses_a_recipe_that_targets_nothing(api, s
 
 
 def test_it_refuses_a_model_whose_experts_it_cannot_split(api, sent, settings, tmp_path):
-    from transformers import GptOssConfig
+    from transformers import NemotronHConfig  # its experts have no gate projection (up, then down)
 
     settings.COMPRESSOR_MODEL_ROOTS = [str(tmp_path)]
-    config = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=256)
-    model = _model_dir(tmp_path, "gpt-oss", config)
+    config = NemotronHConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             vocab_size=256)
+    model = _model_dir(tmp_path, "nemotron-h", config)
     response = api.post(URL, {"model": model, "recipe": {"preset": "FP8_DYNAMIC"}, "evaluation": EVALUATION},
                         format="json")
     assert response.status_code == 400
-    assert "interleaved" in errors(response)["model"]
+    assert "without a gated MLP" in errors(response)["model"]
     assert not Job.objects.exists() and sent == []
 
 

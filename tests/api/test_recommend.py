@@ -67,13 +67,13 @@ def test_it_names_the_model_field_when_the_model_is_missing_or_not_allowed(api, 
 
 
 def test_a_model_the_engine_cannot_walk_is_a_400_on_model(api, settings, tmp_path):
-    from transformers import GptOssConfig
+    from transformers import NemotronHConfig  # its experts have no gate projection (up, then down)
 
     settings.COMPRESSOR_MODEL_ROOTS = [str(tmp_path)]
-    config = GptOssConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, num_local_experts=4, vocab_size=256)
-    response = api.get(URL, {"model": _model_dir(tmp_path, "gpt-oss", config)})
-    assert response.status_code == 400 and "interleaved" in errors(response)["model"]
+    config = NemotronHConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             vocab_size=256)
+    response = api.get(URL, {"model": _model_dir(tmp_path, "nemotron-h", config)})
+    assert response.status_code == 400 and "without a gated MLP" in errors(response)["model"]
 
 
 def test_the_demo_model_allows_what_its_widths_divide_and_the_best_allowed_row_wins(api, table):

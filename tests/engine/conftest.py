@@ -7,6 +7,19 @@ import torch
 from tests.tiny import tiny_llama
 
 
+def read_safetensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in ``folder`` (an export, or a saved source model)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    tensors = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
 def random_calibration(n: int = 4, length: int = 24, seed: int = 1, vocab: int = 49152) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     out = []

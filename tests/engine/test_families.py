@@ -21,7 +21,7 @@ from kernels.packing import is_24_sparse, unpack_int4
 from compression.recipe import Recipe
 from compression.model_io.runtime import load_compressed_model
 from compression.sequential import compress_model
-from tests.engine.conftest import random_calibration
+from tests.engine.conftest import random_calibration, read_safetensors
 from kernels.modules import Sparse24Linear, W4A16Linear, W8A8Linear
 from tests.tiny import FAMILIES, MOE_FAMILIES, tiny_family_model
 
@@ -30,15 +30,6 @@ ROUTER_SUFFIXES = (".gate.weight", ".gate.e_score_correction_bias", ".shared_exp
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _read(out_dir) -> dict[str, torch.Tensor]:
-    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safe_open(str(out_dir / shard), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
 
 
 def _dense_layer_weights(model, tmp_path) -> set[str]:
@@ -65,7 +56,7 @@ def test_every_family_compresses_exports_and_loads_in_transformers(family, prese
     out = tmp_path / "export"
     export_checkpoint(model, None, recipe, report, out)
 
-    tensors = _read(out)
+    tensors = read_safetensors(out)
     if preset == "W4A16":
         compressed = {k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")}
     else:

@@ -18,7 +18,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from compression.errors import RecipeError
@@ -27,7 +26,7 @@ from compression.model_io.moe import PerExpertLinears, unfuse_experts
 from compression.model_io.runtime import load_compressed_model
 from compression.recipe import Recipe
 from compression.sequential import compress_model
-from tests.engine.conftest import random_calibration
+from tests.engine.conftest import random_calibration, read_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,15 +76,6 @@ def _logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
-def _tensors(out) -> dict[str, torch.Tensor]:
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    found = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safe_open(str(out / shard), "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
-
-
 def _compress_export_reload(model, recipe, tmp_path):
     report = compress_model(model, recipe, random_calibration(n=4, length=16, vocab=256))
     ours = _logits(model)
@@ -112,7 +102,7 @@ def test_moe_families_compress_every_expert_and_reload_through_the_runtime(famil
     report, ours, runtime, out = _compress_export_reload(model, recipe, tmp_path)
     experts = [n for n in report.modules if ".experts." in n]
     assert len(experts) == 2 * 4 * 3  # 2 layers x 4 experts x gate/up/down
-    tensors = _tensors(out)
+    tensors = read_safetensors(out)
     assert all(f"{n}.weight_packed" in tensors for n in experts)
     torch.testing.assert_close(runtime, ours, rtol=2e-2, atol=2e-2)
     assert torch.nn.functional.cosine_similarity(ours.flatten(), dense.flatten(), dim=0) > 0.9
@@ -166,7 +156,7 @@ default_stage:
     report, ours, runtime, out = _compress_export_reload(model, Recipe.from_yaml(KV_FP8), tmp_path)
     # layer 0 is linear attention (no KV cache), layer 1 full attention
     assert sorted(report.kv_scales) == ["model.layers.1.self_attn.k_scale", "model.layers.1.self_attn.v_scale"]
-    assert "model.layers.1.self_attn.k_scale" in _tensors(out)
+    assert "model.layers.1.self_attn.k_scale" in read_safetensors(out)
     torch.testing.assert_close(runtime, ours, rtol=2e-2, atol=2e-2)
 
 

@@ -12,7 +12,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from compression.errors import RecipeError
 from compression.model_io.export import export_checkpoint
@@ -21,7 +20,7 @@ from compression.model_io.runtime import load_compressed_model
 from compression.preflight import preflight
 from compression.recipe import Recipe
 from compression.sequential import compress_model
-from tests.engine.conftest import random_calibration
+from tests.engine.conftest import random_calibration, read_safetensors
 from tests.tiny import demo_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,14 +49,6 @@ def _save(family: str, path):
     return path
 
 
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    found = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys()})
-    return found
-
-
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=IDS).logits
@@ -80,7 +71,7 @@ def test_a_preset_compresses_the_language_model_and_keeps_the_vision_tower(famil
 
     assert report.modules and [n for n in report.modules if ".layers." not in n or "vision" in n] == []
     assert not any(n.endswith("lm_head") for n in report.modules)  # preset ignore 'lm_head' = the head's module
-    before, after = _tensors(source), _tensors(out)
+    before, after = read_safetensors(source), read_safetensors(out)
     vision = [k for k in before if "vision" in k or "projector" in k]
     assert vision and all(torch.equal(before[k].to(after[k].dtype), after[k]) for k in vision)
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
