@@ -45,7 +45,7 @@ import torch
 from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import (CheckpointNames, check_fused_experts, in_router, is_fused_experts,
-                                      router_weight_names, transposed_layout)
+                                      router_weight_names, transposed_layout, unsplittable_experts)
 from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any,
                                 outside_decoder_message, pattern_matches)
 
@@ -159,6 +159,8 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
                 elif isinstance(module, torch.nn.Linear):
                     slots.append(LinearSlot(names.checkpoint(f"{base}.{local}"), index, local,
                                             module.out_features, module.in_features, f"{base}.{local}"))
+                elif (reason := unsplittable_experts(f"{base}.{local}", module)) is not None:
+                    raise UnsupportedModelError(reason)
                 elif is_fused_experts(module):
                     check_fused_experts(f"{base}.{local}", module)
                     slots.extend(_expert_slots(module, base, local, index, names))

@@ -207,6 +207,20 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
+def unsplittable_experts(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` (at ``name``) holds expert weights the engine can neither split nor leave alone
+    safely, or None: a 3-D weight outside a convolution that is not a transformers 5 fused-experts module
+    (JetMoE's ``ParallelExperts``). Compressing around it would leave most of the model 16-bit while its
+    routers, plain Linears not next to an ``experts`` module, were quantized."""
+    if is_fused_experts(module) or isinstance(module, nn.modules.conv._ConvNd):
+        return None
+    for pname, param in module.named_parameters(recurse=False):
+        if param.dim() == 3:
+            return (f"{name} ({type(module).__name__}) holds 3-D weights ({pname} {tuple(param.shape)}), experts "
+                    "the engine cannot split into per-expert Linears")
+    return None
+
+
 def unfuse_experts(model: nn.Module, names: "CheckpointNames | None" = None) -> list[str]:
     """Replace every fused experts module of ``model`` by :class:`PerExpertLinears` (in place).
 
@@ -214,6 +228,10 @@ def unfuse_experts(model: nn.Module, names: "CheckpointNames | None" = None) -> 
     compressed runtime's skeleton).
     """
     names = names or CheckpointNames.for_model(model)
+    for n, m in model.named_modules():
+        reason = unsplittable_experts(n, m)
+        if reason:
+            raise UnsupportedModelError(reason)
     fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
     for name, module in fused:
         check_fused_experts(name, module)

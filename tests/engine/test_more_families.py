@@ -259,3 +259,21 @@ def test_a_recipe_mapping_whose_fold_would_change_the_layer_is_refused_naming_th
     with pytest.raises(RecipeError) as exc:
         compress_model(model, recipe, random_calibration(n=2, length=16, vocab=256))
     assert exc.value.field.endswith(".mappings") and "changes MiniMaxDecoderLayer's output" in exc.value.message
+
+
+def test_experts_held_as_3d_weights_the_engine_cannot_split_are_refused_not_left_16_bit():
+    from compression.errors import UnsupportedModelError
+    from compression.preflight import preflight
+
+    # JetMoE's ParallelExperts: compressing around them would quantize its routers and leave the experts alone
+    config = AutoConfig.for_model("jetmoe", **{**_COMMON, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                               "kv_channels": 16})
+    with pytest.raises(RecipeError) as exc:
+        preflight(config, Recipe.from_preset("FP8_DYNAMIC"))
+    assert exc.value.field == "model" and "JetMoeParallelExperts" in exc.value.message
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="cannot split"):
+        compress_model(model, Recipe.from_preset("FP8_DYNAMIC"), None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
