@@ -215,7 +215,7 @@ def unsplittable_experts(name: str, module: nn.Module) -> str | None:
     if is_fused_experts(module) or isinstance(module, nn.modules.conv._ConvNd):
         return None
     for pname, param in module.named_parameters(recurse=False):
-        if param.dim() == 3:
+        if param.dim() == 3 and param.shape[0] > 1:
             return (f"{name} ({type(module).__name__}) holds 3-D weights ({pname} {tuple(param.shape)}), experts "
                     "the engine cannot split into per-expert Linears")
     return None
@@ -227,11 +227,18 @@ def unfuse_experts(model: nn.Module, names: "CheckpointNames | None" = None) -> 
     Returns the module paths replaced. Works on the meta device too (for pre-flight checks and the
     compressed runtime's skeleton).
     """
+    from compression.model_io.walk import decoder_layers
+
     names = names or CheckpointNames.for_model(model)
-    for n, m in model.named_modules():
-        reason = unsplittable_experts(n, m)
-        if reason:
-            raise UnsupportedModelError(reason)
+    try:
+        prefix, layers = decoder_layers(model)
+    except UnsupportedModelError:
+        prefix, layers = "", []
+    for index, layer in enumerate(layers):  # the decoder's own modules (a vision tower's may hold 3-D weights)
+        for n, m in layer.named_modules():
+            reason = unsplittable_experts(f"{prefix}.{index}.{n}".rstrip("."), m)
+            if reason:
+                raise UnsupportedModelError(reason)
     fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
     for name, module in fused:
         check_fused_experts(name, module)

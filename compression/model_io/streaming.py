@@ -121,6 +121,34 @@ class ShardReader:
         return out
 
 
+class RenamedReader:
+    """A :class:`ShardReader` seen through the model's module names, for checkpoints whose tensors
+    transformers renames on load (a vision-language model's ``language_model.model.layers.N...`` on disk
+    is ``model.language_model.layers.N...`` in the model): names are translated with
+    :class:`~compression.model_io.moe.CheckpointNames` (transformers' own conversion mapping)."""
+
+    def __init__(self, reader: ShardReader, names: Any):
+        self.reader, self.names = reader, names
+        self._headers: dict[str, tuple[list[int], str]] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return self.names.checkpoint(name) in self.reader
+
+    def headers(self) -> dict[str, tuple[list[int], str]]:
+        if self._headers is None:
+            self._headers = {self.names.module(k): v for k, v in self.reader.headers().items()}
+        return self._headers
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        keys = {n: self.names.checkpoint(n) for n in names}
+        found = self.reader.read(list(keys.values()), dtype, device)
+        return {n: found[k] for n, k in keys.items()}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["reader"], name)
+
+
 def _shard_name(value: Any) -> str:
     name = str(value)
     if not name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith("."):
@@ -418,6 +446,11 @@ def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remo
         model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     reader = reader or ShardReader(location)
+    from compression.model_io.moe import CheckpointNames
+
+    names = CheckpointNames.for_model(model)
+    if names.to_checkpoint_renamings:  # tensors transformers renames on load: read them by their stored names
+        reader = RenamedReader(reader, names)
     reason = streaming_refusal(model, reader)
     if reason:
         raise MemoryPlanError("model", f"cannot stream this model layer by layer: {reason}")

@@ -109,3 +109,25 @@ quant_stage:
     preflight(model.config, recipe)
     report = compress_model(model, recipe, None)
     assert len(report.modules) == 2 * 4 and all(".self_attn." in n for n in report.modules)
+
+
+def test_a_streamed_job_reads_the_renamed_checkpoint_and_writes_what_the_in_memory_job_writes(tmp_path):
+    from compression.pipeline import run_job
+
+    source = _save("gemma3", tmp_path / "models" / "gemma3")
+
+    def spec(streaming: str) -> dict:
+        return {"job_id": "s", "model": str(source), "recipe": Recipe.from_preset("W4A16", group_size=32).to_dict(),
+                "allowed_roots": [str(source.parent)], "evaluation": {"tasks": [], "speed": False},
+                "streaming": streaming, "calibration": {"source": "builtin:chat-v1", "samples": 4, "seqlen": 32},
+                "device": "cpu"}
+
+    torch.manual_seed(0)
+    dense = run_job(spec("never"), tmp_path / "dense")
+    torch.manual_seed(0)
+    streamed = run_job(spec("always"), tmp_path / "streamed")
+    assert dense["memory"]["mode"] == "in-memory" and streamed["memory"]["mode"] == "streaming"
+    a, b = read_safetensors(tmp_path / "dense"), read_safetensors(tmp_path / "streamed")
+    assert a.keys() == b.keys() and any(k.startswith("language_model.model.layers.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed["compression"]["modules"] == dense["compression"]["modules"]
