@@ -3,8 +3,10 @@
 transformers 5 keeps the experts of Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ... as one module
 holding fused 3-D parameters (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]), not as
 ``nn.Linear``s. :func:`unfuse_experts` swaps each such module for :class:`PerExpertLinears`: the
-same forward signature ``(hidden_states, top_k_index, top_k_weights)`` and routing, but one
-``gate``/``up``/``down`` ``nn.Linear`` per expert, so
+same forward signature ``(hidden_states, top_k_index, top_k_weights)`` and routing (or Llama 4's
+pre-routed ``(hidden_states)``), the fused layout read off the shapes (transposed or not, gate/up rows
+concatenated or interleaved as gpt-oss keeps them), but one ``gate``/``up``/``down`` ``nn.Linear`` per
+expert, so
 
 * forward hooks on an expert's Linears see exactly the tokens the router sent to that expert
   (per-expert GPTQ/SparseGPT statistics), or, with ``calibrate_all_experts``, every token while
@@ -144,13 +146,9 @@ class PerExpertLinears(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
                 top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
-        from compression.model_io.walk import PaddingMismatch, token_mask
-
         if top_k_index is None:
             return self._forward_prerouted(hidden_states)
-        if token_mask() is not None:  # compress_model never pads an MoE model's calibration batches
-            raise PaddingMismatch("MoE experts cannot leave the pad positions of a padded calibration batch "
-                                  "out of their token counts; run such models one sample per call")
+        _refuse_padding()
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hits = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).sum(dim=(0, 1))
@@ -169,17 +167,12 @@ class PerExpertLinears(nn.Module):
             out.index_add_(0, token_idx, weighted.to(out.dtype))
         return out
 
-
     def _forward_prerouted(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Llama 4's experts call: ``hidden_states`` is [E x T, H], expert ``e``'s block of T rows already
         scaled by its router score (all-zero rows for the tokens not routed to it). Each expert runs on
         its routed rows (an expert without biases maps a zero row to zero), or with
         ``calibrate_all_experts`` on its whole block, so its hooks see every token."""
-        from compression.model_io.walk import PaddingMismatch, token_mask
-
-        if token_mask() is not None:
-            raise PaddingMismatch("MoE experts cannot leave the pad positions of a padded calibration batch "
-                                  "out of their token counts; run such models one sample per call")
+        _refuse_padding()
         blocks = hidden_states.reshape(self.num_experts, -1, hidden_states.shape[-1])
         out = torch.zeros_like(blocks)
         routed = blocks.detach().abs().amax(dim=-1) > 0  # [E, T]
@@ -194,6 +187,16 @@ class PerExpertLinears(nn.Module):
             if rows.numel():
                 out[e, rows] = self.run_expert(e, blocks[e, rows]).to(out.dtype)
         return out.reshape(hidden_states.shape)
+
+
+def _refuse_padding() -> None:
+    """compress_model never pads an MoE model's calibration batches: an expert's statistics would count pad
+    tokens routed to it."""
+    from compression.model_io.walk import PaddingMismatch, token_mask
+
+    if token_mask() is not None:
+        raise PaddingMismatch("MoE experts cannot leave the pad positions of a padded calibration batch "
+                              "out of their token counts; run such models one sample per call")
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
