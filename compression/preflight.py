@@ -46,7 +46,7 @@ from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import (CheckpointNames, check_fused_experts, in_router, is_fused_experts,
                                       router_weight_names, transposed_layout, unsplittable_experts)
-from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any,
+from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, module_names,
                                 outside_decoder_message, pattern_matches)
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
@@ -88,9 +88,8 @@ class LinearSlot:
     head: bool = False  # the output head: it also answers to "lm_head" wherever it sits
 
     @property
-    def names(self) -> tuple[str, ...]:
-        found = (self.name, self.path) if self.path and self.path != self.name else (self.name,)
-        return found + ("lm_head",) if self.head and "lm_head" not in found else found
+    def names(self) -> str | tuple[str, ...]:
+        return module_names(self.name, self.path or self.name, head=self.head)
 
 
 @dataclass
@@ -222,7 +221,8 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     for slot in layout.linears:
         if slot.layer is not None:
             layer_params[slot.layer] = layer_params.get(slot.layer, 0) + slot.out_features * slot.in_features
-    matcher = _NameMatcher(list(dict.fromkeys(n for s in layout.linears for n in s.names)))
+    matcher = _NameMatcher(list(dict.fromkeys(n for s in layout.linears
+                                              for n in ((s.names,) if isinstance(s.names, str) else s.names))))
     containers = _NameMatcher(sorted({s.name.rsplit(".", k)[0] for s in layout.linears
                                       for k in range(1, s.name.count(".") + 1)}))
     for path, m in _modifiers(recipe):

@@ -344,12 +344,14 @@ def matches_any(patterns: list[str], name: str | tuple[str, ...], class_name: st
     return False
 
 
-def module_names(checkpoint_name: str, module_path: str) -> str | tuple[str, ...]:
+def module_names(checkpoint_name: str, module_path: str, *, head: bool = False) -> str | tuple[str, ...]:
     """What recipe patterns are matched against: the checkpoint name (what vLLM and our export use) and,
     where it differs, the module path in the loaded transformers model (what llm-compressor matches: a
     multimodal model's ``model.language_model.layers.0...`` and ``lm_head`` against its checkpoint's
-    ``language_model.model.layers.0...`` and ``language_model.lm_head``)."""
-    return checkpoint_name if module_path == checkpoint_name else (checkpoint_name, module_path)
+    ``language_model.model.layers.0...`` and ``language_model.lm_head``). The output head (``head``) also
+    answers to ``lm_head`` wherever it sits (Llama 4's ``language_model.lm_head``)."""
+    names = tuple(dict.fromkeys((checkpoint_name, module_path) + (("lm_head",) if head else ())))
+    return names[0] if len(names) == 1 else names
 
 
 def outside_decoder_message(name: str, decoder_prefix: str) -> str:

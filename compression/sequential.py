@@ -234,9 +234,7 @@ def _steps(recipe: Recipe, name: str, cls: str, parents: tuple = (), path: str |
     """The modifiers that act on the Linear ``name`` (its checkpoint name; ``path``: its module path, matched
     too where it differs), in recipe order, with the config group each quantizer applies. The output head
     (``head``) also answers to ``lm_head`` wherever it sits (Llama 4's ``language_model.lm_head``)."""
-    matched = name if path is None else module_names(name, path)
-    if head:
-        matched = tuple(dict.fromkeys(((matched,) if isinstance(matched, str) else matched) + ("lm_head",)))
+    matched = name if path is None else module_names(name, path, head=head)
     steps = []
     for i, stage in enumerate(recipe.stages):
         for j, m in enumerate(stage.modifiers):
@@ -291,10 +289,7 @@ def check_targets(model: torch.nn.Module, recipe: Recipe, prefix: str, names: Ch
         parents = ancestors(model, name, cname)
         hit = False
         for k, m in enumerate(recipe.modifiers):
-            aliases = module_names(cname, name)
-            if name == head:
-                aliases = tuple(dict.fromkeys(((aliases,) if isinstance(aliases, str) else aliases) + ("lm_head",)))
-            if m.matches(aliases, cls, parents):
+            if m.matches(module_names(cname, name, head=name == head), cls, parents):
                 if not inside and recipe.preset is not None:
                     continue  # a preset compresses the language model's decoder layers (not a vision tower)
                 if not inside:
