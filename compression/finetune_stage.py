@@ -163,7 +163,7 @@ def _smoothing_step(m, report, calib: str) -> str:
     if skipped:
         kinds = sorted({e["smooth_layer"].rsplit(".", 1)[-1] for e in skipped})
         left = (f" {len(skipped)} default mapping(s) from {', '.join(kinds)} were left out: "
-                f"{skipped[0]['skipped'].split(': ')[-1] if ': ' in skipped[0]['skipped'] else skipped[0]['skipped']}.")
+                f"{skipped[0]['skipped'].split(': ')[-1]}.")
     if report is not None and not applied:
         return (f"Smoothing: {what} applied to no module -- its mappings matched nothing it could fold into in "
                 f"this model{'' if m.mappings is None else ' (the recipe gave its own mappings)'}; the "

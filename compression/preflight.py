@@ -88,8 +88,9 @@ class LinearSlot:
     head: bool = False  # the output head: it also answers to "lm_head" wherever it sits
 
     @property
-    def names(self) -> str | tuple[str, ...]:
-        return module_names(self.name, self.path or self.name, head=self.head)
+    def names(self) -> tuple[str, ...]:
+        found = module_names(self.name, self.path or self.name, head=self.head)
+        return (found,) if isinstance(found, str) else found
 
 
 @dataclass
@@ -221,8 +222,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     for slot in layout.linears:
         if slot.layer is not None:
             layer_params[slot.layer] = layer_params.get(slot.layer, 0) + slot.out_features * slot.in_features
-    matcher = _NameMatcher(list(dict.fromkeys(n for s in layout.linears
-                                              for n in ((s.names,) if isinstance(s.names, str) else s.names))))
+    matcher = _NameMatcher(list(dict.fromkeys(n for s in layout.linears for n in s.names)))
     containers = _NameMatcher(sorted({s.name.rsplit(".", k)[0] for s in layout.linears
                                       for k in range(1, s.name.count(".") + 1)}))
     for path, m in _modifiers(recipe):

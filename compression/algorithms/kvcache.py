@@ -47,9 +47,10 @@ def cache_parameter(module: torch.nn.Module) -> str:
     (transformers 5), or ``layer_past`` / ``past_key_value`` in older families (Falcon, GPT-J, MPT)."""
     import inspect
 
+    from compression.model_io.walk import CACHE_KWARGS
+
     parameters = inspect.signature(module.forward).parameters
-    return next((p for p in ("past_key_values", "past_key_value", "layer_past") if p in parameters),
-                "past_key_values")
+    return next((p for p in CACHE_KWARGS if p in parameters), CACHE_KWARGS[0])
 
 
 def attach_kv_quant(attention: torch.nn.Module, k_scale: torch.Tensor, v_scale: torch.Tensor):

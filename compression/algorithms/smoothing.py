@@ -380,6 +380,12 @@ def _fold_tolerance(layer: torch.nn.Module) -> float:
     return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
+def _left_out(report, modifier: Modifier, index: int, s_name: str, why: str) -> None:
+    """Record (``report.smoothing``, the card reads it) and log a default mapping this layer cannot take."""
+    report.smoothing.append({"modifier": modifier.kind, "layer": index, "smooth_layer": s_name, "skipped": why})
+    log.info("%s: default mapping left out: %s", modifier.kind, why)
+
+
 def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: LayerInputs, report, emit,
                  index: int, layers: int) -> None:
     """Apply every AWQModifier / SmoothQuantModifier of ``recipe`` to one decoder layer, in recipe order."""
@@ -407,9 +413,7 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: La
                 try:
                     extended = norm is not None and _complete_readers(modifier, prefix, layer, path, mapping, readers)
                 except _DoesNotFeed as exc:
-                    report.smoothing.append({"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
-                                             "skipped": f"{exc}: its output is not those layers' input"})
-                    log.info("%s: default mapping left out: %s", modifier.kind, exc)
+                    _left_out(report, modifier, index, s_name, f"{exc}: its output is not those layers' input")
                     continue
                 if extended:
                     balance = [m for _, m in mapping["balance"]]  # the added readers come last: same statistics
@@ -423,9 +427,7 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: La
                            "residual, a clamp, a gate)")
                     if modifier.mappings is not None:
                         raise RecipeError(f"{path}.mappings", f"{why}; remove that mapping")
-                    report.smoothing.append({"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
-                                             "skipped": why})
-                    log.info("%s: default mapping left out: %s", modifier.kind, why)
+                    _left_out(report, modifier, index, s_name, why)
                     continue
                 entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
                          "balance_layers": [n for n, _ in mapping["balance"]], "fold_drift": drift}

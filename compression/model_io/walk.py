@@ -30,7 +30,8 @@ from compression.errors import UnsupportedModelError
 
 LAYER_LIST_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
                     "model.decoder.layers", "transformer.h", "transformer.layers", "gpt_neox.layers", "layers")
-_DROPPED_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+# the names under which transformers families pass a layer its KV cache (transformers 5; older families)
+CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -362,7 +363,7 @@ def capture_layer_inputs(model: torch.nn.Module, layers: Sequence[torch.nn.Modul
                     raise UnsupportedModelError(f"decoder layer {index} of {type(model).__name__} takes "
                                                 "variable positional arguments; the engine needs named ones")
                 kwargs.update(zip(parameters, args[1:]))
-            kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
+            kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}  # the stand-ins record no cache
             kwargs["use_cache"] = False
             if index == 0:
                 hidden_states.append(hidden.to(device))
