@@ -44,8 +44,8 @@ import torch
 
 from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
-from compression.model_io.moe import (CheckpointNames, check_fused_experts, in_router, is_fused_experts,
-                                      router_weight_names, transposed_layout, unsplittable_experts)
+from compression.model_io.moe import (CheckpointNames, PerExpertLinears, check_fused_experts, in_router,
+                                      is_fused_experts, router_weight_names, transposed_layout, unsplittable_experts)
 from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, module_names,
                                 outside_decoder_message, pattern_matches)
 
@@ -105,6 +105,9 @@ class ModelLayout:
     layer_class: str = ""  # the decoder layer's class (a pruning modifier may target it)
     embeddings: list[str] = field(default_factory=list)  # nn.Embedding modules (checkpoint names)
     head: str | None = None  # the LM head's checkpoint name when the engine can compress it (see sequential.output_head)
+    # one decoder layer of each distinct structure, as the engine walks it (meta tensors, fused experts split),
+    # with its module path: what a recipe's own AWQ / SmoothQuant mappings are resolved against
+    sample_layers: list[tuple[str, torch.nn.Module]] = field(default_factory=list, repr=False, compare=False)
 
 
 def _cfg(config: Any, name: str, default: Any = None) -> Any:
@@ -171,6 +174,7 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         if isinstance(module, torch.nn.Linear) and not name.startswith(prefix + "."):
             slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features,
                                     name))
+    samples = _sample_layers(prefix, layers, names)
     params = sum(p.numel() for p in model.parameters())
     embeddings = [names.checkpoint(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     from compression.sequential import output_head
@@ -181,7 +185,23 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
     return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts,
                        [sum(p.numel() for p in layer.parameters()) for layer in layers],
                        type(layers[0]).__name__ if len(layers) else "", embeddings,
-                       names.checkpoint(head) if head else None)
+                       names.checkpoint(head) if head else None, samples)
+
+
+def _sample_layers(prefix: str, layers, names: CheckpointNames) -> list[tuple[str, torch.nn.Module]]:
+    """The first decoder layer of each distinct structure (hybrid and interleaved-MoE models alternate),
+    fused experts replaced by the per-expert modules the engine compresses (the model is thrown away)."""
+    seen: dict[tuple, tuple[str, torch.nn.Module]] = {}
+    for index, layer in enumerate(layers):
+        key = tuple((local, type(m).__name__) for local, m in layer.named_modules())
+        if key in seen:
+            continue
+        for local, module in [(n, m) for n, m in layer.named_modules() if is_fused_experts(m)]:
+            parent, _, attr = local.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr,
+                    PerExpertLinears(module, names.projections))
+        seen[key] = (f"{prefix}.{index}", layer)
+    return list(seen.values())
 
 
 def _expert_slots(module: torch.nn.Module, base: str, local: str, index: int,
@@ -208,6 +228,7 @@ def preflight(model_config: Any, recipe: Recipe, *, samples: int = 128, seqlen: 
     :func:`model_layout`, when the caller checks several recipes against one model."""
     layout = layout or model_layout(model_config, trust_remote_code=trust_remote_code)
     _check_kv_cache(model_config, recipe)
+    _check_mappings(recipe, layout)
     config = _as_config(model_config)
     text = getattr(config, "get_text_config", lambda: config)()
     hidden = int(_cfg(text, "hidden_size") or 0)
@@ -471,6 +492,30 @@ def _check_parity_shapes(g, local: str, in_f: int) -> None:
         raise RecipeError("recipe.input_activations.group_size",
                           f"activation groups of {acts.group_size} do not divide the input width {in_f} of "
                           f"{local}; FP8_BLOCK needs input widths that are multiples of {acts.group_size}")
+
+
+def _check_mappings(recipe: Recipe, layout: ModelLayout) -> None:
+    """A recipe's own AWQ / SmoothQuant mapping must find its smooth layer and balance layers together in
+    at least one decoder layer; one that matches nowhere would leave the modifier a silent no-op
+    (llm-compressor skips it without a word). Default mappings are the engine's to leave out (the card says so)."""
+    from compression.algorithms.smoothing import mapping_found, mapping_targets
+
+    if not layout.sample_layers:
+        return
+    for i, stage in enumerate(recipe.stages):
+        for j, m in enumerate(stage.modifiers):
+            if not m.transforms or m.mappings is None:
+                continue
+            for k, spec in enumerate(m.mappings):
+                smooth, balance = mapping_targets(m, spec)
+                if any(mapping_found(layer, base, smooth, balance) for base, layer in layout.sample_layers):
+                    continue
+                base, layer = layout.sample_layers[0]
+                names = example_names([f"{base}.{n}" for n, _ in layer.named_modules() if n])
+                raise RecipeError(f"stages[{i}].modifiers[{j}].mappings[{k}]",
+                                  f"smooth_layer {smooth!r} with balance_layers {balance} matches no set of modules "
+                                  f"in any decoder layer of {layout.architecture} (a decoder layer holds e.g. "
+                                  f"{', '.join(names)}); fix the patterns or remove the mapping")
 
 
 def _check_kv_cache(model_config: Any, recipe: Recipe) -> None:

@@ -119,6 +119,22 @@ def match_sets(modules: dict[str, torch.nn.Module], targets: list[str]) -> list[
     return sets
 
 
+def mapping_targets(modifier: Modifier, spec) -> tuple[str, list[str]]:
+    """(smooth layer pattern, balance layer patterns) of one mapping: AWQ writes {smooth_layer, balance_layers},
+    SmoothQuant [[balance layers], smooth layer]."""
+    if modifier.kind == "AWQModifier":
+        return spec["smooth_layer"], list(spec["balance_layers"])
+    balance_pats, smooth_pat = spec
+    return smooth_pat, list(balance_pats)
+
+
+def mapping_found(layer: torch.nn.Module, prefix: str, smooth: str, balance: list[str]) -> bool:
+    """Whether one mapping finds a smooth layer and balance layers it can fold into in this decoder layer."""
+    weighted = _weighted(layer)
+    return any(any(id(m) in weighted for group in found[1:] for _, m in group)
+               for found in match_sets(_named(layer, prefix), [smooth, *balance]))
+
+
 def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str) -> list[dict]:
     """[{smooth: (name, module), balance: [(name, module)], parent: (name, module)}] for this layer."""
     modules = _named(layer, prefix)
@@ -126,10 +142,7 @@ def _resolve(modifier: Modifier, prefix: str, layer: torch.nn.Module, path: str)
     raw = modifier.mappings if modifier.mappings is not None else _default_mappings(modifier, layer)
     resolved = []
     for spec in raw:
-        if modifier.kind == "AWQModifier":
-            smooth_pat, balance_pats = spec["smooth_layer"], spec["balance_layers"]
-        else:
-            balance_pats, smooth_pat = spec
+        smooth_pat, balance_pats = mapping_targets(modifier, spec)
         for found in match_sets(modules, [smooth_pat, *balance_pats]):
             smooth = found[0]
             balance = [(n, m) for group in found[1:] for n, m in group if id(m) in weighted]

@@ -110,3 +110,39 @@ def test_recipe_mapping_leaving_out_experts_is_refused(family):
         for sample in calib:
             got, want = model(**sample).logits, reference(**sample).logits
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "mixtral", "deepseek_v3"])
+def test_pre_flight_refuses_a_recipe_mapping_that_matches_nowhere(family):
+    """A recipe's own mapping is resolved in pre-flight against the decoder layers as the engine walks them
+    (fused experts split, each distinct layer of a model whose first layers are dense): one that finds its
+    modules somewhere passes, one that finds them nowhere is refused by its index instead of leaving the
+    modifier a silent no-op (llm-compressor skips it without a word)."""
+    from compression.preflight import preflight
+    from tests.tiny import tiny_family_config
+
+    config = tiny_family_config(family)
+    up, down = ("w3", "w2") if family == "mixtral" else ("up_proj", "down_proj")
+    expert_up = (", mappings: [{smooth_layer: 're:.*input_layernorm$', balance_layers: ['re:.*q_proj$', "
+                 f"'re:.*k_proj$', 're:.*v_proj$']}}, {{smooth_layer: 're:.*experts\\.\\d+\\.{up}$', "
+                 f"balance_layers: ['re:.*experts\\.\\d+\\.{down}$']}}]")
+    if family in ("llama", "deepseek_v3"):  # dense MLPs (DeepSeek's first layer) have the same names
+        expert_up = expert_up.replace("experts\\.\\d+\\.", "")
+    if family == "deepseek_v3":  # multi-head latent attention: no q/k/v projections
+        expert_up = expert_up.replace("'re:.*input_layernorm$', balance_layers: ['re:.*q_proj$', "
+                                      "'re:.*k_proj$', 're:.*v_proj$']",
+                                      "'re:.*input_layernorm$', balance_layers: ['re:.*q_a_proj$', "
+                                      "'re:.*kv_a_proj_with_mqa$']")
+    preflight(config, Recipe.from_yaml(AWQ.format(mappings=expert_up)))
+    preflight(config, Recipe.from_yaml(SQ.format(mappings=", mappings: [[['re:.*gate_proj$', 're:.*up_proj$'], "
+                                                 "'re:.*post_attention_layernorm$']]").replace(
+        "gate_proj", "w1" if family == "mixtral" else "gate_proj").replace(
+        "up_proj", "w3" if family == "mixtral" else "up_proj")))
+    wrong = expert_up.replace("balance_layers: ['re:.*q", "balance_layers: ['re:.*query")
+    for recipe, index in ((AWQ.format(mappings=wrong), "[0]"),
+                          (SQ.format(mappings=", mappings: [[['re:.*o_proj$'], 're:.*post_attention_layernorm$'], "
+                                              "[['re:.*gate_proj$'], 're:.*no_such_norm$']]"), "[1]")):
+        with pytest.raises(RecipeError) as err:
+            preflight(config, Recipe.from_yaml(recipe))
+        assert err.value.field == f"stages[0].modifiers[0].mappings{index}"
+        assert "matches no set of modules" in err.value.message
