@@ -1,6 +1,7 @@
 """Peak host memory of a real job against model depth, streamed and in memory (issue 12, item 1).
 
     python bench/memory.py [--layers 4 20] [--modes streaming in-memory] [--samples 16] [--seqlen 256]
+    python bench/memory.py --family qwen3_moe --layers 4 12      # MoE: experts streamed one by one
 
 Builds random Llamas of one width (hidden 1024, MLP 4096, 16 heads, tied embeddings, the demo
 tokenizer's 49,152-token vocabulary) and 4 vs 20 decoder layers from ``LlamaConfig``, saved as
@@ -9,6 +10,10 @@ evaluation, no speed run) runs in its own Python process through ``compression.p
 with ``streaming`` forced to each mode; the child reports its own peak RSS
 (VmHWM, ``bench.machine.peak_rss_bytes``: ru_maxrss would include the parent's peak) and the memory plan's pre-flight estimate of the
 same path. Writes bench/results/memory.json.
+
+``--family qwen3_moe``: random Qwen3-MoE models of the same width (32 experts of MLP 512, 2 routed per
+token; 16 heads of 64), whose safetensors store the experts one by one as the Hub's do; writes
+bench/results/memory-moe.json.
 """
 from __future__ import annotations
 
@@ -42,21 +47,31 @@ print("RESULT " + json.dumps({{"peak_rss_bytes": peak_rss_bytes(),
 """
 
 
-def build_model(layers: int) -> Path:
+MODELS = {
+    "llama": "random Llama, hidden 1024, MLP 4096, 16 heads, vocab 49152, tied, bfloat16 safetensors",
+    "qwen3_moe": ("random Qwen3-MoE, hidden 1024, 32 experts of MLP 512 (2 per token), 16 heads of 64, vocab 49152, "
+                  "tied, bfloat16 safetensors (experts stored one by one)"),
+}
+
+
+def build_model(layers: int, family: str = "llama") -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     sys.path.insert(0, str(REPO))
     from tests.tiny import demo_tokenizer
 
-    path = WORK / f"llama-h1024-l{layers}"
+    path = WORK / f"{family}-h1024-l{layers}"
     if (path / "config.json").is_file():
         return path
-    config = LlamaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers, num_attention_heads=16,
-                         num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    extra = ({"intermediate_size": 4096} if family == "llama" else
+             {"intermediate_size": 4096, "moe_intermediate_size": 512, "num_experts": 32, "num_experts_per_tok": 2,
+              "head_dim": 64, "norm_topk_prob": True})
+    config = AutoConfig.for_model(family, hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16,
+                                  num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048,
+                                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra)
     torch.manual_seed(layers)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     demo_tokenizer().save_pretrained(path)
     return path
@@ -100,15 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="W4A16", help="a preset (FP8: calibrated static scales, no GPTQ sweep)")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory.json"))
+    parser.add_argument("--family", default="llama", choices=sorted(MODELS))
+    parser.add_argument("--out", default=None, help="default bench/results/memory.json (memory-moe.json for an MoE)")
     args = parser.parse_args(argv)
+    args.out = args.out or str(REPO / "bench" / "results" / ("memory.json" if args.family == "llama"
+                                                             else "memory-moe.json"))
     sys.path.insert(0, str(REPO / "bench"))
     WORK.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     rows: list[dict] = []
     for mode in args.modes:
         for layers in args.layers:
-            row = run(build_model(layers), mode, args.samples, args.seqlen, args.recipe)
+            row = run(build_model(layers, args.family), mode, args.samples, args.seqlen, args.recipe)
             rows.append(row)
             print(json.dumps(row), flush=True)
             _write(args, argv, load_before, rows)  # after every row: a stopped run keeps what it measured
@@ -123,7 +141,7 @@ def _write(args, argv, load_before, rows) -> None:
               "machine": {"description": machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
               "recipe": _recipe_summary(args.recipe), "calibration": {"source": "builtin:chat-v1",
                                                                    "samples": args.samples, "seqlen": args.seqlen},
-              "model": "random Llama, hidden 1024, MLP 4096, 16 heads, vocab 49152, tied, bfloat16 safetensors",
+              "model": MODELS[args.family],
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

@@ -44,7 +44,8 @@ import torch
 
 from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
-from compression.model_io.moe import (CheckpointNames, PerExpertLinears, check_fused_experts, in_router,
+from compression.model_io.moe import (CheckpointNames, PerExpertLinears, check_fused_experts, experts_stored_fused,
+                                      in_router,
                                       is_fused_experts, router_weight_names, transposed_layout, unsplittable_experts)
 from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, module_names,
                                 outside_decoder_message, pattern_matches)
@@ -107,6 +108,7 @@ class ModelLayout:
     head: str | None = None  # the LM head's checkpoint name when the engine can compress it (see sequential.output_head)
     # one decoder layer of each distinct structure, as the engine walks it (meta tensors, fused experts split),
     # with its module path: what a recipe's own AWQ / SmoothQuant mappings are resolved against
+    experts_stored_fused: bool = False  # the family's checkpoints hold fused experts (no streaming: moe.experts_stored_fused)
     sample_layers: list[tuple[str, torch.nn.Module]] = field(default_factory=list, repr=False, compare=False)
 
 
@@ -174,6 +176,7 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
         if isinstance(module, torch.nn.Linear) and not name.startswith(prefix + "."):
             slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features,
                                     name))
+    stored_fused = experts_stored_fused(model)
     samples = _sample_layers(prefix, layers, names)
     params = sum(p.numel() for p in model.parameters())
     embeddings = [names.checkpoint(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
@@ -185,7 +188,7 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
     return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts,
                        [sum(p.numel() for p in layer.parameters()) for layer in layers],
                        type(layers[0]).__name__ if len(layers) else "", embeddings,
-                       names.checkpoint(head) if head else None, samples)
+                       names.checkpoint(head) if head else None, stored_fused, samples)
 
 
 def _sample_layers(prefix: str, layers, names: CheckpointNames) -> list[tuple[str, torch.nn.Module]]:

@@ -338,6 +338,16 @@ def _conversions(model: nn.Module) -> list[Any]:
     return [c for c in conversions if not isinstance(c, PrefixChange)]
 
 
+def experts_stored_fused(model: nn.Module) -> bool:
+    """Whether this family's checkpoints store its fused MoE experts as they are in memory (gpt-oss,
+    Llama 4): transformers' conversion mapping has no converter merging per-expert tensors into them."""
+    if not any(is_fused_experts(m) for m in model.modules()):
+        return False
+    return not any(type(c).__name__ == "WeightConverter"
+                   and any(str(t).endswith("experts.gate_up_proj") for t in getattr(c, "target_patterns", []))
+                   for c in _conversions(model))
+
+
 _EXPERT_SOURCE = re.compile(r"experts\.\*\.([A-Za-z0-9_]+)\.weight$")
 
 

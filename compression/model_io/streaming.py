@@ -384,20 +384,31 @@ def _numel(shape: list[int]) -> int:
 
 
 def fused_experts_refusal(architecture: str) -> str:
-    return (f"{architecture} has fused MoE experts, which transformers builds from per-expert "
-            "tensors on load; streaming reads tensors by name and does not fuse them")
+    return (f"{architecture} checkpoints store their MoE experts fused; streaming reads experts one by one, "
+            "so this model runs in memory (streaming: never)")
+
+
+def fused_on_disk(model: torch.nn.Module, reader: Any) -> str | None:
+    """The first per-expert tensor of a model whose fused MoE experts were split (``moe.unfuse_experts``)
+    that the checkpoint lacks because it stores the experts fused, as they are in memory (gpt-oss,
+    Llama 4); None when the checkpoint holds its experts one by one (Mixtral, Qwen-MoE, DeepSeek, ...)."""
+    from compression.model_io.moe import per_expert_modules
+
+    headers = reader.headers()
+    for path, experts in per_expert_modules(model):
+        for local in experts.state_dict(keep_vars=True):
+            if f"{path}.{local}" not in headers:
+                return f"{path}.{local}"
+    return None
 
 
 def streaming_refusal(model: torch.nn.Module, reader: ShardReader) -> str | None:
-    """Why this model cannot be streamed from these shards (None: it can): fused MoE experts (the
-    checkpoint stores experts one by one, transformers fuses them on load), or tensors whose names or
+    """Why this model cannot be streamed from these shards (None: it can): MoE experts the checkpoint
+    stores fused (streaming reads the split experts' per-expert tensors by name), or tensors whose names or
     shapes in the checkpoint differ from the model's (a family transformers renames on load)."""
-    from compression.model_io.moe import is_fused_experts
-    from compression.model_io.walk import decoder_layers
-
-    prefix, layers = decoder_layers(model)
-    if any(is_fused_experts(m) for m in layers.modules()):
-        return fused_experts_refusal(type(model).__name__)
+    missing = fused_on_disk(model, reader)
+    if missing is not None:
+        return f"{fused_experts_refusal(type(model).__name__)} (the checkpoint has no {missing!r})"
     headers = reader.headers()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict(keep_vars=True).items():
@@ -446,9 +457,12 @@ def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remo
         model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()
     reader = reader or ShardReader(location)
-    from compression.model_io.moe import CheckpointNames
+    from compression.model_io.moe import CheckpointNames, unfuse_experts
 
     names = CheckpointNames.for_model(model)
+    # fused MoE experts become the per-expert Linears the engine compresses anyway, under the checkpoint's
+    # per-expert names: each layer is read expert by expert, as the Hub checkpoints store them
+    unfuse_experts(model, names)
     if names.to_checkpoint_renamings:  # tensors transformers renames on load: read them by their stored names
         reader = RenamedReader(reader, names)
     reason = streaming_refusal(model, reader)

@@ -14,9 +14,22 @@ from compression.model_io.streaming import MemoryPlanError, ShardReader, load_st
 from compression.pipeline import run_job
 from compression.recipe import Recipe
 from tests.engine.conftest import random_calibration
-from tests.tiny import save_tiny_llama, tiny_family_model
+from tests.tiny import demo_tokenizer, save_tiny_llama, tiny_family_model
+
+DEMO_VOCAB = 49152  # the demo tokenizer's, which the jobs below calibrate with
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# W4A16 with group 32 (the tiny families' expert width is 32) and the routers left 16-bit
+MOE_W4A16 = """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: [lm_head, 're:.*mlp.gate$', 're:.*block_sparse_moe.gate$']
+      config_groups:
+        g: {targets: [Linear], weights: {num_bits: 4, type: int, symmetric: true, strategy: group, group_size: 32}}
+"""
 
 
 def _spec(model_dir: Path, preset: str, streaming: str, **extra) -> dict:
@@ -108,12 +121,46 @@ def test_shard_reader_reads_single_tensors_from_an_indexed_checkpoint(model_dir)
     assert tensor.shape == (128, 128) and tensor.dtype == torch.float32
 
 
-def test_fused_moe_experts_are_refused_in_streaming_mode(tmp_path):
-    directory = tmp_path / "models" / "mixtral"
-    tiny_family_model("mixtral").save_pretrained(directory, safe_serialization=True)
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_moe_models_stream_expert_by_expert_and_write_the_in_memory_checkpoint(family, tmp_path):
+    """transformers fuses MoE experts in memory, but the checkpoints (the Hub's, save_pretrained's) store
+    them one by one: streaming splits the meta skeleton's experts and reads each layer's experts by their
+    stored names (Mixtral's block_sparse_moe.experts.N.w1 ... through the rename) -- the same checkpoint
+    as the in-memory job, byte for byte."""
+    directory = tmp_path / "models" / family
+    tiny_family_model(family, vocab_size=DEMO_VOCAB).save_pretrained(directory, safe_serialization=True)
+    demo_tokenizer().save_pretrained(directory)
+    streamed = load_streamed(directory, dtype=torch.float32)
+    assert all(p.device.type == "meta" for p in streamed.layers.parameters())
+    torch.manual_seed(0)
+    dense = run_job(_spec(directory, "W4A16", "never", recipe=Recipe.from_yaml(MOE_W4A16).to_dict()),
+                    tmp_path / "dense")
+    torch.manual_seed(0)
+    stream = run_job(_spec(directory, "W4A16", "always", recipe=Recipe.from_yaml(MOE_W4A16).to_dict()),
+                     tmp_path / "streamed")
+    assert dense["memory"]["mode"] == "in-memory" and stream["memory"]["mode"] == "streaming"
+    written, reference = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "dense")
+    assert set(written) == set(reference)
+    experts = [n for n in written if ".experts.1." in n and n.endswith("weight_packed")]
+    assert experts, sorted(written)[:20]  # the experts were compressed, under their checkpoint names
+    if family == "mixtral":
+        assert all(".block_sparse_moe." in n for n in experts)
+    for name, tensor in reference.items():
+        assert torch.equal(written[name], tensor), name
+    assert stream["compression"]["modules"] == dense["compression"]["modules"]
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_checkpoints_with_fused_experts_are_refused_in_streaming_mode(family, tmp_path):
+    """gpt-oss and Llama 4 store their experts fused on disk too (no per-expert tensor to read one by one)."""
+    from tests.engine.test_more_families import _model
+
+    directory = tmp_path / "models" / family
+    _model(family).save_pretrained(directory, safe_serialization=True)
     with pytest.raises(MemoryPlanError) as err:
         load_streamed(directory, dtype=torch.float32)
-    assert err.value.field == "model" and "fused MoE experts" in err.value.message
+    assert err.value.field == "model" and "store their MoE experts fused" in err.value.message
+    assert "experts.0." in err.value.message  # the per-expert tensor it looked for
 
 
 def _no_output(tmp_path: Path, name: str) -> None:
@@ -144,11 +191,13 @@ def test_too_many_calibration_samples_for_the_host_name_calibration_samples(mode
 
 
 def test_always_streaming_a_source_that_cannot_stream_is_refused(tmp_path):
-    directory = tmp_path / "models" / "mixtral"
-    tiny_family_model("mixtral").save_pretrained(directory, safe_serialization=True)
+    from tests.engine.test_more_families import _model
+
+    directory = tmp_path / "models" / "gpt_oss"
+    _model("gpt_oss").save_pretrained(directory, safe_serialization=True)
     with pytest.raises(MemoryPlanError) as err:
         run_job(_spec(directory, "FP8_DYNAMIC", "always"), tmp_path / "out")
-    assert err.value.field == "COMPRESSOR_STREAMING" and "fused MoE experts" in err.value.message
+    assert err.value.field == "COMPRESSOR_STREAMING" and "store their MoE experts fused" in err.value.message
     _no_output(tmp_path, "out")
 
 
@@ -358,3 +407,18 @@ def test_a_hub_job_refused_by_its_memory_plan_downloads_no_shard(hub, tmp_path, 
     assert err.value.field == "COMPRESSOR_HOST_MEMORY_BYTES"
     assert hub.downloads == [] and not list(hub.snapshot.glob("*.safetensors"))
     _no_output(tmp_path, "out")
+
+
+def test_the_pre_flight_layout_says_which_families_store_their_experts_fused():
+    """What the submission's memory plan tells a Hub model by (its shards are not downloaded yet)."""
+    from transformers import AutoConfig
+
+    from compression.preflight import model_layout
+    from tests.engine.test_more_families import _COMMON, CONFIGS
+    from tests.tiny import tiny_family_config
+
+    for family in ("llama", "mixtral", "qwen3_moe", "deepseek_v3"):
+        assert not model_layout(tiny_family_config(family)).experts_stored_fused, family
+    for family in ("gpt_oss", "llama4_text"):
+        layout = model_layout(AutoConfig.for_model(family, **{**_COMMON, **CONFIGS[family]}))
+        assert layout.experts and layout.experts_stored_fused, family
