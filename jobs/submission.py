@@ -347,7 +347,10 @@ def _stream_refusal(model: str, config: Any, recipe: Any, layout: Any, *, device
                               trust_remote_code=trust_remote_code)
     if finetune_split(recipe)[1] is not None:
         return "the recipe's distillation fine-tune trains the whole model at once"
-    return fused_experts_refusal(layout.architecture) if layout.experts_stored_fused else None
+    quantized = getattr(config, "quantization_config", None)
+    if layout.experts_stored_fused and quantized:  # gpt-oss's Hub checkpoints: MXFP4 expert blocks
+        return fused_experts_refusal(layout.architecture)
+    return None
 
 
 def memory_plan_field(exc: Any) -> tuple[str, str]:

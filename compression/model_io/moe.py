@@ -105,7 +105,8 @@ class PerExpertLinears(nn.Module):
             if not key.startswith("_") and isinstance(value, (bool, int, float)) and not hasattr(self, key):
                 setattr(self, key, value)
         gate_up, down = fused.gate_up_proj, fused.down_proj
-        if transposed_layout(fused):  # [E, H, 2I] / [E, I, H]
+        self.fused_transposed = bool(transposed_layout(fused))  # how the fused tensors lie (streaming.FusedExpertsReader)
+        if self.fused_transposed:  # [E, H, 2I] / [E, I, H]
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         # gate and up rows: concatenated [gate; up] (most families) or interleaved (gpt-oss: gate even, up odd)
         self.concatenated = bool(getattr(fused, "is_concatenated", True))

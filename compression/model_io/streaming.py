@@ -149,6 +149,71 @@ class RenamedReader:
         return getattr(self.__dict__["reader"], name)
 
 
+class FusedExpertsReader:
+    """A reader seen through a model whose fused MoE experts were split (``moe.unfuse_experts``), for
+    checkpoints that store the experts fused as they are in memory (Llama 4): each per-expert tensor
+    (``experts.N.gate_proj.weight`` ...) is cut from the layer's fused ``gate_up_proj`` / ``down_proj`` (and
+    their ``_bias``) exactly as ``PerExpertLinears`` cuts the in-memory ones; each fused tensor is read once per call."""
+
+    def __init__(self, reader: Any, model: torch.nn.Module):
+        from compression.model_io.moe import per_expert_modules
+
+        self.reader = reader
+        self.parts: dict[str, tuple[str, Any, int, int | None, bool]] = {}  # name -> fused, module, expert, half, bias
+        base = reader.headers()
+        for path, experts in per_expert_modules(model):
+            if f"{path}.gate_up_proj" not in base or f"{path}.down_proj" not in base:
+                continue
+            for e in range(experts.num_experts):
+                gate, up, down = experts.expert(e).names
+                for attr, fused, half in ((gate, "gate_up_proj", 0), (up, "gate_up_proj", 1), (down, "down_proj", None)):
+                    self.parts[f"{path}.{e}.{attr}.weight"] = (f"{path}.{fused}", experts, e, half, False)
+                    if f"{path}.{fused}_bias" in base:
+                        self.parts[f"{path}.{e}.{attr}.bias"] = (f"{path}.{fused}_bias", experts, e, half, True)
+        self._headers: dict[str, tuple[list[int], str]] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.parts or name in self.reader
+
+    def headers(self) -> dict[str, tuple[list[int], str]]:
+        if self._headers is None:
+            base = self.reader.headers()
+            fused = {part[0] for part in self.parts.values()}
+            headers = {k: v for k, v in base.items() if k not in fused}
+            for name, (source, experts, _, half, bias) in self.parts.items():
+                shape, dtype = base[source]
+                headers[name] = (list(self._cut(torch.empty(shape, device="meta"), experts, 0, half, bias).shape), dtype)
+            self._headers = headers
+        return self._headers
+
+    @staticmethod
+    def _cut(fused: torch.Tensor, experts: Any, e: int, half: int | None, bias: bool) -> torch.Tensor:
+        t = fused[e]
+        if not bias and experts.fused_transposed:  # [H, 2I] / [I, H] on disk, [out, in] as a Linear
+            t = t.transpose(0, 1)
+        if half is not None:
+            inter = t.shape[0] // 2
+            t = (t[:inter] if half == 0 else t[inter:]) if experts.concatenated else t[half::2]
+        return t
+
+    def read(self, names: list[str], dtype: torch.dtype | None = None,
+             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        plain = [n for n in names if n not in self.parts]
+        out = self.reader.read(plain, dtype, device) if plain else {}
+        sources = sorted({self.parts[n][0] for n in names if n in self.parts})
+        for source in sources:
+            fused = self.reader.read([source], dtype, device)[source]
+            for name in names:
+                if name in self.parts and self.parts[name][0] == source:
+                    _, experts, e, half, bias = self.parts[name]
+                    out[name] = self._cut(fused, experts, e, half, bias).clone(memory_format=torch.contiguous_format)
+            del fused
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["reader"], name)
+
+
 def _shard_name(value: Any) -> str:
     name = str(value)
     if not name.endswith(".safetensors") or "/" in name or "\\" in name or name.startswith("."):
@@ -384,14 +449,16 @@ def _numel(shape: list[int]) -> int:
 
 
 def fused_experts_refusal(architecture: str) -> str:
-    return (f"{architecture} checkpoints store their MoE experts fused; streaming reads experts one by one, "
-            "so this model runs in memory (streaming: never)")
+    return (f"{architecture}'s checkpoint has neither per-expert MoE tensors nor 16-bit fused ones (gate_up_proj, "
+            "down_proj) to cut them from -- e.g. experts stored quantized (gpt-oss's MXFP4 blocks); this model runs "
+            "in memory (streaming: never)")
 
 
 def fused_on_disk(model: torch.nn.Module, reader: Any) -> str | None:
     """The first per-expert tensor of a model whose fused MoE experts were split (``moe.unfuse_experts``)
-    that the checkpoint lacks because it stores the experts fused, as they are in memory (gpt-oss,
-    Llama 4); None when the checkpoint holds its experts one by one (Mixtral, Qwen-MoE, DeepSeek, ...)."""
+    that ``reader`` lacks: the checkpoint stores the experts fused, as they are in memory (Llama 4, gpt-oss;
+    :class:`FusedExpertsReader` cuts them), or quantized; None when it holds every expert's tensors one by one
+    (Mixtral, Qwen-MoE, DeepSeek, ...)."""
     from compression.model_io.moe import per_expert_modules
 
     headers = reader.headers()
@@ -404,7 +471,7 @@ def fused_on_disk(model: torch.nn.Module, reader: Any) -> str | None:
 
 def streaming_refusal(model: torch.nn.Module, reader: ShardReader) -> str | None:
     """Why this model cannot be streamed from these shards (None: it can): MoE experts the checkpoint
-    stores fused (streaming reads the split experts' per-expert tensors by name), or tensors whose names or
+    stores in neither form streaming reads (one by one, or 16-bit fused), or tensors whose names or
     shapes in the checkpoint differ from the model's (a family transformers renames on load)."""
     missing = fused_on_disk(model, reader)
     if missing is not None:
@@ -465,6 +532,8 @@ def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remo
     unfuse_experts(model, names)
     if names.to_checkpoint_renamings:  # tensors transformers renames on load: read them by their stored names
         reader = RenamedReader(reader, names)
+    if fused_on_disk(model, reader) is not None:  # Llama 4: the checkpoint stores the experts fused
+        reader = FusedExpertsReader(reader, model)
     reason = streaming_refusal(model, reader)
     if reason:
         raise MemoryPlanError("model", f"cannot stream this model layer by layer: {reason}")

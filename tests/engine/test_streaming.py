@@ -121,28 +121,38 @@ def test_shard_reader_reads_single_tensors_from_an_indexed_checkpoint(model_dir)
     assert tensor.shape == (128, 128) and tensor.dtype == torch.float32
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
-def test_moe_models_stream_expert_by_expert_and_write_the_in_memory_checkpoint(family, tmp_path):
-    """transformers fuses MoE experts in memory, but the checkpoints (the Hub's, save_pretrained's) store
-    them one by one: streaming splits the meta skeleton's experts and reads each layer's experts by their
-    stored names (Mixtral's block_sparse_moe.experts.N.w1 ... through the rename) -- the same checkpoint
-    as the in-memory job, byte for byte."""
-    directory = tmp_path / "models" / family
-    tiny_family_model(family, vocab_size=DEMO_VOCAB).save_pretrained(directory, safe_serialization=True)
+def _save_moe(family: str, directory: Path) -> Path:
+    if family in ("gpt_oss", "llama4_text"):
+        from tests.engine.test_more_families import _model
+
+        model = _model(family, vocab_size=DEMO_VOCAB)
+    else:
+        model = tiny_family_model(family, vocab_size=DEMO_VOCAB)
+    model.save_pretrained(directory, safe_serialization=True)
     demo_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3", "llama4_text", "gpt_oss"])
+def test_moe_models_stream_expert_by_expert_and_write_the_in_memory_checkpoint(family, tmp_path):
+    """transformers fuses MoE experts in memory; most checkpoints (the Hub's, save_pretrained's) store them
+    one by one, Llama 4's and gpt-oss's fused. Streaming splits the meta skeleton's experts and reads each
+    layer's experts by their stored names (Mixtral's block_sparse_moe.experts.N.w1 ... through the rename),
+    or cuts them from the fused tensors (transposed [E, H, 2I] for Llama 4, gate/up interleaved and biased
+    for gpt-oss) -- the same checkpoint as the in-memory job, byte for byte."""
+    directory = _save_moe(family, tmp_path / "models" / family)
     streamed = load_streamed(directory, dtype=torch.float32)
     assert all(p.device.type == "meta" for p in streamed.layers.parameters())
+    recipe = Recipe.from_yaml(MOE_W4A16).to_dict()
     torch.manual_seed(0)
-    dense = run_job(_spec(directory, "W4A16", "never", recipe=Recipe.from_yaml(MOE_W4A16).to_dict()),
-                    tmp_path / "dense")
+    dense = run_job(_spec(directory, "W4A16", "never", recipe=recipe), tmp_path / "dense")
     torch.manual_seed(0)
-    stream = run_job(_spec(directory, "W4A16", "always", recipe=Recipe.from_yaml(MOE_W4A16).to_dict()),
-                     tmp_path / "streamed")
+    stream = run_job(_spec(directory, "W4A16", "always", recipe=recipe), tmp_path / "streamed")
     assert dense["memory"]["mode"] == "in-memory" and stream["memory"]["mode"] == "streaming"
     written, reference = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "dense")
     assert set(written) == set(reference)
     experts = [n for n in written if ".experts.1." in n and n.endswith("weight_packed")]
-    assert experts, sorted(written)[:20]  # the experts were compressed, under their checkpoint names
+    assert len(experts) == 3 * (2 if family != "deepseek_v3" else 1), sorted(written)[:20]
     if family == "mixtral":
         assert all(".block_sparse_moe." in n for n in experts)
     for name, tensor in reference.items():
@@ -150,16 +160,23 @@ def test_moe_models_stream_expert_by_expert_and_write_the_in_memory_checkpoint(f
     assert stream["compression"]["modules"] == dense["compression"]["modules"]
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
-def test_checkpoints_with_fused_experts_are_refused_in_streaming_mode(family, tmp_path):
-    """gpt-oss and Llama 4 store their experts fused on disk too (no per-expert tensor to read one by one)."""
-    from tests.engine.test_more_families import _model
+def _quantized_experts(directory: Path) -> Path:
+    """A gpt-oss checkpoint whose experts are stored as the Hub's are: MXFP4 blocks, no 16-bit tensor."""
+    from safetensors.torch import load_file, save_file
 
-    directory = tmp_path / "models" / family
-    _model(family).save_pretrained(directory, safe_serialization=True)
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        tensors[name + "_blocks"] = tensors.pop(name).to(torch.uint8)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return directory
+
+
+def test_experts_stored_in_neither_form_are_refused_in_streaming_mode(tmp_path):
+    directory = _quantized_experts(_save_moe("gpt_oss", tmp_path / "models" / "gpt_oss"))
     with pytest.raises(MemoryPlanError) as err:
         load_streamed(directory, dtype=torch.float32)
-    assert err.value.field == "model" and "store their MoE experts fused" in err.value.message
+    assert err.value.field == "model" and "neither per-expert MoE tensors nor 16-bit fused" in err.value.message
     assert "experts.0." in err.value.message  # the per-expert tensor it looked for
 
 
@@ -191,13 +208,10 @@ def test_too_many_calibration_samples_for_the_host_name_calibration_samples(mode
 
 
 def test_always_streaming_a_source_that_cannot_stream_is_refused(tmp_path):
-    from tests.engine.test_more_families import _model
-
-    directory = tmp_path / "models" / "gpt_oss"
-    _model("gpt_oss").save_pretrained(directory, safe_serialization=True)
+    directory = _quantized_experts(_save_moe("gpt_oss", tmp_path / "models" / "gpt_oss"))
     with pytest.raises(MemoryPlanError) as err:
         run_job(_spec(directory, "FP8_DYNAMIC", "always"), tmp_path / "out")
-    assert err.value.field == "COMPRESSOR_STREAMING" and "store their MoE experts fused" in err.value.message
+    assert err.value.field == "COMPRESSOR_STREAMING" and "neither per-expert" in err.value.message
     _no_output(tmp_path, "out")
 
 
