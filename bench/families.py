@@ -198,8 +198,14 @@ def sweep_rows() -> list[dict]:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Pre-flight on real-size configs and tiny-model compression per "
+                                                 "family; --sweep: every family transformers builds x six recipes.")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if "--sweep" in sys.argv:
+    if args.sweep:
         out = ROOT / "bench" / "results" / "families.json"
         result = json.loads(out.read_text()) if out.exists() else {}
         rows = sweep_rows()
@@ -216,10 +222,10 @@ def main() -> None:
                 for r in recipes) + " |")
         return
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    result = {"command": "nice -n 10 .venv/bin/python bench/families.py", "started": started,
-              "machine": machine(),
-              "preflight": preflight_rows(), "families": family_rows()}
     out = ROOT / "bench" / "results" / "families.json"
+    result = json.loads(out.read_text()) if out.exists() else {}  # the sweep's rows stay
+    result.update({"command": "nice -n 10 .venv/bin/python bench/families.py", "started": started,
+                   "machine": machine(), "preflight": preflight_rows(), "families": family_rows()})
     out.write_text(json.dumps(result, indent=2) + "\n")
     print("| model | pre-flight s | Linears targeted | experts | params (B) | device estimate (GB) |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -47,7 +47,7 @@ from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import (CheckpointNames, PerExpertLinears, check_fused_experts, experts_stored_fused,
                                       in_router,
                                       is_fused_experts, router_weight_names, transposed_layout, unsplittable_experts)
-from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, PatternTooSlow, Recipe, matches_any, module_names,
+from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, Recipe, bounded_match, matches_any, module_names,
                                 outside_decoder_message, pattern_matches)
 
 THROUGHPUT = {"cpu": 2e10, "cuda": 2e13}
@@ -418,11 +418,10 @@ class _NameMatcher:
             if _line_safe(pattern):
                 import regex
 
-                try:
-                    found = regex.compile(f"(?m)^(?:{pattern})").finditer(self.text, timeout=1.0)
-                    self.cache[pattern] = {self.starts[m.start()] for m in found}
-                except TimeoutError:
-                    raise PatternTooSlow(pattern) from None
+                compiled = regex.compile(f"(?m)^(?:{pattern})")
+                self.cache[pattern] = bounded_match(
+                    pattern, lambda timeout: {self.starts[m.start()] for m in compiled.finditer(self.text,
+                                                                                                timeout=timeout)}, 1.0)
             else:
                 self.cache[pattern] = {n for n in self.names if pattern_matches(pattern, n)}
         return self.cache[pattern]

@@ -23,7 +23,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import regex
 import yaml
@@ -383,10 +383,12 @@ def class_names(module: Any) -> tuple[str, ...]:
 # `re:` patterns come from users and run against module names inside a web request (pre-flight) and
 # in the worker. Python's `re` backtracks without limit (one pattern held a request for 32 s), so
 # they are short, matched with the `regex` engine under a per-match timeout, and, inside
-# `pattern_time_budget`, under a total deadline too.
+# `pattern_time_budget`, under a total budget too: the time spent matching, not the wall clock of the
+# block (building a 235B MoE's meta skeleton on a busy host must not use up the patterns' budget).
 MAX_PATTERN_CHARS = 256
 PATTERN_MATCH_TIMEOUT_S = 0.05
-_pattern_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("pattern_deadline", default=None)
+_pattern_budget: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("pattern_budget", default=None)
+T = TypeVar("T")
 
 
 class PatternTooSlow(RecipeError):
@@ -400,29 +402,39 @@ def _compiled_pattern(pattern: str) -> Any:
     return regex.compile(pattern)
 
 
-def pattern_matches(pattern: str, name: str) -> bool:
-    """``re.match(pattern, name)``, but never longer than PATTERN_MATCH_TIMEOUT_S (nor past the
-    current `pattern_time_budget`); a pattern that needs more raises PatternTooSlow."""
-    timeout = PATTERN_MATCH_TIMEOUT_S
-    deadline = _pattern_deadline.get()
-    if deadline is not None:
-        timeout = min(timeout, deadline - time.monotonic())
-        if timeout <= 0:
-            raise PatternTooSlow(pattern)
+def bounded_match(pattern: str, run: Callable[[float], T], limit: float) -> T:
+    """``run(timeout)`` -- a `regex` call given ``timeout`` seconds -- with the timeout capped by what is left
+    of the current `pattern_time_budget`, whose remainder it is charged; PatternTooSlow when it runs out."""
+    budget = _pattern_budget.get()
+    timeout = limit if budget is None else min(limit, budget[0])
+    if timeout <= 0:
+        raise PatternTooSlow(pattern)
+    started = time.monotonic()
     try:
-        return _compiled_pattern(pattern).match(name, timeout=timeout) is not None
+        return run(timeout)
     except TimeoutError:
         raise PatternTooSlow(pattern) from None
+    finally:
+        if budget is not None:
+            budget[0] -= time.monotonic() - started
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """``re.match(pattern, name)``, but never longer than PATTERN_MATCH_TIMEOUT_S (nor past what is left
+    of the current `pattern_time_budget`); a pattern that needs more raises PatternTooSlow."""
+    compiled = _compiled_pattern(pattern)
+    return bounded_match(pattern, lambda timeout: compiled.match(name, timeout=timeout) is not None,
+                         PATTERN_MATCH_TIMEOUT_S)
 
 
 @contextlib.contextmanager
 def pattern_time_budget(seconds: float) -> Iterator[None]:
-    """All pattern matching inside the block together may take at most ``seconds``."""
-    token = _pattern_deadline.set(time.monotonic() + seconds)
+    """All pattern matching inside the block together may take at most ``seconds`` (of matching)."""
+    token = _pattern_budget.set([seconds])
     try:
         yield
     finally:
-        _pattern_deadline.reset(token)
+        _pattern_budget.reset(token)
 
 
 def check_pattern(value: str, path: str) -> None:

@@ -46,6 +46,20 @@ def test_the_budget_covers_all_matching_inside_it():
     assert pattern_matches(".*", NAME)  # outside the block only the per-match limit applies
 
 
+def test_the_budget_counts_matching_time_not_the_blocks_wall_clock():
+    """Submission builds the model's meta skeleton inside the budget (a 235B MoE takes a while on a busy
+    host): that time is not the patterns' to lose, while their own matching still is."""
+    import time
+
+    with pattern_time_budget(0.25):
+        time.sleep(0.3)
+        assert pattern_matches(r".*\.q_proj$", NAME)
+        recipe = Recipe.from_yaml(quant_yaml("['re:.*mlp.gate$', 're:.*down_proj$']"))
+        preflight(tiny_llama_config(layers=12), recipe)
+        with pytest.raises(PatternTooSlow):
+            matches_any([f"re:{CATASTROPHIC}"], NAME, "Linear")
+
+
 @pytest.mark.parametrize("ignore, message", [
     (f"['re:{'a' * (MAX_PATTERN_CHARS + 1)}']", "at most 256 characters"),
     ("['re:(unclosed']", "bad regular expression"),
