@@ -45,8 +45,8 @@ import torch
 from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
 from compression.model_io.moe import (CheckpointNames, PerExpertLinears, check_fused_experts, experts_stored_fused,
-                                      in_router,
-                                      is_fused_experts, router_weight_names, transposed_layout, unsplittable_experts)
+                                      in_router, is_fused_experts, router_weight_names, transposed_layout,
+                                      unsplittable_experts)
 from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, Recipe, bounded_match, matches_any, module_names,
                                 outside_decoder_message, pattern_matches)
 
@@ -106,9 +106,10 @@ class ModelLayout:
     layer_class: str = ""  # the decoder layer's class (a pruning modifier may target it)
     embeddings: list[str] = field(default_factory=list)  # nn.Embedding modules (checkpoint names)
     head: str | None = None  # the LM head's checkpoint name when the engine can compress it (see sequential.output_head)
+    # the family's checkpoints hold its MoE experts fused, as in memory (moe.experts_stored_fused: Llama 4, gpt-oss)
+    experts_stored_fused: bool = False
     # one decoder layer of each distinct structure, as the engine walks it (meta tensors, fused experts split),
     # with its module path: what a recipe's own AWQ / SmoothQuant mappings are resolved against
-    experts_stored_fused: bool = False  # the family's checkpoints hold fused experts (no streaming: moe.experts_stored_fused)
     sample_layers: list[tuple[str, torch.nn.Module]] = field(default_factory=list, repr=False, compare=False)
 
 
@@ -177,7 +178,6 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
             slots.append(LinearSlot(names.checkpoint(name), None, name, module.out_features, module.in_features,
                                     name))
     stored_fused = experts_stored_fused(model)
-    samples = _sample_layers(prefix, layers, names)
     params = sum(p.numel() for p in model.parameters())
     embeddings = [names.checkpoint(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     from compression.sequential import output_head
@@ -185,10 +185,11 @@ def model_layout(model_config: Any, *, trust_remote_code: bool = False) -> Model
     head = output_head(model, prefix)
     slots = [dataclasses.replace(s, head=True) if head is not None and s.layer is None and s.path == head else s
              for s in slots]
-    return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts,
-                       [sum(p.numel() for p in layer.parameters()) for layer in layers],
+    layer_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    return ModelLayout(type(model).__name__, len(layers), params, slots, routers, experts, layer_params,
                        type(layers[0]).__name__ if len(layers) else "", embeddings,
-                       names.checkpoint(head) if head else None, stored_fused, samples)
+                       names.checkpoint(head) if head else None, stored_fused,
+                       _sample_layers(prefix, layers, names))  # last: it splits the skeleton's experts in place
 
 
 def _sample_layers(prefix: str, layers, names: CheckpointNames) -> list[tuple[str, torch.nn.Module]]:

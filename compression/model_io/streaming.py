@@ -151,7 +151,7 @@ class RenamedReader:
 
 class FusedExpertsReader:
     """A reader seen through a model whose fused MoE experts were split (``moe.unfuse_experts``), for
-    checkpoints that store the experts fused as they are in memory (Llama 4): each per-expert tensor
+    checkpoints that store the experts fused as they are in memory (Llama 4, gpt-oss): each per-expert tensor
     (``experts.N.gate_proj.weight`` ...) is cut from the layer's fused ``gate_up_proj`` / ``down_proj`` (and
     their ``_bias``) exactly as ``PerExpertLinears`` cuts the in-memory ones; each fused tensor is read once per call."""
 
@@ -528,11 +528,11 @@ def load_streamed(location: str | os.PathLike, *, dtype: torch.dtype, trust_remo
 
     names = CheckpointNames.for_model(model)
     # fused MoE experts become the per-expert Linears the engine compresses anyway, under the checkpoint's
-    # per-expert names: each layer is read expert by expert, as the Hub checkpoints store them
+    # per-expert names: each layer's experts are read one by one (or cut from its fused tensors, below)
     unfuse_experts(model, names)
     if names.to_checkpoint_renamings:  # tensors transformers renames on load: read them by their stored names
         reader = RenamedReader(reader, names)
-    if fused_on_disk(model, reader) is not None:  # Llama 4: the checkpoint stores the experts fused
+    if fused_on_disk(model, reader) is not None:  # Llama 4, gpt-oss: the checkpoint stores the experts fused
         reader = FusedExpertsReader(reader, model)
     reason = streaming_refusal(model, reader)
     if reason:
