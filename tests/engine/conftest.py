@@ -7,6 +7,22 @@ import torch
 from tests.tiny import tiny_llama
 
 
+def same_module_records(a: list[dict], b: list[dict], rel: float = 1e-5) -> bool:
+    """Two jobs' ``compression.modules`` records agree: every field equal, the losses to ``rel`` (an expert's
+    weights sliced from a fused tensor or read contiguous sum their error in another order)."""
+    import math
+
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if {k: v for k, v in x.items() if k != "losses"} != {k: v for k, v in y.items() if k != "losses"}:
+            return False
+        lx, ly = x.get("losses") or {}, y.get("losses") or {}
+        if lx.keys() != ly.keys() or not all(math.isclose(lx[k], ly[k], rel_tol=rel) for k in lx):
+            return False
+    return True
+
+
 def read_safetensors(folder) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors files in ``folder`` (an export, or a saved source model)."""
     from pathlib import Path
