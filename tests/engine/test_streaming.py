@@ -113,6 +113,23 @@ def test_lazy_layers_give_the_same_logits_as_the_loaded_model(model_dir):
     assert streamed.loads == len(streamed.layers)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "llama4_text"])
+def test_lazy_moe_layers_give_the_loaded_models_logits(family, tmp_path):
+    """Evaluation of a streamed MoE model (baseline perplexity, lm-eval) runs the split experts layer by layer:
+    the logits of the fused model transformers loads (per-expert tensors on disk, or fused ones cut)."""
+    from transformers import AutoModelForCausalLM
+
+    directory = _save_moe(family, tmp_path / family)
+    ids = random_calibration(1, 12)[0]["input_ids"]
+    whole = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    streamed = load_streamed(directory, dtype=torch.float32)
+    with torch.no_grad(), streamed.lazy_layers("cpu") as model:
+        logits = model(input_ids=ids).logits
+    with torch.no_grad():
+        assert torch.allclose(logits, whole(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    assert all(p.device.type == "meta" for p in streamed.layers.parameters())
+
+
 def test_shard_reader_reads_single_tensors_from_an_indexed_checkpoint(model_dir):
     reader = ShardReader(model_dir)
     name = "model.layers.1.self_attn.q_proj.weight"
