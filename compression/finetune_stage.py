@@ -7,6 +7,8 @@ same masks. Without a fine-tune stage it does nothing.
 """
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 from compression.progress import Stage, engine_progress, timed
@@ -169,6 +171,13 @@ def _smoothing_step(m, report, calib: str) -> str:
                 f"this model{'' if m.mappings is None else ' (the recipe gave its own mappings)'}; the "
                 f"quantization below ran on the unsmoothed weights.{left}")
     count = f" on {len(applied)} mappings in {layers} decoder layers" if report is not None else ""
+    added = [e for e in applied if e.get("added_readers")]
+    if added:
+        # the module path inside its decoder layer, every expert of a block as one "....experts"
+        names = sorted({re.sub(r"experts\.\d+\..*$", "experts", re.sub(r"^.*?\.\d+\.", "", n, count=1))
+                        for e in added for n in e["added_readers"]})
+        left += (f" {len(added)} of the recipe's mappings were completed with modules that also read the smoothed "
+                 f"norm ({', '.join(names)}), so folding the scales does not change the model.")
     return f"Smoothing: {what}{count}, calibrated on {calib}.{left}"
 
 

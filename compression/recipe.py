@@ -1513,9 +1513,11 @@ def _parse_args(raw: Any, path: str, *, weights: bool) -> QuantArgs | None:
     zp_dtype = raw.get("zp_dtype")
     if zp_dtype is not None:
         name = str(zp_dtype).removeprefix("torch.")
-        if symmetric:
-            if not (fp4 and name == "float8_e4m3fn"):
-                raise RecipeError(f"{path}.zp_dtype", "symmetric schemes have no zero point; use null")
+        if symmetric:  # no zero point is stored; compressed-tensors still fills in the dtype one would have
+            implied = "uint8" if mx else "float8_e4m3fn" if typ == "float" else "int8"
+            if name != implied:
+                raise RecipeError(f"{path}.zp_dtype", f"a symmetric scheme stores no zero point; use null (or "
+                                  f"{implied}, the dtype compressed-tensors records for this scheme)")
             zp_dtype = None
         elif name != "int8":
             raise RecipeError(f"{path}.zp_dtype", "integer zero points are stored as int8")

@@ -183,8 +183,10 @@ def _complete_readers(modifier: Modifier, prefix: str, layer: torch.nn.Module, p
     the mapping against the Linears that read the norm's output (:func:`_capture`; the experts of an MoE
     block read it when the block's router does, :func:`_expert_readers`). The first balance layer must be
     one of them (an expert outside a per-expert block is taken on trust); a reader left out is added to the
-    balance layers of the family's default mappings (Qwen2-MoE's shared-expert gate reads the norm too), and
-    refused in a recipe's own mappings. True when the mapping was extended."""
+    balance layers (Qwen2-MoE's shared-expert gate reads the norm too; llm-compressor's own SmoothQuant recipes
+    map the MLP's norm to gate/up only, leaving an MoE router reading rescaled activations): for a recipe's
+    own mapping the added modules are listed in ``mapping["added"]`` (the report and the card say so). True
+    when the mapping was extended."""
     s_name = mapping["smooth"][0]
     first_name, first = mapping["balance"][0]
     readers = readers | _expert_readers(layer, readers)
@@ -200,9 +202,7 @@ def _complete_readers(modifier: Modifier, prefix: str, layer: torch.nn.Module, p
     if not missing:
         return False
     if modifier.mappings is not None:
-        raise RecipeError(f"{path}.mappings", f"{s_name} also feeds {missing[0][0]}, which this mapping does not "
-                          "rescale: folding the scales into the norm would change that layer's output; add it to "
-                          "the balance layers")
+        mapping["added"] = [n for n, _ in missing]
     mapping["balance"] = mapping["balance"] + missing
     mapping["parent"] = _parent(layer, prefix, [n for n, _ in mapping["balance"]])
     return True
@@ -444,6 +444,8 @@ def smooth_layer(recipe: Recipe, prefix: str, layer: torch.nn.Module, inputs: La
                     continue
                 entry = {"modifier": modifier.kind, "layer": index, "smooth_layer": s_name,
                          "balance_layers": [n for n, _ in mapping["balance"]], "fold_drift": drift}
+                if mapping.get("added"):  # a recipe mapping completed with the other readers of its norm
+                    entry["added_readers"] = mapping["added"]
                 if awq:
                     schemes = [_scheme_for(recipe, n, m) for n, m in mapping["balance"]]
 

@@ -251,6 +251,15 @@ def test_a_default_smoothing_mapping_whose_fold_would_change_the_layer_is_left_o
     steps = creation_steps(recipe, {"source": "random", "samples": 4, "seqlen": 16}, report)
     assert any(s.startswith("Smoothing: SmoothQuant (strength 0.8) on 4 mappings in 2 decoder layers") for s in steps)
 
+    # llm-compressor's own W8A8 test recipe on an MoE model: the router also reads the MLP's norm, so the mapping
+    # is completed with it, and the card says so
+    model = _model("hunyuan_v1_moe")
+    recipe = Recipe.from_yaml(SQ_W8A8 % ", mappings: [[['re:.*gate_proj', 're:.*up_proj'], "
+                                        "'re:.*post_attention_layernorm']]")
+    report = compress_model(model, recipe, random_calibration(n=4, length=16, vocab=256))
+    steps = creation_steps(recipe, {"source": "random", "samples": 4, "seqlen": 16}, report)
+    assert any("completed with modules that also read the smoothed norm" in s for s in steps), steps
+
 
 def test_a_recipe_mapping_whose_fold_would_change_the_layer_is_refused_naming_the_mappings():
     model = _model("minimax")

@@ -52,6 +52,20 @@ QuantizationModifier:
       input_activations: null
       output_activations: null
       format: pack-quantized"""),
+    # llm-compressor 0.14's own tests/e2e/recipes/NVFP4_FP8/recipe_moe_nvfp4_fp8_rtn.yaml: symmetric schemes
+    # naming the zero-point dtype compressed-tensors records for them (no zero point is stored)
+    "zp_dtype on symmetric schemes": q("""
+QuantizationModifier:
+  ignore: [lm_head]
+  config_groups:
+    fp8_block:
+      targets: ['re:.*self_attn.*']
+      weights: {num_bits: 8, type: float, strategy: block, block_structure: [128, 128], symmetric: true,
+                zp_dtype: float8_e4m3fn}
+      input_activations: {num_bits: 8, type: float, strategy: group, group_size: 128, dynamic: true,
+                          symmetric: true, zp_dtype: float8_e4m3fn}
+    int4: {targets: ['re:.*mlp.*'], weights: {num_bits: 4, type: int, strategy: group, group_size: 64,
+                                            symmetric: true, zp_dtype: int8}}"""),
     "bare num_bits activations": q("""
 GPTQModifier:
   block_size: 128
@@ -180,6 +194,9 @@ def test_defaults_and_notes_say_what_differs_from_a_literal_reading():
 
 # -- shapes refused, naming the field ---------------------------------------------------------------
 REFUSED = [
+    (q("QuantizationModifier: {config_groups: {g: {targets: [Linear], weights: {num_bits: 4, symmetric: true, "
+       "strategy: group, group_size: 64, zp_dtype: float8_e4m3fn}}}}"),
+     "stages[0].modifiers[0].config_groups.g.weights.zp_dtype", "or int8"),
     (q("QuantizationModifier: {scheme: MXFP6A16, ignore: [lm_head]}"), "stages[0].modifiers[0].scheme", "FP6"),
     (q("QuantizationModifier: {scheme: W9A9}"), "stages[0].modifiers[0].scheme", "W4A16"),
     (q("QuantizationModifier:\n  config_groups:\n    g: {targets: [Linear], weights: {num_bits: 8, type: int, "

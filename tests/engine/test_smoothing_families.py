@@ -70,46 +70,50 @@ def test_qwen2_moe_shared_expert_gate_is_rescaled_with_the_experts():
     assert all(any(b.endswith("mlp.gate") for b in e["balance_layers"]) for e in mlp)
 
 
-@pytest.mark.parametrize("mappings,message", [
+def test_a_recipe_mapping_whose_norm_does_not_feed_its_balance_layers_is_refused():
     # Gemma: post_attention_layernorm normalises the attention output, the MLP reads pre_feedforward_layernorm
-    (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: ['re:.*gate_proj$', "
-     "'re:.*up_proj$']}]", "does not feed"),
-    # input_layernorm feeds q, k and v: rescaling q and k alone changes v's input
-    (", mappings: [{smooth_layer: 're:.*input_layernorm$', balance_layers: ['re:.*q_proj$', 're:.*k_proj$']}]",
-     "also feeds"),
-])
-def test_recipe_mappings_that_would_change_the_model_are_refused(mappings, message):
-    calib = random_calibration(n=2, length=12, vocab=256)
-    model = _outlier_model("gemma2")
-    with pytest.raises(RecipeError) as err:
-        _smooth_all(model, Recipe.from_yaml(AWQ.format(mappings=mappings)), calib)
-    assert err.value.field == "q.modifiers[0].mappings" or err.value.field.endswith(".mappings")
-    assert message in err.value.message and "v_proj" in err.value.message if message == "also feeds" else True
-
-
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_recipe_mapping_leaving_out_experts_is_refused(family):
-    """Experts read only their routed tokens (the readers check cannot see them), but the block hands
-    every expert the hidden states its router reads: a mapping naming the router and expert 0 alone
-    would rescale the input of experts 1.. without compensating their weights."""
-    gate, up = ("w1", "w3") if family == "mixtral" else ("gate_proj", "up_proj")
-    mappings = (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: "
-                f"['re:.*mlp\\.gate$', 're:.*experts\\.0\\.{gate}$', 're:.*experts\\.0\\.{up}$']}}]")
+    mappings = (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: ['re:.*gate_proj$', "
+                "'re:.*up_proj$']}]")
     calib = random_calibration(n=2, length=12, vocab=256)
     with pytest.raises(RecipeError) as err:
-        _smooth_all(_outlier_model(family), Recipe.from_yaml(AWQ.format(mappings=mappings)), calib)
-    assert err.value.field.endswith(".mappings")
-    assert "also feeds" in err.value.message and "experts.1." in err.value.message
-    # every expert named: accepted, and the float model is kept
-    full = (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: "
-            f"['re:.*mlp\\.gate$', 're:.*experts\\.\\d+\\.{gate}$', 're:.*experts\\.\\d+\\.{up}$']}}]")
-    model, reference = _outlier_model(family), _outlier_model(family)
-    report = _smooth_all(model, Recipe.from_yaml(AWQ.format(mappings=full)), calib)
-    assert report.smoothing
+        _smooth_all(_outlier_model("gemma2"), Recipe.from_yaml(AWQ.format(mappings=mappings)), calib)
+    assert err.value.field.endswith(".mappings") and "does not feed" in err.value.message
+
+
+def _same_logits(model, reference, calib) -> None:
     with torch.no_grad():
         for sample in calib:
             got, want = model(**sample).logits, reference(**sample).logits
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("family, kind", [("gemma2", "AWQ"), ("qwen3_moe", "SQ"), ("mixtral", "AWQ"),
+                                          ("qwen3_moe", "AWQ")])
+def test_a_recipe_mapping_missing_readers_of_its_norm_is_completed_and_keeps_the_model(family, kind):
+    """input_layernorm feeds q, k and v: a mapping naming q and k alone would rescale v's input without
+    compensating it. llm-compressor's own SmoothQuant test recipes map the MLP's norm to gate/up only, which on an
+    MoE model leaves the router (and, naming expert 0 alone, the other experts) reading rescaled activations:
+    llm-compressor folds them anyway and changes the routing. Here the mapping is completed with every module
+    that reads the norm -- the recipe runs unchanged, the float model is kept -- and the report says which."""
+    gate, up = ("w1", "w3") if family == "mixtral" else ("gate_proj", "up_proj")
+    if family == "gemma2":
+        mappings = (", mappings: [{smooth_layer: 're:.*input_layernorm$', balance_layers: ['re:.*q_proj$', "
+                    "'re:.*k_proj$']}]")
+        added = "v_proj"
+    elif kind == "SQ":  # llm-compressor 0.14's tests/e2e/recipes/INT8/recipe_w8a8_dynamic_asym.yaml mapping
+        mappings = f", mappings: [[['re:.*{gate}', 're:.*{up}'], 're:.*post_attention_layernorm']]"
+        added = "mlp.gate"
+    else:  # the router and expert 0 only
+        mappings = (", mappings: [{smooth_layer: 're:.*post_attention_layernorm$', balance_layers: "
+                    f"['re:.*mlp\\.gate$', 're:.*experts\\.0\\.{gate}$', 're:.*experts\\.0\\.{up}$']}}]")
+        added = f"experts.1.{gate}"
+    calib = random_calibration(n=2, length=12, vocab=256)
+    model, reference = _outlier_model(family), _outlier_model(family)
+    report = _smooth_all(model, Recipe.from_yaml((AWQ if kind == "AWQ" else SQ).format(mappings=mappings)), calib)
+    completed = [e for e in report.smoothing if e.get("added_readers")]
+    assert completed and any(n.endswith(added) for e in completed for n in e["added_readers"]), report.smoothing
+    assert all(n in e["balance_layers"] for e in completed for n in e["added_readers"])
+    _same_logits(model, reference, calib)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe", "mixtral", "deepseek_v3"])
