@@ -7,7 +7,9 @@ accepts for a dense or MoE decoder model runs here").
 The recipes are not ours to copy: the script downloads llm-compressor 0.14.0's source distribution from
 PyPI (``pip download --no-binary``, into ``$COMPRESSOR_BENCH_VAR/peer-recipes/``) and reads every YAML file of
 its tests/ and examples/ that holds a modifier (``...Modifier:``) -- the recipes its own end-to-end,
-compression and sparsity tests run.
+compression and sparsity tests run -- plus, for each e2e test config that names only a ``scheme``, the recipe its
+harness builds from it (``QuantizationModifier`` -- ``GPTQModifier`` with ``actorder: null`` for
+``quant_type: GPTQ`` -- on ``Linear``, ignoring ``lm_head`` and ``re:.*mlp.gate[.].*``).
 
 Each recipe runs on small random models built from transformers' config classes (``--families``: a Llama
 and a Qwen3-MoE, input widths multiples of 128 so every group size and 128x128 blocks apply, the demo
@@ -62,7 +64,9 @@ def peer_recipes() -> dict[str, str]:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
                         PEER_SDIST, "-d", str(folder)], check=True)
         archives = sorted(folder.glob("llmcompressor-*.tar.gz"))
-    recipes = {}
+    import yaml
+
+    recipes, schemes = {}, {}
     with tarfile.open(archives[-1]) as tar:
         for member in tar.getmembers():
             parts = member.name.split("/", 1)
@@ -71,6 +75,17 @@ def peer_recipes() -> dict[str, str]:
                 text = tar.extractfile(member).read().decode("utf-8")
                 if "Modifier:" in text:
                     recipes[parts[1]] = text
+                elif parts[1].startswith("tests/e2e/") and "\nscheme:" in "\n" + text and "\nrecipe:" not in "\n" + text:
+                    config = yaml.safe_load(text) or {}
+                    if isinstance(config, dict) and isinstance(config.get("scheme"), str):
+                        key = (config["scheme"], config.get("quant_type") == "GPTQ")
+                        schemes.setdefault(key, parts[1])
+    # an e2e config naming a scheme and no recipe: the recipe its harness (tests/e2e/e2e_utils.build_recipe) builds
+    for (scheme, gptq), path in sorted(schemes.items()):
+        modifier = "GPTQModifier" if gptq else "QuantizationModifier"
+        recipes[f"{path} (scheme {scheme}{', GPTQ' if gptq else ''})"] = (
+            f"quant_stage:\n  quant_modifiers:\n    {modifier}:\n      targets: Linear\n      scheme: {scheme}\n"
+            + ("      actorder: null\n" if gptq else "") + "      ignore: [lm_head, 're:.*mlp.gate[.].*']\n")
     return dict(sorted(recipes.items()))
 
 
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tools", nargs="+", default=["ours", "llmcompressor"], choices=["ours", "llmcompressor"])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--only", nargs="+", default=None, help="recipes whose path holds one of these strings")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "peer_recipes.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     rows = {(r["recipe"], r["family"]): r for r in result.get("rows", [])}
-    recipes = peer_recipes()
+    recipes = {k: v for k, v in peer_recipes().items() if not args.only or any(o in k for o in args.only)}
     work = VAR / "peer-recipes" / "models"
     for family in args.families:
         model_dir = build(family, work / family)
