@@ -568,14 +568,11 @@ def _compressed_model_for_eval(checkpoint_dir: Path, device: str, dtype: torch.d
 
 def quantized_bits_per_param(checkpoint_dir: Path) -> dict:
     """Storage bits per weight of the compressed Linears (values + scales), from the safetensors headers."""
-    from safetensors import safe_open
+    from compression.model_io.streaming import safetensors_header
 
     shapes: dict[str, tuple[str, list[int]]] = {}
     for path in sorted(checkpoint_dir.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                shapes[name] = (sl.get_dtype(), sl.get_shape())
+        shapes.update({name: (dtype, shape) for name, (shape, dtype) in safetensors_header(path).items()})
     item_bits = {"F32": 32, "F16": 16, "BF16": 16, "I32": 32, "I64": 64, "I8": 8, "U8": 8, "F8_E4M3": 8}
     prefixes = {n.rsplit(".", 1)[0] for n in shapes if n.endswith(".weight_scale")}
     params = bits = 0

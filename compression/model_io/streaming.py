@@ -53,6 +53,25 @@ class MemoryPlanError(RecipeError):
 
 
 # -- reading the source checkpoint ----------------------------------------------------------------
+MAX_HEADER_BYTES = 100 * 2 ** 20  # safetensors caps its JSON header at 100 MB
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+    """name → (shape, safetensors dtype) of one safetensors file, from the 8-byte length and the JSON that open
+    it, read directly: ``safe_open`` memory-maps the whole file, which a host refuses for a file larger than its
+    memory (a 93 GB single-file checkpoint failed job submission that way)."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= MAX_HEADER_BYTES:
+                raise ValueError(f"header length {size}")
+            header = json.loads(handle.read(size))
+        return {str(name): ([int(d) for d in info["shape"]], str(info["dtype"]))
+                for name, info in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise MemoryPlanError("model", f"{Path(path).name} is not a readable safetensors file ({exc})") from exc
+
+
 class ShardReader:
     """Tensor name → shard file of a safetensors model directory (index or single file); reads
     tensors one at a time through ``safe_open`` (memory-mapped), each file closed after a read."""
@@ -81,14 +100,7 @@ class ShardReader:
 
     def file_header(self, filename: str) -> dict[str, tuple[list[int], str]]:
         """name → (shape, safetensors dtype) of one shard, from its header (no tensor data read)."""
-        from safetensors import safe_open
-
-        out = {}
-        with safe_open(str(self.directory / filename), framework="pt") as handle:
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                out[name] = (list(sl.get_shape()), sl.get_dtype())
-        return out
+        return safetensors_header(self.directory / filename)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files

@@ -152,3 +152,22 @@ def test_the_worker_is_given_the_same_memory_settings(api, sent, plan_env):
     assert response.status_code == 201, response.content
     spec = job_spec(Job.objects.get())
     assert configured_budgets(spec) == (64 * GB, None) and streaming_setting(spec) == "never"
+
+
+def test_an_moe_model_too_large_for_memory_is_accepted_to_stream(api, sent, plan_env, tmp_path):
+    """Mixtral-8x7B's shape (47B parameters, ~190 GB in float32): transformers fuses its experts in memory; the
+    worker splits them and reads them expert by expert (or cuts them from fused tensors, as this checkpoint,
+    written from the fused state dict, stores them), so at a 32 GB host budget it is queued to stream."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+                           torch_dtype="bfloat16")
+    model = _sparse_checkpoint(tmp_path / "mixtral", config)
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = str(32 * GB)
+    accepted = _post(api, model)
+    assert accepted.status_code == 201, accepted.content
+    assert Job.objects.count() == 1 and len(sent) == 1
+    plan_env.COMPRESSOR_HOST_MEMORY_BYTES = str(4 * GB)  # one layer's experts alone are ~5.6 GB in float32
+    refused = _post(api, model)
+    assert refused.status_code == 400 and "streamed layer by layer it still needs" in errors(refused)["model"]
