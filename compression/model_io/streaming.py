@@ -4,7 +4,7 @@
 (``accelerate.init_empty_weights(include_buffers=False)``: no weight memory, rotary tables and other
 computed buffers real), then materializes only what lies outside the decoder layers (embeddings,
 final norm, LM head; tied weights re-tied). Each decoder layer's tensors are read from the shards
-(``safetensors.safe_open``: one memory-mapped tensor at a time, never the whole state dict) when
+(:func:`read_safetensors`: each tensor from its byte range, never the whole state dict nor a map of the file) when
 the layer is needed and put back on the meta device afterwards:
 
 * compression (:func:`compression.sequential.compress_model` with ``layer_io=``): ``load`` before
@@ -56,25 +56,62 @@ class MemoryPlanError(RecipeError):
 MAX_HEADER_BYTES = 100 * 2 ** 20  # safetensors caps its JSON header at 100 MB
 
 
-def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
-    """name → (shape, safetensors dtype) of one safetensors file, from the 8-byte length and the JSON that open
-    it, read directly: ``safe_open`` memory-maps the whole file, which a host refuses for a file larger than its
-    memory (a 93 GB single-file checkpoint failed job submission that way)."""
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _raw_header(path: str | os.PathLike) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, {name: {dtype, shape, data_offsets}}) of one safetensors file: the 8-byte length
+    and the JSON that open it, read directly -- ``safe_open`` memory-maps the whole file, which a host refuses
+    for a file larger than its memory (a 93 GB single-file checkpoint failed job submission that way)."""
     try:
         with open(path, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
             if not 2 <= size <= MAX_HEADER_BYTES:
                 raise ValueError(f"header length {size}")
             header = json.loads(handle.read(size))
-        return {str(name): ([int(d) for d in info["shape"]], str(info["dtype"]))
-                for name, info in header.items() if name != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
+        header.pop("__metadata__", None)
+        return 8 + size, header
+    except (OSError, ValueError) as exc:
         raise MemoryPlanError("model", f"{Path(path).name} is not a readable safetensors file ({exc})") from exc
 
 
+def safetensors_header(path: str | os.PathLike) -> dict[str, tuple[list[int], str]]:
+    """name → (shape, safetensors dtype) of one safetensors file (no tensor data read)."""
+    try:
+        return {str(name): ([int(d) for d in info["shape"]], str(info["dtype"]))
+                for name, info in _raw_header(path)[1].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MemoryPlanError("model", f"{Path(path).name} is not a readable safetensors file ({exc})") from exc
+
+
+def read_safetensors(path: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of one safetensors file, each read from its byte range with ordinary file reads (no
+    memory map of the whole file, see :func:`_raw_header`), in the order they lie in the file."""
+    start, header = _raw_header(path)
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as handle:
+        for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+            info = header[name]
+            begin, end = (int(x) for x in info["data_offsets"])
+            dtype = SAFETENSORS_DTYPES.get(str(info["dtype"]))
+            if dtype is None:
+                raise MemoryPlanError("model", f"{name} has dtype {info['dtype']}, which streaming cannot read")
+            handle.seek(start + begin)
+            data = bytearray(end - begin)
+            if handle.readinto(data) != end - begin:
+                raise MemoryPlanError("model", f"{Path(path).name} ends inside tensor {name}")
+            shape = [int(d) for d in info["shape"]]
+            out[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(shape)
+    return out
+
+
 class ShardReader:
-    """Tensor name → shard file of a safetensors model directory (index or single file); reads
-    tensors one at a time through ``safe_open`` (memory-mapped), each file closed after a read."""
+    """Tensor name → shard file of a safetensors model directory (index or single file); reads the
+    tensors asked for from their byte ranges (:func:`read_safetensors`), each file closed after a read."""
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
@@ -117,19 +154,15 @@ class ShardReader:
     def read(self, names: list[str], dtype: torch.dtype | None = None,
              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The named tensors, floating-point ones cast to ``dtype``, on ``device``."""
-        from safetensors import safe_open
-
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for filename, wanted in by_file.items():
-            with safe_open(str(self.path(filename)), framework="pt") as handle:
-                for name in wanted:
-                    t = handle.get_tensor(name)
-                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                        t = t.to(dtype)
-                    out[name] = t.to(device)
+            for name, t in read_safetensors(self.path(filename), wanted).items():
+                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                    t = t.to(dtype)
+                out[name] = t.to(device)
         return out
 
 
