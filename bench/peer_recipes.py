@@ -48,7 +48,13 @@ PEER_SDIST = "llmcompressor==0.14.0"
 FAMILIES = {
     "llama": {},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128, "head_dim": 64},
+    # --families gemma3_text mixtral llama4_text: more of the class (ours only is enough to find what breaks)
+    "gemma3_text": {"head_dim": 64, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 512, "head_dim": 64,
+                    "interleave_moe_layer_step": 1},
 }
+DEFAULT_FAMILIES = ["llama", "qwen3_moe"]
 COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256, tie_word_embeddings=False,
               bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -170,7 +176,7 @@ def run_peer(text: str, model_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tools", nargs="+", default=["ours", "llmcompressor"], choices=["ours", "llmcompressor"])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=DEFAULT_FAMILIES, choices=list(FAMILIES))
     parser.add_argument("--only", nargs="+", default=None, help="recipes whose path holds one of these strings")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "peer_recipes.json"))
     args = parser.parse_args(argv)

@@ -513,8 +513,9 @@ def _check_mappings(recipe: Recipe, layout: ModelLayout) -> None:
                 smooth, balance = mapping_targets(m, spec)
                 if any(mapping_found(layer, base, smooth, balance) for base, layer in layout.sample_layers):
                     continue
-                base, layer = layout.sample_layers[0]
-                names = example_names([f"{base}.{n}" for n, _ in layer.named_modules() if n])
+                base, layer = layout.sample_layers[-1]  # the last structure: an MoE layer where some are dense
+                names = example_names([f"{base}.{n}" for n, mod in layer.named_modules()
+                                       if n and isinstance(getattr(mod, "weight", None), torch.Tensor)], limit=16)
                 raise RecipeError(f"stages[{i}].modifiers[{j}].mappings[{k}]",
                                   f"smooth_layer {smooth!r} with balance_layers {balance} matches no set of modules "
                                   f"in any decoder layer of {layout.architecture} (a decoder layer holds e.g. "
