@@ -86,3 +86,27 @@ def test_the_new_job_form_accepts_an_llm_compressor_yaml(client, owner, sent):
     job = Job.objects.get()
     assert response.status_code == 302 and str(job.id) in response["Location"]
     assert list(job.recipe["stages"]) == ["sparsity_stage", "quant_stage"] and sent == [str(job.id)]
+
+
+def test_an_llm_compressor_smoothquant_recipe_on_an_moe_model_is_queued_or_refused_by_its_mapping(
+        api, sent, settings, tmp_path):
+    """llm-compressor 0.14's own W8A8 test recipe maps the MLP's norm to gate_proj/up_proj. On Qwen3-MoE the
+    experts have those names: queued (the router, which reads the norm too, is added to the mapping when the
+    job runs). On Mixtral they are w1/w3: the mapping matches nothing, and is refused by its index (llm-compressor
+    skips it without a word)."""
+    recipe = ("quant_stage:\n  quant_modifiers:\n    SmoothQuantModifier:\n      smoothing_strength: 0.8\n"
+              "      mappings:\n      - - ['re:.*q_proj', 're:.*k_proj', 're:.*v_proj']\n"
+              "        - re:.*input_layernorm\n      - - ['re:.*gate_proj', 're:.*up_proj']\n"
+              "        - re:.*post_attention_layernorm\n"
+              "    GPTQModifier: {ignore: [lm_head], scheme: W8A8, targets: [Linear]}\n")
+    settings.COMPRESSOR_MODEL_ROOTS = [str(tmp_path)]
+    for family, status in (("qwen3_moe", 201), ("mixtral", 400)):
+        model = tmp_path / family
+        tiny_family_config(family).save_pretrained(model)
+        save_file({"placeholder": torch.zeros(1)}, str(model / "model.safetensors"))
+        response = api.post(URL, {"model": str(model), "recipe": {"yaml": recipe}, "evaluation": EVALUATION},
+                            format="json")
+        assert response.status_code == status, response.content
+    message = errors(response)["recipe.stages[0].modifiers[0].mappings[1]"]  # pre-flight fields: recipe.<path>
+    assert "matches no set of modules" in message and "experts.0.w1" in message
+    assert Job.objects.count() == 1 and len(sent) == 1
