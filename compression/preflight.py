@@ -44,8 +44,8 @@ import torch
 
 from compression.algorithms.gptq import default_resweeps, refittable
 from compression.errors import RecipeError, UnsupportedModelError
-from compression.model_io.moe import (CheckpointNames, PerExpertLinears, check_fused_experts, experts_stored_fused,
-                                      in_router, is_fused_experts, router_weight_names, transposed_layout,
+from compression.model_io.moe import (CheckpointNames, check_fused_experts, experts_stored_fused, in_router,
+                                      is_fused_experts, router_weight_names, split_fused_experts, transposed_layout,
                                       unsplittable_experts)
 from compression.recipe import (FINETUNE, PRESET_GROUP_SIZES, Recipe, bounded_match, matches_any, module_names,
                                 outside_decoder_message, pattern_matches)
@@ -200,10 +200,7 @@ def _sample_layers(prefix: str, layers, names: CheckpointNames) -> list[tuple[st
         key = tuple((local, type(m).__name__) for local, m in layer.named_modules())
         if key in seen:
             continue
-        for local, module in [(n, m) for n, m in layer.named_modules() if is_fused_experts(m)]:
-            parent, _, attr = local.rpartition(".")
-            setattr(layer.get_submodule(parent) if parent else layer, attr,
-                    PerExpertLinears(module, names.projections))
+        split_fused_experts(layer, names)
         seen[key] = (f"{prefix}.{index}", layer)
     return list(seen.values())
 

@@ -243,11 +243,17 @@ def unfuse_experts(model: nn.Module, names: "CheckpointNames | None" = None) -> 
             reason = unsplittable_experts(f"{prefix}.{index}.{n}".rstrip("."), m)
             if reason:
                 raise UnsupportedModelError(reason)
-    fused = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
+    return split_fused_experts(model, names)
+
+
+def split_fused_experts(root: nn.Module, names: "CheckpointNames") -> list[str]:
+    """Replace the fused experts modules under ``root`` (a model, or one decoder layer) by
+    :class:`PerExpertLinears`, in place; returns their paths under ``root``."""
+    fused = [(n, m) for n, m in root.named_modules() if is_fused_experts(m)]
     for name, module in fused:
         check_fused_experts(name, module)
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent = root.get_submodule(parent_name) if parent_name else root
         setattr(parent, attr, PerExpertLinears(module, names.projections))
         del module
     return [n for n, _ in fused]
@@ -344,9 +350,15 @@ def experts_stored_fused(model: nn.Module) -> bool:
     Llama 4): transformers' conversion mapping has no converter merging per-expert tensors into them."""
     if not any(is_fused_experts(m) for m in model.modules()):
         return False
-    return not any(type(c).__name__ == "WeightConverter"
-                   and any(str(t).endswith("experts.gate_up_proj") for t in getattr(c, "target_patterns", []))
-                   for c in _conversions(model))
+    return not any(any(t.endswith("experts.gate_up_proj") for t in targets)
+                   for targets, _ in _weight_converters(_conversions(model)))
+
+
+def _weight_converters(conversions: list[Any]) -> list[tuple[list[str], list[str]]]:
+    """(target patterns, source patterns) of transformers' WeightConverters (the ones that merge tensors on load)."""
+    return [([str(t) for t in getattr(c, "target_patterns", [])],
+             [str(p) for p in getattr(c, "_original_source_patterns", getattr(c, "source_patterns", []))])
+            for c in conversions if type(c).__name__ == "WeightConverter"]
 
 
 _EXPERT_SOURCE = re.compile(r"experts\.\*\.([A-Za-z0-9_]+)\.weight$")
@@ -356,12 +368,8 @@ def _expert_projection_names(conversions: list[Any]) -> tuple[str, str, str]:
     """(gate, up, down) per-expert names from the converters that fuse them into ``gate_up_proj`` / ``down_proj``."""
     gate_up: list[str] = []
     down: list[str] = []
-    for c in conversions:
-        if type(c).__name__ != "WeightConverter":
-            continue
-        targets = [str(t) for t in getattr(c, "target_patterns", [])]
-        sources = [m.group(1) for s in getattr(c, "_original_source_patterns", c.source_patterns)
-                   if (m := _EXPERT_SOURCE.search(str(s).replace("\\", "")))]
+    for targets, patterns in _weight_converters(conversions):
+        sources = [m.group(1) for s in patterns if (m := _EXPERT_SOURCE.search(s.replace("\\", "")))]
         if any(t.endswith("experts.gate_up_proj") for t in targets) and len(sources) == 2:
             gate_up = sources
         elif any(t.endswith("experts.down_proj") for t in targets) and len(sources) == 1:

@@ -245,13 +245,15 @@ class FusedExpertsReader:
              device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         plain = [n for n in names if n not in self.parts]
         out = self.reader.read(plain, dtype, device) if plain else {}
-        sources = sorted({self.parts[n][0] for n in names if n in self.parts})
-        for source in sources:
+        by_source: dict[str, list[str]] = {}
+        for name in names:
+            if name in self.parts:
+                by_source.setdefault(self.parts[name][0], []).append(name)
+        for source, cut in sorted(by_source.items()):
             fused = self.reader.read([source], dtype, device)[source]
-            for name in names:
-                if name in self.parts and self.parts[name][0] == source:
-                    _, experts, e, half, bias = self.parts[name]
-                    out[name] = self._cut(fused, experts, e, half, bias).clone(memory_format=torch.contiguous_format)
+            for name in cut:
+                _, experts, e, half, bias = self.parts[name]
+                out[name] = self._cut(fused, experts, e, half, bias).clone(memory_format=torch.contiguous_format)
             del fused
         return out
 
