@@ -64,10 +64,11 @@ def build_model(layers: int, family: str = "llama") -> Path:
     path = WORK / f"{family}-h1024-l{layers}"
     if (path / "config.json").is_file():
         return path
-    extra = ({"intermediate_size": 4096} if family == "llama" else
-             {"intermediate_size": 4096, "moe_intermediate_size": 512, "num_experts": 32, "num_experts_per_tok": 2,
-              "head_dim": 64, "norm_topk_prob": True})
-    config = AutoConfig.for_model(family, hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16,
+    extra = ({} if family == "llama" else
+             {"moe_intermediate_size": 512, "num_experts": 32, "num_experts_per_tok": 2, "head_dim": 64,
+              "norm_topk_prob": True})
+    config = AutoConfig.for_model(family, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+                                  num_attention_heads=16,
                                   num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048,
                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra)
     torch.manual_seed(layers)
